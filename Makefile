@@ -1,0 +1,40 @@
+# qcard — the two commands of the quick start are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned to releases that run on CPU-only machines and admit the local wheel cache
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test test-fast cards bench schema clean
+
+$(BIN)/qcard: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(BIN)/qcard
+
+run: install
+	$(BIN)/qcard run configs/quickstart.yaml
+	@echo "Cards written under runs/quickstart/ (open any */card.md)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+cards: install
+	$(BIN)/qcard run configs/quickstart.yaml --out cards --force
+
+bench: install
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+schema: install
+	$(BIN)/qcard schema config > qcard/schemas/config.schema.json
+	$(BIN)/qcard schema card > qcard/schemas/card.schema.json
+
+clean:
+	rm -rf runs .pytest_cache

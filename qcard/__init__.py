@@ -1,0 +1,27 @@
+"""qcard: quantization benchmarking that writes a quantization card for every result.
+
+Python API (heavy modules load on first use, so `import qcard` is cheap):
+    qcard.load_config(path) -> Experiment
+    qcard.run(config_or_path, out=None, force=False) -> RunSummary
+    qcard.zoo.load_model(ref, ...), qcard.data.load_dataset(ref, split, ...)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load_config(path):
+    from .config import load_config as _load
+    return _load(path)
+
+
+def run(config, *, out=None, force=False, only=None, progress=None):
+    from .runner import run as _run
+    return _run(config, out=out, force=force, only=only, progress=progress)
+
+
+def __getattr__(name):
+    if name in ("zoo", "data", "cards", "cost", "quant", "methods"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'qcard' has no attribute '{name}'")

@@ -1,0 +1,747 @@
+"""Put cards side by side: one table row per card, the confounding differences named in plain words
+above it, the accuracy/cost Pareto front, exports (Markdown, CSV, LaTeX, JSON).
+
+    from qcard.cards.compare import load_cards, compare_cards
+    cmp = compare_cards(load_cards(["runs/exp"]))
+    cmp.differences      # ["per-channel vs per-tensor weights", "calibration 1024 vs 256 images", ...]
+    cmp.table            # pandas DataFrame, one row per card (failed cards included, status "failed")
+    cmp.pareto           # row indices on the accuracy/cost front
+
+What counts as a confounder (specs/card.md): every setting on the card other than the method's own
+choice. The method's own choices are its name, family, label, params and pipeline, and what those
+decide inside the quantizer: rounding (nearest/AdaRound/...), weight and activation range setting,
+cross-layer equalization, bias correction and the mixed-precision policy (allowed bits). Those are
+reported separately as `method_differences`. Everything else that differs — bit widths, granularity,
+symmetry, first/last layers, BN, residuals, calibration data, FP32 baseline, weights, evaluation data,
+preprocessing, cost profile, software versions, ... — is a confounding difference.
+
+pandas is imported on first use of Comparison.table (or CSV export), once per process: Markdown,
+LaTeX and JSON exports of 1,000 cards don't need it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from pydantic import ValidationError
+
+from ..errors import QcardError
+from .render import environment, fmt_bits_size, fmt_energy, fmt_si
+from .schema import Card, card_from_dict
+
+X_AXES = {  # --x name -> (cost key, axis label, needs a hardware model)
+    "bops": ("bops", "BOPs", False),
+    "size": ("size_bits", "model size (bits)", False),
+    "energy": ("energy_pj", "energy (pJ)", True),
+    "latency": ("latency_cycles", "latency (cycles)", True),
+}
+CARD_FILE = "card.json"
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+
+@dataclass
+class LoadedCard:
+    path: Optional[Path]
+    card: Card
+
+
+def find_card_files(paths: Iterable[Union[str, Path]]) -> List[Path]:
+    """Card files named directly, plus every card.json under each folder (recursively, sorted).
+    The same file reached twice is listed once."""
+    out: List[Path] = []
+    seen = set()
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = []
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                if CARD_FILE in files:
+                    found.append(Path(root) / CARD_FILE)
+            if not found:
+                raise QcardError(f"no {CARD_FILE} found under folder {p}")
+            files_here = sorted(found)
+        elif p.is_file():
+            files_here = [p]
+        else:
+            raise QcardError(f"no such card file or run folder: {p}")
+        for f in files_here:
+            key = os.path.normcase(os.path.abspath(f))
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    return out
+
+
+def _load_one(path: Path) -> Card:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise QcardError(f"cannot read card {path}: {exc}") from None
+    try:
+        # fast path: pydantic parses and validates the JSON bytes in one go
+        return Card.model_validate_json(raw)
+    except ValidationError:
+        pass
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QcardError(f"{path}: not valid JSON ({exc})") from None
+    return card_from_dict(data, str(path))   # older schema versions upgrade here, else a clear error
+
+
+def load_cards(paths: Iterable[Union[str, Path]]) -> List[LoadedCard]:
+    """Load card files and run folders (searched recursively for card.json). An unreadable or invalid
+    card is an error naming the file; a card whose run failed loads fine (status "failed")."""
+    return [LoadedCard(f, _load_one(f)) for f in find_card_files(paths)]
+
+
+def _as_loaded(items: Sequence[Any]) -> List[LoadedCard]:
+    out = []
+    for it in items:
+        if isinstance(it, LoadedCard):
+            out.append(it)
+        elif isinstance(it, Card):
+            out.append(LoadedCard(None, it))
+        elif isinstance(it, dict):
+            out.append(LoadedCard(None, card_from_dict(it)))
+        elif isinstance(it, (str, Path)):
+            out.extend(load_cards([it]))
+        else:
+            raise TypeError(f"compare_cards takes cards, dicts, LoadedCard or paths, not {type(it).__name__}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# small formatting helpers (plain text)
+# ---------------------------------------------------------------------------
+
+def card_letter(i: int) -> str:
+    """A, B, ..., Z, AA, AB, ...: short names for the cards in the text."""
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = chr(65 + r) + s
+    return s
+
+
+def _bits(v: Optional[float]) -> str:
+    return "FP32" if v is None else f"{v:g}"
+
+
+def _bits_word(v: Optional[float]) -> str:
+    return "FP32" if v is None else f"{v:g}-bit"
+
+
+def _edge(layer) -> str:
+    w, a = layer.weight_bits, layer.activation_bits
+    if w is None and a is None:
+        return "FP32"
+    if w == a:
+        return _bits_word(w)
+    return f"W{_bits(w)}/A{_bits(a)}"
+
+
+_HYPHEN = {"per_tensor": "per-tensor", "per_channel": "per-channel", "per_group": "per-group",
+           "power_of_two": "power-of-two"}
+
+
+def _words(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return _HYPHEN.get(v, str(v).replace("_", " ")) if isinstance(v, str) else str(v)
+
+
+# ---------------------------------------------------------------------------
+# the fields compared, and how each difference is said
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Field:
+    name: str                                   # dotted card key(s), for JSON and docs
+    get: Callable[[Card], Any]                   # hashable value
+    text: Callable[[Any], str]                   # value -> words
+    say: Union[str, Callable[[List[str], List[str]], str]]   # "{vs} weights" or a function(values, groups)
+    skip_if: Tuple[str, ...] = ()               # don't say it when one of these fields differs (it follows)
+    texts: Optional[Callable[[List[Any]], List[str]]] = None   # all distinct values -> words at once
+    quantized_only: bool = False                # a quantizer detail: FP32 baseline cards (family none) don't have it
+
+
+def _gran(q) -> Any:
+    g = q.weights.granularity
+    return (g, q.weights.group_size) if g == "per_group" else g
+
+
+def _gran_text(v: Any) -> str:
+    if isinstance(v, tuple):
+        return f"per-group ({v[1]})" if v[1] else "per-group"
+    return _words(v)
+
+
+_BN = {"folded": "folded", "kept": "kept", "qat_static_fold": "statically folded (QAT)",
+       "qat_keep_then_fold": "kept in QAT, then folded", "none": "absent"}
+_RES = {"quant_all": "quantized", "gemm_inputs_only": "unquantized", "relu_only": "quantized only after ReLU",
+        "not_present": "absent"}
+
+
+def _residual_say(vals: List[str], groups: List[str]) -> str:
+    if len(vals) == 2 and "quantized" in vals:
+        other = 1 - vals.index("quantized")
+        return f"residual adds {vals[other]} in {groups[other]}"
+    return "residual adds " + _vs(vals, groups, True)
+
+
+def _fp32_text(v: Any) -> str:
+    return "none" if v is None else f"{v:.2f}"
+
+
+def _weights(c: Card) -> Any:
+    return (c.model.weights, c.model.weights_sha256)
+
+
+def _weights_text(v: Any) -> str:
+    name, sha = v
+    text = name or "random init"
+    return text + (f" [{sha[:8]}]" if sha else "")
+
+
+def _shape(v: Any) -> str:
+    return "none" if v is None else "x".join(str(x) for x in v)
+
+
+def _names(v: Tuple[str, ...]) -> str:
+    if not v:
+        return "none"
+    return ", ".join(v) if len(v) <= 3 else f"{len(v)} layers"
+
+
+def _prep(c: Card) -> Any:
+    p = c.dataset.preprocessing
+    return None if not p else json.dumps(p, sort_keys=True, default=str)
+
+
+def _prep_texts(values: List[Any]) -> List[str]:
+    """Name only the preprocessing keys that differ: 'resize 256' vs 'resize 232'."""
+    dicts = [json.loads(v) if v else {} for v in values]
+    keys = sorted({k for d in dicts for k in d})
+    differing = [k for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1]
+    out = []
+    for d in dicts:
+        if not d:
+            out.append("none")
+            continue
+        if len(differing) > 3:   # very different set-ups: name their keys only
+            out.append(", ".join(sorted(d)))
+            continue
+        parts = [f"{k} {_compact(d[k])}" if k in d else f"no {k}" for k in differing]
+        out.append(", ".join(parts) if parts else "same keys")
+    return out
+
+
+def _compact(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_compact(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_compact(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _unquantized(c: Card) -> Tuple[str, ...]:
+    """Names of layers left unquantized, less the first and last layer (said by their own line)."""
+    edges = {c.quantization.first_layer.name, c.quantization.last_layer.name} - {None}
+    return tuple(sorted(str(u.get("name")) for u in c.quantization.unquantized_layers if u.get("name") not in edges))
+
+
+def _soft(c: Card) -> Any:
+    p = c.provenance
+    return tuple((k, getattr(p, k)) for k in ("torch", "torchvision", "timm") if getattr(p, k))
+
+
+def _soft_text(v: Any) -> str:
+    return ", ".join(f"{k} {ver}" for k, ver in v) if v else "unknown"
+
+
+CONFOUNDERS: List[Field] = [
+    Field("model.ref", lambda c: c.model.ref, str, "different models ({vs})"),
+    Field("model.weights", _weights, _weights_text, "different weights source ({vs})", skip_if=("model.ref",)),
+    Field("model.input_shape", lambda c: tuple(c.model.input_shape) if c.model.input_shape else None, _shape,
+          "different input shapes ({vs})"),
+    Field("dataset.ref", lambda c: c.dataset.ref, str, "different datasets ({vs})"),
+    Field("dataset.eval_split", lambda c: c.dataset.eval_split, str, "different eval splits ({vs})"),
+    Field("dataset.eval_size", lambda c: c.dataset.eval_size, lambda v: "unknown" if v is None else f"{v}",
+          "different eval size ({vs} images)"),
+    Field("dataset.fingerprint", lambda c: c.dataset.fingerprint, lambda v: str(v)[:16] if v else "none",
+          "different evaluation data (fingerprints {vs})", skip_if=("dataset.ref", "dataset.eval_size", "dataset.eval_split")),
+    Field("dataset.preprocessing", _prep, str, "different preprocessing ({vs})", texts=_prep_texts),
+    Field("dataset.calibration.size", lambda c: (c.dataset.calibration.size if c.dataset.calibration else None) or 0,
+          str, "calibration {vs} images", quantized_only=True),
+    Field("dataset.calibration.split", lambda c: c.dataset.calibration.split if c.dataset.calibration else None,
+          _words, "calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
+    Field("dataset.calibration.labels_used",
+          lambda c: c.dataset.calibration.labels_used if c.dataset.calibration else None,
+          lambda v: {True: "with", False: "without", None: "no data, so without"}.get(v, str(v)),
+          "calibration {vs} labels", skip_if=("dataset.calibration.size",), quantized_only=True),
+    Field("results.metric", lambda c: c.results.metric, str, "different metrics ({vs})"),
+    Field("results.fp32", lambda c: None if c.results.fp32 is None else round(c.results.fp32, 4), _fp32_text,
+          "different FP32 baselines ({vs})"),
+    Field("results.n_runs", lambda c: c.results.n_runs, str, "mean over {vs} runs"),
+    Field("quantization.preset", lambda c: c.quantization.preset, _words, "backend preset {vs}", quantized_only=True),
+    Field("quantization.graph_mode", lambda c: c.quantization.graph_mode, _words, "{vs} graph mode", quantized_only=True),
+    Field("quantization.weights.bits", lambda c: c.quantization.weights.bits, _bits_word, "{vs} weights"),
+    Field("quantization.activations.bits", lambda c: c.quantization.activations.bits, _bits_word, "{vs} activations"),
+    Field("quantization.weights.granularity", lambda c: _gran(c.quantization), _gran_text, "{vs} weights", quantized_only=True),
+    Field("quantization.activations.granularity", lambda c: c.quantization.activations.granularity, _words,
+          "{vs} activations", quantized_only=True),
+    Field("quantization.weights.symmetric", lambda c: c.quantization.weights.symmetric,
+          lambda v: "unknown-grid" if v is None else ("symmetric" if v else "asymmetric"), "{vs} weights", quantized_only=True),
+    Field("quantization.activations.symmetric", lambda c: c.quantization.activations.symmetric,
+          lambda v: "unknown-grid" if v is None else ("symmetric" if v else "asymmetric"), "{vs} activations", quantized_only=True),
+    Field("quantization.weights.signed", lambda c: c.quantization.weights.signed,
+          lambda v: "unknown-sign" if v is None else ("signed" if v else "unsigned"), "{vs} weights", quantized_only=True),
+    Field("quantization.activations.signed", lambda c: c.quantization.activations.signed,
+          lambda v: "unknown-sign" if v is None else ("signed" if v else "unsigned"), "{vs} activations", quantized_only=True),
+    Field("quantization.weights.scale_format", lambda c: c.quantization.weights.scale_format, _words,
+          "{vs} weight scales", quantized_only=True),
+    Field("quantization.activations.dynamic", lambda c: c.quantization.activations.dynamic,
+          lambda v: "unknown" if v is None else ("dynamic" if v else "static"), "{vs} activation ranges", quantized_only=True),
+    Field("quantization.activations.quant_point", lambda c: c.quantization.activations.quant_point,
+          lambda v: {"after_activation": "after", "before_activation": "before"}.get(v, "unknown"),
+          "activations quantized {vs} the non-linearity", quantized_only=True),
+    # first/last layers: said once as "first/last layers" when they move together (see _first_last)
+    Field("quantization.batch_norm", lambda c: c.quantization.batch_norm, lambda v: _BN.get(v, _words(v)), "BN {vs}", quantized_only=True),
+    Field("quantization.residual_add", lambda c: c.quantization.residual_add, lambda v: _RES.get(v, _words(v)),
+          _residual_say, quantized_only=True),
+    Field("quantization.concat", lambda c: c.quantization.concat, _words, "concat {vs}", quantized_only=True),
+    Field("quantization.avg_pool", lambda c: c.quantization.avg_pool, _words, "average pool {vs}", quantized_only=True),
+    Field("quantization.bias_bits", lambda c: c.quantization.bias_bits, _bits_word, "{vs} bias", quantized_only=True),
+    Field("quantization.accumulator_bits", lambda c: c.quantization.accumulator_bits, _bits_word, "{vs} accumulators", quantized_only=True),
+    Field("quantization.mixed_precision.enabled", lambda c: bool((c.quantization.mixed_precision or {}).get("enabled")),
+          lambda v: "mixed" if v else "uniform", "{vs} precision"),
+    Field("quantization.unquantized_layers", _unquantized, _names, "other layers left unquantized: {vs}", quantized_only=True),
+    Field("quantization.overrides", lambda c: len(c.quantization.overrides), str, "per-layer overrides {vs}", quantized_only=True),
+    Field("cost.profile", lambda c: c.cost.profile, _words, "different cost profile ({vs})"),
+    Field("provenance.libraries", _soft, _soft_text, "different software ({vs})"),
+    Field("provenance.qcard_version", lambda c: c.provenance.qcard_version, str, "different qcard versions ({vs})"),
+]
+
+
+METHOD_FIELDS: List[Field] = [
+    Field("method.name", lambda c: c.method.name, str, "method {vs}"),
+    Field("method.label", lambda c: c.method.label or c.method.name, str, "label {vs}", skip_if=("method.name",)),
+    Field("method.pipeline", lambda c: tuple(c.method.pipeline), lambda v: " → ".join(v) or "none", "pipeline {vs}",
+          skip_if=("method.name",)),
+    Field("quantization.weights.rounding", lambda c: c.quantization.weights.rounding, _words, "{vs} rounding", quantized_only=True),
+    Field("quantization.weights.range_setting", lambda c: c.quantization.weights.range_setting, _words,
+          "weight ranges {vs}", quantized_only=True),
+    Field("quantization.activations.range_setting", lambda c: c.quantization.activations.range_setting, _words,
+          "activation ranges {vs}", quantized_only=True),
+    Field("quantization.cross_layer_equalization", lambda c: bool((c.quantization.cross_layer_equalization or {}).get("applied")),
+          lambda v: "with" if v else "without", "{vs} cross-layer equalization", quantized_only=True),
+    Field("quantization.bias_correction", lambda c: c.quantization.bias_correction, _words, "bias correction {vs}", quantized_only=True),
+    Field("quantization.mixed_precision.allowed_bits",
+          lambda c: json.dumps((c.quantization.mixed_precision or {}).get("allowed_bits")), lambda v: _words(json.loads(v)),
+          "allowed bits {vs}", quantized_only=True),
+]
+
+
+def _show_groups(letters: List[str]) -> bool:
+    """Name the cards behind each value unless there are just A and B (then 'x vs y' reads as A vs B)."""
+    return letters != ["A", "B"]
+
+
+def _group_text(letters: List[str]) -> str:
+    return ", ".join(letters) if len(letters) <= 5 else f"{len(letters)} cards"
+
+
+def _vs(vals: List[str], groups: List[str], show_groups: bool) -> str:
+    if show_groups:
+        return " vs ".join(f"{v} ({g})" for v, g in zip(vals, groups))
+    return " vs ".join(vals)
+
+
+def _first_last(cards: List[Card], letters: List[str], show: bool) -> List[str]:
+    first = [_edge(c.quantization.first_layer) for c in cards]
+    last = [_edge(c.quantization.last_layer) for c in cards]
+    if first == last:
+        pairs = [("first/last layers", first)]
+    else:
+        pairs = [("first layer", first), ("last layer", last)]
+    out = []
+    for name, values in pairs:
+        vals, groups = _distinct(values, letters)
+        if len(vals) > 1:
+            out.append(f"{name} {_vs(vals, [_group_text(g) for g in groups], show)}")
+    return out
+
+
+def _distinct(values: List[Any], letters: List[str]) -> Tuple[List[Any], List[List[str]]]:
+    order: Dict[Any, List[str]] = {}
+    for v, l in zip(values, letters):
+        order.setdefault(v, []).append(l)
+    return list(order), list(order.values())
+
+
+def _differences(cards: List[Card], letters: List[str], fields: List[Field]) -> Tuple[List[str], List[Dict[str, Any]]]:
+    if len(cards) < 2:
+        return [], []
+    quantized = [(c, l) for c, l in zip(cards, letters) if c.method.family != "none"]
+    differing = {}
+    for f in fields:
+        these = quantized if f.quantized_only else list(zip(cards, letters))
+        if len(these) < 2:
+            continue
+        try:
+            values = [f.get(c) for c, _ in these]
+        except Exception:   # a malformed optional block never hides the other differences
+            continue
+        vals, groups = _distinct(values, [l for _, l in these])
+        if len(vals) > 1:
+            differing[f.name] = (f, vals, groups)
+    show = _show_groups(letters)
+    out, detail = [], []
+    for name, (f, vals, groups) in differing.items():
+        if any(s in differing for s in f.skip_if):
+            continue
+        words = f.texts(vals) if f.texts else [f.text(v) for v in vals]
+        gtext = [_group_text(g) for g in groups]
+        if len(set(words)) < len(words):         # two values that read the same: say them apart
+            words = [f"{w} #{i + 1}" for i, w in enumerate(words)]
+        if callable(f.say):
+            sentence = f.say(words, gtext)
+        else:
+            sentence = f.say.format(vs=_vs(words, gtext, show))
+        out.append(sentence)
+        detail.append({"field": name, "text": sentence,
+                       "values": [{"value": _jsonable(v), "cards": g} for v, g in zip(vals, groups)]})
+    return out, detail
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _param_differences(cards: List[Card], letters: List[str]) -> List[str]:
+    """Method params that differ, among cards of the same method (different methods differ anyway)."""
+    if len(cards) < 2 or len({c.method.name for c in cards}) > 1:
+        return []
+    show = _show_groups(letters)
+    keys: List[str] = []
+    for c in cards:
+        for k in c.method.params:
+            if k not in keys:
+                keys.append(k)
+    out = []
+    for k in keys:
+        values = [json.dumps(c.method.params.get(k), sort_keys=True, default=str) for c in cards]
+        vals, groups = _distinct(values, letters)
+        if len(vals) > 1:
+            words = [_words(json.loads(v)) for v in vals]
+            out.append(f"{k} {_vs(words, [_group_text(g) for g in groups], show)}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Pareto front
+# ---------------------------------------------------------------------------
+
+def pareto_front(xs: Sequence[Optional[float]], ys: Sequence[Optional[float]]) -> List[int]:
+    """Indices of the points no other point beats (lower or equal cost and higher or equal accuracy,
+    one of them strictly). Points without both values are left out. Sorted by cost."""
+    pts = [(x, y, i) for i, (x, y) in enumerate(zip(xs, ys)) if _num(x) and _num(y)]
+    pts.sort(key=lambda p: (p[0], -p[1]))
+    front, best, best_x = [], -math.inf, None
+    for x, y, i in pts:
+        if y > best:
+            front.append(i)
+            best, best_x = y, x
+        elif y == best and x == best_x:      # an exact tie with the last point on the front
+            front.append(i)
+    return front
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------------
+# the comparison
+# ---------------------------------------------------------------------------
+
+REFERENCE_COLUMNS = ["kind", "source", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
+                     "citation"]
+INT_COLUMNS = ("calibration", "eval_size", "n_runs")
+
+
+@dataclass
+class Comparison:
+    """The result of compare_cards. `table` (a pandas DataFrame, one row per card in input order,
+    failed cards included) is built on first use from `rows`, so exports that don't need pandas
+    (Markdown, LaTeX, JSON) don't import it."""
+    rows: List[Dict[str, Any]]                   # one dict per card: the table's rows
+    differences: List[str]                       # confounding differences, plain words
+    pareto: List[int]                            # row positions on the accuracy/cost front (x axis below)
+    x: str = "bops"
+    method_differences: List[str] = field(default_factory=list)
+    difference_details: List[Dict[str, Any]] = field(default_factory=list)
+    failed: List[Dict[str, Any]] = field(default_factory=list)     # {card, path, model, label, error}
+    reference_rows: Optional[List[Dict[str, Any]]] = None    # published rows ("reported"), None when not asked
+    reference_note: str = ""
+    cards: List[LoadedCard] = field(default_factory=list)
+    _table: Any = field(default=None, repr=False)
+    _reference: Any = field(default=None, repr=False)
+
+    @property
+    def table(self):
+        """pandas DataFrame, one row per card (integer columns with gaps are nullable Int64)."""
+        if self._table is None:
+            import pandas as pd
+            df = pd.DataFrame(self.rows, columns=list(self.rows[0]) if self.rows else None)
+            for col in INT_COLUMNS:   # so CSV says 1024, not 1024.0
+                if col in df:
+                    df[col] = df[col].astype("Int64")
+            self._table = df
+        return self._table
+
+    @property
+    def reference(self):
+        """pandas DataFrame of the published rows (kind "reported"), or None when not asked for."""
+        if self.reference_rows is None:
+            return None
+        if self._reference is None:
+            import pandas as pd
+            self._reference = pd.DataFrame(self.reference_rows, columns=REFERENCE_COLUMNS)
+        return self._reference
+
+    # exports ---------------------------------------------------------------
+    def to_markdown(self) -> str:
+        return environment("md").get_template("compare.md.j2").render(**self._context())
+
+    def to_latex(self) -> str:
+        return environment("tex").get_template("compare.tex.j2").render(**self._context())
+
+    def to_csv(self) -> str:
+        """The measured table; with reference rows, a second table follows after a '# reported' line."""
+        text = _csv(self.rows, list(self.rows[0]) if self.rows else [])
+        if self.reference_rows:
+            text += "\n# reported: published figures from qcard/cards/literature.yaml, not measured here\n"
+            text += _csv(self.reference_rows, REFERENCE_COLUMNS)
+        return text
+
+    def to_json(self) -> str:
+        clean = lambda rows: [{k: _clean(v) for k, v in r.items()} for r in rows]
+        data = {"x": self.x, "differences": self.differences, "difference_details": self.difference_details,
+                "method_differences": self.method_differences,
+                "pareto": [self.rows[i]["card"] for i in self.pareto],
+                "cards": clean(self.rows), "failed": self.failed,
+                "reference": clean(self.reference_rows) if self.reference_rows is not None else None}
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+    def export(self, fmt: str) -> str:
+        makers = {"md": self.to_markdown, "csv": self.to_csv, "tex": self.to_latex, "json": self.to_json}
+        if fmt not in makers:
+            raise QcardError(f"unknown export format '{fmt}'; allowed: {', '.join(makers)}")
+        return makers[fmt]()
+
+    def plot(self, path: Union[str, Path]) -> List[Path]:
+        """Accuracy against the x axis with the Pareto front: writes PATH.png and PATH.pdf."""
+        from .plots import pareto_plot
+        key, label, needs_hw = X_AXES[self.x]
+        ok = [i for i, r in enumerate(self.rows) if r["status"] == "ok" and _num(r[key]) and _num(r["quantized"])]
+        if not ok:
+            raise QcardError(f"no card has both an accuracy and cost.{key}; nothing to plot against --x {self.x}"
+                             + (" (profiles without a hardware model give no energy or latency; try --x bops or size)"
+                                if needs_hw else ""))
+        points = [{"label": f"{self.rows[i]['card']} {self.rows[i]['label']}", "x": float(self.rows[i][key]),
+                   "y": float(self.rows[i]["quantized"]),
+                   "err": float(self.rows[i]["std"]) if _num(self.rows[i]["std"]) else None} for i in ok]
+        pos = {i: n for n, i in enumerate(ok)}
+        front = [pos[i] for i in self.pareto if i in pos]
+        profiles = sorted({str(self.rows[i]["profile"]) for i in ok if self.rows[i]["profile"]})
+        if needs_hw and profiles:
+            label += f", profile {', '.join(profiles)}"
+        title = "accuracy vs cost" + (" (cards differ in confounding settings)" if self.differences else "")
+        return pareto_plot(points, front, label, Path(path), title=title)
+
+    def _context(self) -> Dict[str, Any]:
+        _, xlabel, _ = X_AXES[self.x]
+        cols = _display_columns(self.rows)
+        front = set(self.pareto)
+        rows = [{"cells": [_display(r, c) for c, _, _ in cols], "pareto": i in front, "failed": r["status"] != "ok"}
+                for i, r in enumerate(self.rows)]
+        ref_rows, sources = [], {}
+        for r in self.reference_rows or []:
+            ref_rows.append([r["source"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
+                             _words(r["w_granularity"]), f"{r['fp32']:.2f}", f"{r['top1']:.2f}", f"{r['delta']:+.2f}"])
+            sources[r["source"]] = r["citation"]
+        return {"n": len(self.rows), "n_ok": sum(r["status"] == "ok" for r in self.rows),
+                "differences": self.differences, "method_differences": self.method_differences,
+                "columns": [(h, a) for _, h, a in cols], "rows": rows,
+                "pareto_cards": [self.rows[i]["card"] for i in self.pareto], "x_label": xlabel, "x": self.x,
+                "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
+                "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note}
+
+
+def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
+    import csv
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(["" if _missing(r.get(c)) else r.get(c) for c in columns])
+    return buf.getvalue()
+
+
+def _clean(v: Any) -> Any:
+    if _missing(v) or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    if hasattr(v, "item"):       # numpy scalars
+        v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+    return v
+
+
+# table column -> (display header, alignment); the DataFrame keeps raw values, displays format them
+_DISPLAY = [
+    ("card", "card", "l"), ("model", "model", "l"), ("method", "method", "l"), ("label", "label", "l"),
+    ("wa", "W/A bits", "l"), ("granularity", "W granularity", "l"), ("bn", "BN", "l"),
+    ("first_last", "first/last", "l"), ("residual", "residual adds", "l"), ("calibration", "calibration", "r"),
+    ("fp32", "FP32", "r"), ("quantized", "quantized", "r"), ("delta", "Δ", "r"),
+    ("bops", "BOPs", "r"), ("size_bits", "size", "r"), ("energy_pj", "energy", "r"),
+    ("latency_cycles", "latency (cycles)", "r"), ("speedup_vs_fp32", "speedup vs FP32", "r"), ("profile", "profile", "l"),
+]
+
+
+def _display_columns(rows: List[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
+    """Display columns; a cost column that no card fills is left out (e.g. energy under a bitops profile)."""
+    cols = []
+    for key, head, align in _DISPLAY:
+        if key in ("energy_pj", "latency_cycles", "speedup_vs_fp32") and all(_missing(r.get(key)) for r in rows):
+            continue
+        cols.append((key, head, align))
+    return cols
+
+
+def _missing(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float):
+        return math.isnan(v)
+    return type(v).__name__ == "NAType"      # pandas.NA in nullable integer columns
+
+
+def _display(r: Dict[str, Any], key: str) -> str:
+    missing = _missing
+    if key == "wa":
+        if r["status"] != "ok":
+            return "—"
+        w, a = _nan_none(r["w_bits"]), _nan_none(r["a_bits"])
+        return "FP32" if w is None and a is None else f"W{_bits(w)}A{_bits(a)}"
+    if key == "quantized":
+        if r["status"] != "ok":
+            return "FAILED"
+        if missing(r["quantized"]):
+            return "—"
+        return f"{r['quantized']:.2f}" + (f" ± {r['std']:.2f}" if not missing(r["std"]) else "")
+    v = r[key]
+    if missing(v):
+        return "—"
+    if key in ("fp32",):
+        return f"{v:.2f}"
+    if key == "delta":
+        return f"{v:+.2f}"
+    if key == "bops":
+        return fmt_si(float(v))
+    if key == "size_bits":
+        return fmt_bits_size(float(v)).split(" (")[-1].rstrip(")")
+    if key == "energy_pj":
+        return fmt_energy(float(v))
+    if key == "latency_cycles":
+        return fmt_si(float(v))
+    if key == "speedup_vs_fp32":
+        return f"{v:.2f}×"
+    if key == "calibration":
+        return f"{int(v):,}"
+    return str(v)
+
+
+def _nan_none(v: Any) -> Any:
+    return None if _missing(v) else v
+
+
+def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
+    c = lc.card
+    q, r, cost = c.quantization, c.results, c.cost
+    ok = c.status == "ok"
+    return {
+        "card": letter, "status": c.status, "model": c.model.ref, "method": c.method.name,
+        "label": c.method.label or c.method.name, "family": c.method.family,
+        "w_bits": q.weights.bits if ok else None, "a_bits": q.activations.bits if ok else None,
+        "granularity": _gran_text(_gran(q)) if ok and q.weights.granularity else None,
+        "a_granularity": _words(q.activations.granularity) if ok and q.activations.granularity else None,
+        "bn": _BN.get(q.batch_norm, q.batch_norm) if ok else None,
+        "first_last": f"{_edge(q.first_layer)} / {_edge(q.last_layer)}" if ok else None,
+        "residual": _RES.get(q.residual_add, q.residual_add) if ok else None,
+        "calibration": (c.dataset.calibration.size if c.dataset.calibration else None) if ok else None,
+        "fp32": r.fp32, "quantized": r.quantized, "std": r.std, "delta": r.delta, "n_runs": r.n_runs,
+        "bops": cost.bops, "size_bits": cost.size_bits, "energy_pj": cost.energy_pj,
+        "latency_cycles": cost.latency_cycles, "speedup_vs_fp32": cost.speedup_vs_fp32, "profile": cost.profile,
+        "dataset": c.dataset.ref, "eval_size": c.dataset.eval_size, "experiment": c.experiment, "id": c.id,
+        "path": str(lc.path) if lc.path else None,
+    }
+
+
+def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False) -> Comparison:
+    """Compare cards (Card, dict, LoadedCard or paths). x: the Pareto cost axis (bops|size|energy|latency).
+    reference: False, "matching" (or True: published rows for the models among the cards) or "all"."""
+    if x not in X_AXES:
+        raise QcardError(f"unknown cost axis '{x}'; allowed: {', '.join(X_AXES)}")
+    loaded = _as_loaded(cards)
+    if not loaded:
+        raise QcardError("no cards to compare")
+    letters = [card_letter(i) for i in range(len(loaded))]
+    rows = [_row(l, lc) for l, lc in zip(letters, loaded)]
+    key = X_AXES[x][0]
+    ok_idx = [i for i, lc in enumerate(loaded) if lc.card.status == "ok"]
+    ok_cards = [loaded[i].card for i in ok_idx]
+    ok_letters = [letters[i] for i in ok_idx]
+    diffs, details = _differences(ok_cards, ok_letters, CONFOUNDERS)
+    fl = _first_last(ok_cards, ok_letters, _show_groups(ok_letters)) if len(ok_cards) > 1 else []
+    # keep the order of the spec: first/last right after the grid settings
+    at = next((i for i, d in enumerate(details) if d["field"] in ("quantization.batch_norm", "quantization.residual_add")),
+              len(diffs))
+    diffs[at:at] = fl
+    details[at:at] = [{"field": "quantization.first_layer/last_layer", "text": t, "values": []} for t in fl]
+    mdiffs, _ = _differences(ok_cards, ok_letters, METHOD_FIELDS)
+    mdiffs += _param_differences(ok_cards, ok_letters)
+    xs = [rows[i][key] if i in set(ok_idx) else None for i in range(len(rows))]
+    front = pareto_front(xs, [r["quantized"] for r in rows])
+    on = set(front)
+    for i, r in enumerate(rows):
+        r["pareto"] = i in on
+    failed = [{"card": letters[i], "path": rows[i]["path"], "model": rows[i]["model"], "label": rows[i]["label"],
+               "error": lc.card.error or "failed (no message recorded)"}
+              for i, lc in enumerate(loaded) if lc.card.status != "ok"]
+    ref, note = None, ""
+    if reference:
+        from .reference import model_key, reference_rows
+        models = None if reference == "all" else sorted({lc.card.model.ref for lc in loaded})
+        ref = reference_rows(models)
+        if models is not None and not ref:
+            note = ("no published rows for " + ", ".join(sorted({model_key(m) for m in models}))
+                    + "; `--reference-all` shows every published row")
+    return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
+                      difference_details=details, failed=failed, reference_rows=ref, reference_note=note, cards=loaded)

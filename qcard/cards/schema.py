@@ -1,0 +1,232 @@
+"""card.json, schema version 1 (specs/card.md). Key names are a public format: change with care.
+
+Required blocks are typed; blocks that methods extend (method_stats, per-layer rows) accept extra keys.
+`load_card` accepts every schema version qcard has written and upgrades it to the current one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import QcardError
+
+CARD_SCHEMA_VERSION = "1"
+
+Granularity = Optional[Literal["per_tensor", "per_channel", "per_group"]]
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelBlock(Closed):
+    ref: str
+    source: str
+    weights: Optional[str] = None
+    weights_sha256: Optional[str] = None
+    params: Optional[int] = None
+    input_shape: Optional[List[int]] = None
+
+
+class CalibrationBlock(Closed):
+    split: Optional[str] = None
+    size: Optional[int] = None
+    seed: Optional[int] = None
+    labels_used: Optional[Union[bool, str]] = None
+
+
+class DatasetBlock(Closed):
+    ref: str
+    eval_split: str
+    eval_size: Optional[int] = None
+    fingerprint: Optional[str] = None
+    calibration: Optional[CalibrationBlock] = None
+    preprocessing: Optional[Dict[str, Any]] = None
+    split_info: Optional[Dict[str, Any]] = None
+
+
+class MethodBlock(Closed):
+    name: str
+    family: Literal["none", "ptq", "qat", "adaptive_precision_training", "sparsity_aware_ptq", "other"]
+    params: Dict[str, Any] = Field(default_factory=dict)
+    pipeline: List[str] = Field(default_factory=list)
+    label: Optional[str] = None
+
+
+class WeightsQ(Open):
+    bits: Optional[float] = None
+    granularity: Granularity = None
+    group_size: Optional[int] = None
+    symmetric: Optional[bool] = None
+    signed: Optional[bool] = None
+    scale_format: Optional[Literal["float", "power_of_two"]] = None
+    range_setting: Optional[str] = None
+    rounding: Optional[Literal["nearest", "adaround", "stochastic", "learned"]] = None
+
+
+class ActivationsQ(Open):
+    bits: Optional[float] = None
+    granularity: Granularity = None
+    symmetric: Optional[bool] = None
+    signed: Optional[bool] = None
+    range_setting: Optional[str] = None
+    dynamic: Optional[bool] = None
+    quant_point: Optional[Literal["after_activation", "before_activation"]] = None
+
+
+class EdgeLayer(Closed):
+    weight_bits: Optional[float] = None
+    activation_bits: Optional[float] = None
+    name: Optional[str] = None
+
+
+class Quantization(Open):
+    preset: Optional[str] = None
+    graph_mode: Optional[Literal["fx", "eager"]] = None
+    weights: WeightsQ = Field(default_factory=WeightsQ)
+    activations: ActivationsQ = Field(default_factory=ActivationsQ)
+    first_layer: EdgeLayer = Field(default_factory=EdgeLayer)
+    last_layer: EdgeLayer = Field(default_factory=EdgeLayer)
+    batch_norm: Optional[Literal["folded", "kept", "qat_static_fold", "qat_keep_then_fold", "none"]] = None
+    residual_add: Optional[Literal["quant_all", "gemm_inputs_only", "relu_only", "not_present"]] = None
+    concat: Optional[Literal["requantized", "shared_grid", "not_present"]] = None
+    avg_pool: Optional[Literal["requantized", "shared_grid", "not_present"]] = None
+    bias_bits: Optional[int] = None
+    accumulator_bits: Optional[int] = None
+    cross_layer_equalization: Dict[str, Any] = Field(default_factory=lambda: {"applied": False, "bias_absorption": False})
+    bias_correction: Optional[Literal["none", "empirical", "analytic"]] = "none"
+    mixed_precision: Dict[str, Any] = Field(default_factory=lambda: {"enabled": False})
+    overrides: List[Any] = Field(default_factory=list)
+    unquantized_layers: List[Dict[str, Any]] = Field(default_factory=list)
+    hardware_unfriendly: List[str] = Field(default_factory=list)
+
+
+class Results(Closed):
+    metric: str = "top1"
+    fp32: Optional[float] = None
+    quantized: Optional[float] = None
+    delta: Optional[float] = None
+    top5_fp32: Optional[float] = None
+    top5: Optional[float] = None
+    n_runs: int = 0
+    seeds: List[int] = Field(default_factory=list)
+    std: Optional[float] = None
+    per_seed: List[Dict[str, Any]] = Field(default_factory=list)
+
+
+class CostLayer(Open):
+    name: str
+    op: str
+    macs: Optional[int] = None
+    params: Optional[int] = None
+    weight_bits: Optional[float] = None
+    activation_bits: Optional[float] = None
+    bops: Optional[float] = None
+    cycles: Optional[float] = None
+    energy_pj: Optional[float] = None
+    effective_activation_bits: Optional[float] = None
+
+
+class Cost(Open):
+    profile: Optional[str] = None
+    params: Optional[int] = None
+    size_bits: Optional[float] = None
+    size_bits_with_metadata: Optional[float] = None
+    macs: Optional[int] = None
+    bops: Optional[float] = None
+    bops_uniq: Optional[float] = None
+    activation_peak_bits: Optional[float] = None
+    memory_traffic_bits: Optional[float] = None
+    energy_pj: Optional[float] = None
+    latency_cycles: Optional[float] = None
+    speedup_vs_fp32: Optional[float] = None
+    speedup_vs_int8: Optional[float] = None
+    layers: List[CostLayer] = Field(default_factory=list)
+
+
+class Provenance(Closed):
+    qcard_version: str
+    git_commit: Optional[str] = None
+    git_dirty: Optional[bool] = None
+    python: str
+    torch: Optional[str] = None
+    torchvision: Optional[str] = None
+    timm: Optional[str] = None
+    platform: str
+    cpu: Optional[str] = None
+    gpu: Optional[str] = None
+    seed: Optional[int] = None
+    deterministic: Optional[bool] = None
+    config_sha256: Optional[str] = None
+    command: Optional[str] = None
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    wall_seconds: Optional[float] = None
+    timings: Dict[str, float] = Field(default_factory=dict)
+
+
+class Card(Closed):
+    schema_version: Literal["1"] = CARD_SCHEMA_VERSION
+    id: str
+    experiment: str
+    status: Literal["ok", "failed"]
+    error: Optional[str] = None
+    model: ModelBlock
+    dataset: DatasetBlock
+    method: MethodBlock
+    quantization: Quantization
+    results: Results
+    cost: Cost
+    cost_profiles: Dict[str, Cost] = Field(default_factory=dict)  # further profiles named in the config
+    method_stats: Dict[str, Any] = Field(default_factory=dict)
+    warnings: List[str] = Field(default_factory=list)
+    provenance: Provenance
+    reproduce: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def _upgrade(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Bring an older card up to the current schema. Version 1 is the first; later versions add steps here."""
+    version = str(data.get("schema_version", ""))
+    if version == CARD_SCHEMA_VERSION:
+        return data
+    raise QcardError(f"card schema version '{version}' is not known to this qcard (it reads versions: "
+                     f"{CARD_SCHEMA_VERSION}); upgrade qcard to read it")
+
+
+def card_from_dict(data: Dict[str, Any], source: str = "<card>") -> Card:
+    if not isinstance(data, dict):
+        raise QcardError(f"{source}: a card must be a JSON object")
+    data = _upgrade(data)
+    try:
+        return Card.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:10])
+        raise QcardError(f"{source}: not a valid qcard card: {problems}") from None
+
+
+def load_card(path: Union[str, Path]) -> Card:
+    path = Path(path)
+    if not path.is_file():
+        raise QcardError(f"card file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise QcardError(f"{path}: not valid JSON ({exc})") from None
+    return card_from_dict(data, str(path))
+
+
+def card_json_schema() -> Dict[str, Any]:
+    schema = Card.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qcard quantization card, schema version 1"
+    return schema

@@ -1,0 +1,197 @@
+"""The qcard command line. Heavy modules (torch, pandas) are imported inside commands only,
+so `qcard --help` stays fast. Exit codes: 0 ok, 1 some points failed, 2 bad usage or bad config."""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import QcardError
+
+# subcommands kept in their own module: name -> "module:attr"
+LAZY_COMMANDS = {
+    "cost": "qcard.commands.cost:cost",
+    "render": "qcard.commands.render:render",
+    "compare": "qcard.commands.compare:compare",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, _, attr = LAZY_COMMANDS[name].partition(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ImportError as exc:
+                reason = f"command '{name}' is not available in this installation: {exc}"
+
+                def unavailable():
+                    raise click.ClickException(reason)
+                return click.Command(name, callback=unavailable, help=f"(unavailable: {exc})")
+        return super().get_command(ctx, name)
+
+
+def user_errors(fn):
+    """Errors caused by input become one clear line and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QcardError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qcard")
+def main():
+    """qcard — quantization benchmarks that report every choice on a quantization card.
+
+    \b
+    Quick start:
+      qcard run configs/quickstart.yaml        # writes runs/quickstart/*/card.md
+      qcard run CONFIG --dry-run               # list the points of a sweep
+      qcard cost qcard:resnet8 --w-bits 4      # cost of a model, no data needed
+    """
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="output root (default: the config's 'out', else runs/)")
+@click.option("--force", is_flag=True, help="rerun points that are already finished")
+@click.option("--dry-run", is_flag=True, help="validate and print the points without running them")
+@click.option("--only", multiple=True, metavar="ID", help="run only points whose id starts with ID (repeatable)")
+@click.option("--progress/--no-progress", default=None, help="progress bars (default: when stderr is a terminal)")
+@user_errors
+def run(config, out, force, dry_run, only, progress):
+    """Run every point of CONFIG and write one card per point.
+
+    \b
+    Example:
+      qcard run configs/quickstart.yaml --out /tmp/runs
+    Finished points are skipped on a rerun; a failed point is recorded as a failed card and
+    the others go on (exit code 1 at the end).
+    """
+    from .config import load_config
+    exp = load_config(config)
+    if dry_run:
+        points = exp.points()
+        if only:
+            points = [p for p in points if any(p.id.startswith(o) for o in only)]
+        click.echo(f"experiment '{exp.name}': {len(points)} point(s) -> {exp.out_dir(out)}")
+        for p in points:
+            click.echo("  " + p.describe())
+        return
+    from .runner import run as run_experiment
+    summary = run_experiment(exp, out=out, force=force, only=list(only) or None, progress=progress)
+    if not summary.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@user_errors
+def validate(config):
+    """Check CONFIG (keys, types, names, files) without running anything."""
+    from .config import load_config
+    exp = load_config(config)
+    click.echo(f"{config}: ok — experiment '{exp.name}', {len(exp.points())} point(s)")
+
+
+@main.command()
+def methods():
+    """List the registered quantization methods."""
+    from .methods import METHODS
+    for name in METHODS.names():
+        click.echo(f"{name:<10} {METHODS.doc(name)}")
+    click.echo("\nA method of your own: `method: {name: \"my_pkg.my_module:MyMethod\"}` "
+               "(a subclass of qcard.methods.base.Method).")
+
+
+@main.command()
+def profiles():
+    """List the hardware cost profiles."""
+    from .cost_names import profile_names
+    for name in profile_names():
+        click.echo(name)
+
+
+@main.command()
+def presets():
+    """List the hardware backend presets."""
+    from pathlib import Path
+    for p in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
+        click.echo(p.stem)
+
+
+@main.group()
+def zoo():
+    """The bundled models: list them, or retrain one."""
+
+
+@zoo.command("list")
+@user_errors
+def zoo_list():
+    """List the bundled models with their FP32 accuracy."""
+    from .zoo import list_models
+    rows = list_models()
+    for r in rows:
+        acc = r.get("test_accuracy")
+        acc_s = f"{100 * acc:.1f} %" if isinstance(acc, (int, float)) else "—"   # stored as a fraction
+        params = f"{r['params']:,}" if r.get("params") else "—"
+        state = "" if r.get("weights_bytes") else "  (no bundled weights: run `qcard zoo train " + r["name"] + "`)"
+        click.echo(f"{r['ref']:<22} {params:>9} params  top1 {acc_s:>8}  {r.get('description', '')}{state}")
+
+
+@zoo.command("train")
+@click.argument("name")
+@click.option("--epochs", type=int, default=None, help="override the recipe's epoch count")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="folder for the weights (default: the package's bundled weights folder)")
+@user_errors
+def zoo_train(name, epochs, seed, out_dir):
+    """Retrain bundled model NAME deterministically on qcard:mnist5k."""
+    from .zoo import train_model
+    info = train_model(name, epochs=epochs, seed=seed, out_dir=out_dir, progress=sys.stderr.isatty())
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
+@main.group()
+def card():
+    """Card files: validate them."""
+
+
+@card.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@user_errors
+def card_validate(files):
+    """Check that each FILE is a valid qcard card."""
+    from .cards.schema import load_card
+    for path in files:
+        c = load_card(path)
+        click.echo(f"{path}: ok (schema v{c.schema_version}, status {c.status})")
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["config", "card"]))
+def schema(what):
+    """Print the JSON Schema of the config or card format (for editors and other tools)."""
+    if what == "config":
+        from .config import config_json_schema
+        click.echo(json.dumps(config_json_schema(), indent=2))
+    else:
+        from .cards.schema import card_json_schema
+        click.echo(json.dumps(card_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Subcommands that live in their own modules, loaded by the CLI only when called."""

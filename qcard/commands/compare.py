@@ -1,0 +1,59 @@
+"""`qcard compare PATH...`: cards side by side, confounding differences, Pareto front, exports.
+
+pandas and matplotlib are imported inside the command only.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..cli import user_errors
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "tex", "json"]), default="md", show_default=True,
+              help="export format of the table (with the differences above it)")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="write the export to FILE (default: stdout)")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="draw accuracy against --x with the Pareto front: FILE.png and FILE.pdf")
+@click.option("--x", "x_axis", type=click.Choice(["bops", "size", "energy", "latency"]), default="bops",
+              show_default=True, help="cost axis of the Pareto front")
+@click.option("--reference", is_flag=True,
+              help="add published rows (marked 'reported', with their source) for the models among the cards")
+@click.option("--reference-all", is_flag=True, help="add every published row, whatever the models")
+@user_errors
+def compare(paths, fmt, output, plot_path, x_axis, reference, reference_all):
+    """Compare cards: PATH is a card.json or a run folder (searched recursively).
+
+    The settings that differ between the cards, other than the method's own choices, are named above
+    the table: a gap in accuracy may be due to them. Failed points are listed as failed.
+
+    \b
+    Examples:
+      qcard compare runs/quickstart
+      qcard compare runs/a/*/card.json runs/b --format tex -o table.tex
+      qcard compare runs/sweep --plot pareto --x energy      # pareto.png + pareto.pdf
+      qcard compare runs/imagenet --reference                # beside published figures
+    """
+    from ..cards.compare import compare_cards, load_cards
+
+    ref = "all" if reference_all else ("matching" if reference else False)
+    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref)
+    text = cmp.export(fmt)
+    if output:
+        target = Path(output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        click.echo(f"wrote {target}", err=True)
+    else:
+        click.echo(text, nl=False)
+    if plot_path:
+        for p in cmp.plot(plot_path):
+            click.echo(f"wrote {p}", err=True)
+    if cmp.failed:
+        click.echo(f"note: {len(cmp.failed)} of {len(cmp.table)} cards are failed points (listed as failed)", err=True)

@@ -1,0 +1,55 @@
+"""`qcard render CARD.json...`: card.json as Markdown, HTML or LaTeX.
+
+Heavy modules are imported inside the command (matplotlib only for HTML, through the renderer).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..cli import user_errors
+from ..errors import QcardError
+
+
+@click.command()
+@click.argument("cards", nargs=-1, required=True, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "tex"]), default="md", show_default=True,
+              help="md: Markdown; html: one self-contained page with plots; tex: a booktabs fragment to \\input")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="write files under DIR instead of printing (card.json -> DIR/card.<ext>; several cards keep "
+                   "their folder names: DIR/<point folder>/card.<ext>)")
+@user_errors
+def render(cards, fmt, out_dir):
+    """Render card files (or every card.json under run folders) as Markdown, HTML or LaTeX.
+
+    \b
+    Examples:
+      qcard render runs/quickstart/*/card.json                  # Markdown on stdout
+      qcard render runs/quickstart --format html --out site/     # one page per card
+      qcard render card.json --format tex > table.tex            # \\input{table} in a paper
+    """
+    from ..cards.compare import find_card_files
+    from ..cards.render import EXTENSIONS, render_card
+    from ..cards.schema import load_card
+
+    files = find_card_files(cards)
+    if out_dir is None:
+        if fmt == "html" and len(files) > 1:
+            raise QcardError(f"{len(files)} cards as HTML make {len(files)} pages: give --out DIR to write them")
+        texts = [render_card(load_card(f), fmt) for f in files]
+        click.echo(("\n" if fmt == "md" else "\n\n").join(t.rstrip("\n") + "\n" for t in texts), nl=False)
+        return
+    out = Path(out_dir)
+    # mirror the folders below the inputs' common parent, so point folders keep their names
+    common = Path(os.path.commonpath([str(f.resolve().parent) for f in files])) if len(files) > 1 else None
+    for f in files:
+        rel = f.resolve().parent.relative_to(common) if common else Path()
+        target = out / rel / f"{f.stem}.{EXTENSIONS[fmt]}"
+        text = render_card(load_card(f), fmt)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        click.echo(f"wrote {target}")

@@ -1,0 +1,463 @@
+"""Experiment configs: YAML -> validated pydantic models -> a grid of points.
+
+Validation happens once, here. A point is one card: one model × one method with fully resolved
+params × the run's seeds. Its id is a hash of its canonical resolved config, so the same point
+always lands in the same folder and a rerun can skip it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, QcardError, did_you_mean
+from .yamlio import KeyPath, format_path, load_yaml
+
+MODEL_SOURCES = ("qcard", "torchvision", "timm", "python")
+DATASET_SOURCES = ("qcard:mnist5k", "qcard:digits", "imagefolder:PATH", "torchvision:CIFAR10",
+                   "torchvision:CIFAR100", "synthetic")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    ref: str = Field(description="qcard:NAME | torchvision:NAME | timm:NAME | python:pkg.module:callable")
+    weights: Optional[str] = Field(None, description="local .safetensors/.pth file (loaded with weights_only=True)")
+    pretrained: bool = Field(False, description="use the library's own pretrained loader (needs network/cache)")
+    input_shape: Optional[Tuple[int, int, int]] = Field(None, description="C,H,W; default from the model or dataset")
+    num_classes: Optional[int] = Field(None, ge=1)
+    kwargs: Dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the constructor")
+    label: Optional[str] = Field(None, description="short display name on cards")
+
+    @field_validator("ref")
+    @classmethod
+    def _check_ref(cls, ref: str) -> str:
+        source, sep, name = ref.partition(":")
+        if not sep or not name:
+            raise ValueError(f"model reference '{ref}' needs a source prefix, one of "
+                             f"{', '.join(s + ':' for s in MODEL_SOURCES)} (e.g. 'qcard:resnet8', 'torchvision:{ref}')")
+        if source not in MODEL_SOURCES:
+            raise ValueError(f"unknown model source '{source}'{did_you_mean(source, MODEL_SOURCES)}; "
+                             f"allowed: {', '.join(MODEL_SOURCES)}")
+        return ref
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        reserved = sorted(set(kwargs) & {"weights", "pretrained", "num_classes", "in_chans"})
+        if reserved:
+            raise ValueError(f"give {', '.join(reserved)} as the model's own key(s), not inside 'kwargs'")
+        return kwargs
+
+    @property
+    def short(self) -> str:
+        return self.label or self.ref.split(":")[-1]
+
+
+class CalibrationSpec(Strict):
+    size: Union[int, List[int]] = Field(256, description="number of training images (a list sweeps)")
+    seed: Union[int, List[int]] = Field(0, description="seed of the random calibration subset (a list sweeps)")
+    split: Literal["train"] = "train"
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, v):
+        for s in v if isinstance(v, list) else [v]:
+            if s < 1:
+                raise ValueError("calibration size must be at least 1")
+        return v
+
+
+class DatasetSpec(Strict):
+    ref: str = Field(description=" | ".join(DATASET_SOURCES))
+    eval_split: str = "test"
+    eval_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N images (default: all)")
+    batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    root: Optional[str] = None
+    download: bool = False
+    input_shape: Optional[Tuple[int, int, int]] = Field(None, description="synthetic only: C,H,W")
+    num_classes: Optional[int] = Field(None, ge=1, description="synthetic only")
+    size: Optional[int] = Field(None, ge=1, description="synthetic only: images per split")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+    @field_validator("ref")
+    @classmethod
+    def _check_ref(cls, ref: str) -> str:
+        known = ("qcard:mnist5k", "qcard:digits", "torchvision:CIFAR10", "torchvision:CIFAR100", "synthetic")
+        if ref in known or ref.startswith("imagefolder:"):
+            return ref
+        raise ValueError(f"unknown dataset '{ref}'{did_you_mean(ref, known)}; allowed: {', '.join(DATASET_SOURCES)}")
+
+
+class MethodSpec(Strict):
+    name: str = Field(description="a registered method (qcard methods) or a user's 'pkg.module:Class'")
+    label: Optional[str] = None
+    params: Dict[str, Any] = Field(default_factory=dict, description="the method's Params; a list sweeps a scalar field")
+
+
+class CostSpec(Strict):
+    profiles: List[str] = Field(default_factory=lambda: ["bitops", "asic45"])
+    input_shape: Optional[Tuple[int, int, int]] = None
+
+
+class ExperimentConfig(Strict):
+    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="name; also the output folder")
+    description: str = ""
+    seeds: List[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="each point runs once per seed; cards show mean ± std")
+    out: str = Field("runs", description="output root; points go to OUT/EXPERIMENT/")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    deterministic: bool = True
+    models: List[ModelSpec] = Field(min_length=1)
+    dataset: DatasetSpec
+    methods: List[MethodSpec] = Field(min_length=1)
+    cost: CostSpec = Field(default_factory=CostSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data):
+        # `seed: 3` for `seeds: [3]`; a bare string for a model or method
+        if isinstance(data, dict):
+            data = dict(data)
+            if "seed" in data:
+                if "seeds" in data:
+                    raise ValueError("give either 'seed' or 'seeds', not both")
+                seed = data.pop("seed")
+                data["seeds"] = seed if isinstance(seed, list) else [seed]
+            for key, field_name in (("models", "ref"), ("methods", "name")):
+                if isinstance(data.get(key), list):
+                    data[key] = [{field_name: v} if isinstance(v, str) else v for v in data[key]]
+            if isinstance(data.get("dataset"), str):
+                data["dataset"] = {"ref": data["dataset"]}
+        return data
+
+
+# ---------------------------------------------------------------- points
+
+@dataclass
+class Point:
+    experiment: str
+    model: ModelSpec
+    dataset: DatasetSpec          # calibration size/seed resolved to single values
+    method: str
+    method_label: str
+    params: Any                   # the method's validated Params instance
+    seeds: List[int]
+    cost: CostSpec
+    device: str
+    deterministic: bool
+    id: str = ""
+    index: int = 0
+
+    def canonical(self) -> Dict[str, Any]:
+        """Everything that determines the results, defaults expanded, in a stable form."""
+        return {
+            "experiment": self.experiment,
+            "model": self.model.model_dump(mode="json", exclude={"label"}),
+            "dataset": self.dataset.model_dump(mode="json", exclude={"num_workers", "batch_size"}),
+            "method": {"name": self.method, "params": self.params.model_dump(mode="json")},
+            "seeds": list(self.seeds),
+            "cost": self.cost.model_dump(mode="json"),
+            "deterministic": self.deterministic,
+        }
+
+    @property
+    def folder(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model.short}__{self.method_label}")
+        return f"{safe}__{self.id[:10]}"
+
+    def describe(self) -> str:
+        params = self.params.model_dump(mode="json", exclude_defaults=True)
+        p = ", ".join(f"{k}={v}" for k, v in params.items())
+        cal = self.dataset.calibration
+        return f"{self.id[:10]}  {self.model.ref:<28} {self.method_label:<14} {p}  (calibration {cal.size}/seed {cal.seed})"
+
+
+def canonical_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Experiment:
+    config: ExperimentConfig
+    source: str = "<dict>"
+    path: Optional[Path] = None
+    config_sha256: str = ""
+    lines: Dict[KeyPath, int] = field(default_factory=dict)
+    _points: Optional[List[Point]] = None
+
+    @property
+    def name(self) -> str:
+        return self.config.experiment
+
+    def out_dir(self, override: Optional[str] = None) -> Path:
+        root = Path(override) if override else Path(self.config.out)
+        if not root.is_absolute() and override is None and self.path is not None and not Path(self.config.out).is_absolute():
+            root = Path(os.getcwd()) / root
+        return root / self.config.experiment
+
+    def points(self) -> List[Point]:
+        if self._points is None:
+            self._points = expand(self)
+        return self._points
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        line = _nearest_line(self.lines, path)
+        where = f"{self.source}:{line}" if line else self.source
+        return ConfigError(f"{where}: {format_path(path)}: {message}")
+
+
+def _nearest_line(lines: Dict[KeyPath, int], path: KeyPath) -> Optional[int]:
+    for n in range(len(path), -1, -1):
+        if tuple(path[:n]) in lines:
+            return lines[tuple(path[:n])]
+    return None
+
+
+def _accepts_list(annotation: Any) -> bool:
+    """True when a field's declared type itself takes a list (then a list is a value, not a sweep)."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset, List, Tuple):
+        return True
+    if origin is Union or str(origin) in ("types.UnionType",):
+        return any(_accepts_list(a) for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return _accepts_list(typing.get_args(annotation)[0])
+    return annotation in (list, tuple)
+
+
+def _sweep_axes(params_cls, params: Dict[str, Any]) -> List[Tuple[str, List[Any]]]:
+    axes = []
+    for key, value in params.items():
+        info = params_cls.model_fields.get(key)
+        if info is None or not isinstance(value, list):
+            axes.append((key, [value]))  # unknown keys are reported by validation below
+        elif _accepts_list(info.annotation):
+            is_grid = bool(value) and all(isinstance(v, list) for v in value)
+            axes.append((key, value if is_grid else [value]))
+        else:
+            if not value:
+                axes.append((key, [value]))  # let validation say an empty list is not a value
+            else:
+                axes.append((key, value))
+    return axes
+
+
+def _as_list(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def expand(exp: Experiment) -> List[Point]:
+    """The grid: models × methods × swept params × calibration sizes/seeds. Validates every point's params."""
+    from .methods import resolve_method
+
+    cfg = exp.config
+    points: List[Point] = []
+    seen: Dict[str, Point] = {}
+    cal = cfg.dataset.calibration
+    cal_grid = list(itertools.product(_as_list(cal.size), _as_list(cal.seed)))
+    for mi, mspec in enumerate(cfg.methods):
+        try:
+            method_cls = resolve_method(mspec.name)
+        except QcardError as exc:
+            raise exp.error(("methods", mi, "name"), str(exc)) from None
+        axes = _sweep_axes(method_cls.Params, mspec.params)
+        keys = [k for k, _ in axes]
+        for combo in itertools.product(*[vals for _, vals in axes]):
+            raw = dict(zip(keys, combo))
+            try:
+                params = method_cls.Params.model_validate(raw)
+            except ValidationError as exc:
+                raise _params_error(exp, exc, ("methods", mi, "params"), method_cls) from None
+            for model in cfg.models:
+                for size, seed in cal_grid:
+                    dataset = cfg.dataset.model_copy(update={
+                        "calibration": CalibrationSpec(size=size, seed=seed, split=cal.split)})
+                    label = mspec.label or (method_cls.name or mspec.name.split(":")[-1])
+                    point = Point(experiment=cfg.experiment, model=model, dataset=dataset, method=mspec.name,
+                                  method_label=label, params=params, seeds=list(cfg.seeds), cost=cfg.cost,
+                                  device=cfg.device, deterministic=cfg.deterministic)
+                    point.id = canonical_hash(point.canonical())
+                    if point.id in seen:
+                        continue  # the same point listed twice (e.g. a sweep value repeated) runs once
+                    seen[point.id] = point
+                    point.index = len(points)
+                    points.append(point)
+    return points
+
+
+def _params_error(exp: Experiment, exc: ValidationError, base: KeyPath, method_cls) -> ConfigError:
+    messages = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        path = base + loc
+        messages.append(_describe_error(exp, err, path, method_cls.Params, loc))
+    return ConfigError("\n".join(messages))
+
+
+def _describe_error(exp: Experiment, err: dict, path: KeyPath, model_cls, loc: tuple) -> str:
+    kind = err.get("type", "")
+    value = err.get("input")
+    line = _nearest_line(exp.lines, path)
+    where = f"{exp.source}:{line}" if line else exp.source
+    if kind == "extra_forbidden":
+        owner = _model_at(model_cls, loc[:-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        key = str(loc[-1])
+        msg = f"unknown key '{key}'{did_you_mean(key, allowed)}"
+        if allowed:
+            msg += f"; allowed keys: {', '.join(allowed)}"
+    else:
+        msg = err.get("msg", "invalid value")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        ctx = err.get("ctx") or {}
+        expected = ctx.get("expected")
+        if kind == "literal_error" and expected:
+            choices = re.findall(r"'([^']*)'", expected)
+            msg = f"'{value}' is not allowed{did_you_mean(value, choices)}; allowed values: {expected}"
+        elif kind != "missing" and value is not None and not isinstance(value, (dict, list)):
+            msg += f" (got {value!r})"
+    return f"{where}: {format_path(path)}: {msg}"
+
+
+def _model_at(model_cls, loc: tuple):
+    cls = model_cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = getattr(cls, "model_fields", {}).get(part)
+        if info is None:
+            return None
+        ann = info.annotation
+        candidates = [ann] + list(typing.get_args(ann))
+        nxt = None
+        for c in candidates:
+            for cc in [c] + list(typing.get_args(c)):
+                if isinstance(cc, type) and issubclass(cc, BaseModel):
+                    nxt = cc
+        if nxt is None:
+            return None
+        cls = nxt
+    return cls
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: Union[str, os.PathLike], *, check_files: bool = True) -> Experiment:
+    """Read, parse and validate a config file. Raises ConfigError naming the file, key path and fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a YAML config file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    data, lines = load_yaml(text, str(path))
+    exp = config_from_dict(data, source=str(path), lines=lines, base_dir=path.parent, check_files=check_files)
+    exp.path = path
+    exp.config_sha256 = hashlib.sha256(raw).hexdigest()
+    return exp
+
+
+def config_from_dict(data: Any, *, source: str = "<dict>", lines: Optional[Dict[KeyPath, int]] = None,
+                     base_dir: Optional[Path] = None, check_files: bool = True) -> Experiment:
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty; it needs at least 'experiment', 'models', 'dataset', 'methods'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (experiment, models, dataset, methods, ...), "
+                          f"not a {type(data).__name__}")
+    exp = Experiment(config=None, source=source, lines=lines or {})  # type: ignore[arg-type]
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        msgs = [_describe_error(exp, e, _shorthand_loc(data, tuple(e.get("loc", ()))), ExperimentConfig,
+                                _strip_union_loc(tuple(e.get("loc", ()))))
+                for e in exc.errors()]
+        raise ConfigError("\n".join(msgs)) from None
+    exp.config = cfg
+    if base_dir is not None:
+        _resolve_paths(exp, base_dir)
+    if check_files:
+        _check_references(exp)
+    if exp.config_sha256 == "":
+        exp.config_sha256 = canonical_hash(data)
+    exp.points()  # validates each method's params now, before anything runs
+    return exp
+
+
+def _strip_union_loc(loc: tuple) -> tuple:
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "list"))))
+
+
+def _shorthand_loc(data: dict, loc: tuple) -> tuple:
+    loc = _strip_union_loc(loc)
+    if loc and loc[0] == "seeds" and "seed" in data:
+        return ("seed",) + loc[1:]
+    return loc
+
+
+def _resolve_paths(exp: Experiment, base_dir: Path) -> None:
+    """Weights files and image folders are relative to the config file."""
+    cfg = exp.config
+    for m in cfg.models:
+        if m.weights and not os.path.isabs(os.path.expanduser(m.weights)):
+            candidate = base_dir / m.weights
+            if candidate.exists() or not Path(m.weights).exists():
+                m.weights = str(candidate)
+    ref = cfg.dataset.ref
+    if ref.startswith("imagefolder:"):
+        folder = os.path.expanduser(ref[len("imagefolder:"):])
+        if not os.path.isabs(folder) and (base_dir / folder).exists():
+            cfg.dataset.ref = "imagefolder:" + str(base_dir / folder)
+
+
+def _check_references(exp: Experiment) -> None:
+    """Cheap checks of names and files, so a typo fails before hours of work."""
+    from .zoo_names import check_model_ref
+    cfg = exp.config
+    for i, m in enumerate(cfg.models):
+        try:
+            check_model_ref(m.ref)
+        except QcardError as exc:
+            raise exp.error(("models", i, "ref"), str(exc)) from None
+        if m.weights and not Path(os.path.expanduser(m.weights)).is_file():
+            raise exp.error(("models", i, "weights"), f"weights file not found: {m.weights}")
+        if m.weights and m.pretrained:
+            raise exp.error(("models", i), "give either 'weights' or 'pretrained: true', not both")
+    ref = cfg.dataset.ref
+    if ref.startswith("imagefolder:"):
+        folder = Path(os.path.expanduser(ref[len("imagefolder:"):]))
+        if not folder.is_dir():
+            raise exp.error(("dataset", "ref"), f"image folder not found: {folder}")
+    if ref != "synthetic":
+        for key in ("input_shape", "num_classes", "size"):
+            if getattr(cfg.dataset, key) is not None:
+                raise exp.error(("dataset", key), f"'{key}' applies to the synthetic dataset only")
+    from .cost_names import check_profile
+    for i, name in enumerate(cfg.cost.profiles):
+        try:
+            check_profile(name)
+        except QcardError as exc:
+            raise exp.error(("cost", "profiles", i), str(exc)) from None
+
+
+def config_json_schema() -> Dict[str, Any]:
+    schema = ExperimentConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qcard experiment config"
+    return schema

@@ -1,0 +1,19 @@
+"""Quantization methods, by name. A user's own method is named 'pkg.module:Class'."""
+from __future__ import annotations
+
+from ..errors import QcardError
+from ..registry import Registry
+
+METHODS = Registry("method")
+METHODS.add("fp32", "qcard.methods.fp32:FP32", "identity: the FP32 model itself, as a card")
+METHODS.add("ptq", "qcard.methods.ptq:PTQ", "post-training quantization (white paper pipeline, every tradeoff a switch)")
+
+
+def resolve_method(name: str):
+    """The method class for a registered name or a 'pkg.module:Class' path."""
+    from .base import Method
+    cls = METHODS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise QcardError(f"'{name}' is not a qcard method: it must be a subclass of qcard.methods.base.Method "
+                         "with a Params model and an apply(model, data, params, ctx) method")
+    return cls

@@ -1,0 +1,92 @@
+"""Fixed-point <wl, fl> quantization (MARViN / AdaPT), vectorized, with a straight-through gradient.
+
+A fixed-point number with word length wl (sign bit included) and fractional length fl lies on the
+grid k·2^(−fl), k an integer, inside [−2^(wl−fl−1), 2^(wl−fl−1) − 2^(−fl)]. There is no scale factor:
+values outside the range are clamped. fl may exceed wl (a purely fractional format) or be negative.
+
+Rounding:
+  nearest     round half to even (torch.round) after clamping;
+  stochastic  ⌊x·2^fl + u⌋, u ~ U[0, 1) from a seeded generator: E[x̂] = x inside the range.
+Values are clamped before rounding; the bounds lie on the grid, so results never leave the range.
+
+Gradient (straight-through): "identity" passes the incoming gradient unchanged (as the AdaPT code,
+which overwrites `.data`); "clipped" zeroes it where x was outside the range.
+
+float32 note: x·2^fl is exact (a power-of-two scaling), but float32 keeps 24 significant bits, so
+for |x|·2^fl ≥ 2^24 the input already lies on the grid and rounding does nothing.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Tuple
+
+import torch
+
+__all__ = ["fixed_point_range", "fixed_point_quantize", "check_format", "FixedPointSTE"]
+
+Rounding = Literal["nearest", "stochastic"]
+
+
+def check_format(wl: int, fl: int) -> None:
+    if int(wl) != wl or int(fl) != fl:
+        raise ValueError(f"fixed-point word and fractional lengths must be integers, got wl={wl!r}, fl={fl!r}")
+    if wl < 1:
+        raise ValueError(f"fixed-point word length must be at least 1 (the sign bit), got wl={wl}")
+    if wl > 64 or abs(fl) > 126:
+        raise ValueError(f"fixed-point format <{wl}, {fl}> is outside what float32 can represent "
+                         "(wl <= 64, |fl| <= 126)")
+
+
+def fixed_point_range(wl: int, fl: int) -> Tuple[float, float]:
+    """(lowest, highest) representable value of <wl, fl>."""
+    check_format(wl, fl)
+    half = 2.0 ** (wl - fl - 1)
+    return -half, half - 2.0 ** (-fl)
+
+
+def _quantize(x: torch.Tensor, wl: int, fl: int, rounding: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+    lo, hi = fixed_point_range(wl, fl)
+    scale = 2.0 ** fl
+    lo_i, hi_i = lo * scale, hi * scale           # integers: the grid in units of 2^(−fl)
+    y = (x * scale).clamp_(lo_i, hi_i)            # exact: a power-of-two scaling
+    if rounding == "stochastic":
+        y.add_(torch.empty_like(y).uniform_(generator=generator)).floor_()
+        if hi_i >= 2 ** 22 or lo_i <= -(2 ** 22):
+            y.clamp_(lo_i, hi_i)                  # in float32, y + u may round up past the top
+    elif rounding == "nearest":
+        y.round_()
+    else:
+        raise ValueError(f"unknown rounding '{rounding}'; allowed: nearest, stochastic")
+    return y.mul_(2.0 ** (-fl))
+
+
+class FixedPointSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wl, fl, rounding, generator, ste):
+        out = _quantize(x, wl, fl, rounding, generator)
+        ctx.ste = ste
+        if ste == "clipped":
+            lo, hi = fixed_point_range(wl, fl)
+            ctx.save_for_backward((x >= lo) & (x <= hi))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.ste == "clipped":
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None, None, None, None
+
+
+def fixed_point_quantize(x: torch.Tensor, wl: int, fl: int, *, rounding: Rounding = "stochastic",
+                         generator: Optional[torch.Generator] = None,
+                         ste: Literal["identity", "clipped"] = "identity") -> torch.Tensor:
+    """x rounded onto the <wl, fl> grid (same shape and dtype). Differentiable with a straight-through
+    gradient when x requires grad. `generator` seeds stochastic rounding (None: torch's global RNG)."""
+    if ste not in ("identity", "clipped"):
+        raise ValueError(f"unknown straight-through mode '{ste}'; allowed: identity, clipped")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"unknown rounding '{rounding}'; allowed: nearest, stochastic")
+    wl, fl = int(wl), int(fl)
+    if x.requires_grad and torch.is_grad_enabled():
+        return FixedPointSTE.apply(x, wl, fl, rounding, generator, ste)
+    return _quantize(x.detach(), wl, fl, rounding, generator)

@@ -1,0 +1,882 @@
+"""Place quantizers where integer hardware needs them, on a torch.fx graph (eager fallback in eager.py).
+
+Rules (specs/ptq-qat.md):
+  - weights are quantized inside each conv/linear (QConv2d, QLinear, ...), after BN folding;
+  - an activation is quantized once, at its producer, after the fused activation (ReLU/ReLU6 are
+    absorbed into the quantizer when the grid makes them redundant), and that quantized tensor
+    feeds every consumer that needs integer input;
+  - which consumers need integer input is the policy: every conv/linear/matmul input always;
+    adds, concats, average pools, unsupported non-linearities (GELU, softmax, LayerNorm, ...)
+    and the network output under residual_add=quant_all; only conv/linear/matmul inputs under
+    gemm_inputs_only; only ReLU outputs feeding conv/linear under relu_only;
+  - max-pool and shape ops (flatten, view, permute, getitem, dropout, ...) keep the grid: no
+    requantization; average pool and concat requantize (or share the input grid, per policy);
+  - the network input is quantized to input_bits (8) unless that is null.
+A layer or op that cannot be simulated is listed in SimInfo.unquantized with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import QcardError
+from .bn import can_fold, bn_affine, fold_bn
+from .modules import QUANT_CLASSES, is_quant_layer, to_quant_module, weight_channel_axis
+from .quantizer import FakeQuantize, fake_quantize
+from .sim import LayerInfo, SimConfig, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
+
+__all__ = ["build_simulated", "classify_node"]
+
+# --------------------------------------------------------------------------------------------
+# node classification
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_NONLINEAR_MODULES = {
+    nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softmax: "softmax",
+    nn.LogSoftmax: "log_softmax", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish",
+    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.SELU: "selu", nn.CELU: "celu", nn.Softplus: "softplus",
+    nn.PReLU: "prelu", nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm", nn.Softsign: "softsign",
+    nn.InstanceNorm1d: "instancenorm", nn.InstanceNorm2d: "instancenorm", nn.InstanceNorm3d: "instancenorm",
+    nn.LocalResponseNorm: "lrn", nn.Hardtanh: "hardtanh",
+}
+_AVGPOOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                    nn.AdaptiveAvgPool3d)
+_MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                    nn.AdaptiveMaxPool3d)
+_PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
+
+_RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6"}
+_NONLINEAR_FUNCS = {
+    F.gelu: "gelu", F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+    F.tanh: "tanh", F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
+    F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish", F.leaky_relu: "leaky_relu",
+    F.elu: "elu", F.layer_norm: "layernorm", F.group_norm: "groupnorm", F.normalize: "normalize",
+    torch.exp: "exp", F.softplus: "softplus",
+}
+_NONLINEAR_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax", "log_softmax": "log_softmax",
+                      "exp": "exp"}
+_RELU_METHODS = {"relu": "relu", "relu_": "relu"}
+_ADD_FUNCS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub",
+              operator.isub: "sub", torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+              operator.truediv: "div", torch.div: "div"}
+_ADD_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
+                "div": "div", "div_": "div"}
+_CAT_FUNCS = {torch.cat: "concat", torch.concat: "concat", torch.stack: "stack"}
+_MATMUL_FUNCS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul"}
+_MATMUL_METHODS = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul"}
+_AVGPOOL_FUNCS = {F.avg_pool1d: "avgpool", F.avg_pool2d: "avgpool", F.avg_pool3d: "avgpool",
+                  F.adaptive_avg_pool1d: "avgpool", F.adaptive_avg_pool2d: "avgpool",
+                  F.adaptive_avg_pool3d: "avgpool", torch.mean: "mean"}
+_MAXPOOL_FUNCS = {F.max_pool1d: "maxpool", F.max_pool2d: "maxpool", F.max_pool3d: "maxpool",
+                  F.adaptive_max_pool1d: "maxpool", F.adaptive_max_pool2d: "maxpool",
+                  F.adaptive_max_pool3d: "maxpool", torch.max_pool2d: "maxpool", torch.max_pool1d: "maxpool"}
+_PASS_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+               operator.getitem, torch.narrow, torch.chunk, torch.split, torch.unbind, torch.t, F.dropout,
+               F.dropout1d, F.dropout2d, torch.select, torch.movedim, torch.swapaxes, F.pixel_shuffle,
+               torch.clone, torch.squeeze, torch.flip, torch.roll, torch.repeat_interleave}
+_PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                 "expand", "expand_as", "t", "narrow", "chunk", "split", "unbind", "select", "clone", "detach",
+                 "to", "float", "type_as", "view_as", "reshape_as", "flip", "roll", "repeat", "movedim",
+                 "swapaxes", "unflatten", "cpu", "cuda"}
+_FUNCTIONAL_GEMM = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+_UNSIMULATED_PARAM_MODULES = (nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN,
+                              nn.Bilinear, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+_GEMM_OP = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.ConvTranspose1d: "conv_transpose1d",
+            nn.ConvTranspose2d: "conv_transpose2d", nn.ConvTranspose3d: "conv_transpose3d", nn.Linear: "linear"}
+# ops the cost tracer records (qcard.cost.trace): their names must follow its counting rules
+_TRACED_OPS = {"add", "mul", "concat", "avgpool", "maxpool", "matmul", "attention", "layernorm", "softmax"}
+
+
+def _tm(node: Any):
+    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
+def _is_float_tensor(node: Any) -> bool:
+    tm = _tm(node)
+    return tm is not None and hasattr(tm, "dtype") and tm.dtype.is_floating_point
+
+
+def _numel(node: Any) -> int:
+    tm = _tm(node)
+    if tm is None or not hasattr(tm, "shape"):
+        return 0
+    n = 1
+    for s in tm.shape:
+        n *= int(s)
+    return n
+
+
+def _rank(node: Any) -> int:
+    tm = _tm(node)
+    return len(tm.shape) if tm is not None and hasattr(tm, "shape") else 0
+
+
+def _gemm_type(m: nn.Module):
+    for base in _GEMM_OP:
+        if type(m) is base or (is_quant_layer(m) and isinstance(m, base)):
+            return base
+    return None
+
+
+def classify_node(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[str, str]:
+    """(kind, op) of a graph node. Kinds: input output get_attr gemm bn relu nonlinear add mul concat
+    avgpool maxpool matmul attention pass scalar fgemm unsimulated other nontensor."""
+    if node.op == "placeholder":
+        return "input", "input"
+    if node.op == "output":
+        return "output", "output"
+    if node.op == "get_attr":
+        return ("get_attr", "constant") if _is_float_tensor(node) else ("nontensor", "constant")
+    float_out = _is_float_tensor(node)
+    tm = _tm(node)
+    if not float_out and not isinstance(tm, (tuple, list)):
+        return "nontensor", str(node.target)
+    if node.op == "call_module":
+        m = modules[node.target]
+        gt = _gemm_type(m)
+        if gt is not None:
+            return "gemm", _GEMM_OP[gt]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return "bn", "batchnorm"
+        if isinstance(m, nn.ReLU):
+            return "relu", "relu"
+        if isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
+            return "relu", "relu6"
+        if type(m) in _NONLINEAR_MODULES:
+            return "nonlinear", _NONLINEAR_MODULES[type(m)]
+        if isinstance(m, _AVGPOOL_MODULES):
+            return "avgpool", "avgpool"
+        if isinstance(m, _MAXPOOL_MODULES):
+            return "maxpool", "maxpool"
+        if isinstance(m, _PASS_MODULES):
+            return "pass", type(m).__name__.lower()
+        if isinstance(m, nn.Upsample) and m.mode == "nearest":
+            return "pass", "upsample_nearest"
+        if isinstance(m, _UNSIMULATED_PARAM_MODULES) or any(True for _ in m.parameters(recurse=True)):
+            return "unsimulated", type(m).__name__
+        return "other", type(m).__name__
+    target = node.target
+    if node.op == "call_function":
+        if target in _RELU_FUNCS:
+            return "relu", _RELU_FUNCS[target]
+        if target is F.hardtanh and _hardtanh_is_relu6(node):
+            return "relu", "relu6"
+        if target in _NONLINEAR_FUNCS:
+            return "nonlinear", _NONLINEAR_FUNCS[target]
+        if target in _ADD_FUNCS:
+            return _binary_kind(node, _ADD_FUNCS[target])
+        if target in _CAT_FUNCS:
+            return "concat", _CAT_FUNCS[target]
+        if target in _MATMUL_FUNCS:
+            return _matmul_kind(node, modules)
+        if target is F.scaled_dot_product_attention:
+            return "attention", "attention"
+        if target in _AVGPOOL_FUNCS:
+            return "avgpool", _AVGPOOL_FUNCS[target]
+        if target in _MAXPOOL_FUNCS:
+            return "maxpool", "maxpool"
+        if target in _PASS_FUNCS:
+            return "pass", getattr(target, "__name__", str(target))
+        if target in _FUNCTIONAL_GEMM:
+            return "fgemm", _FUNCTIONAL_GEMM[target]
+        if target is torch.clamp or target is torch.clip:
+            return _clamp_kind(node)
+        return "other", getattr(target, "__name__", str(target))
+    if node.op == "call_method":
+        if target in _RELU_METHODS:
+            return "relu", "relu"
+        if target in _NONLINEAR_METHODS:
+            return "nonlinear", _NONLINEAR_METHODS[target]
+        if target in _ADD_METHODS:
+            return _binary_kind(node, _ADD_METHODS[target])
+        if target in _MATMUL_METHODS:
+            return _matmul_kind(node, modules)
+        if target == "mean":
+            return "avgpool", "mean"
+        if target in _PASS_METHODS:
+            return "pass", target
+        if target in ("clamp", "clip", "clamp_"):
+            return _clamp_kind(node)
+        return "other", str(target)
+    return "other", str(target)
+
+
+def _hardtanh_is_relu6(node: fx.Node) -> bool:
+    args = list(node.args[1:]) + [node.kwargs.get("min_val"), node.kwargs.get("max_val")]
+    vals = [a for a in args if isinstance(a, (int, float))]
+    return vals[:2] == [0.0, 6.0] or vals[:2] == [0, 6]
+
+
+def _clamp_kind(node: fx.Node) -> Tuple[str, str]:
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if lo == 0 and hi is None:
+        return "relu", "relu"
+    if lo == 0 and hi == 6:
+        return "relu", "relu6"
+    return "other", "clamp"
+
+
+def _binary_kind(node: fx.Node, op: str) -> Tuple[str, str]:
+    a = node.args[0] if node.args else None
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if _is_float_tensor(a) and _is_float_tensor(b) and _numel(a) > 1 and _numel(b) > 1 and op in ("add", "mul", "sub"):
+        return ("mul" if op == "mul" else "add"), op
+    return "scalar", op
+
+
+def _matmul_kind(node: fx.Node, modules) -> Tuple[str, str]:
+    args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if any(a.op == "get_attr" for a in args):
+        return "fgemm", "matmul"
+    return "matmul", "matmul"
+
+
+# --------------------------------------------------------------------------------------------
+# the builder
+
+def _parent_and_attr(root: nn.Module, path: str):
+    parts = path.split(".")
+    parent = root
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    return parent, parts[-1]
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, attr = _parent_and_attr(root, path)
+    setattr(parent, attr, new)
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name) or "q"
+
+
+class _FxBuilder:
+    def __init__(self, gm: fx.GraphModule, cfg: SimConfig, log):
+        self.gm = gm
+        self.cfg = cfg
+        self.log = log
+        self.graph = gm.graph
+        self.modules = dict(gm.named_modules())
+        self.info = SimInfo(config=cfg, graph_mode="fx", residual_add=cfg.residual_add)
+        self.kind: Dict[fx.Node, str] = {}
+        self.opname: Dict[fx.Node, str] = {}
+        self.rname: Dict[fx.Node, str] = {}
+        self.fused: Dict[fx.Node, fx.Node] = {}        # act node -> group head
+        self.group_out: Dict[fx.Node, fx.Node] = {}    # head -> node whose output is the group's tensor
+        self.layer_w: Dict[fx.Node, Optional[int]] = {}
+        self.layer_a: Dict[fx.Node, Optional[int]] = {}
+        self.fp32_reason: Dict[fx.Node, str] = {}
+        self.override_of: Dict[fx.Node, str] = {}
+        self.root_q: Dict[fx.Node, Tuple[fx.Node, FakeQuantize]] = {}
+        self.qnodes: Dict[fx.Node, FakeQuantize] = {}
+        self.shared_cat_q: Dict[fx.Node, FakeQuantize] = {}
+        self.position: Dict[fx.Node, str] = {}
+        self.gm.qcard_act = nn.ModuleDict()
+        self._qnames: Set[str] = set()
+
+    # -- step 1: classify and name ----------------------------------------------------------
+    def classify(self) -> None:
+        counters: Dict[Tuple[str, str], int] = {}
+        used: Dict[str, int] = {}
+
+        def unique(name: str) -> str:
+            n = used.get(name)
+            used[name] = 0 if n is None else n + 1
+            return name if n is None else f"{name}_{n + 1}"
+
+        for node in self.graph.nodes:
+            kind, op = classify_node(node, self.modules)
+            self.kind[node], self.opname[node] = kind, op
+            if node.op == "call_module":
+                self.rname[node] = unique(str(node.target))
+            elif node.op in ("call_function", "call_method") and kind not in ("pass", "nontensor"):
+                if kind == "scalar":      # x * c: not a layer; its own counter keeps tracer names aligned
+                    op = f"scalar_{op}"
+                stack = node.meta.get("nn_module_stack") or {}
+                key, path = "", ""
+                if stack:
+                    key = list(stack.keys())[-1]
+                    val = stack[key]
+                    path = val[0] if isinstance(val, tuple) else str(val)
+                n = counters.get((key, op), 0)
+                counters[(key, op)] = n + 1
+                base = f"{path}.{op}" if path else op
+                self.rname[node] = unique(base if n == 0 else f"{base}_{n}")
+            else:
+                self.rname[node] = node.name
+
+    # -- step 2: batch norm --------------------------------------------------------------------
+    def handle_bn(self) -> None:
+        has_bn = False
+        for node in list(self.graph.nodes):
+            if self.kind.get(node) != "bn":
+                continue
+            has_bn = True
+            bn = self.modules[node.target]
+            src = node.args[0] if node.args else None
+            reason = None
+            if not (isinstance(src, fx.Node) and self.kind.get(src) == "gemm"):
+                reason = "batch norm not directly after a conv/linear: cannot be folded, runs in FP32"
+            elif len(src.users) != 1:
+                reason = "the conv/linear output feeding this batch norm is also used elsewhere: not folded"
+            else:
+                reason = can_fold(self.modules[src.target], bn)
+            if reason is not None:
+                self.info.unquantized.append({"name": self.rname[node], "op": "batchnorm", "reason": reason})
+                continue
+            layer = self.modules[src.target]
+            beta, gamma = bn_affine(bn)
+            if self.cfg.bn == "folded":
+                fold_bn(layer, bn)
+                node.replace_all_uses_with(src)
+                self.graph.erase_node(node)
+                layer.__dict__["_qcard_bn_pending"] = {"beta": beta, "gamma": gamma, "state": "folded",
+                                                       "path": str(node.target)}
+            else:
+                layer.__dict__["_qcard_bn_pending"] = {"beta": beta, "gamma": gamma, "state": "kept",
+                                                       "path": str(node.target)}
+                self.fused[node] = src          # kept BN is part of its conv's group
+        self.info.batch_norm = self.cfg.bn if has_bn else "none"
+
+    # -- step 3: conv/linear -> quantized twins ------------------------------------------------
+    def wrap_gemms(self) -> None:
+        done: Dict[int, nn.Module] = {}
+        for node in self.graph.nodes:
+            if self.kind[node] != "gemm":
+                continue
+            m = self.modules[node.target]
+            if id(m) not in done:
+                q = to_quant_module(m)
+                pending = m.__dict__.pop("_qcard_bn_pending", None)
+                q.__dict__.pop("_qcard_bn_pending", None)
+                q.qcard_bn = pending
+                done[id(m)] = q
+            q = done[id(m)]
+            _set_module(self.gm, node.target, q)
+            self.modules[node.target] = q
+
+    # -- step 4: groups (producer + BN kept + fused activation) -------------------------------
+    def find_groups(self) -> None:
+        for node in self.graph.nodes:
+            k = self.kind[node]
+            if k not in ("gemm", "add"):
+                continue
+            out = node
+            if k == "gemm" and len(out.users) == 1:
+                u = next(iter(out.users))
+                if self.kind.get(u) == "bn" and self.fused.get(u) is node:
+                    out = u
+            act = None
+            if len(out.users) == 1:
+                u = next(iter(out.users))
+                if self.kind.get(u) == "relu" and u.args and u.args[0] is out:
+                    act = u
+            if act is not None:
+                self.fused[act] = node
+                if self.cfg.quant_point == "after_activation":
+                    out = act
+            self.group_out[node] = out
+            if k == "gemm":
+                m = self.modules[node.target]
+                m.qcard_act = self.opname[act] if act is not None else None
+
+    # -- step 5: bits per layer ------------------------------------------------------------------
+    def _passthrough(self, node: fx.Node) -> bool:
+        k = self.kind.get(node)
+        if k in ("pass", "maxpool"):
+            return True
+        return k == "relu" and self.cfg.quant_point == "before_activation"
+
+    def _data_source(self, node: Any, seen=None) -> Any:
+        """Walk back through grid-keeping ops to the node that produced the values."""
+        while isinstance(node, fx.Node) and self._passthrough(node) and node.args:
+            node = node.args[0]
+        return node
+
+    def plan(self) -> None:
+        cfg = self.cfg
+        gemms = [n for n in self.graph.nodes if self.kind[n] == "gemm"]
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        first = None
+        for g in gemms:
+            if self._data_source(g.args[0]) in placeholders:
+                first = g
+                break
+        if first is None and gemms:
+            first = gemms[0]
+        out_node = next(n for n in self.graph.nodes if n.op == "output")
+        feeding = self._nodes_reaching(out_node)
+        last = None
+        for g in gemms:
+            if g in feeding:
+                last = g
+        if first is not None:
+            self.position[first] = "first"
+        if last is not None:
+            self.position[last] = "last" if last is not first else "first+last"
+
+        for node in self.graph.nodes:
+            k = self.kind[node]
+            if k not in ("gemm", "matmul", "attention", "add", "mul", "concat", "avgpool", "nonlinear"):
+                continue
+            w = cfg.w_bits if k == "gemm" else None
+            a = cfg.a_bits
+            pos = self.position.get(node, "")
+            for side in ("first", "last"):
+                if side in pos:
+                    setting = cfg.first_layer if side == "first" else cfg.last_layer
+                    if setting == "8bit":
+                        w = 8 if w is not None or cfg.w_bits is not None else None
+                        a = 8
+                    elif setting == "fp32":
+                        w, a = None, None
+                        self.fp32_reason[node] = f"{side}_layer: fp32"
+            o = match_override(self.rname[node], cfg.overrides)
+            if o is not None:
+                self.override_of[node] = o["pattern"]
+                if o.get("fp32"):
+                    w, a = None, None
+                    self.fp32_reason[node] = f"override '{o['pattern']}': fp32"
+                else:
+                    if o.get("w_bits") is not None and k == "gemm":
+                        w = o["w_bits"]
+                    if o.get("a_bits") is not None:
+                        a = o["a_bits"]
+            self.layer_w[node] = w
+            self.layer_a[node] = a
+
+    def _nodes_reaching(self, target: fx.Node) -> Set[fx.Node]:
+        seen: Set[fx.Node] = set()
+        stack = [target]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    stack.append(a)
+        return seen
+
+    def find_pairs_and_producers(self) -> None:
+        from .cle import pair_supported
+        acts = {head: a for a, head in self.fused.items() if self.kind.get(a) == "relu"}
+        for g1 in self.graph.nodes:
+            if self.kind[g1] != "gemm" or self.cfg.bn == "kept" and self.info.batch_norm == "kept":
+                continue
+            act = acts.get(g1)
+            end = act if act is not None else g1
+            if len(end.users) != 1:
+                continue
+            g2 = next(iter(end.users))
+            if self.kind.get(g2) != "gemm" or not g2.args or g2.args[0] is not end:
+                continue
+            m1, m2 = self.modules[g1.target], self.modules[g2.target]
+            if m1 is m2 or not pair_supported(m1, m2):
+                continue
+            self.info.cle_pairs.append({
+                "name1": self.rname[g1], "name2": self.rname[g2], "m1": m1, "m2": m2,
+                "act": self.opname[act] if act is not None else None, "act_node": act,
+                "act_path": str(act.target) if act is not None and act.op == "call_module" else None})
+        for g in self.graph.nodes:
+            if self.kind[g] != "gemm" or not g.args:
+                continue
+            src = g.args[0]
+            while isinstance(src, fx.Node) and self.kind.get(src) == "pass" and src.args:
+                src = src.args[0]
+            if not isinstance(src, fx.Node):
+                continue
+            act = None
+            if self.kind.get(src) == "relu" and src in self.fused:
+                act, src = self.opname[src], self.fused[src]
+            if self.kind.get(src) == "gemm" and self.info.batch_norm != "kept":
+                self.info.input_producers[self.rname[g]] = (self.modules[src.target], act)
+
+    # -- step 6: which edges want integer input ----------------------------------------------
+    def _edge_request(self, user: fx.Node, src: fx.Node) -> Optional[int]:
+        k = self.kind.get(user)
+        policy = self.cfg.residual_add
+        if k == "gemm":
+            return self.layer_a.get(user) if user.args and user.args[0] is src else None
+        if k in ("matmul", "attention"):
+            return self.layer_a.get(user)
+        if policy != "quant_all":
+            return None
+        if k in ("add", "mul", "avgpool"):
+            return self.layer_a.get(user)
+        if k == "concat":
+            return None if self.cfg.concat == "shared_grid" else self.layer_a.get(user)
+        if k == "nonlinear":
+            return self.layer_a.get(user) if user.args and user.args[0] is src else None
+        if k == "output":
+            head = self._head_of(src)
+            if head is not None and self.kind.get(head) == "gemm":
+                return self.layer_a.get(head) if "last" in self.position.get(head, "") else self.cfg.a_bits
+            return self.cfg.a_bits
+        return None
+
+    def _head_of(self, node: fx.Node) -> Optional[fx.Node]:
+        node = self._data_source(node)
+        if node in self.fused:
+            node = self.fused[node]
+            if node in self.fused:
+                node = self.fused[node]
+        return node if isinstance(node, fx.Node) else None
+
+    def compute_wants(self) -> Dict[fx.Node, Optional[int]]:
+        want: Dict[fx.Node, Optional[int]] = {}
+        for node in reversed(list(self.graph.nodes)):
+            reqs = []
+            for u in node.users:
+                if self._passthrough(u):
+                    r = want.get(u) if u.args and u.args[0] is node else None
+                else:
+                    r = self._edge_request(u, node)
+                if r is not None:
+                    reqs.append(r)
+            want[node] = max(reqs) if reqs else None
+        return want
+
+    # -- step 7: insert quantizers --------------------------------------------------------------
+    def _new_quantizer(self, display: str, bits: int, ref: fx.Node, range_setting: Optional[str] = None) -> Tuple[str, FakeQuantize]:
+        head = self._head_of(ref)
+        axis = None
+        if self.cfg.a_granularity == "per_channel":
+            conv_like = head is not None and self.kind.get(head) == "gemm" and self.opname[head].startswith("conv")
+            rank = _rank(ref)
+            axis = 1 if (conv_like or rank == 4) and rank >= 2 else (rank - 1 if rank >= 2 else None)
+        key = _sanitize(display)
+        base, i = key, 1
+        while key in self._qnames:
+            key = f"{base}_{i}"
+            i += 1
+        self._qnames.add(key)
+        fq = make_act_quantizer(self.cfg, bits, display, axis, range_setting)
+        tm = _tm(ref)
+        fq.numel = _numel(ref) // max(1, int(tm.shape[0])) if tm is not None and len(tm.shape) else _numel(ref)
+        self.gm.qcard_act[key] = fq
+        self.info.act_quantizers[display if display not in self.info.act_quantizers else key] = fq
+        return f"qcard_act.{key}", fq
+
+    def _insert_after(self, node: fx.Node, target: str, fq: FakeQuantize, arg: Optional[fx.Node] = None) -> fx.Node:
+        with self.graph.inserting_after(node):
+            qn = self.graph.call_module(target, (arg if arg is not None else node,))
+        if "tensor_meta" in node.meta:
+            qn.meta["tensor_meta"] = node.meta["tensor_meta"]
+        self.kind[qn], self.opname[qn] = "quant", "quant"
+        self.qnodes[qn] = fq
+        return qn
+
+    def _display_name(self, root: fx.Node) -> str:
+        if root.op == "placeholder":
+            return "input" if root.name in ("x", "input") else f"input.{root.name}"
+        head = self._head_of(root)
+        if head is not None and head in self.group_out and head in self.rname:
+            return f"{self.rname[head]}.output"
+        return f"{self.rname.get(root, root.name)}.output"
+
+    def insert_quantizers(self) -> None:
+        cfg = self.cfg
+        want = self.compute_wants()
+        out_node = next(n for n in self.graph.nodes if n.op == "output")
+        logits_roots = {self._data_source(a) for a in out_node.all_input_nodes}
+        for node in list(self.graph.nodes):
+            k = self.kind.get(node)
+            if node in self.qnodes or k in ("output", "nontensor") or not _is_float_tensor(node):
+                continue
+            if self._passthrough(node):
+                continue
+            # concat with a shared grid: one quantizer on every input, output already on grid
+            if k == "concat" and cfg.residual_add == "quant_all" and cfg.concat == "shared_grid" \
+                    and self.layer_a.get(node) is not None:
+                self._shared_concat(node)
+                continue
+            bits = want.get(node)
+            if node.op == "placeholder":
+                bits = cfg.input_bits if bits is not None else None
+            if bits is None:
+                continue
+            if cfg.residual_add == "relu_only" and node.op != "placeholder" and k != "relu":
+                continue
+            if k == "avgpool" and cfg.avg_pool == "shared_grid":
+                src_q = self._edge_quantizer(node.args[0])
+                if src_q is not None:
+                    qn = self._insert_after(node, self._tied_target(node, src_q), src_q)
+                    self._rewire(node, qn, want)
+                    self.root_q[node] = (qn, src_q)
+                    continue
+            rs = None
+            if node in logits_roots and cfg.logits_range == "cross_entropy" and not cfg.dynamic_activations:
+                rs = "cross_entropy"
+            display = self._display_name(node)
+            # a tensor named in an override (the network input follows input_bits only)
+            o = match_override(display, cfg.overrides) if node.op != "placeholder" else None
+            if o is not None:
+                self.info.tensor_overrides[display] = o["pattern"]
+                if o.get("fp32"):
+                    self.info.unquantized.append({"name": display, "op": "activation",
+                                                  "reason": f"override '{o['pattern']}': fp32"})
+                    continue
+                if o.get("a_bits") is not None:
+                    bits = o["a_bits"]
+            target, fq = self._new_quantizer(display, bits, node, rs)
+            if rs:
+                self.info.logits_quantizers.append(fq.qname)
+            if node.op == "placeholder":
+                self.info.input_quantizer = fq
+            head = self._head_of(node)
+            if head is not None and self.kind.get(head) == "gemm":
+                act = self.opname[node] if (self.kind.get(node) == "relu" and node in self.fused) else None
+                self.info.bn_sources[fq.qname] = (self.modules[head.target], act)
+            qn = self._insert_after(node, target, fq)
+            self._rewire(node, qn, want)
+            self.root_q[node] = (qn, fq)
+
+    def _tied_target(self, node: fx.Node, src_q: FakeQuantize) -> str:
+        # the same quantizer module called a second time: same scale and zero point, but it must
+        # not observe the pooled values, so it is wrapped
+        key = _sanitize(f"{self.rname.get(node, node.name)}.tied")
+        self.gm.qcard_act[key] = _Tied(src_q)
+        return f"qcard_act.{key}"
+
+    def _rewire(self, node: fx.Node, qn: fx.Node, want) -> None:
+        for u in list(node.users):
+            if u is qn:
+                continue
+            wants = (want.get(u) is not None and u.args and u.args[0] is node) if self._passthrough(u) \
+                else self._edge_request(u, node) is not None
+            if wants:
+                u.replace_input_with(node, qn)
+
+    def _shared_concat(self, node: fx.Node) -> None:
+        bits = self.layer_a[node]
+        target, fq = self._new_quantizer(f"{self.rname[node]}.shared_input", bits, node)
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        new_list = []
+        for t in tensors:
+            if isinstance(t, fx.Node) and _is_float_tensor(t):
+                with self.graph.inserting_before(node):
+                    qn = self.graph.call_module(target, (t,))
+                qn.meta["tensor_meta"] = t.meta.get("tensor_meta")
+                self.kind[qn], self.opname[qn] = "quant", "quant"
+                self.qnodes[qn] = fq
+                new_list.append(qn)
+            else:
+                new_list.append(t)
+        node.args = (type(tensors)(new_list),) + tuple(node.args[1:]) if node.args else node.args
+        if not node.args:
+            node.kwargs = dict(node.kwargs, tensors=type(tensors)(new_list))
+        self.shared_cat_q[node] = fq
+        # the output is on the shared grid: consumers read it as it is
+        self.root_q[node] = (node, fq)
+
+    def _edge_quantizer(self, node: Any) -> Optional[FakeQuantize]:
+        """The quantizer whose grid a value is on when it reaches a consumer (None: FP32)."""
+        while isinstance(node, fx.Node):
+            if node in self.qnodes:
+                return self.qnodes[node]
+            if node in self.shared_cat_q:
+                return self.shared_cat_q[node]
+            if node.op == "call_module" and str(node.target).startswith("qcard_act."):
+                m = self.gm.get_submodule(str(node.target))
+                return m.source if isinstance(m, _Tied) else m
+            if self._passthrough(node) and node.args:
+                node = node.args[0]
+                continue
+            return None
+        return None
+
+    # -- step 8: let quantizers absorb the ReLU they follow -----------------------------------
+    def absorb_activations(self) -> None:
+        self.absorbed: Dict[fx.Node, FakeQuantize] = {}
+        for qn, fq in list(self.qnodes.items()):
+            src = qn.args[0]
+            if not isinstance(src, fx.Node) or self.kind.get(src) != "relu" or len(src.users) != 1:
+                continue
+            if src.op == "call_function" and src.target is F.hardtanh:
+                continue
+            if not src.args or not isinstance(src.args[0], fx.Node):
+                continue
+            fq.pre_act = self.opname[src]
+            self.absorbed[src] = fq
+            qn.args = (src.args[0],) + tuple(qn.args[1:])
+            self.graph.erase_node(src)
+        fresh = {"gemm", "add", "mul", "matmul", "attention", "concat", "avgpool", "nonlinear", "bn"}
+        for qn, fq in self.qnodes.items():
+            src = qn.args[0]
+            if not isinstance(src, fx.Node) or len(src.users) != 1 or src.op in ("placeholder", "get_attr"):
+                continue
+            if src.op == "call_function" and src.target in (operator.iadd, operator.isub, operator.imul):
+                continue
+            if src.op == "call_method" and str(src.target).endswith("_"):
+                continue
+            if self.kind.get(src) in fresh:
+                fq.inplace = True
+
+    # -- step 9: describe --------------------------------------------------------------------------
+    def describe(self) -> None:
+        info = self.info
+        kinds_listed = ("gemm", "matmul", "attention", "add", "mul", "concat", "avgpool", "maxpool", "nonlinear")
+        for node in self.graph.nodes:
+            k = self.kind.get(node)
+            if k is None or node in self.qnodes:
+                continue
+            name = self.rname.get(node, node.name)
+            if k == "add":
+                info.has_add = True
+            if k == "concat":
+                info.has_concat = True
+            if k == "avgpool":
+                info.has_avgpool = True
+            if k in kinds_listed:
+                li = LayerInfo(name=name, op=self.opname[node], kind=k)
+                if k == "gemm":
+                    m = self.gm.get_submodule(str(node.target))
+                    li.module = m
+                    li.weight_quantizer = m.weight_quantizer
+                    li.input_quantizers = [self._edge_quantizer(node.args[0])]
+                    li.fused_act = m.qcard_act
+                    li.bn = (m.qcard_bn or {}).get("state")
+                else:
+                    ins = [a for a in _flat_args(node.args) if isinstance(a, fx.Node) and _is_float_tensor(a)]
+                    if k == "nonlinear":
+                        ins = ins[:1]
+                    li.input_quantizers = [self._edge_quantizer(a) for a in ins]
+                    if k == "relu":
+                        li.fused_act = self.opname[node]
+                out = self.group_out.get(node, node)
+                rq = self.root_q.get(out) or self.root_q.get(node)
+                if rq is None and out in self.fused:   # the fused ReLU was absorbed: its quantizer is the root's
+                    rq = None
+                li.output_quantizer = rq[1] if rq is not None else self._absorbed_output(node)
+                if k == "maxpool":
+                    li.output_quantizer = li.input_quantizers[0] if li.input_quantizers else None
+                li.position = self.position.get(node)
+                li.fp32_reason = self.fp32_reason.get(node)
+                li.override = self.override_of.get(node)
+                info.layers.append(li)
+                if k == "attention":
+                    info.unquantized.append({"name": f"{name}.softmax", "op": "softmax",
+                                             "reason": "softmax inside the fused scaled_dot_product_attention "
+                                                       "kernel runs in FP32"})
+            elif k == "unsimulated":
+                info.unquantized.append({"name": name, "op": self.opname[node],
+                                         "reason": f"nn.{self.opname[node]} is not simulated: its weights and "
+                                                   "internal activations stay FP32"})
+            elif k == "fgemm":
+                info.unquantized.append({"name": name, "op": self.opname[node],
+                                         "reason": "functional op with a parameter operand (not an nn.Linear/"
+                                                   "nn.Conv module): its weight stays FP32"})
+            elif k == "other":
+                info.unquantized.append({"name": name, "op": self.opname[node],
+                                         "reason": f"no integer simulation for '{self.opname[node]}': it runs in "
+                                                   "FP32 and is requantized where a quantized layer reads it"})
+        for li in info.layers:
+            if li.kind == "gemm" and li.fp32_reason:
+                info.unquantized.append({"name": li.name, "op": li.op, "reason": li.fp32_reason})
+        if info.has_add is False:
+            info.residual_add = "not_present"
+
+    def _absorbed_output(self, node: fx.Node) -> Optional[FakeQuantize]:
+        for u in node.users:
+            if u in self.qnodes:
+                return self.qnodes[u]
+        return None
+
+    def build(self) -> nn.Module:
+        self.classify()
+        self.handle_bn()
+        self.wrap_gemms()
+        self.find_groups()
+        self.plan()
+        self.find_pairs_and_producers()
+        self.make_weight_quantizers()
+        self.insert_quantizers()
+        self.absorb_activations()
+        for p in self.info.cle_pairs:
+            p["act_fq"] = self.absorbed.get(p.get("act_node"))
+        self.describe()
+        self.graph.lint()
+        self.gm.recompile()
+        self.gm.__dict__["qcard_sim"] = self.info
+        return self.gm
+
+    def make_weight_quantizers(self) -> None:
+        done: Set[int] = set()
+        for node in self.graph.nodes:
+            if self.kind[node] != "gemm":
+                continue
+            m = self.modules[node.target]
+            if id(m) in done:
+                continue
+            done.add(id(m))
+            bits = self.layer_w.get(node)
+            if bits is None:
+                m.weight_quantizer = None
+                continue
+            m.weight_quantizer = make_weight_quantizer(self.cfg, bits, weight_channel_axis(m),
+                                                       f"{self.rname[node]}.weight")
+
+
+class _Tied(nn.Module):
+    """Applies another quantizer's grid without observing (average pool on its input's grid)."""
+
+    def __init__(self, source: FakeQuantize):
+        super().__init__()
+        self.__dict__["source"] = source      # not a submodule: the source is owned elsewhere
+
+    def forward(self, x):
+        s = self.source
+        if s.observing or not s.enabled:
+            return x
+        if s.dynamic:
+            return s._dynamic(x)
+        return fake_quantize(x, s.scale, s.zero_point, s.qmin, s.qmax, s.axis)
+
+
+def _flat_args(args) -> List[Any]:
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.extend(_flat_args(a))
+        else:
+            out.append(a)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+def build_simulated(model: nn.Module, cfg: SimConfig, example_input: torch.Tensor, log=print) -> nn.Module:
+    """A simulated copy of `model` (the original is not changed), with quantizers placed but not yet
+    calibrated. The result carries `qcard_sim` (SimInfo). Tries torch.fx first; if the model does not
+    trace (or cfg.graph_mode is 'eager'), falls back to module-level (eager) placement and records why."""
+    model = copy.deepcopy(model).eval()
+    if cfg.graph_mode not in ("auto", "fx", "eager"):
+        raise QcardError(f"graph_mode must be auto, fx or eager, not '{cfg.graph_mode}'")
+    if cfg.graph_mode == "eager":
+        from .eager import build_eager
+        return build_eager(model, cfg, example_input, "graph_mode: eager was requested", log)
+    try:
+        gm = fx.symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"torch.fx could not trace the model ({type(exc).__name__}: {msg[:200]})"
+        if cfg.graph_mode == "fx":
+            raise QcardError(f"graph_mode: fx was requested but {reason}; use graph_mode: auto or eager") from exc
+        log(f"qcard: {reason}; falling back to eager (module-level) quantizer placement")
+        from .eager import build_eager
+        return build_eager(model, cfg, example_input, reason, log)
+    return _FxBuilder(gm, cfg, log).build()

@@ -1,0 +1,265 @@
+"""Read the card's `quantization` block and the per-layer records from a simulated model.
+
+Everything here is read from the quantizer modules and the SimInfo the builder recorded, not from
+the settings that were asked for: a setting that could not be honoured shows up as what was done.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Dict, Iterable, List, Optional
+
+from ..records import LayerRecord
+from .calibrate import sim_info
+from .quantizer import FakeQuantize
+from .sim import LayerInfo, SimInfo
+
+__all__ = ["quantization_block", "layer_records", "bit_accounting"]
+
+_BITS_HW = {2, 4, 8, 16}
+
+
+def _mode(values: Iterable[Any]) -> Any:
+    c = Counter(v for v in values if v is not None)
+    return c.most_common(1)[0][0] if c else None
+
+
+def _uniform(values: Iterable[Any], mixed: str = "mixed") -> Any:
+    vals = {v for v in values if v is not None}
+    if not vals:
+        return None
+    return next(iter(vals)) if len(vals) == 1 else mixed
+
+
+def _qbits(q: Optional[FakeQuantize]) -> Optional[int]:
+    return q.bits if q is not None and q.enabled else None
+
+
+def _in_bits(li: LayerInfo) -> Optional[int]:
+    bits = [_qbits(q) for q in li.input_quantizers]
+    bits = [b for b in bits if b is not None]
+    return max(bits) if bits else None
+
+
+def _w_bits(li: LayerInfo) -> Optional[int]:
+    return _qbits(li.weight_quantizer)
+
+
+def bit_accounting(model) -> Dict[str, Any]:
+    """Element-weighted mean weight bits, mean activation bits and the largest activation map in bits
+    (Garg et al.: mean bits and peak feature-map memory are two different costs)."""
+    info = sim_info(model)
+    wsum = wn = 0
+    seen = set()
+    for li in info.gemm_layers():
+        if li.module is None or id(li.module) in seen:
+            continue
+        seen.add(id(li.module))
+        n = li.module.weight.numel()
+        b = _w_bits(li)
+        wsum += n * (b if b is not None else 32)
+        wn += n
+    asum = an = 0
+    peak = 0
+    for q in _unique_quantizers(info.act_quantizers.values()):
+        n = int(getattr(q, "numel", 0) or 0)
+        if not n or not q.enabled:
+            continue
+        asum += n * q.bits
+        an += n
+        peak = max(peak, n * q.bits)
+    return {"mean_weight_bits": round(wsum / wn, 4) if wn else None,
+            "mean_activation_bits": round(asum / an, 4) if an else None,
+            "max_activation_map_bits": int(peak) if peak else None}
+
+
+def _unique_quantizers(qs: Iterable[FakeQuantize]) -> List[FakeQuantize]:
+    seen, out = set(), []
+    for q in qs:
+        if id(q) not in seen:
+            seen.add(id(q))
+            out.append(q)
+    return out
+
+
+def _signed_label(qs: List[FakeQuantize]) -> Any:
+    vals = {q.spec.signed for q in qs}
+    if len(vals) == 1:
+        return next(iter(vals))
+    return "mixed (unsigned where non-negative)" if vals else None
+
+
+def _range_label(values: List[Optional[str]]) -> Optional[str]:
+    c = Counter(v for v in values if v)
+    if not c:
+        return None
+    if len(c) == 1:
+        return next(iter(c))
+    main, _ = c.most_common(1)[0]
+    rest = ", ".join(f"{k} on {n}" for k, n in sorted(c.items()) if k != main)
+    return f"{main} ({rest})"
+
+
+def quantization_block(model, preset: Optional[str] = None) -> Dict[str, Any]:
+    """The card's `quantization` block (specs/card.md), read from the simulated model."""
+    info: SimInfo = sim_info(model)
+    cfg = info.config
+    gemms = info.gemm_layers()
+    wqs = _unique_quantizers(li.weight_quantizer for li in gemms if li.weight_quantizer is not None)
+    aqs = _unique_quantizers(q for q in info.act_quantizers.values())
+    w_spec = wqs[0].spec if wqs else None
+    a_spec = aqs[0].spec if aqs else None
+    weights = {
+        "bits": _mode(q.bits for q in wqs),
+        "granularity": _uniform(q.spec.granularity for q in wqs),
+        "group_size": _uniform(q.spec.group_size for q in wqs),
+        "symmetric": _uniform(q.spec.symmetric for q in wqs),
+        "signed": _uniform(q.spec.signed for q in wqs),
+        "scale_format": _uniform(q.spec.scale_format for q in wqs),
+        "range_setting": _range_label([q.range_setting for q in wqs]),
+        "rounding": _uniform(q.rounding_label for q in wqs),
+    }
+    activations = {
+        "bits": _mode(q.bits for q in aqs),
+        "granularity": _uniform(q.spec.granularity for q in aqs),
+        "symmetric": _uniform(q.spec.symmetric for q in aqs),
+        "signed": _signed_label(aqs) if aqs else None,
+        "range_setting": _range_label([q.range_setting for q in aqs if not q.dynamic]) if aqs else None,
+        "dynamic": bool(aqs) and all(q.dynamic for q in aqs),
+        "quant_point": (cfg.quant_point if info.graph_mode == "fx" else "after_activation") if aqs else None,
+    }
+    first = next((li for li in gemms if li.position and "first" in li.position), None)
+    last = next((li for li in gemms if li.position and "last" in li.position), None)
+
+    def side(li: Optional[LayerInfo]) -> Dict[str, Any]:
+        if li is None:
+            return {"weight_bits": None, "activation_bits": None}
+        return {"weight_bits": _w_bits(li), "activation_bits": _in_bits(li)}
+
+    acc = bit_accounting(model)
+    w_bits_used = sorted({b for b in (_w_bits(li) for li in gemms) if b is not None})
+    a_bits_used = sorted({q.bits for q in aqs if q.enabled})
+    mp = dict(info.mixed_precision)
+    mp.setdefault("enabled", False)
+    mp.setdefault("granularity", "layer" if mp["enabled"] else None)
+    mp.setdefault("allowed_bits", sorted(set(w_bits_used) | set(a_bits_used)) or None)
+    mp.update(acc)
+    block = {
+        "preset": preset,
+        "graph_mode": info.graph_mode,
+        "weights": weights,
+        "activations": activations,
+        "first_layer": side(first),
+        "last_layer": side(last),
+        "batch_norm": info.batch_norm,
+        "residual_add": info.residual_add,
+        "concat": (cfg.concat if info.graph_mode == "fx" else "not_quantized") if info.has_concat else "not_present",
+        "avg_pool": cfg.avg_pool if info.has_avgpool else "not_present",
+        "bias_bits": 32 if wqs else None,
+        "accumulator_bits": 32 if wqs or aqs else None,
+        "cross_layer_equalization": {"applied": bool(info.cle.get("applied")),
+                                     "bias_absorption": bool(info.cle.get("bias_absorption"))},
+        "bias_correction": info.bias_correction,
+        "mixed_precision": mp,
+        "overrides": list(info.overrides_applied),
+        "unquantized_layers": list(info.unquantized),
+        "hardware_unfriendly": hardware_unfriendly(info, wqs, aqs, first, last, preset, w_bits_used, a_bits_used),
+    }
+    if info.graph_mode_reason:
+        block["graph_mode_reason"] = info.graph_mode_reason
+    return block
+
+
+def hardware_unfriendly(info: SimInfo, wqs, aqs, first, last, preset, w_bits_used, a_bits_used) -> List[str]:
+    flags: List[str] = []
+    if any(not q.spec.symmetric for q in aqs):
+        flags.append("asymmetric activations (zero-point correction terms in every integer layer)")
+    if any(q.spec.granularity == "per_channel" for q in aqs):
+        flags.append("per-channel activations (no integer kernel can factor the scales out of the accumulator)")
+    if any(q.dynamic for q in aqs):
+        flags.append("dynamic activation ranges (ranges computed at run time)")
+    if any(q.spec.granularity == "per_group" for q in wqs):
+        flags.append("per-group weight scales (rescaling inside the accumulation)")
+    if wqs and first is not None and first.weight_quantizer is None:
+        flags.append("FP32 first layer")
+    if wqs and last is not None and last.weight_quantizer is None:
+        flags.append("FP32 last layer")
+    if info.has_add and info.residual_add in ("gemm_inputs_only", "relu_only"):
+        flags.append(f"unquantized residual adds ({info.residual_add})")
+    if info.batch_norm == "kept" and wqs:
+        flags.append("batch norm kept (not folded into the integer weights)")
+    if preset:
+        from .presets import load_preset
+        want = load_preset(preset)["settings"].get("scale_format", {}).get("value")
+        if want == "power_of_two" and any(q.spec.scale_format == "float" for q in list(wqs) + list(aqs)):
+            flags.append(f"float scales where {preset} wants power-of-two")
+    odd = sorted({b for b in list(w_bits_used) + list(a_bits_used) if b not in _BITS_HW})
+    if odd:
+        flags.append(f"bit widths outside {{2, 4, 8, 16}}: {odd}")
+    if any(q.spec.rounding == "stochastic" for q in wqs):
+        flags.append("stochastic rounding of weights (results vary from run to run unless seeded)")
+    others = [u for u in info.unquantized if u.get("op") not in ("batchnorm",)]
+    fp32_gemms = [u for u in others if u.get("op", "").startswith(("conv", "linear"))
+                  and "first_layer" not in u["reason"] and "last_layer" not in u["reason"]]
+    if fp32_gemms:
+        flags.append(f"{len(fp32_gemms)} conv/linear layer(s) left in FP32")
+    return flags
+
+
+def layer_records(model) -> List[LayerRecord]:
+    """One LayerRecord per conv/linear/matmul and per data-moving op, bits filled in, named so the
+    runner can merge them with the cost tracer's shape records (module paths; "<scope>.add")."""
+    info: SimInfo = sim_info(model)
+    out: List[LayerRecord] = []
+    for li in info.layers:
+        wq = li.weight_quantizer
+        ins = [q for q in li.input_quantizers if q is not None and q.enabled]
+        oq = li.output_quantizer if li.output_quantizer is not None and li.output_quantizer.enabled else None
+        w_bits = _w_bits(li)
+        a_bits = _in_bits(li)
+        sparsity = 0.0
+        if li.module is not None:
+            w = li.module.quantized_weight().detach()
+            sparsity = float((w == 0).float().mean())
+        quantized = (w_bits is not None or a_bits is not None) if li.kind == "gemm" else bool(ins or oq)
+        reason = None
+        if not quantized:
+            reason = li.fp32_reason or _op_reason(info, li)
+        extra: Dict[str, Any] = {"kind": li.kind}
+        if li.fused_act:
+            extra["fused_activation"] = li.fused_act
+        if li.bn:
+            extra["batch_norm"] = li.bn
+        if li.position:
+            extra["position"] = li.position
+        if li.override:
+            extra["override"] = li.override
+        if wq is not None:
+            extra.update(weight_signed=wq.spec.signed, scale_format=wq.spec.scale_format,
+                         weight_range=wq.range_setting, rounding=wq.rounding_label,
+                         group_size=wq.spec.group_size)
+        if ins:
+            extra["activation_range"] = ins[0].range_setting
+            extra["activation_signed"] = ins[0].spec.signed
+            extra["input_quantizers"] = [q.qname for q in ins]
+        out.append(LayerRecord(
+            name=li.name, op=li.op,
+            weight_bits=w_bits, activation_bits=a_bits, output_bits=oq.bits if oq is not None else None,
+            weight_granularity=wq.spec.granularity if wq is not None else None,
+            weight_symmetric=wq.spec.symmetric if wq is not None else None,
+            activation_granularity=ins[0].spec.granularity if ins else None,
+            activation_symmetric=ins[0].spec.symmetric if ins else None,
+            weight_sparsity=sparsity, quantized=quantized, reason=reason, extra=extra))
+    names = {r.name for r in out}
+    for u in info.unquantized:
+        if u["name"] not in names:
+            out.append(LayerRecord(name=u["name"], op=u["op"], quantized=False, reason=u["reason"]))
+            names.add(u["name"])
+    return out
+
+
+def _op_reason(info: SimInfo, li: LayerInfo) -> str:
+    if info.config.a_bits is None:
+        return "weight-only quantization: activations stay FP32"
+    if info.residual_add != "quant_all" and li.kind in ("add", "mul", "concat", "avgpool", "nonlinear"):
+        return f"residual_add: {info.residual_add} leaves this op's inputs in FP32"
+    return "inputs and output stay FP32 in this configuration"

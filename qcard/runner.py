@@ -1,0 +1,350 @@
+"""The only place that orders the steps: points -> executor -> store.
+
+For each point: load model and data -> FP32 baseline (cached by fingerprint) -> method, once per
+seed -> evaluate -> cost -> card. A point that fails becomes a failed card; the others go on.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from .config import Experiment, Point, canonical_hash, load_config
+from .errors import QcardError
+from .store import CARD_FILE, RunStore
+
+
+@dataclass
+class PointOutcome:
+    point: Point
+    status: str                  # ok | failed | skipped
+    folder: Path
+    card: Optional[Dict[str, Any]] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class RunSummary:
+    experiment: str
+    out_dir: Path
+    outcomes: List[PointOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> List[PointOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def set_seed(seed: int, deterministic: bool) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def state_sha256(model) -> str:
+    """Hash of every tensor in the state dict, in key order: identifies weights whatever their source."""
+    import torch
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        h.update((t.to(torch.uint8) if t.dtype == torch.bool else t).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Resources:
+    """Models, datasets and traces loaded once per run and shared by the points that need them."""
+
+    def __init__(self, exp: Experiment, store: RunStore, device: str, log: Callable[[str], None]):
+        self.exp, self.store, self.device, self.log = exp, store, device, log
+        self.baselines: Dict[str, Dict[str, Any]] = {}
+        self._models: Dict[str, Any] = {}
+        self._data: Dict[str, Any] = {}
+        self._traces: Dict[str, Any] = {}
+
+    def model(self, point: Point):
+        from .zoo import load_model_with_info
+        spec = point.model
+        key = canonical_hash(spec.model_dump(mode="json", exclude={"label"}))
+        if key not in self._models:
+            set_seed(point.seeds[0], point.deterministic)  # random-init models are reproducible
+            model, info = load_model_with_info(spec.ref, weights=spec.weights, pretrained=spec.pretrained,
+                                               num_classes=spec.num_classes, **spec.kwargs)
+            model.eval()
+            self._models[key] = (model, info, state_sha256(model))
+        return self._models[key]
+
+    def datasets(self, point: Point, info):
+        from .data import eval_subset, load_dataset
+        ds = point.dataset
+        input_shape = ds.input_shape or point.model.input_shape
+        key = canonical_hash({"ds": ds.model_dump(mode="json", exclude={"calibration"}),
+                              "data_config": getattr(info, "data_config", None), "shape": input_shape,
+                              "classes": ds.num_classes or point.model.num_classes})
+        if key not in self._data:
+            kwargs = dict(root=ds.root, download=ds.download, model_info=info, input_shape=input_shape,
+                          num_classes=ds.num_classes or (point.model.num_classes if ds.ref == "synthetic" else None),
+                          size=ds.size, seed=point.seeds[0])
+            train = load_dataset(ds.ref, "train", **kwargs)
+            evaluation = eval_subset(load_dataset(ds.ref, ds.eval_split, **kwargs), ds.eval_size)
+            self._data[key] = (train, evaluation)
+        return self._data[key]
+
+    def trace(self, point: Point, model, input_shape):
+        from .cost import trace_layers
+        key = canonical_hash({"m": point.model.model_dump(mode="json", exclude={"label"}), "s": list(input_shape)})
+        if key not in self._traces:
+            self._traces[key] = trace_layers(model, tuple(input_shape))
+        return copy.deepcopy(self._traces[key])
+
+
+def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = None, force: bool = False,
+        only: Optional[List[str]] = None, progress: Optional[bool] = None,
+        log: Callable[[str], None] = _echo) -> RunSummary:
+    exp = config if isinstance(config, Experiment) else load_config(config)
+    points = exp.points()
+    if only:
+        points = [p for p in points if any(p.id.startswith(o) for o in only)]
+        if not points:
+            raise QcardError(f"no point of experiment '{exp.name}' has an id starting with {', '.join(only)}; "
+                             "see `qcard run CONFIG --dry-run` for the ids")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    store = RunStore(exp.out_dir(out))
+    device = _resolve_device(exp.config.device)
+    resources = Resources(exp, store, device, log)
+    summary = RunSummary(exp.name, store.root)
+    log(f"qcard: experiment '{exp.name}': {len(points)} point(s) -> {store.root}")
+    for i, point in enumerate(points, 1):
+        folder = store.point_dir(point.folder)
+        removed = store.clean_partial(point.folder)
+        if removed:
+            log(f"  removed {removed} partial file(s) left by an interrupted run in {folder}")
+        prefix = f"[{i}/{len(points)}] {point.model.short} · {point.method_label} ({point.id[:10]})"
+        if not force and store.finished_card(point.folder, point.id):
+            log(f"{prefix}: already done, skipped (use --force to rerun)")
+            summary.outcomes.append(PointOutcome(point, "skipped", folder))
+            continue
+        store.write_point_config(point.folder, point.canonical())
+        started = time.time()
+        try:
+            card = run_point(point, exp, resources, device=device, progress=progress, log=log)
+            status, error = "ok", None
+        except Exception as exc:  # a failed point is recorded and the sweep goes on
+            error = f"{type(exc).__name__}: {exc}"
+            store.write_text(point.folder, "error.log", traceback.format_exc())
+            card = failed_card(point, exp, error, started)
+            status = "failed"
+        from .cards.render import render_card
+        store.write_card(point.folder, card.to_json())
+        store.write_text(point.folder, "card.md", render_card(card, "md"))
+        data = card.model_dump(mode="json")
+        if status == "ok":
+            r = data["results"]
+            std = f" ± {r['std']:.2f}" if r.get("std") else ""
+            log(f"{prefix}: {r['metric']} {r['quantized']:.2f}{std} (FP32 {r['fp32']:.2f}, "
+                f"Δ {r['delta']:+.2f}) -> {folder / 'card.md'}")
+        else:
+            log(f"{prefix}: FAILED: {error} (details in {folder / 'error.log'})")
+        summary.outcomes.append(PointOutcome(point, status, folder, data, error))
+    n_ok = sum(o.status == "ok" for o in summary.outcomes)
+    n_skip = sum(o.status == "skipped" for o in summary.outcomes)
+    log(f"qcard: {n_ok} ran, {n_skip} skipped, {len(summary.failed)} failed; cards in {store.root}")
+    return summary
+
+
+def _resolve_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QcardError("config asks for device 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _point_data(point: Point, train, evaluation):
+    from .methods.base import PointData
+    cal = point.dataset.calibration
+    return PointData(dataset_ref=point.dataset.ref, train=train, eval=evaluation,
+                     num_classes=train.num_classes, input_shape=tuple(train.input_shape),
+                     batch_size=point.dataset.batch_size, num_workers=point.dataset.num_workers,
+                     calibration_size=cal.size, calibration_seed=cal.seed, fingerprint=evaluation.fingerprint)
+
+
+def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, progress: bool,
+              log: Callable[[str], None]):
+    from .evaluate import evaluate
+    from .methods import resolve_method
+    from .methods.base import RunContext
+    from .provenance import now_iso
+    from . import provenance
+
+    timings: Dict[str, float] = {}
+    started_at, t_start = now_iso(), time.time()
+
+    t = time.time()
+    base_model, info, weights_hash = res.model(point)
+    train, evaluation = res.datasets(point, info)
+    data = _point_data(point, train, evaluation)
+    timings["load"] = time.time() - t
+
+    def run_eval(model, dataset=None, desc="evaluate"):
+        return evaluate(model.to(device), dataset if dataset is not None else evaluation,
+                        batch_size=point.dataset.batch_size, device=device, progress=progress, desc=desc,
+                        num_workers=point.dataset.num_workers)
+
+    # FP32 baseline, measured in this run's data and preprocessing, cached across points
+    t = time.time()
+    fp_key = canonical_hash({"weights": weights_hash, "eval": evaluation.fingerprint, "device": device})
+    baseline = res.baselines.get(fp_key) or res.store.baseline(fp_key)
+    if baseline is None:
+        baseline = run_eval(base_model, desc=f"FP32 {point.model.short}")
+        res.store.save_baseline(fp_key, baseline)
+    res.baselines[fp_key] = baseline
+    timings["fp32_baseline"] = time.time() - t
+
+    method_cls = resolve_method(point.method)
+    method = method_cls()
+    per_seed, result = [], None
+    t_method = t_eval = 0.0
+    for seed in point.seeds:
+        set_seed(seed, point.deterministic)
+        model = copy.deepcopy(base_model).to(device)
+        ctx = RunContext(seed=seed, device=device, progress=progress, log=lambda m: log(f"    {m}"),
+                         evaluate=lambda m, d=None: run_eval(m, d, desc="evaluate (method)"))
+        t = time.time()
+        result = method.apply(model, data, point.params, ctx)
+        t_method += time.time() - t
+        for w in result.warnings:
+            log(f"    warning: {w}")
+        t = time.time()
+        metrics = run_eval(result.model, desc=f"{point.method_label} {point.model.short} seed {seed}")
+        t_eval += time.time() - t
+        per_seed.append({"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]})
+    timings["method"], timings["evaluate"] = t_method, t_eval
+
+    t = time.time()
+    input_shape = (point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
+    cost, cost_profiles = compute_cost(point, res, base_model, tuple(input_shape), result.layers, info)
+    timings["cost"] = time.time() - t
+
+    top1s = [r["top1"] for r in per_seed]
+    mean1 = round(statistics.fmean(top1s), 4)
+    results = {
+        "metric": "top1", "fp32": baseline["top1"], "quantized": mean1,
+        "delta": round(mean1 - baseline["top1"], 4),
+        "top5_fp32": baseline["top5"], "top5": round(statistics.fmean(r["top5"] for r in per_seed), 4),
+        "n_runs": len(per_seed), "seeds": list(point.seeds),
+        "std": round(statistics.stdev(top1s), 4) if len(top1s) > 1 else None,
+        "per_seed": per_seed,
+    }
+    prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
+                              config_sha256=exp.config_sha256)
+    finished = time.time()
+    prov.update(started_at=started_at, finished_at=now_iso(), wall_seconds=round(finished - t_start, 3),
+                timings={k: round(v, 3) for k, v in timings.items()})
+    card = {
+        "schema_version": "1", "id": point.id, "experiment": exp.name, "status": "ok", "error": None,
+        "model": _model_block(point, info, weights_hash, input_shape),
+        "dataset": _dataset_block(point, evaluation, result.calibration),
+        "method": {"name": method_cls.name or point.method, "family": method_cls.family,
+                   "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
+                   "label": point.method_label},
+        "quantization": result.quantization,
+        "results": results,
+        "cost": cost,
+        "cost_profiles": cost_profiles,
+        "method_stats": result.stats,
+        "warnings": list(result.warnings),
+        "provenance": prov,
+        "reproduce": reproduce_command(exp, point),
+    }
+    from .cards.schema import card_from_dict
+    return card_from_dict(card, f"card of point {point.id[:10]}")
+
+
+def compute_cost(point: Point, res: Resources, model, input_shape, method_layers, info):
+    from .cost import estimate, load_profile
+    records = res.trace(point, model, input_shape)
+    by_name = {r.name: r for r in records}
+    quant_fields = ("weight_bits", "activation_bits", "output_bits", "weight_granularity", "weight_symmetric",
+                    "activation_granularity", "activation_symmetric", "weight_sparsity",
+                    "activation_bits_distribution", "weight_bits_distribution", "quantized", "reason", "extra")
+    for layer in method_layers or []:
+        target = by_name.get(layer.name)
+        if target is None:
+            records.append(layer)
+            continue
+        for f in quant_fields:
+            setattr(target, f, getattr(layer, f))
+    total_params = info.params if getattr(info, "params", None) else None
+    blocks = {}
+    for name in point.cost.profiles:
+        blocks[name] = estimate(records, load_profile(name), total_params=total_params)
+    first = point.cost.profiles[0]
+    extra = {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in blocks.items() if k != first}
+    return blocks[first], extra
+
+
+def _model_block(point: Point, info, weights_hash: str, input_shape) -> Dict[str, Any]:
+    return {"ref": point.model.ref, "source": info.source, "weights": info.weights,
+            "weights_sha256": info.weights_sha256 or weights_hash, "params": info.params,
+            "input_shape": list(input_shape) if input_shape else None}
+
+
+def _dataset_block(point: Point, evaluation, calibration) -> Dict[str, Any]:
+    return {"ref": point.dataset.ref, "eval_split": point.dataset.eval_split, "eval_size": len(evaluation),
+            "fingerprint": evaluation.fingerprint, "calibration": calibration,
+            "preprocessing": getattr(evaluation, "preprocessing", None),
+            "split_info": getattr(evaluation, "split_info", None)}
+
+
+def reproduce_command(exp: Experiment, point: Point) -> str:
+    from . import __version__
+    from .provenance import git_state
+    config = str(exp.path) if exp.path else "CONFIG.yaml"
+    commit, _ = git_state()
+    pin = f"qcard {__version__}" + (f" (git {commit[:12]})" if commit else "")
+    return f"qcard run {config} --only {point.id[:10]} --force  # {pin}"
+
+
+def failed_card(point: Point, exp: Experiment, error: str, started: float):
+    from . import provenance
+    from .cards.schema import card_from_dict
+    from .methods.fp32 import fp32_quantization_block
+    try:
+        from .methods import resolve_method
+        cls = resolve_method(point.method)
+        name, family = cls.name or point.method, cls.family
+    except Exception:
+        name, family = point.method, "other"
+    prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic, config_sha256=exp.config_sha256)
+    prov.update(started_at=None, finished_at=provenance.now_iso(), wall_seconds=round(time.time() - started, 3))
+    return card_from_dict({
+        "schema_version": "1", "id": point.id, "experiment": exp.name, "status": "failed", "error": error,
+        "model": {"ref": point.model.ref, "source": point.model.ref.split(":")[0]},
+        "dataset": {"ref": point.dataset.ref, "eval_split": point.dataset.eval_split},
+        "method": {"name": name, "family": family, "params": point.params.model_dump(mode="json"),
+                   "label": point.method_label},
+        "quantization": fp32_quantization_block(), "results": {"metric": "top1", "seeds": list(point.seeds)},
+        "cost": {}, "provenance": prov, "reproduce": reproduce_command(exp, point),
+    })

@@ -1,0 +1,301 @@
+"""The shared training loop of the training methods (fp32_train, marvin, qat).
+
+    log = train(model, data, recipe, ctx, hooks=[my_hooks])
+
+A `TrainRecipe` (validated, strict) says how to train; `train` runs it deterministically from
+ctx.seed (seeded shuffling, augmentation and re-initialization) and returns a `TrainLog` whose
+curve goes on the card (method_stats.training).
+
+Hooks let a method plug into the loop without copying it. A hook is any object with some of:
+
+    on_train_start(state)            after (re-)initialization, before the first batch
+    before_forward(state)            before each mini-batch's forward pass
+    after_backward(state)            gradients of one optimizer step are in p.grad (all accumulated
+                                     mini-batches), before the optimizer uses them: change them here
+    after_step(state)                after optimizer.step() (and a per-step schedule)
+    on_epoch_end(state, row)         row = this epoch's curve entry
+    on_train_end(state)
+
+`state` is a TrainState: step (optimizer steps done, counting the current one), epoch (1-based),
+batch / batches_per_epoch (mini-batch within the epoch), samples (in the current step), loss (mean
+loss of the current step), model, optimizer. Hooks run in the order given.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["TrainRecipe", "TrainState", "TrainLog", "train", "make_optimizer", "reinitialize", "shift_augment"]
+
+
+class TrainRecipe(BaseModel):
+    """How to train. One recipe is shared by the methods of a comparison (FP32 vs MARViN vs QAT)."""
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    batch_size: int = Field(64, ge=1, description="mini-batch size (one forward/backward)")
+    grad_accumulation: int = Field(1, ge=1, description="mini-batches per optimizer step")
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (adam/adamw: beta1)")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 decay through the optimizer")
+    l1: float = Field(0.0, ge=0, description="L1 penalty on all trainable parameters, added to the loss")
+    schedule: Literal["none", "cosine", "step", "plateau"] = "cosine"
+    step_size: int = Field(30, ge=1, description="step schedule: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="step/plateau schedule: lr factor")
+    patience: int = Field(10, ge=0, description="plateau schedule: epochs without improvement of the train loss")
+    plateau_threshold: float = Field(1e-4, ge=0, description="plateau schedule: relative improvement that counts")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    from_scratch: bool = Field(False, description="re-initialize all parameters (seeded by the run's seed)")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
+    augment: Literal["none", "shift"] = Field("none", description="shift: random shifts of up to shift_px pixels")
+    shift_px: int = Field(2, ge=1, le=8)
+    eval_every_epoch: bool = Field(False, description="evaluate on the eval split after each epoch (curve only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainRecipe":
+        if self.optimizer != "sgd" and self.momentum == 0:
+            raise ValueError(f"optimizer '{self.optimizer}' uses momentum as beta1, which must be in (0, 1)")
+        return self
+
+
+@dataclass
+class TrainState:
+    model: Any
+    optimizer: Any
+    recipe: TrainRecipe
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    batches_per_epoch: int = 0
+    total_steps: int = 0
+    samples: int = 0
+    loss: float = float("nan")
+    lr: float = 0.0
+
+    @property
+    def epoch_progress(self) -> float:
+        """Fraction of the current epoch done (1.0 at its last mini-batch)."""
+        return self.batch / self.batches_per_epoch if self.batches_per_epoch else 0.0
+
+
+@dataclass
+class TrainLog:
+    recipe: TrainRecipe
+    curve: List[Dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    epochs_run: float = 0.0
+    samples_seen: int = 0
+    seconds: float = 0.0
+    stopped_by_max_steps: bool = False
+    warnings: List[str] = field(default_factory=list)
+
+    def to_stats(self) -> Dict[str, Any]:
+        """The card's method_stats.training block."""
+        return {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "curve": self.curve,
+            "steps": self.steps,
+            "epochs_run": round(self.epochs_run, 4),
+            "samples_seen": self.samples_seen,
+            "seconds": round(self.seconds, 3),
+            "stopped_by_max_steps": self.stopped_by_max_steps,
+            "curve_note": "loss and train_acc: running means over the epoch's mini-batches in train mode "
+                          "(augmented); eval_acc: top-1 on the eval split after the epoch, when evaluated",
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_optimizer(params, recipe: TrainRecipe):
+    import torch
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=recipe.lr, betas=(recipe.momentum, 0.999), weight_decay=recipe.weight_decay)
+
+
+def reinitialize(model, seed: int) -> List[str]:
+    """Re-initialize every module that has reset_parameters(), seeded; the caller's RNG is untouched.
+    Returns the names of parameters that no reset_parameters() covers (left as they were)."""
+    import torch
+    covered = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for mname, module in model.named_modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+                covered.update(f"{mname}.{p}" if mname else p for p, _ in module.named_parameters())
+    return [n for n, _ in model.named_parameters() if n not in covered]
+
+
+def shift_augment(x, max_shift: int, generator):
+    """Each image shifted by a random (dy, dx) in [−max_shift, max_shift] pixels, zero padding
+    at the normalized background value (the image's minimum), vectorized over the batch."""
+    import torch
+    import torch.nn.functional as F
+    if x.dim() != 4:
+        return x
+    b, _, h, w = x.shape
+    p = int(max_shift)
+    shifts = torch.randint(0, 2 * p + 1, (b, 2), generator=generator)
+    fill = x.amin(dim=(1, 2, 3), keepdim=True)
+    padded = F.pad(x - fill, (p, p, p, p)) + fill
+    rows = (torch.arange(h).view(1, h) + shifts[:, :1]).to(x.device)       # (b, h)
+    cols = (torch.arange(w).view(1, w) + shifts[:, 1:]).to(x.device)       # (b, w)
+    idx_b = torch.arange(b, device=x.device).view(b, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_b, rows.view(b, h, 1), cols.view(b, 1, w)]   # (b, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _call(hooks: Sequence[Any], name: str, *args) -> None:
+    for h in hooks:
+        fn = getattr(h, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _evaluate(model, data, ctx) -> float:
+    if ctx.evaluate is not None:
+        return float(ctx.evaluate(model, data.eval)["top1"])
+    from .evaluate import evaluate
+    return float(evaluate(model, data.eval, batch_size=data.batch_size, device=ctx.device)["top1"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any]] = None,
+          params: Optional[Iterable[Any]] = None) -> TrainLog:
+    """Train `model` in place on data.train following `recipe`; deterministic given ctx.seed.
+
+    params: what the optimizer updates (tensors or param-group dicts); default every parameter
+    that requires grad. The model is left in eval mode.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    hooks = [hooks] if hooks is not None and not isinstance(hooks, (list, tuple)) else list(hooks or [])
+    log = TrainLog(recipe=recipe)
+    device = ctx.device
+    if recipe.from_scratch:
+        left = reinitialize(model, ctx.seed)
+        if left:
+            msg = (f"from_scratch: {len(left)} parameter(s) have no reset_parameters() and keep their values: "
+                   + ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
+            log.warnings.append(msg)
+            ctx.log(msg)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = make_optimizer(list(params) if params is not None else trainable, recipe)
+
+    loader = data.loader(data.train, shuffle=True, seed=ctx.seed, batch_size=recipe.batch_size)
+    batches_per_epoch = len(loader)
+    if batches_per_epoch == 0:
+        raise ValueError("the training split is empty")
+    steps_per_epoch = math.ceil(batches_per_epoch / recipe.grad_accumulation)
+    total_steps = steps_per_epoch * recipe.epochs
+    if recipe.max_steps is not None:
+        total_steps = min(total_steps, recipe.max_steps)
+    aug_gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 1)   # independent of the shuffle stream
+
+    scheduler = None
+    if recipe.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    elif recipe.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
+    elif recipe.schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=recipe.gamma, patience=recipe.patience, threshold=recipe.plateau_threshold)
+
+    state = TrainState(model=model, optimizer=optimizer, recipe=recipe, batches_per_epoch=batches_per_epoch,
+                       total_steps=total_steps, lr=optimizer.param_groups[0]["lr"])
+    decay_l1 = recipe.l1 > 0
+    start = time.perf_counter()
+    model.train()
+    _call(hooks, "on_train_start", state)
+    bar = tqdm(total=total_steps, desc="train", unit="step", leave=False, disable=not ctx.progress)
+    done = False
+    try:
+        for epoch in range(1, recipe.epochs + 1):
+            state.epoch = epoch
+            model.train()
+            loss_sum = correct = seen = 0.0
+            pending = 0                       # mini-batches accumulated in the current step
+            step_loss = step_samples = 0.0
+            optimizer.zero_grad(set_to_none=True)
+            for i, (x, y) in enumerate(loader, 1):
+                state.batch = i
+                x, y = x.to(device), y.to(device)
+                if recipe.augment == "shift":
+                    x = shift_augment(x, recipe.shift_px, aug_gen)
+                _call(hooks, "before_forward", state)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+                if decay_l1:
+                    loss = loss + recipe.l1 * sum(p.abs().sum() for p in trainable)
+                # the last step of an epoch may hold fewer mini-batches: scale by its real count
+                in_step = min(recipe.grad_accumulation, batches_per_epoch - (i - 1 - pending))
+                (loss / in_step).backward()
+                lv = float(loss.detach())
+                n = int(y.shape[0])
+                loss_sum += lv * n
+                seen += n
+                correct += float((logits.detach().argmax(1) == y).sum())
+                step_loss += lv
+                step_samples += n
+                pending += 1
+                if pending < in_step:
+                    continue
+                state.step += 1
+                state.samples = int(step_samples)
+                state.loss = step_loss / pending
+                _call(hooks, "after_backward", state)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if recipe.schedule == "cosine":
+                    scheduler.step()
+                state.lr = optimizer.param_groups[0]["lr"]
+                _call(hooks, "after_step", state)
+                pending, step_loss, step_samples = 0, 0.0, 0.0
+                bar.update(1)
+                if state.step >= total_steps and recipe.max_steps is not None:
+                    done = True
+                    log.stopped_by_max_steps = state.step < steps_per_epoch * recipe.epochs
+                    break
+            mean_loss = loss_sum / max(seen, 1)
+            row: Dict[str, Any] = {"epoch": epoch, "step": state.step, "loss": round(mean_loss, 6),
+                                   "train_acc": round(100.0 * correct / max(seen, 1), 4), "eval_acc": None,
+                                   "lr": state.lr}
+            if done and state.batch < batches_per_epoch:
+                row["partial_epoch"] = round(state.batch / batches_per_epoch, 4)
+            if recipe.eval_every_epoch:
+                row["eval_acc"] = round(_evaluate(model, data, ctx), 4)
+                model.train()
+            log.curve.append(row)
+            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}")
+            if recipe.schedule == "step":
+                scheduler.step()
+            elif recipe.schedule == "plateau":
+                scheduler.step(mean_loss)
+            state.lr = optimizer.param_groups[0]["lr"]
+            _call(hooks, "on_epoch_end", state, row)
+            log.samples_seen += int(seen)
+            if done:
+                break
+    finally:
+        bar.close()
+    log.steps = state.step
+    log.epochs_run = (state.epoch - 1) + (state.batch / batches_per_epoch)
+    log.seconds = time.perf_counter() - start
+    model.eval()
+    _call(hooks, "on_train_end", state)
+    return log

@@ -1,0 +1,444 @@
+"""Model references -> nn.Module (eval mode) plus a ModelInfo that a card records.
+
+    qcard:NAME                   bundled tiny model, bundled weights by default
+    torchvision:NAME             torchvision.models.get_model (pretrained=True: torchvision's own loader)
+    timm:NAME                    timm.create_model
+    python:pkg.module:callable   a user's function or class returning an nn.Module
+
+`weights=PATH` loads a local .safetensors or .pth/.pt (torch.load with weights_only=True) on top of
+any of them; `weights="random"` asks for random initialisation explicitly. Random initialisation is
+seeded (init_seed) inside a forked RNG, so it is reproducible and leaves the caller's RNG alone.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, QcardError, UnknownNameError
+from ..registry import import_object
+from .catalog import BUNDLED, INPUT_SHAPE, NUM_CLASSES, bundled_weights_path
+
+SOURCES = ("qcard", "torchvision", "timm", "python")
+REF_FORMS = "qcard:NAME, torchvision:NAME, timm:NAME or python:pkg.module:callable"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass
+class ModelInfo:
+    ref: str
+    source: str                       # qcard | torchvision | timm | python
+    name: str
+    weights: Optional[str]            # local path, "bundled:<file>", "torchvision:<TAG>", "timm:pretrained[:tag]", None = random
+    weights_sha256: Optional[str]
+    params: int
+    input_shape: Optional[Tuple[int, int, int]]
+    num_classes: Optional[int]
+    data_config: Optional[Dict[str, Any]]
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape) if self.input_shape is not None else None
+        if self.data_config is not None:
+            d["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
+        return d
+
+
+class _RefError(UnknownNameError):
+    """UnknownNameError with a message written here (long choice lists are cut to the closest names)."""
+
+    def __init__(self, kind: str, name: str, choices: Iterable[str], message: str):
+        super().__init__(kind, name, choices)
+        self.args = (message,)
+
+
+# --------------------------------------------------------------------------- names
+
+def _torchvision_names() -> List[str]:
+    import torchvision
+    return list(torchvision.models.list_models())
+
+
+def _timm_names() -> List[str]:
+    import timm
+    return list(timm.list_models())
+
+
+def _closest(name: str, names: List[str], n: int = 8) -> List[str]:
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    low = name.lower()
+    extra = [x for x in names if x.lower() == low or (len(low) >= 3 and low in x.lower())]
+    seen, out = set(), []
+    for x in close + sorted(extra, key=len):
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out[:n]
+
+
+def _unknown(source: str, name: str, names: List[str], lister: str) -> UnknownNameError:
+    kind = f"{source} model"
+    if len(names) <= 40:
+        return UnknownNameError(kind, name, names)
+    close = _closest(name, names)
+    msg = f"unknown {kind} '{name}'"
+    if close:
+        msg += f" (did you mean '{source}:{close[0]}'?); closest of {len(names)}: {', '.join(close)}"
+    msg += f"; list all {len(names)} names with {lister}"
+    return _RefError(kind, name, names, msg)
+
+
+def parse_ref(ref: str) -> Tuple[str, str]:
+    """'source:name' -> (source, name), with errors that say which prefix to add."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelLoadError(f"a model reference must be a non-empty string ({REF_FORMS}), got {ref!r}")
+    ref = ref.strip()
+    if ":" not in ref:
+        raise _bare_name_error(ref)
+    source, _, name = ref.partition(":")
+    if source not in SOURCES:
+        choices = [f"{s}:" for s in SOURCES]
+        close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.6)
+        if close:
+            msg = (f"unknown model source '{source}' in '{ref}' (did you mean '{close[0]}:{name}'?); "
+                   f"choices: {', '.join(choices)}")
+        else:    # most likely "pkg.module:callable" without "python:"
+            msg = (f"unknown model source '{source}' in '{ref}' (did you mean 'python:{ref}'?); "
+                   f"a model reference is {REF_FORMS}")
+        raise _RefError("model source", source, choices, msg)
+    if not name:
+        raise ModelLoadError(f"model reference '{ref}' has no name after '{source}:'")
+    return source, name
+
+
+def _bare_name_error(name: str) -> UnknownNameError:
+    found: List[str] = []
+    if name in BUNDLED:
+        found.append(f"qcard:{name}")
+    tv, tm = _torchvision_names(), _timm_names()
+    if name in tv:
+        found.append(f"torchvision:{name}")
+    try:
+        import timm
+        if timm.is_model(name):
+            found.append(f"timm:{name}")
+    except Exception:  # timm's parser rejects some strings; then it is simply not a timm name
+        pass
+    if found:
+        also = f" (also available as {', '.join(repr(f) for f in found[1:])})" if len(found) > 1 else ""
+        msg = (f"model reference '{name}' has no source prefix; did you mean '{found[0]}'?{also} "
+               f"A model reference is {REF_FORMS}")
+        return _RefError("model reference", name, found, msg)
+    close = ([f"qcard:{n}" for n in _closest(name, list(BUNDLED), 3)]
+             + [f"torchvision:{n}" for n in _closest(name, tv, 3)] + [f"timm:{n}" for n in _closest(name, tm, 3)])
+    msg = f"unknown model reference '{name}'"
+    if close:
+        msg += f" (did you mean '{close[0]}'?); close names: {', '.join(close)}"
+    msg += f". A model reference is {REF_FORMS}; bundled: {', '.join('qcard:' + n for n in BUNDLED)}"
+    return _RefError("model reference", name, close, msg)
+
+
+# --------------------------------------------------------------------------- weights files
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of every tensor, names sorted."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_state_file(path: str) -> Dict[str, torch.Tensor]:
+    """A state_dict from a local .safetensors or .pth/.pt file (never unpickling arbitrary objects)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelLoadError(f"weights file '{path}' not found")
+    suffix = p.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(f"weights file '{path}': unknown format '{suffix}'; allowed: {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(p), device="cpu")
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, truncated file, not safetensors, ...
+        raise ModelLoadError(f"cannot load weights file '{path}' (torch.load weights_only=True / safetensors): "
+                             f"{type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ModelLoadError(f"weights file '{path}' does not hold a state_dict (a mapping of names to tensors, "
+                             f"possibly under 'state_dict' or 'model')")
+    if obj and all(k.startswith("module.") for k in obj):   # saved from DataParallel / DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def apply_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], where: str, ref: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = sorted((k for k in state if k not in own), key=lambda k: (k.endswith("num_batches_tracked"), k))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}")
+        raise ModelLoadError(f"weights {where} do not fit {ref}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _infer_num_classes(model: nn.Module) -> Optional[int]:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return int(last.out_features) if last is not None else None
+
+
+def _adapt_in_chans(model: nn.Module, in_chans: int, ref: str) -> None:
+    """Replace the first Conv2d so the model takes in_chans channels (pretrained filters are averaged)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels == in_chans:
+                    return
+                if child.groups != 1:
+                    raise ModelLoadError(f"{ref}: cannot change in_chans, its first conv is grouped")
+                new = nn.Conv2d(in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
+                                child.dilation, 1, child.bias is not None, child.padding_mode)
+                with torch.no_grad():
+                    mean_filter = child.weight.mean(dim=1, keepdim=True)
+                    new.weight.copy_(mean_filter.repeat(1, in_chans, 1, 1) * (child.in_channels / in_chans))
+                    if child.bias is not None:
+                        new.bias.copy_(child.bias)
+                setattr(parent, child_name, new)
+                return
+    raise ModelLoadError(f"{ref}: in_chans given but the model has no Conv2d to adapt")
+
+
+def _torchvision_data_config(name: str, weights_enum: Any = None) -> Optional[Dict[str, Any]]:
+    """The eval preprocessing of torchvision's (default) weights for this architecture, as timm-style data."""
+    import torchvision
+    try:
+        enum = weights_enum or torchvision.models.get_model_weights(name).DEFAULT
+        tr = enum.transforms()
+        crop, resize = int(tr.crop_size[0]), int(tr.resize_size[0])
+        return {"input_size": (3, crop, crop), "interpolation": tr.interpolation.value,
+                "mean": tuple(float(m) for m in tr.mean), "std": tuple(float(s) for s in tr.std),
+                "crop_pct": round(crop / resize, 4)}
+    except Exception:  # architectures without classification weights: ImageNet defaults
+        return {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}
+
+
+def _with_channels(cfg: Optional[Dict[str, Any]], in_chans: Optional[int]) -> Optional[Dict[str, Any]]:
+    if cfg is None or in_chans is None or in_chans == cfg["input_size"][0]:
+        return cfg
+    c = int(in_chans)
+    mean, std = cfg["mean"], cfg["std"]
+    return {**cfg, "input_size": (c, *cfg["input_size"][1:]),
+            "mean": (sum(mean) / len(mean),) * c, "std": (sum(std) / len(std),) * c}
+
+
+# --------------------------------------------------------------------------- sources
+
+def _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled):
+    if name not in BUNDLED:
+        raise UnknownNameError("qcard model", name, BUNDLED)
+    nc = NUM_CLASSES if num_classes is None else int(num_classes)
+    ic = INPUT_SHAPE[0] if in_chans is None else int(in_chans)
+    if use_bundled and (nc != NUM_CLASSES or ic != INPUT_SHAPE[0] or kwargs):
+        raise ModelLoadError(f"the bundled weights of qcard:{name} are for {INPUT_SHAPE[0]} input channel(s), "
+                             f"{NUM_CLASSES} classes and the default architecture; with num_classes/in_chans/"
+                             f"other arguments pass weights='random' or weights=PATH")
+    factory = import_object(BUNDLED[name]["factory"], "bundled model")
+    try:
+        model = factory(num_classes=nc, in_chans=ic, **kwargs)
+    except TypeError as exc:
+        raise ModelLoadError(f"qcard:{name}: bad arguments {sorted(kwargs)}: {exc}") from exc
+    weights = sha = None
+    if use_bundled:
+        path = bundled_weights_path(name)
+        if not path.is_file():
+            raise ModelLoadError(f"bundled weights of qcard:{name} are missing ({path}); "
+                                 f"recreate them with `qcard zoo train {name}`")
+        apply_state_dict(model, load_state_file(str(path)), f"'{path}'", f"qcard:{name}")
+        weights, sha = f"bundled:{path.name}", file_sha256(path)
+    return model, weights, sha, (ic, *INPUT_SHAPE[1:]), nc, None
+
+
+def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
+    import torchvision
+    names = _torchvision_names()
+    if name not in names:
+        raise _unknown("torchvision", name, names, "torchvision.models.list_models()")
+    kw = dict(kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = int(num_classes)
+    enum = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    try:
+        model = torchvision.models.get_model(name, weights=enum, **kw)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"torchvision:{name}: cannot build with {kw or 'defaults'}"
+                             f"{' and pretrained weights' if pretrained else ''}: {exc}") from exc
+    except Exception as exc:  # download failures: no network, no cache
+        raise ModelLoadError(f"torchvision:{name}: pretrained weights {enum} could not be loaded (torchvision "
+                             f"downloads them to ~/.cache/torch on first use): {type(exc).__name__}: {exc}") from exc
+    if in_chans is not None:
+        _adapt_in_chans(model, int(in_chans), f"torchvision:{name}")
+    cfg = _with_channels(_torchvision_data_config(name, enum), in_chans)
+    weights = f"torchvision:{enum.name}" if enum is not None else None
+    sha = state_dict_sha256(model.state_dict()) if enum is not None else None
+    return model, weights, sha, tuple(cfg["input_size"]), _infer_num_classes(model), cfg
+
+
+def _build_timm(name, pretrained, num_classes, in_chans, kwargs):
+    import timm
+    from timm.data import resolve_data_config
+    try:
+        known = timm.is_model(name)
+    except Exception:
+        known = False
+    if not known:
+        raise _unknown("timm", name, _timm_names(), "timm.list_models()")
+    kw = dict(kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = int(num_classes)
+    if in_chans is not None:
+        kw["in_chans"] = int(in_chans)
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained), **kw)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"timm:{name}: cannot build with {kw or 'defaults'}: {exc}") from exc
+    except Exception as exc:
+        if not pretrained:
+            raise
+        raise ModelLoadError(f"timm:{name}: pretrained weights could not be loaded (timm downloads them from the "
+                             f"Hugging Face hub on first use): {type(exc).__name__}: {exc}") from exc
+    cfg = _with_channels(dict(resolve_data_config(model=model)), in_chans)
+    weights = sha = None
+    if pretrained:
+        tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+        weights = f"timm:pretrained:{tag}" if tag else "timm:pretrained"
+        sha = state_dict_sha256(model.state_dict())
+    return model, weights, sha, tuple(int(s) for s in cfg["input_size"]), _infer_num_classes(model), cfg
+
+
+def _build_python(name, pretrained, num_classes, in_chans, kwargs):
+    if pretrained:
+        raise ModelLoadError(f"python:{name}: pretrained applies to torchvision: and timm: models; "
+                             f"give weights=PATH to load a file")
+    if ":" not in name:
+        raise ModelLoadError(f"python model reference must be 'python:pkg.module:callable', got 'python:{name}'")
+    try:
+        obj = import_object(name, "model")
+    except QcardError as exc:
+        raise ModelLoadError(f"python:{name}: {exc}") from exc
+    kw = dict(kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = int(num_classes)
+    if in_chans is not None:
+        kw["in_chans"] = int(in_chans)
+    if isinstance(obj, nn.Module):
+        if kw:
+            raise ModelLoadError(f"python:{name} is a module instance; it takes no arguments ({sorted(kw)})")
+        model = obj
+    elif callable(obj):
+        try:
+            model = obj(**kw)
+        except Exception as exc:
+            raise ModelLoadError(f"python:{name}({', '.join(f'{k}={v!r}' for k, v in kw.items())}) raised "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    else:
+        raise ModelLoadError(f"python:{name} is a {type(obj).__name__}, not a callable returning an nn.Module")
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"python:{name} returned {type(model).__name__}, not a torch.nn.Module")
+    shape = getattr(model, "input_shape", None)
+    shape = tuple(int(s) for s in shape) if shape is not None else None
+    cfg = getattr(model, "data_config", None)
+    return model, None, None, shape, _infer_num_classes(model), dict(cfg) if cfg else None
+
+
+# --------------------------------------------------------------------------- entry points
+
+def load_model_with_info(ref: str, *, weights: Optional[str] = None, pretrained: bool = False,
+                         num_classes: Optional[int] = None, in_chans: Optional[int] = None,
+                         init_seed: int = 0, **kwargs) -> Tuple[nn.Module, ModelInfo]:
+    """Build the model named by `ref` in eval mode and describe it (see module docstring)."""
+    source, name = parse_ref(ref)
+    weights_path = None
+    if weights is not None:
+        if not isinstance(weights, (str, Path)) or not str(weights):
+            raise ModelLoadError(f"weights must be a file path, 'random' or null, got {weights!r}")
+        weights = str(weights)
+        if weights not in ("random", "bundled"):
+            weights_path = weights
+        if weights == "bundled" and source != "qcard":
+            raise ModelLoadError(f"weights='bundled' applies to qcard: models only, not '{ref}'")
+        if weights_path and pretrained:
+            raise ModelLoadError(f"{ref}: give either pretrained=true or weights=PATH, not both")
+        if weights == "random" and pretrained:
+            raise ModelLoadError(f"{ref}: pretrained=true contradicts weights='random'")
+    use_bundled = source == "qcard" and weights in (None, "bundled")
+
+    # Construction (random init) is seeded in a forked RNG: reproducible, caller's RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(init_seed))
+        if source == "qcard":
+            built = _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled)
+        elif source == "torchvision":
+            built = _build_torchvision(name, pretrained, num_classes, in_chans, kwargs)
+        elif source == "timm":
+            built = _build_timm(name, pretrained, num_classes, in_chans, kwargs)
+        else:
+            built = _build_python(name, pretrained, num_classes, in_chans, kwargs)
+    model, w_tag, sha, input_shape, n_classes, data_config = built
+
+    if weights_path is not None:
+        state = load_state_file(weights_path)
+        apply_state_dict(model, state, f"'{weights_path}'", ref)
+        p = Path(weights_path).expanduser()
+        w_tag, sha = str(p), file_sha256(p)
+
+    model.eval()
+    info = ModelInfo(ref=f"{source}:{name}", source=source, name=name, weights=w_tag, weights_sha256=sha,
+                     params=sum(p.numel() for p in model.parameters()), input_shape=input_shape,
+                     num_classes=n_classes, data_config=data_config)
+    return model, info
+
+
+def load_model(ref: str, *, weights: Optional[str] = None, pretrained: bool = False,
+               num_classes: Optional[int] = None, in_chans: Optional[int] = None, **kwargs) -> nn.Module:
+    """The model named by `ref`, in eval mode. See load_model_with_info."""
+    return load_model_with_info(ref, weights=weights, pretrained=pretrained, num_classes=num_classes,
+                                in_chans=in_chans, **kwargs)[0]

@@ -1,0 +1,204 @@
+"""Train the bundled models on qcard:mnist5k, deterministically, and record how.
+
+`train_model(name)` with the default recipe and seed reproduces weights/NAME.safetensors bit for bit
+on the same software stack and CPU type (fixed thread count, deterministic algorithms, seeded
+shuffles and augmentation). Float results may differ on other CPU instruction sets or library
+versions; the JSON record keeps what is needed to tell.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnknownNameError
+from ..registry import import_object
+from .catalog import BUNDLED, WEIGHTS_DIR, bundled_record
+from .loader import state_dict_sha256
+
+THREADS = 2     # fixed: CPU reductions may depend on how work is split between threads
+
+_AUG = {"rotate_deg": 10.0, "scale": 0.10, "translate_px": 2.0}
+_BASE = {"batch_size": 64, "optimizer": "adamw", "betas": [0.9, 0.999], "schedule": "linear warmup 1 epoch, cosine to 0",
+         "warmup_epochs": 1, "label_smoothing": 0.05, "augmentation": _AUG}
+
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "resnet8": {**_BASE, "epochs": 12, "lr": 3e-3, "weight_decay": 5e-4},
+    "mobilenet_tiny": {**_BASE, "epochs": 15, "lr": 4e-3, "weight_decay": 5e-4},
+    "lenet5": {**_BASE, "epochs": 20, "lr": 3e-3, "weight_decay": 5e-4},
+    "mlp": {**_BASE, "epochs": 25, "lr": 2e-3, "weight_decay": 1e-4},
+    "vit_tiny": {**_BASE, "epochs": 40, "lr": 2e-3, "weight_decay": 0.05},
+}
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, cfg: Dict[str, float]) -> torch.Tensor:
+    """Random small affine per image (rotation, scale, shift) with tensor ops; border padding = background."""
+    if not cfg:
+        return x
+    b, _, h, w = x.shape
+    u = torch.rand(b, 4, generator=gen) * 2 - 1
+    angle = u[:, 0] * math.radians(cfg["rotate_deg"])
+    scale = 1 + u[:, 1] * cfg["scale"]
+    tx, ty = u[:, 2] * 2 * cfg["translate_px"] / w, u[:, 3] * 2 * cfg["translate_px"] / h
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        correct += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+    return correct / max(1, len(images))
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def serialize_weights(state: Dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of a state_dict. One metadata entry only: safetensors writes a metadata dict
+    in hash-map order, so several entries would make the bytes (and the file's sha256) vary by run."""
+    from safetensors.torch import save
+    return save(state, metadata={"format": "pt"})
+
+
+def _cpu_model() -> Optional[str]:
+    """CPU model name: float results can differ between instruction sets, so the record keeps it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", leave=False,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_dir: Optional[str] = None,
+                progress: bool = True) -> Dict[str, Any]:
+    """Train bundled model `name` on qcard:mnist5k train and evaluate on its test split.
+
+    Writes NAME.safetensors and NAME.json into out_dir when given (nothing is written otherwise).
+    Returns the JSON record, plus "files" (when written) and "reproduces_bundled" (whether every
+    tensor is bit-identical to the shipped weights).
+    """
+    if name not in BUNDLED:
+        raise UnknownNameError("qcard model", name, BUNDLED)
+    from ..data import load_dataset
+
+    recipe = dict(RECIPES[name])
+    if epochs is not None:
+        if int(epochs) <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        recipe["epochs"] = int(epochs)
+    train = load_dataset("qcard:mnist5k", "train")
+    test = load_dataset("qcard:mnist5k", "test")
+    X, y = train.tensors()
+    Xt, yt = test.tensors()
+
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = import_object(BUNDLED[name]["factory"], "bundled model")()
+            gen = torch.Generator().manual_seed(seed)        # shuffles and augmentation
+            decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+            no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
+                                     {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=recipe["lr"], betas=tuple(recipe["betas"]))
+            bs = recipe["batch_size"]
+            steps_per_epoch = math.ceil(len(X) / bs)
+            total = steps_per_epoch * recipe["epochs"]
+            warmup = steps_per_epoch * recipe["warmup_epochs"]
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
+            loss_sum = 0.0
+            bar = _progress_bar(total, f"train {name}", progress)
+            try:
+                for epoch in range(recipe["epochs"]):
+                    model.train()
+                    perm = torch.randperm(len(X), generator=gen)
+                    loss_sum = 0.0
+                    for i in range(0, len(X), bs):
+                        idx = perm[i:i + bs]
+                        xb = augment(X[idx], gen, recipe["augmentation"])
+                        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=recipe["label_smoothing"])
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        loss_sum += loss.item() * len(idx)
+                        bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / len(X):.3f}")
+            finally:
+                bar.close()
+            test_acc = accuracy(model, Xt, yt)
+            train_acc = accuracy(model, X, y)
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+    seconds = time.perf_counter() - start
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    blob = serialize_weights(state)
+    sha = hashlib.sha256(blob).hexdigest()
+    tensors_sha = state_dict_sha256(state)
+    record: Dict[str, Any] = {
+        "name": name, "ref": f"qcard:{name}", "architecture": BUNDLED[name]["factory"],
+        "description": BUNDLED[name]["description"], "difficulty": BUNDLED[name]["difficulty"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_file": f"{name}.safetensors", "weights_bytes": len(blob), "sha256": sha,
+        "tensors_sha256": tensors_sha,
+        "test_accuracy": round(test_acc, 4), "train_accuracy": round(train_acc, 4),
+        "final_train_loss": round(loss_sum / len(X), 4),
+        "seed": seed, "epochs": recipe["epochs"], "recipe": recipe,
+        "dataset": {"train": train.ref + ":train", "train_fingerprint": train.fingerprint,
+                    "test": test.ref + ":test", "test_fingerprint": test.fingerprint,
+                    "train_size": len(train), "test_size": len(test)},
+        "determinism": {"threads": THREADS, "deterministic_algorithms": True, "torch": torch.__version__,
+                        "numpy": np.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "cpu": _cpu_model()},
+        "train_seconds": round(seconds, 1),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": f"qcard zoo train {name}" + (f" --epochs {epochs}" if epochs else "") + (f" --seed {seed}" if seed else ""),
+    }
+    result = dict(record)
+    shipped = bundled_record(name)
+    result["reproduces_bundled"] = bool(shipped and shipped.get("tensors_sha256") == tensors_sha)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.safetensors").write_bytes(blob)
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        result["files"] = [str(out / f"{name}.safetensors"), str(out / f"{name}.json")]
+    return result
+
+
+def default_weights_dir() -> Path:
+    return WEIGHTS_DIR

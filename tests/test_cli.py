@@ -1,0 +1,67 @@
+"""The command line: help without torch, version, listings, exit codes."""
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from qcard import __version__
+from qcard.cli import main
+
+
+def invoke(*args):
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.output
+
+
+def test_help_does_not_import_torch(subprocess_env):
+    code = ("import sys; from qcard.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules]\n"
+            "print('HEAVY', bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env, timeout=60)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert "run" in out.stdout and "compare" in out.stdout and "cost" in out.stdout
+
+
+def test_version():
+    code, out = invoke("--version")
+    assert code == 0 and __version__ in out
+
+
+def test_methods_lists_fp32_and_ptq():
+    code, out = invoke("methods")
+    assert code == 0 and "fp32" in out and "ptq" in out
+
+
+def test_profiles_lists_bitops():
+    code, out = invoke("profiles")
+    assert code == 0 and "bitops" in out and "asic45" in out
+
+
+def test_zoo_list_shows_bundled_models():
+    code, out = invoke("zoo", "list")
+    assert code == 0, out
+    assert "qcard:lenet5" in out
+
+
+def test_schemas_are_json():
+    for what in ("config", "card"):
+        code, out = invoke("schema", what)
+        assert code == 0
+        assert json.loads(out)["title"].startswith("qcard")
+
+
+def test_card_validate_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, out = invoke("card", "validate", str(bad))
+    assert code == 2 and "not valid JSON" in out
+    bad.write_text(json.dumps({"schema_version": "9"}))
+    code, out = invoke("card", "validate", str(bad))
+    assert code == 2 and "schema version '9'" in out
+
+
+def test_unknown_command_is_usage_error():
+    code, out = invoke("frobnicate")
+    assert code == 2

@@ -1,0 +1,178 @@
+"""The runner and store: cards per point, resume, failures recorded, determinism, interruption."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import qcard
+from qcard.cards.schema import load_card
+from qcard.cli import main
+
+BASE = """\
+experiment: {name}
+out: {out}
+models: [qcard:lenet5]
+dataset: {{ref: qcard:mnist5k, eval_size: 200, batch_size: 100, calibration: {{size: 32}}}}
+cost: {{profiles: [bitops]}}
+"""
+
+
+def make(write_config, tmp_path, methods: str, name="t", extra="", models=None, fname=None):
+    text = BASE.format(name=name, out=tmp_path / "runs")
+    if models:
+        text = text.replace("models: [qcard:lenet5]", f"models: {models}")
+    return write_config(text + extra + "methods:\n" + methods, fname or f"{name}.yaml")
+
+
+def cards_of(root: Path):
+    return sorted(root.glob("*/card.json"))
+
+
+def test_run_writes_valid_cards_and_fp32_equals_baseline(write_config, tmp_path):
+    cfg = make(write_config, tmp_path, "  - fp32\n  - {name: user_methods:ScaleWeights, params: {factor: [1.0, 0.3]}}\n")
+    summary = qcard.run(cfg, progress=False)
+    assert summary.ok and len(summary.outcomes) == 3
+    paths = cards_of(tmp_path / "runs" / "t")
+    assert len(paths) == 3
+    cards = [load_card(p) for p in paths]
+    by_label = {(c.method.label, c.method.params.get("factor")): c for c in cards}
+    fp32 = by_label[("fp32", None)]
+    assert fp32.results.quantized == fp32.results.fp32 and fp32.results.delta == 0
+    assert fp32.results.fp32 > 90  # the bundled LeNet on 200 held-out MNIST images
+    assert by_label[("scale_weights", 1.0)].results.quantized == fp32.results.fp32
+    # shrinking weights by 0.3 changes the logits' scale only through non-linearities: the card must show
+    # the measured value, whatever it is, next to the same baseline
+    scaled = by_label[("scale_weights", 0.3)]
+    assert scaled.results.fp32 == fp32.results.fp32
+    assert scaled.results.delta == pytest.approx(scaled.results.quantized - scaled.results.fp32, abs=1e-3)
+    for c in cards:
+        assert c.status == "ok"
+        assert c.dataset.eval_size == 200
+        assert c.provenance.torch and c.provenance.python and c.provenance.wall_seconds is not None
+        assert c.reproduce.startswith("qcard run ") and c.id[:10] in c.reproduce
+        assert c.cost.profile == "bitops" and c.cost.macs > 0
+        assert (paths[0].parent.parent / c.model.ref).name  # sanity
+    md = (paths[0].parent / "card.md").read_text()
+    assert "Quantization card" in md and "Reproduce" in md
+
+
+def test_same_config_twice_gives_identical_results(write_config, tmp_path):
+    methods = "  - {name: user_methods:ScaleWeights, params: {noise: 0.05}}\n"
+    a = make(write_config, tmp_path / "a", methods, name="det", extra="seeds: [0, 1]\n", fname="a.yaml")
+    b = make(write_config, tmp_path / "b", methods, name="det", extra="seeds: [0, 1]\n", fname="b.yaml")
+    qcard.run(a, progress=False)
+    qcard.run(b, progress=False)
+    ca = json.loads(next((tmp_path / "a" / "runs" / "det").glob("*/card.json")).read_text())
+    cb = json.loads(next((tmp_path / "b" / "runs" / "det").glob("*/card.json")).read_text())
+    assert ca["results"] == cb["results"]
+    assert ca["id"] == cb["id"]
+    assert ca["results"]["n_runs"] == 2 and ca["results"]["std"] is not None
+    # the seeds really matter: the two seeds' noise gives different accuracies
+    assert len({r["top1"] for r in ca["results"]["per_seed"]}) == 2
+
+
+def test_rerun_skips_finished_points_and_force_reruns(write_config, tmp_path):
+    cfg = make(write_config, tmp_path, "  - fp32\n")
+    qcard.run(cfg, progress=False)
+    card = cards_of(tmp_path / "runs" / "t")[0]
+    first = card.stat().st_mtime_ns
+    summary = qcard.run(cfg, progress=False)
+    assert [o.status for o in summary.outcomes] == ["skipped"]
+    assert card.stat().st_mtime_ns == first
+    summary = qcard.run(cfg, force=True, progress=False)
+    assert [o.status for o in summary.outcomes] == ["ok"]
+
+
+def test_failed_point_is_recorded_and_others_go_on(write_config, tmp_path):
+    cfg = make(write_config, tmp_path, "  - {name: user_methods:ScaleWeights, params: {fail: [true, false]}}\n"
+                                        "  - {name: user_methods:ScaleWeights, label: nan, params: {nan: true}}\n")
+    result = CliRunner().invoke(main, ["run", str(cfg), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    cards = {p.parent.name: json.loads(p.read_text()) for p in cards_of(tmp_path / "runs" / "t")}
+    statuses = sorted(c["status"] for c in cards.values())
+    assert statuses == ["failed", "failed", "ok"]
+    errors = " ".join(c["error"] or "" for c in cards.values())
+    assert "asked to fail" in errors
+    assert "NaN" in errors
+    for folder, c in cards.items():
+        if c["status"] == "failed":
+            assert (tmp_path / "runs" / "t" / folder / "error.log").exists()
+            load_card(tmp_path / "runs" / "t" / folder / "card.json")  # failed cards are valid cards too
+    # a rerun retries the failed points but skips the finished one
+    summary = qcard.run(cfg, progress=False)
+    assert sorted(o.status for o in summary.outcomes) == ["failed", "failed", "skipped"]
+
+
+def test_sigkill_midway_then_rerun_finishes_every_point_once(write_config, tmp_path, subprocess_env):
+    cfg = make(write_config, tmp_path, "  - {name: user_methods:ScaleWeights, params: {delay: 1.5, factor: [1.0, 0.9, 0.8, 0.7]}}\n",
+               name="kill")
+    out = tmp_path / "runs" / "kill"
+    proc = subprocess.Popen([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--no-progress"],
+                            env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(cards_of(out)) < 1:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the next point
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(cards_of(out))
+    assert 1 <= done_before < 4
+    result = subprocess.run([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--no-progress"],
+                            env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("already done, skipped") == done_before
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 4
+    for folder in folders:
+        names = sorted(p.name for p in folder.iterdir())
+        assert names.count("card.json") == 1
+        assert not [n for n in names if n.startswith(".tmp-")]
+        json.loads((folder / "card.json").read_text())  # complete JSON
+
+
+def test_torchvision_and_timm_random_weights_flow_through_on_synthetic(write_config, tmp_path):
+    text = f"""\
+experiment: zoo
+out: {tmp_path / 'runs'}
+models:
+  - {{ref: torchvision:resnet18, num_classes: 10}}
+  - {{ref: timm:mobilenetv3_small_050, num_classes: 10}}
+dataset: {{ref: synthetic, input_shape: [3, 32, 32], num_classes: 10, size: 8, batch_size: 8}}
+methods: [fp32]
+cost: {{profiles: [bitops]}}
+"""
+    summary = qcard.run(write_config(text, "zoo.yaml"), progress=False)
+    assert summary.ok, [o.error for o in summary.outcomes]
+    cards = [load_card(p) for p in cards_of(tmp_path / "runs" / "zoo")]
+    assert {c.model.source for c in cards} == {"torchvision", "timm"}
+    assert all(c.cost.macs > 0 and c.model.params > 0 for c in cards)
+
+
+def test_python_model_and_imagefolder(write_config, tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "images" / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    text = f"""\
+experiment: folder
+out: {tmp_path / 'runs'}
+models: [{{ref: "python:torchvision.models:resnet18", num_classes: 2, kwargs: {{zero_init_residual: true}}}}]
+dataset: {{ref: "imagefolder:{tmp_path / 'images'}", eval_split: val, batch_size: 4, calibration: {{size: 2}}}}
+methods: [fp32]
+cost: {{profiles: [bitops]}}
+"""
+    summary = qcard.run(write_config(text, "folder.yaml"), progress=False)
+    assert summary.ok, [o.error for o in summary.outcomes]
+    card = load_card(cards_of(tmp_path / "runs" / "folder")[0])
+    assert card.model.source == "python" and card.dataset.eval_size == 6

@@ -1,0 +1,193 @@
+"""Model zoo: bundled models and their accuracy, fx tracing, torchvision/timm/python sources, weight files."""
+from __future__ import annotations
+
+import hashlib
+import operator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qcard.data import load_dataset
+from qcard.errors import ModelLoadError, UnknownNameError
+from qcard.zoo import BUNDLED, list_models, load_model, load_model_with_info, train_model
+from qcard.zoo.catalog import WEIGHTS_DIR, bundled_record
+
+TARGETS = {"resnet8": 0.97, "mobilenet_tiny": 0.97, "lenet5": 0.97, "mlp": 0.94, "vit_tiny": 0.94}
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return load_dataset("qcard:mnist5k", "test").tensors()
+
+
+@pytest.fixture
+def user_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))   # makes tests/user_models.py importable
+
+
+def test_every_bundled_model_has_a_target():
+    assert set(TARGETS) == set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_bundled_model_loads_and_reaches_target(name, mnist_test):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, info = load_model_with_info(f"qcard:{name}")
+    rec = bundled_record(name)
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    assert not model.training
+    assert info.source == "qcard" and info.weights == f"bundled:{name}.safetensors"
+    assert info.weights_sha256 == rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info.params == rec["params"] and info.input_shape == (1, 28, 28) and info.num_classes == 10
+    assert path.stat().st_size < 1_000_000
+    x, y = mnist_test
+    with torch.no_grad():
+        acc = float(torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).eq(y).float().mean())
+    assert acc >= TARGETS[name]
+    assert acc == pytest.approx(rec["test_accuracy"], abs=0.003)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_bundled_model_fx_traces(name):
+    model = load_model(f"qcard:{name}", weights="random")
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    if name in ("resnet8", "mobilenet_tiny", "vit_tiny"):
+        assert operator.add in targets            # residual adds are visible to fx
+    if name == "vit_tiny":
+        assert torch.matmul in targets
+
+
+def test_list_models_rows():
+    rows = {r["name"]: r for r in list_models()}
+    assert set(rows) == set(BUNDLED)
+    for name, row in rows.items():
+        assert row["params"] > 0 and row["test_accuracy"] >= TARGETS[name] and row["difficulty"]
+
+
+def test_torchvision_random_weights_run_on_synthetic():
+    model, info = load_model_with_info("torchvision:resnet18", num_classes=10)
+    data = load_dataset("synthetic", "test", input_shape=(3, 32, 32), num_classes=10, size=4)
+    x, _ = data.tensors()
+    with torch.no_grad():
+        assert model(x).shape == (4, 10)
+    assert info.source == "torchvision" and info.weights is None and info.weights_sha256 is None
+    assert info.num_classes == 10 and info.input_shape == (3, 224, 224)
+    assert info.params == sum(p.numel() for p in model.parameters())
+    assert info.data_config["crop_pct"] == pytest.approx(224 / 256) and len(info.data_config["mean"]) == 3
+    # seeded construction: the same weights every time, and the caller's RNG is left alone
+    state = torch.random.get_rng_state()
+    again = load_model("torchvision:resnet18", num_classes=10)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    one = load_model("torchvision:resnet18", num_classes=10, in_chans=1)
+    with torch.no_grad():
+        assert one(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_timm_random_weights_run_on_synthetic():
+    model, info = load_model_with_info("timm:resnet18", num_classes=10, in_chans=1)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert info.source == "timm" and info.weights is None and info.num_classes == 10
+    assert info.input_shape == (1, 224, 224) and info.data_config["interpolation"] == "bicubic"
+    assert info.to_dict()["input_shape"] == [1, 224, 224]
+    tiny, tiny_info = load_model_with_info("timm:test_vit", num_classes=5)
+    data = load_dataset("synthetic", "test", model_info=tiny_info, size=2)
+    with torch.no_grad():
+        assert tiny(data.tensors()[0]).shape == (2, 5)
+
+
+def test_python_models(user_models):
+    model, info = load_model_with_info("python:user_models:tiny_net", num_classes=3, hidden=8)
+    assert info.source == "python" and info.num_classes == 3 and info.weights is None
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    _, cnn = load_model_with_info("python:user_models:TinyCNN")
+    assert cnn.input_shape == (1, 28, 28) and cnn.num_classes == 10
+    with pytest.raises(ModelLoadError, match="not a torch.nn.Module"):
+        load_model("python:user_models:not_a_model")
+    with pytest.raises(ModelLoadError, match="no attribute"):
+        load_model("python:user_models:missing")
+    with pytest.raises(ModelLoadError, match="cannot import"):
+        load_model("python:no_such_pkg_xyz.models:net")
+    with pytest.raises(ModelLoadError, match="unexpected keyword"):
+        load_model("python:user_models:tiny_net", depth=3)
+
+
+def test_weights_from_local_files(tmp_path):
+    src = load_model("qcard:lenet5", weights="random", init_seed=7)
+    state = src.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "ddp.pt")
+    x = torch.randn(2, 1, 28, 28)
+    for fname in ("w.safetensors", "w.pth", "ddp.pt"):
+        model, info = load_model_with_info("qcard:lenet5", weights=str(tmp_path / fname))
+        assert torch.allclose(model(x), src(x))
+        assert info.weights == str(tmp_path / fname)
+        assert info.weights_sha256 == hashlib.sha256((tmp_path / fname).read_bytes()).hexdigest()
+    random_info = load_model_with_info("qcard:lenet5", weights="random")[1]
+    assert random_info.weights is None and random_info.weights_sha256 is None
+
+
+def test_weight_file_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="nope.safetensors"):
+        load_model("qcard:lenet5", weights=str(tmp_path / "nope.safetensors"))
+    other = load_model("qcard:resnet8", weights="random").state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "resnet8.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"missing key.*conv1\.bias.*unexpected key.*bn1\.weight"):
+        load_model("qcard:lenet5", weights=str(tmp_path / "resnet8.safetensors"))
+    bad = dict(load_model("qcard:lenet5").state_dict())
+    bad["fc3.weight"] = torch.zeros(5, 84)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ModelLoadError, match=r"shape mismatch.*fc3\.weight: file \(5, 84\) vs model \(10, 84\)"):
+        load_model("qcard:lenet5", weights=str(tmp_path / "bad.pth"))
+
+    import argparse
+    torch.save({"state_dict": argparse.Namespace(a=1)}, tmp_path / "evil.pth")   # not a tensor: refused
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        load_model("qcard:lenet5", weights=str(tmp_path / "evil.pth"))
+    with pytest.raises(ModelLoadError, match="num_classes"):
+        load_model("qcard:resnet8", num_classes=3)
+    assert load_model("qcard:resnet8", num_classes=3, weights="random")(torch.randn(1, 1, 28, 28)).shape == (1, 3)
+
+
+def test_unknown_names_suggest_the_right_one():
+    with pytest.raises(UnknownNameError, match="did you mean 'resnet8'"):
+        load_model("qcard:resnet9")
+    with pytest.raises(UnknownNameError, match="did you mean 'torchvision:resnet18'"):
+        load_model("torchvision:resnet19")
+    with pytest.raises(UnknownNameError, match="did you mean 'timm:"):
+        load_model("timm:resnet1888")
+    with pytest.raises(UnknownNameError, match="did you mean 'torchvision:resnet18'"):
+        load_model("resnet18")                                  # bare name: says which prefix to add
+    with pytest.raises(UnknownNameError, match="did you mean 'qcard:vit_tiny'"):
+        load_model("vit_tiny")
+    with pytest.raises(UnknownNameError, match="did you mean 'torchvision:resnet18'"):
+        load_model("torchvison:resnet18")
+    with pytest.raises(UnknownNameError, match="python:user_models:tiny_net"):
+        load_model("user_models:tiny_net")
+
+
+def test_train_model_is_deterministic(tmp_path):
+    a = train_model("mlp", epochs=1, out_dir=str(tmp_path / "a"), progress=False)
+    b = train_model("mlp", epochs=1, out_dir=str(tmp_path / "b"), progress=False)
+    assert a["sha256"] == b["sha256"] and a["epochs"] == 1 and a["determinism"]["threads"] == 2
+    sa, sb = load_file(str(tmp_path / "a" / "mlp.safetensors")), load_file(str(tmp_path / "b" / "mlp.safetensors"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (tmp_path / "a" / "mlp.json").is_file() and a["reproduces_bundled"] is False
+
+
+@pytest.mark.slow
+def test_train_model_reproduces_bundled_weights():
+    from qcard.zoo.train import _cpu_model
+    rec = bundled_record("lenet5")
+    if rec["determinism"]["cpu"] != _cpu_model() or rec["determinism"]["torch"] != torch.__version__:
+        pytest.skip("bit-exact reproduction is promised on the recorded CPU model and torch version only")
+    result = train_model("lenet5", progress=False)
+    assert result["reproduces_bundled"] is True and result["sha256"] == rec["sha256"]
