@@ -26,8 +26,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the published example cards: card.json + card.md + card.html per point, a comparison and a Pareto plot
 cards: install
-	$(BIN)/qcard run configs/quickstart.yaml --out cards --force
+	$(BIN)/qcard run configs/quickstart.yaml --out cards --force --no-progress
+	$(BIN)/qcard render cards/quickstart --format html --out cards/quickstart
+	$(BIN)/qcard compare cards/quickstart --format md -o cards/quickstart/comparison.md --plot cards/quickstart/pareto
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

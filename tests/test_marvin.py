@@ -357,3 +357,37 @@ def test_marvin_params_validation():
     assert (p.max_lookback, p.min_lookback, p.max_resolution, p.min_resolution) == (100, 10, 100, 1)
     assert (p.lookback_momentum, p.results_buffer, p.strategy, p.wl_cap, p.fl_floor) == (0.33, 8, "min", 32, 4)
     assert (p.initial_wl, p.initial_fl, p.kl_mode) == (8, 4, "true")
+
+
+# ----------------------------------------------------------------------------- through the runner
+
+def test_marvin_and_fp32_train_cards_through_the_runner(write_config, tmp_path):
+    import qcard
+    from qcard.cards.schema import load_card
+
+    recipe = "{epochs: 1, batch_size: 64, max_steps: 6, from_scratch: true}"
+    cfg = write_config(f"""\
+experiment: mv
+out: {tmp_path / "runs"}
+models: [qcard:lenet5]
+dataset: {{ref: qcard:mnist5k, eval_size: 200, batch_size: 100}}
+cost: {{profiles: [bitops]}}
+methods:
+  - {{name: "qcard.methods.fp32_train:FP32Train", params: {{train: {recipe}}}}}
+  - {{name: "qcard.methods.marvin:Marvin", params: {{train: {recipe}, min_lookback: 2, max_lookback: 4}}}}
+""")
+    summary = qcard.run(cfg, progress=False)
+    assert summary.ok
+    cards = {c.method.name: c for c in (load_card(p) for p in sorted((tmp_path / "runs" / "mv").glob("*/card.json")))}
+    assert set(cards) == {"fp32_train", "marvin"}
+    fp, mv = cards["fp32_train"], cards["marvin"]
+    assert fp.method.family == "none" and mv.method.family == "adaptive_precision_training"
+    assert fp.method_stats["training"]["steps"] == mv.method_stats["training"]["steps"] == 6
+    assert mv.method.params["train"] == fp.method.params["train"]
+    stats = mv.method_stats["marvin"]
+    layers = {l.name: l for l in mv.cost.layers}
+    for name, f in stats["final"].items():
+        assert layers[name].weight_bits == f["wl"] and layers[name].activation_bits == f["wl"]
+    assert mv.quantization.mixed_precision["enabled"] is True
+    assert mv.quantization.weights.rounding == "stochastic"
+    assert mv.dataset.calibration.labels_used is True and mv.dataset.calibration.split == "train"

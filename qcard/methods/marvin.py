@@ -423,8 +423,8 @@ class MarvinController:
     def _trace(self, model, data):
         from ..cost import trace_layers
         try:
-            return {r.name: r for r in trace_layers(model, tuple(data.input_shape), device=self.ctx.device
-                                                     if self.ctx.device != "cpu" else "cpu")}
+            device = str(next(model.parameters()).device)
+            return {r.name: r for r in trace_layers(model, tuple(data.input_shape), device=device)}
         except Exception as exc:    # cost figures then lack MACs; say so instead of failing the run
             msg = f"marvin: could not trace the model for MAC counts ({exc}); speedups are not computed"
             self.warnings.append(msg)

@@ -27,6 +27,10 @@ rounded and saturated at 15, or truncated); a zero partner -> kept exact (8 bits
 Implementation: every result depends only on (code, partner-has-zero), so one 512-entry table
 per (mode, bits, options, rounding), cached per device and dtype, is indexed by
 code + 256 * partner_has_zero. The same index feeds a bincount that gives every statistic.
+
+The second half of this file is the method (SPARQ, registered as "sparq"): it swaps the model's
+conv/linear layers for SparqConv2d/SparqLinear, calibrates the paper's base 8-bit model (or
+qcard's own PTQ settings), and fills the card; see the comment block above class SparqParams.
 """
 from __future__ import annotations
 
@@ -426,7 +430,8 @@ def sparq_stats(q: torch.Tensor, bits: int = 4, options: Optional[int] = None, r
 # Base "qcard": BN folded first (conv weights absorb the BN), dw = max|w|/127, activation ranges
 # min-max (or percentile), first/last layers at plain 8-bit, no BN passes (nothing left to refresh).
 
-_VARIANTS = ("sparq", "bsparq", "vsparq", "a4", "a8")
+_VARIANTS = ("sparq", "bsparq", "vsparq", "a2", "a3", "a4", "a8")
+_PLAIN_BITS = {"a2": 2, "a3": 3, "a4": 4, "a8": 8}
 _WINDOW_VARIANTS = ("sparq", "bsparq", "vsparq")
 _PAPER_CAL_BATCH = 128          # the reference code: 17 batches of 128 (~2,048 images)
 
@@ -437,11 +442,13 @@ class SparqError(QcardError):
 
 class SparqParams(MethodParams):
     """Parameters of the sparq method (plain scalars, so a config can sweep any of them)."""
-    variant: Literal["sparq", "bsparq", "vsparq", "a4", "a8"] = Field(
+    variant: Literal["sparq", "bsparq", "vsparq", "a2", "a3", "a4", "a8"] = Field(
         "sparq", description="sparq: vSPARQ pairs + bSPARQ windows (the paper); bsparq: windows only; "
-                             "vsparq: the vSPARQ-only ablation (fixed 7:4 window); a4: plain 4-bit "
-                             "activations (grid 16*dx); a8: the 8-bit base model itself")
-    bits: Literal[4, 3, 2] = Field(4, description="window bits n (sparq/bsparq); 4 for vsparq and a4")
+                             "vsparq: the vSPARQ-only ablation (fixed 7:4 window); a4 (a3, a2): plain "
+                             "4-bit (3-, 2-bit) activations on the grid 2^(8-n)*dx, the baseline with the "
+                             "same calibration; a8: the 8-bit base model itself")
+    bits: Literal[4, 3, 2] = Field(4, description="window bits n (sparq/bsparq); set by the variant for "
+                                                   "a2/a3/a4; ignored for a8")
     options: Optional[Literal[5, 3, 2, 6, 7]] = Field(
         None, description="window placements: 5/3/2 for bits=4 (5opt default); 6 for bits=3; 7 for bits=2")
     rounding: Literal["round", "raw"] = Field("round", description="window rounding: half to even "
@@ -468,13 +475,18 @@ class SparqParams(MethodParams):
     @model_validator(mode="after")
     def _resolve(self) -> "SparqParams":
         v = self.variant
-        if v in ("vsparq", "a4", "a8"):
+        if v == "vsparq" or v in _PLAIN_BITS:
             if self.options is not None:
                 raise ValueError(f"options choose window placements of sparq/bsparq; variant '{v}' has none "
                                  f"(leave options out)")
-            if v != "a8" and self.bits != 4:
-                raise ValueError(f"variant '{v}' is 4-bit by definition; bits must be 4 (got {self.bits})")
-            if v in ("a4", "a8") and self.rounding != "round":
+            if v == "vsparq" and self.bits != 4:
+                raise ValueError(f"variant 'vsparq' uses a fixed 4-bit window (7:4); bits must be 4 (got {self.bits})")
+            if v in ("a2", "a3", "a4") and "bits" in self.model_fields_set and self.bits != _PLAIN_BITS[v]:
+                raise ValueError(f"variant '{v}' is {_PLAIN_BITS[v]}-bit by definition; leave bits out "
+                                 f"(got bits={self.bits})")
+            if v in ("a2", "a3", "a4"):
+                object.__setattr__(self, "bits", _PLAIN_BITS[v])
+            if v in _PLAIN_BITS and self.rounding != "round":
                 raise ValueError(f"rounding chooses how SPARQ windows round; variant '{v}' uses plain "
                                  f"round-to-nearest (leave rounding out)")
         else:
@@ -580,6 +592,7 @@ class _SparqLayerMixin:
         self.channel_dim = channel_dim
         self.observer = _Observer(percentile)
         self.kernel: Optional[SparqKernel] = None
+        self.plain_bits = 8
         self.dx = 1.0
         self.dw: Optional[torch.Tensor] = None
         self.plain_stats: Optional[_PlainStats] = None
@@ -587,9 +600,11 @@ class _SparqLayerMixin:
 
     # -- conversion ------------------------------------------------------------------------
     @torch.no_grad()
-    def sparq_convert(self, role: str, dx: float, weight_divisor: float, kernel: Optional[SparqKernel]) -> None:
-        self.sparq_role, self.dx, self.kernel = role, float(dx), kernel
-        w = self.weight.detach().float()
+    def sparq_convert(self, role: str, dx: float, weight_divisor: float, kernel: Optional[SparqKernel] = None,
+                      plain_bits: int = 8) -> None:
+        """role: sparq | bsparq | vsparq (kernel given) | plain (plain_bits-bit grid) | u8 | s8."""
+        self.sparq_role, self.dx, self.kernel, self.plain_bits = role, float(dx), kernel, int(plain_bits)
+        w = self.weight.detach().double()       # float64 once: w = -max|w| gives exactly -127.5 -> -128
         wmax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
         dw = torch.where(wmax > 0, wmax / weight_divisor, torch.ones_like(wmax))
         shape = (-1,) + (1,) * (w.dim() - 1)
@@ -606,8 +621,9 @@ class _SparqLayerMixin:
         role, dx = self.sparq_role, self.dx
         if role in _WINDOW_VARIANTS:
             out = self.kernel.float_codes(x, dx)
-        elif role == "a4":
-            out = torch.div(x, 16.0 * dx).round_().clamp_(0, 15).mul_(16)
+        elif role == "plain":                   # plain n-bit: the grid 2^(8-n)*dx, codes 0..2^n-1
+            step = float(1 << (8 - self.plain_bits))
+            out = torch.div(x, step * dx).round_().clamp_(0, (1 << self.plain_bits) - 1).mul_(step)
         elif role == "u8":
             out = torch.div(x, dx).round_().clamp_(0, 255)
         elif role == "s8":
@@ -631,8 +647,8 @@ class _SparqLayerMixin:
             if on:
                 self.kernel.reset_stats()
         if on and self.sparq_role not in _WINDOW_VARIANTS:
-            mode = {"a4": "a4", "u8": "a8", "s8": "int8_signed"}[self.sparq_role]
-            self.plain_stats = _PlainStats(mode, 4 if self.sparq_role == "a4" else 8)
+            mode = {"plain": f"a{self.plain_bits}", "u8": "a8", "s8": "int8_signed"}[self.sparq_role]
+            self.plain_stats = _PlainStats(mode, self.plain_bits if self.sparq_role == "plain" else 8)
 
     def layer_stats(self) -> dict:
         st = self.kernel.stats() if self.sparq_role in _WINDOW_VARIANTS else self.plain_stats.stats()
@@ -785,7 +801,8 @@ def _fold_batch_norms(model: nn.Module, example: torch.Tensor) -> List[Tuple[str
 
 # ------------------------------------------------------------------ cost comparison
 
-def _cost_comparison(traced: List[LayerRecord], layers: List[LayerRecord], window_layers: set) -> Dict[str, Any]:
+def _cost_comparison(traced: List[LayerRecord], layers: List[LayerRecord], window_layers: set,
+                     variant: str = "sparq") -> Dict[str, Any]:
     """A8W8 on a fixed 8-bit array, A4W8 on a bit-scalable array and SPARQ on the SPARQ array, for
     the same layers (first/last and excluded layers as the method ran them), on systolic-ws."""
     from ..cost import apply_bits, estimate
@@ -828,25 +845,47 @@ def _cost_comparison(traced: List[LayerRecord], layers: List[LayerRecord], windo
     sp_cycles = sum(row["cycles"] or 0 for row in rows)
     sp_traffic = sum(row["memory_traffic_bits"] for row in rows)
 
-    def entry(pe, cycles, traffic, act, bops):
+    def window_cycles(layer_rows):
+        return sum(row["cycles"] or 0 for r, row in zip(merged, layer_rows) if r.name in window_layers)
+
+    def entry(pe, cycles, traffic, act, bops, wcycles):
         return {"profile": "systolic-ws", "pe_mode": pe, "latency_cycles": cycles,
                 "speedup_vs_int8": int8 / cycles if cycles else None,
                 "speedup_vs_a8w8": a8["latency_cycles"] / cycles if cycles else None,
+                "quantized_layers_cycles": wcycles,
                 "memory_traffic_bits": traffic, "activation_traffic_bits": act, "bops": bops}
 
-    return {
-        "a8w8": entry("fixed8", a8["latency_cycles"], a8["memory_traffic_bits"], act_traffic(a8), a8["bops"]),
-        "a4w8": entry("bit_scalable", a4["latency_cycles"], a4["memory_traffic_bits"], act_traffic(a4), a4["bops"]),
+    out = {
+        "a8w8": entry("fixed8", a8["latency_cycles"], a8["memory_traffic_bits"], act_traffic(a8), a8["bops"],
+                      window_cycles(a8["layers"])),
+        "a4w8": entry("bit_scalable", a4["latency_cycles"], a4["memory_traffic_bits"], act_traffic(a4), a4["bops"],
+                      window_cycles(a4["layers"])),
         "sparq": entry("sparq", sp_cycles, sp_traffic,
                        sum((row.get("activation_in_bits") or 0) + (row.get("activation_out_bits") or 0) for row in rows),
-                       sum(row["bops"] for row in rows)),
+                       sum(row["bops"] for row in rows), window_cycles(rows)),
+    }
+    # this run's own layers on the PE it is meant for
+    if variant in _WINDOW_VARIANTS:
+        out["this_run"] = dict(out["sparq"])
+    elif variant == "a8":
+        out["this_run"] = dict(out["a8w8"])
+    else:
+        own = estimate(merged, "systolic-ws:pe_mode=bit_scalable")
+        out["this_run"] = entry("bit_scalable", own["latency_cycles"], own["memory_traffic_bits"], act_traffic(own),
+                                own["bops"], window_cycles(own["layers"]))
+    out["this_run"]["variant"] = variant
+    return {
+        **out,
         "note": ("systolic-ws 32x32 weight-stationary array, batch 1, input shape of the dataset. a8w8: the "
                  "SPARQ layers at 8-bit activations on the fixed 8-bit PE; a4w8: the same layers at 4-bit "
                  "activations on a bit-scalable PE (4-bit activations in memory); sparq: the SPARQ PE (two "
                  "4bx8b multipliers per pair: 2x the 8bx8b MAC rate, 8-bit activations in memory, BOPs at the "
                  "measured expected bits). Layers that do not run SPARQ (FP32 first/last, excluded 8-bit "
                  "layers) keep their fixed 8-bit PE cycles in every row. speedup_vs_int8: against every layer "
-                 "(first/last included) at W8A8 on the fixed 8-bit PE; speedup_vs_a8w8: against the a8w8 row."),
+                 "(first/last included) at W8A8 on the fixed 8-bit PE; speedup_vs_a8w8: against the a8w8 row; "
+                 "quantized_layers_cycles: the SPARQ-candidate layers alone (without FP32/excluded layers); "
+                 "this_run: this run's layers on the PE its variant is meant for (sparq, bSPARQ, vSPARQ: the "
+                 "SPARQ PE; a2/a3/a4: bit-scalable, a3 running as 4-bit; a8: fixed 8-bit)."),
     }
 
 
@@ -901,6 +940,9 @@ class SPARQ(Method):
                 candidates.append(r.name)
         seen = {u["name"] for u in unquantized} | set(candidates) | set(edge)
         for r in traced:
+            base_name, _, suffix = r.name.rpartition("_")
+            if suffix.isdigit() and base_name in seen:   # a second call of a layer already handled
+                continue
             if r.macs > 0 and r.name not in seen:
                 unquantized.append({"name": r.name, "op": r.op,
                                     "reason": "not a Conv2d/Linear layer: SPARQ quantizes conv and linear inputs only"})
@@ -915,7 +957,7 @@ class SPARQ(Method):
         # 2. base qcard: fold batch norms first
         folded: List[Tuple[str, str]] = []
         if p.base == "qcard" and has_bn:
-            example = _images(next(iter(loader)))[:8].to(device)
+            example = _images(next(iter(loader)))[:2].to(device)
             folded = _fold_batch_norms(model, example)
             pipeline.append(f"fold batch norm ({len(folded)} folded)")
             has_bn = bool(_batch_norms(model))
@@ -958,7 +1000,7 @@ class SPARQ(Method):
 
         # 4. convert: roles, scales, cached weight codes
         divisor = 255.0 / 2.0 if p.base == "paper" else 127.0
-        window_role = p.variant if p.variant in _WINDOW_VARIANTS else ("a4" if p.variant == "a4" else "u8")
+        window_role = p.variant if p.variant in _WINDOW_VARIANTS else ("u8" if p.variant == "a8" else "plain")
         overrides: List[Dict[str, Any]] = []
         excluded: List[Dict[str, Any]] = []
         roles: Dict[str, str] = {}
@@ -984,7 +1026,7 @@ class SPARQ(Method):
             kernel = None
             if role in _WINDOW_VARIANTS:
                 kernel = SparqKernel(role, p.bits, p.options if role != "vsparq" else None, p.rounding, lay.channel_dim)
-            lay.sparq_convert(role, dx, divisor, kernel)
+            lay.sparq_convert(role, dx, divisor, kernel, _PLAIN_BITS.get(p.variant, 8))
             lay.to(device)
             lay.sparq_state = "quant"
             roles[name] = role
@@ -1024,16 +1066,16 @@ class SPARQ(Method):
             if role in _WINDOW_VARIANTS and st["bits_distribution"]:
                 dist = {float(b): float(f) for b, f in st["bits_distribution"].items()}
             records.append(LayerRecord(
-                name=name, op=op_of[name], weight_bits=8, activation_bits=4 if role == "a4" else 8,
+                name=name, op=op_of[name], weight_bits=8, activation_bits=lay.plain_bits if role == "plain" else 8,
                 weight_granularity="per_channel", weight_symmetric=True, activation_granularity="per_tensor",
                 activation_symmetric=role == "s8", activation_bits_distribution=dist, quantized=True,
                 extra={"sparq_role": role, "sparq": role in _WINDOW_VARIANTS, "dx": lay.dx}))
         for u in unquantized:
             records.append(LayerRecord(name=u["name"], op=u["op"], weight_bits=None, activation_bits=None,
                                        quantized=False, reason=u["reason"]))
-        window_layers = {n for n, r in roles.items() if r in _WINDOW_VARIANTS + ("a4", "u8") and n not in edge}
+        window_layers = {n for n, r in roles.items() if r in _WINDOW_VARIANTS + ("plain", "u8") and n not in edge}
         try:
-            comparison = _cost_comparison(traced, records, window_layers)
+            comparison = _cost_comparison(traced, records, window_layers, p.variant)
         except QcardError as exc:                   # the cost model is another module: say so, go on
             comparison = {"error": str(exc)}
             warnings.append(f"sparq cost comparison failed: {exc}")
@@ -1054,8 +1096,9 @@ class SPARQ(Method):
             return f"bSPARQ {p.bits}-bit windows ({p.options}opt, {p.rounding}) of 8-bit codes"
         if p.variant == "vsparq":
             return f"vSPARQ only (zero partner: exact 8 bits; else window 7:4, {p.rounding}) of 8-bit codes"
-        if p.variant == "a4":
-            return "plain 4-bit unsigned per tensor (grid 16*dx)"
+        if p.variant in ("a2", "a3", "a4"):
+            n = _PLAIN_BITS[p.variant]
+            return f"plain {n}-bit unsigned per tensor (grid {1 << (8 - n)}*dx)"
         return "plain 8-bit unsigned per tensor (the base model)"
 
     @staticmethod
@@ -1084,10 +1127,10 @@ class SPARQ(Method):
             st["bits_distribution"] = {f"{b:g}": f for b, f in st["bits_distribution"].items()}
             st["role"] = roles[n]
             layers[n] = st
-        sp = comparison.get("sparq") or {}
+        own = comparison.get("this_run") or {}
         return {
             "variant": p.variant, "base": p.base,
-            "bits": p.bits if p.variant in _WINDOW_VARIANTS else (4 if p.variant == "a4" else 8),
+            "bits": p.bits if p.variant in _WINDOW_VARIANTS else _PLAIN_BITS[p.variant],
             "options": p.options, "rounding": p.rounding if p.variant in _WINDOW_VARIANTS else None,
             "window_tops": list(WINDOW_SETS[(p.bits, p.options)]) if p.variant in ("sparq", "bsparq") else
                            ([7] if p.variant == "vsparq" else None),
@@ -1096,7 +1139,8 @@ class SPARQ(Method):
             "zero_partner_fraction": summary["zero_partner_fraction"],
             "mean_effective_bits": summary["mean_bits"],
             "mse_codes": summary["mse"],
-            "speedup_vs_a8w8": sp.get("speedup_vs_a8w8"),
+            "pe_mode": own.get("pe_mode"),
+            "speedup_vs_a8w8": own.get("speedup_vs_a8w8"),     # this run on its PE (cost_comparison.this_run)
             "stats_source": f"calibration set (training split), first {n_stats} images, eval mode, after "
                             f"calibration{' and BN recalibration' if p.base == 'paper' and p.bn_recalibration else ''}",
             "stats_images": n_stats,
@@ -1122,7 +1166,7 @@ class SPARQ(Method):
         fp32_ops = [o for o in ("add", "concat", "avgpool", "maxpool", "mul") if o in ops]
         if p.base == "paper" and has_bn:
             fp32_ops.insert(0, "batch_norm")
-        act_bits = p.bits if p.variant in _WINDOW_VARIANTS else (4 if p.variant == "a4" else 8)
+        act_bits = p.bits if p.variant in _WINDOW_VARIANTS else _PLAIN_BITS[p.variant]
         edge_bits = None if p.first_last == "fp32" else 8
         unfriendly = []
         if p.first_last == "fp32":

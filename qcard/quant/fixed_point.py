@@ -5,9 +5,11 @@ grid k·2^(−fl), k an integer, inside [−2^(wl−fl−1), 2^(wl−fl−1) −
 values outside the range are clamped. fl may exceed wl (a purely fractional format) or be negative.
 
 Rounding:
-  nearest     round half to even (torch.round) after clamping;
+  nearest     round half to even, then clamp (the bounds lie on the grid);
   stochastic  ⌊x·2^fl + u⌋, u ~ U[0, 1) from a seeded generator: E[x̂] = x inside the range.
-Values are clamped before rounding; the bounds lie on the grid, so results never leave the range.
+float32 tensors go through torch.fake_quantize_per_tensor_affine (one fused pass, exact for a
+power-of-two scale); stochastic rounding is then nearest rounding of x + U(−δ/2, δ/2), which equals
+⌊x/δ + u⌋ except on exact ties (probability ~2^−24 per element), where it rounds half to even.
 
 Gradient (straight-through): "identity" passes the incoming gradient unchanged (as the AdaPT code,
 which overwrites `.data`); "clipped" zeroes it where x was outside the range.
@@ -47,16 +49,21 @@ def _quantize(x: torch.Tensor, wl: int, fl: int, rounding: str, generator: Optio
     lo, hi = fixed_point_range(wl, fl)
     scale = 2.0 ** fl
     lo_i, hi_i = lo * scale, hi * scale           # integers: the grid in units of 2^(−fl)
-    y = (x * scale).clamp_(lo_i, hi_i)            # exact: a power-of-two scaling
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"unknown rounding '{rounding}'; allowed: nearest, stochastic")
+    if x.dtype == torch.float32 and -(2 ** 31) <= lo_i and hi_i <= 2 ** 31 - 1:
+        # torch's fused fake-quantize op (one pass: x·2^fl, round half to even, clamp, ·2^−fl) is exact
+        # here: the scale is a power of two and the bounds are integers. Stochastic rounding is done as
+        # nearest rounding of x + U(−δ/2, δ/2), δ = 2^−fl, i.e. ⌊x/δ + U(0, 1)⌋ except on exact ties.
+        if rounding == "stochastic":
+            x = torch.empty_like(x).uniform_(-0.5 / scale, 0.5 / scale, generator=generator).add_(x)
+        return torch.fake_quantize_per_tensor_affine(x, 1.0 / scale, 0, int(lo_i), int(hi_i))
+    y = x * scale
     if rounding == "stochastic":
         y.add_(torch.empty_like(y).uniform_(generator=generator)).floor_()
-        if hi_i >= 2 ** 22 or lo_i <= -(2 ** 22):
-            y.clamp_(lo_i, hi_i)                  # in float32, y + u may round up past the top
-    elif rounding == "nearest":
-        y.round_()
     else:
-        raise ValueError(f"unknown rounding '{rounding}'; allowed: nearest, stochastic")
-    return y.mul_(2.0 ** (-fl))
+        y.round_()
+    return y.clamp_(lo_i, hi_i).mul_(1.0 / scale)
 
 
 class FixedPointSTE(torch.autograd.Function):

@@ -722,6 +722,14 @@ class _FxBuilder:
                 continue
             if self.kind.get(src) in fresh:
                 fq.inplace = True
+            # a conv/linear read only by this quantizer folds 1/s into its weights at inference
+            if self.kind.get(src) == "gemm" and src.op == "call_module" and fq.spec.granularity == "per_tensor" \
+                    and not fq.dynamic:
+                m = self.gm.get_submodule(str(src.target))
+                if "out_prescale" not in m.__dict__ and not isinstance(m, nn.modules.conv._ConvTransposeNd) \
+                        and sum(1 for n in self.graph.nodes if n.op == "call_module" and n.target == src.target) == 1:
+                    m.__dict__["out_prescale"] = fq
+                    fq.prescaled_input = True
 
     # -- step 9: describe --------------------------------------------------------------------------
     def describe(self) -> None:

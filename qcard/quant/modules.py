@@ -48,6 +48,23 @@ class QuantLayerMixin:
             self._wq_cache = cache
         return cache[1]
 
+    def _weight_bias(self):
+        """(weight, bias) to compute with: fake-quantized, and divided by the output quantizer's scale
+        when that quantizer is fused with this layer (see FakeQuantize.prescale_active)."""
+        fq = self.__dict__.get("out_prescale")
+        if fq is None or not fq.prescale_active():
+            return self.quantized_weight(), self.bias
+        w = self.quantized_weight()
+        b = self.bias
+        key = (id(w), w._version, fq.version, None if b is None else (b._version, b.data_ptr()))
+        cache = self.__dict__.get("_prescale_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                inv = 1.0 / fq.scale.reshape(())
+                cache = (key, w * inv, None if b is None else b * inv, w)
+            self.__dict__["_prescale_cache"] = cache
+        return cache[1], cache[2]
+
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         q = self.input_quantizer
         return q(x) if q is not None else x
@@ -55,22 +72,23 @@ class QuantLayerMixin:
     def __getstate__(self):                 # the cache is derived data: do not copy or pickle it
         state = self.__dict__.copy()
         state["_wq_cache"] = None
+        state["_prescale_cache"] = None
         return state
 
 
 class QConv1d(nn.Conv1d, QuantLayerMixin):
     def forward(self, x):
-        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self._quant_input(x), *self._weight_bias())
 
 
 class QConv2d(nn.Conv2d, QuantLayerMixin):
     def forward(self, x):
-        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self._quant_input(x), *self._weight_bias())
 
 
 class QConv3d(nn.Conv3d, QuantLayerMixin):
     def forward(self, x):
-        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self._quant_input(x), *self._weight_bias())
 
 
 def _convt(fn):
@@ -98,7 +116,7 @@ class QConvTranspose3d(nn.ConvTranspose3d, QuantLayerMixin):
 
 class QLinear(nn.Linear, QuantLayerMixin):
     def forward(self, x):
-        return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self._quant_input(x), *self._weight_bias())
 
 
 QUANT_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {

@@ -174,6 +174,7 @@ class FakeQuantize(nn.Module):
         self.inplace = False           # set by the graph builder when nothing else reads the input
         self.range_setting = getattr(observer, "name", None) if not dynamic else "dynamic_minmax"
         self.rounding_label = spec.rounding   # "adaround" once AdaRound has chosen the roundings
+        self.prescaled_input = False   # the producing conv/linear folds 1/s into its weights (no-grad eval)
         self.version = 0               # bumps whenever scale/zero_point change (weight caches key on it)
         self._fast = None              # (z float, absorbable pre_act) cache for the per-tensor path
 
@@ -256,7 +257,21 @@ class FakeQuantize(nn.Module):
             self._fast = absorbed
         return self._fast
 
+    def prescale_active(self) -> bool:
+        """Whether the producing layer multiplies by 1/s itself in this call (inference only): then
+        this quantizer only clamps, rounds and scales, saving one pass over the activation."""
+        if not (self.prescaled_input and self.enabled and self.calibrated) or self.observing or self.dynamic:
+            return False
+        if torch.is_grad_enabled() or self.axis is not None or self.spec.rounding != "nearest":
+            return False
+        return self.pre_act in (None, "relu") or self._pre_act_absorbed()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prescaled_input and self.prescale_active():
+            if self.pre_act == "relu" and not self._pre_act_absorbed():
+                x = torch.relu(x)                    # relu(v/s) = relu(v)/s, s > 0
+            z = float(self.zero_point.round())
+            return x.clamp_(self.qmin - z, self.qmax - z).round_().mul_(self.scale.reshape(()))
         if self.observing:
             x = self._apply_pre_act(x)
             if self.observer is not None:

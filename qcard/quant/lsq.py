@@ -1,0 +1,242 @@
+"""Learnable quantizers for quantization-aware training: LSQ (learned step size) and PACT (learned clip).
+
+LSQ (Esser et al. 2020; white paper §4.4, specs/ptq-qat.md "Standard QAT pipeline" step 4):
+    x̂ = s·(clamp(⌊x/s⌉ + ⌊z⌉, q_min, q_max) − ⌊z⌉), with s and z learnable, z stored as a real number
+    and rounded in the forward pass. Straight-through gradients:
+        ∂x̂/∂x = 1 inside the range, 0 outside;
+        ∂x̂/∂s = ⌊x/s⌉ − x/s inside, q_min − ⌊z⌉ or q_max − ⌊z⌉ when clipped (q_min / q_max for z = 0);
+        ∂x̂/∂z = 0 inside, −s when clipped.
+    Optional gradient scale g = 1/√(N·q_max) on s and z (N: elements sharing one scale, per sample for
+    activations, as in LSQ's N_W and N_F), applied as s·g + (s − s·g).detach(): same value, gradient ×g.
+
+PACT (Choi et al. 2018) for activations on a non-negative grid: y = clamp(x, 0, α) with α learnable,
+quantized with s = α/(q_max − q_min) and a straight-through round, so ∂ŷ/∂x = 1 on [0, α), 0 elsewhere,
+and ∂ŷ/∂α = 1 where x ≥ α, 0 elsewhere.
+
+Quantizers of a simulated model are converted in place (`make_lsq`, `make_pact`: the module's class
+changes, so every reference the graph builder keeps stays valid) and turned back into plain, fixed
+FakeQuantize modules holding the learned values after training (`freeze`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .quantizer import FakeQuantize, _bshape, group_rows, round_ste
+
+__all__ = ["lsq_fake_quantize", "grad_scale", "LSQQuantizer", "PACTQuantizer", "make_lsq", "make_pact",
+           "freeze", "is_learnable", "clamp_learned"]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
+    """t in the forward pass; its gradient multiplied by g in the backward pass."""
+    if g == 1.0:
+        return t
+    return (t - t * g).detach() + t * g
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      axis: Optional[int] = None, g: float = 1.0) -> torch.Tensor:
+    """LSQ fake quantization of x with per-tensor (axis None) or per-index-of-axis (scale, zero_point).
+    The forward value equals quantizer.fake_quantize's (x·(1/s), round half to even)."""
+    if axis is not None:
+        if axis < 0:
+            axis += x.dim()
+        shape = _bshape(x, axis)
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    else:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    s = grad_scale(scale, g).clamp(min=_EPS)
+    z = round_ste(grad_scale(zero_point, g).clamp(qmin, qmax))
+    q = round_ste(x * (1.0 / s)) + z
+    # inside (boundaries included, as torch's mask): q carries the gradient; clipped: a constant
+    inside = (q >= qmin) & (q <= qmax)
+    q = torch.where(inside, q, q.detach().clamp(qmin, qmax))
+    return (q - z) * s
+
+
+class LSQQuantizer(FakeQuantize):
+    """A FakeQuantize whose scale (and zero point, when asymmetric) are nn.Parameters trained by LSQ.
+    Made by `make_lsq` from a calibrated FakeQuantize; never constructed directly."""
+
+    lsq_grad_scale: bool
+    lsq_is_weight: bool
+
+    # caches elsewhere (weight cache, prescaled layers) key on `version`: include the parameters'
+    # in-place version counters so optimizer steps on s and z invalidate them
+    @property
+    def version(self):
+        return (self.__dict__.get("_vbase", 0), self.scale._version, self.zero_point._version)
+
+    @version.setter
+    def version(self, value):
+        self.__dict__["_vbase"] = value if isinstance(value, int) else self.__dict__.get("_vbase", 0) + 1
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.data = scale.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape).clone()
+            self.zero_point.data = zero_point.detach().to(self.scale.device, torch.float32).reshape(
+                self.zero_point.shape).clone()
+        self.calibrated = True
+        self.__dict__["_vbase"] = self.__dict__.get("_vbase", 0) + 1
+        self._fast = None
+
+    def prescale_active(self) -> bool:        # the producing layer never pre-divides by a learnable scale
+        return False
+
+    def _pre_act_absorbed(self) -> bool:      # the grid moves during training: never cache this decision
+        return False
+
+    def _g(self, x: torch.Tensor, n_scales: int) -> float:
+        if not self.lsq_grad_scale:
+            return 1.0
+        n = x.numel() / max(n_scales, 1)
+        if not self.lsq_is_weight and x.dim() > 1:
+            n /= x.shape[0]                    # activations: features of one sample (LSQ's N_F)
+        return 1.0 / math.sqrt(max(n, 1.0) * self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing or not self.enabled or self.dynamic:
+            return super().forward(x)
+        x = self._apply_pre_act(x)
+        n_scales = self.scale.numel()
+        if self.spec.granularity == "per_group":
+            rows, back = group_rows(x, self.channel_axis, self.spec.group_size)
+            g = self._g(x, n_scales)
+            return back(lsq_fake_quantize(rows, self.scale.reshape(-1), self.zero_point.reshape(-1),
+                                          self.qmin, self.qmax, 0, g))
+        return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis,
+                                 self._g(x, n_scales))
+
+
+class PACTQuantizer(FakeQuantize):
+    """An activation FakeQuantize on a grid starting at 0 whose upper clip α is an nn.Parameter (PACT).
+    Made by `make_pact`; the scale buffer follows α (s = α/(q_max − q_min))."""
+
+    @property
+    def version(self):
+        return (self.__dict__.get("_vbase", 0), self.pact_alpha._version)
+
+    @version.setter
+    def version(self, value):
+        self.__dict__["_vbase"] = value if isinstance(value, int) else self.__dict__.get("_vbase", 0) + 1
+
+    def prescale_active(self) -> bool:
+        return False
+
+    def _pre_act_absorbed(self) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing or not self.enabled or self.dynamic:
+            return super().forward(x)
+        x = self._apply_pre_act(x)
+        alpha = self.pact_alpha.clamp(min=_EPS)
+        y = torch.minimum(torch.relu(x), alpha)      # gradient to α exactly where x ≥ α
+        s = (alpha / float(self.qmax - self.qmin)).detach()
+        z = self.zero_point.detach().round()
+        yq = torch.clamp(torch.round(y.detach() * (1.0 / s)) + z, self.qmin, self.qmax)
+        return y + ((yq - z) * s - y.detach()).detach()
+
+
+def is_learnable(fq: nn.Module) -> bool:
+    return isinstance(fq, (LSQQuantizer, PACTQuantizer))
+
+
+def _to_parameter(fq: nn.Module, name: str, requires_grad: bool) -> None:
+    value = getattr(fq, name).detach().clone().float()
+    del fq._buffers[name]
+    fq.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def _to_buffer(fq: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in fq._parameters:
+        del fq._parameters[name]
+    fq.register_buffer(name, value.detach().clone().float())
+
+
+def make_lsq(fq: FakeQuantize, *, grad_scale: bool = False, is_weight: bool = False) -> LSQQuantizer:
+    """Turn a calibrated FakeQuantize into an LSQQuantizer in place: s learnable; z learnable for
+    asymmetric grids (kept at 0 for symmetric ones)."""
+    if type(fq) is not FakeQuantize:
+        raise TypeError(f"quantizer '{fq.qname}' is a {type(fq).__name__}; only a plain FakeQuantize can become LSQ")
+    if fq.dynamic:
+        raise ValueError(f"quantizer '{fq.qname}' is dynamic (range from every input): nothing to learn")
+    if not fq.calibrated:
+        raise ValueError(f"quantizer '{fq.qname}' has no range yet: initialize ranges before LSQ")
+    if fq.spec.scale_format == "power_of_two":
+        raise ValueError(f"quantizer '{fq.qname}' uses power-of-two scales, which LSQ cannot learn")
+    base = fq.__dict__.pop("version", 0)
+    fq.__class__ = LSQQuantizer
+    fq.__dict__["_vbase"] = int(base) + 1
+    fq.lsq_grad_scale = bool(grad_scale)
+    fq.lsq_is_weight = bool(is_weight)
+    with torch.no_grad():
+        zp = fq.zero_point.detach().round() if not fq.spec.symmetric else torch.zeros_like(fq.zero_point)
+        fq.zero_point = zp
+    _to_parameter(fq, "scale", True)
+    _to_parameter(fq, "zero_point", not fq.spec.symmetric)
+    fq._fast = None
+    return fq
+
+
+def make_pact(fq: FakeQuantize) -> Optional[PACTQuantizer]:
+    """Turn a calibrated per-tensor activation FakeQuantize whose grid starts at 0 into a PACTQuantizer
+    in place (α = the calibrated upper end). Returns None (quantizer unchanged) where PACT does not
+    apply: a grid reaching below 0 (PACT clips at 0), per-channel or dynamic ranges."""
+    if type(fq) is not FakeQuantize or fq.dynamic or not fq.calibrated or fq.axis is not None:
+        return None
+    if fq.spec.granularity != "per_tensor" or fq.spec.scale_format == "power_of_two":
+        return None
+    lo, hi = fq.range()
+    if float(lo) != 0.0:
+        return None
+    base = fq.__dict__.pop("version", 0)
+    fq.__class__ = PACTQuantizer
+    fq.__dict__["_vbase"] = int(base) + 1
+    fq.register_parameter("pact_alpha", nn.Parameter(hi.detach().clone().float().reshape(())))
+    fq._fast = None
+    return fq
+
+
+@torch.no_grad()
+def clamp_learned(fq: nn.Module) -> None:
+    """Keep learned parameters valid after an optimizer step: s > 0, z on the integer grid's span, α > 0."""
+    if isinstance(fq, LSQQuantizer):
+        fq.scale.clamp_(min=_EPS)
+        if fq.zero_point.requires_grad:
+            fq.zero_point.clamp_(fq.qmin, fq.qmax)
+    elif isinstance(fq, PACTQuantizer):
+        fq.pact_alpha.clamp_(min=_EPS)
+        # the scale buffer follows α (read by tied grids and the card)
+        fq.scale.copy_((fq.pact_alpha / float(fq.qmax - fq.qmin)).reshape(fq.scale.shape))
+
+
+@torch.no_grad()
+def freeze(fq: nn.Module) -> FakeQuantize:
+    """Turn a learnable quantizer back into a plain FakeQuantize holding the learned grid
+    (z rounded to an integer), so the simulated model evaluates exactly as a PTQ one does."""
+    if isinstance(fq, LSQQuantizer):
+        scale = fq.scale.detach().clamp(min=_EPS)
+        zp = fq.zero_point.detach().clamp(fq.qmin, fq.qmax).round()
+        for k in ("lsq_grad_scale", "lsq_is_weight"):
+            fq.__dict__.pop(k, None)
+    elif isinstance(fq, PACTQuantizer):
+        alpha = fq.pact_alpha.detach().clamp(min=_EPS)
+        scale = (alpha / float(fq.qmax - fq.qmin)).reshape(fq.scale.shape)
+        zp = fq.zero_point.detach().round()
+        del fq._parameters["pact_alpha"]
+    else:
+        return fq
+    base = fq.__dict__.pop("_vbase", 0)
+    fq.__class__ = FakeQuantize
+    fq.__dict__["version"] = int(base) + 1
+    _to_buffer(fq, "scale", scale)
+    _to_buffer(fq, "zero_point", zp)
+    fq.set_qparams(scale, zp)
+    return fq
