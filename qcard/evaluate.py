@@ -13,7 +13,7 @@ class NonFiniteOutputError(QcardError):
     """The model produced NaN or infinite outputs."""
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: methods may cache tensors whose version counter they read later
 def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str = "cpu",
              progress: bool = False, desc: str = "evaluate", num_workers: int = 0) -> Dict[str, float]:
     model.eval()

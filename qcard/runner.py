@@ -237,7 +237,10 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
         for w in result.warnings:
             log(f"    warning: {w}")
         t = time.time()
-        metrics = run_eval(result.model, desc=f"{point.method_label} {point.model.short} seed {seed}")
+        if result.model is model and method_cls.family == "none" and not result.pipeline:
+            metrics = baseline  # the untouched FP32 model on the same data: evaluated once, above
+        else:
+            metrics = run_eval(result.model, desc=f"{point.method_label} {point.model.short} seed {seed}")
         t_eval += time.time() - t
         per_seed.append({"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]})
     timings["method"], timings["evaluate"] = t_method, t_eval
@@ -274,7 +277,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
         "cost": cost,
         "cost_profiles": cost_profiles,
         "method_stats": result.stats,
-        "warnings": list(result.warnings),
+        "warnings": list(result.warnings) + _data_warnings(evaluation, result.calibration),
         "provenance": prov,
         "reproduce": reproduce_command(exp, point),
     }
@@ -303,6 +306,14 @@ def compute_cost(point: Point, res: Resources, model, input_shape, method_layers
     first = point.cost.profiles[0]
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in blocks.items() if k != first}
     return blocks[first], extra
+
+
+def _data_warnings(evaluation, calibration) -> List[str]:
+    info = getattr(evaluation, "split_info", None) or {}
+    if info.get("shared_with_other_splits") and calibration:
+        return ["the image folder has no train/val subfolders: calibration or training images were drawn "
+                "from the same images that were evaluated"]
+    return []
 
 
 def _model_block(point: Point, info, weights_hash: str, input_shape) -> Dict[str, Any]:

@@ -344,3 +344,18 @@ def test_cost_model_does_not_import_torch():
             "estimate([LayerRecord(name='l', op='linear', macs=10, weight_shape=(2, 5), params=10)], 'asic45'); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sparq_pe_mode_skips_layers_the_method_kept_at_8_bits():
+    from qcard.cost import estimate, load_profile
+    from qcard.records import LayerRecord
+
+    def conv(flag):
+        return LayerRecord(name="c", op="conv2d", input_shape=(1, 64, 8, 8), output_shape=(1, 64, 8, 8),
+                           weight_shape=(64, 64, 3, 3), kernel_size=(3, 3), stride=(1, 1), padding=(1, 1),
+                           params=64 * 64 * 9, macs=64 * 64 * 9 * 64, weight_bits=8, activation_bits=8,
+                           extra={"sparq": flag})
+    prof = load_profile("systolic-ws:pe_mode=sparq")
+    on = estimate([conv(True)], prof)["latency_cycles"]
+    off = estimate([conv(False)], prof)["latency_cycles"]
+    assert off > on * 1.5

@@ -151,6 +151,8 @@ def _mac_energy(bits: _Bits, prof: Profile) -> Tuple[float, float]:
 def _layer(rec: LayerRecord, prof: Profile, sparsity_aware: bool, pe_mode: Optional[str]) -> Dict[str, Any]:
     lat = prof.latency
     mode = pe_mode or (lat.pe_mode if isinstance(lat, SystolicWS) else None)
+    if mode == "sparq" and rec.extra.get("sparq") is False:
+        mode = "fixed8"  # a layer the method kept at plain 8 bits gets no SPARQ processing element
     bits = _Bits(rec, sparq=(mode == "sparq"))
     has_macs = rec.macs > 0
     nz = (1.0 - float(rec.weight_sparsity)) if (sparsity_aware and bits.has_weight) else 1.0

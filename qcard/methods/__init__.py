@@ -7,6 +7,12 @@ from ..registry import Registry
 METHODS = Registry("method")
 METHODS.add("fp32", "qcard.methods.fp32:FP32", "identity: the FP32 model itself, as a card")
 METHODS.add("ptq", "qcard.methods.ptq:PTQ", "post-training quantization (white paper pipeline, every tradeoff a switch)")
+METHODS.add("qat", "qcard.methods.qat:QAT",
+            "quantization-aware training (LSQ or STE; BN static fold / keep-then-fold; white paper pipeline)")
+METHODS.add("fp32_train", "qcard.methods.fp32_train:FP32Train",
+            "FP32 training with a recipe: the baseline for training methods")
+METHODS.add("marvin", "qcard.methods.marvin:Marvin", "MARViN: adaptive per-layer fixed-point precision during training")
+METHODS.add("sparq", "qcard.methods.sparq:SPARQ", "SPARQ: sparsity-aware 4-bit activation windows on 8-bit codes")
 
 
 def resolve_method(name: str):

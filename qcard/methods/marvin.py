@@ -443,11 +443,12 @@ class MarvinController:
         order: List[str] = []
         inputs: Dict[str, Tuple[int, int]] = {}
         produced: Dict[Tuple[int, int], str] = {}      # (id, version) of each output -> its module
-        alive: List[Any] = []                          # keep outputs alive so ids stay unique
+        alive: List[Any] = []                          # keep inputs/outputs alive so ids stay unique
 
         def pre(mod, args, n):
             order.append(n)
             if args and isinstance(args[0], torch.Tensor):
+                alive.append(args[0])
                 inputs.setdefault(n, (id(args[0]), args[0]._version))
 
         def post(mod, args, out, n):

@@ -163,7 +163,11 @@ class PTQParams(MethodParams):
         if self.w_granularity != "per_group" and self.w_group_size is not None:
             errors.append(f"w_group_size is only used with w_granularity: per_group, not {self.w_granularity}")
         if "cle" in steps and self.bn == "kept":
-            errors.append("cle needs bn: folded (equalization rescales the folded weights)")
+            if self.pipeline == "custom":
+                errors.append("cle needs bn: folded (equalization rescales the folded weights)")
+            else:       # a named pipeline with batch norm kept: equalization does not apply
+                steps = [s for s in steps if s not in ("cle", "bias_absorption")]
+                self.steps = steps
         if self.adaround_iters is None:
             self.adaround_iters = 10000 if (self.w_bits or 8) >= 8 else 15000
         if self.mixed_precision:

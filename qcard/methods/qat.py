@@ -24,6 +24,7 @@ the model before ranges are set.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import Field, PrivateAttr, model_validator
@@ -276,6 +277,30 @@ class _LearnedHook:
             clamp_learned(q)
 
 
+def _warm_caches(sim, example) -> None:
+    """One no-grad forward pass, outside inference mode, so the simulated layers' weight caches are
+    ordinary tensors (the evaluator runs under torch.inference_mode, whose tensors have no version
+    counter for the cache keys in quant/modules.py to read)."""
+    import torch
+    was_training = sim.training
+    sim.eval()
+    with torch.inference_mode(False), torch.no_grad():
+        sim(example)
+    sim.train(was_training)
+
+
+def _warm_then(ctx: RunContext, data: PointData, sim, example):
+    def evaluate(model, dataset=None):
+        if model is sim:
+            _warm_caches(sim, example)
+        if ctx.evaluate is not None:
+            return ctx.evaluate(model, dataset if dataset is not None else data.eval)
+        from ..evaluate import evaluate as _eval
+        return _eval(model, dataset if dataset is not None else data.eval, batch_size=data.batch_size,
+                     device=ctx.device)
+    return evaluate
+
+
 def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResult:
     import torch
     from ..quant.calibrate import sim_info
@@ -345,7 +370,9 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
     if qparams:
         groups.append({"params": qparams, "weight_decay": 0.0})   # decay would shrink the learned ranges
     pipeline.append(f"train_{p.estimator}" + ("_pact" if pact_qs else ""))
-    log = train(sim, data, recipe, ctx, hooks=[_LearnedHook(learned)], params=groups)
+    example = xs[0][:1].to(ctx.device)
+    train_ctx = dataclasses.replace(ctx, evaluate=_warm_then(ctx, data, sim, example))
+    log = train(sim, data, recipe, train_ctx, hooks=[_LearnedHook(learned)], params=groups)
     warnings += list(log.warnings)
     sim.eval()
     for q in learned:
@@ -357,6 +384,7 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
     for q in wqs + aqs:          # fresh grids: drop caches that keyed on the training-time objects
         q._fast = None
     pipeline.append("convert")
+    _warm_caches(sim, example)
 
     # what ran, in the card's vocabulary
     label = "lsq" if p.estimator == "lsq" else "ste"

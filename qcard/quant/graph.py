@@ -121,6 +121,18 @@ def _rank(node: Any) -> int:
     return len(tm.shape) if tm is not None and hasattr(tm, "shape") else 0
 
 
+def _real_users(node: fx.Node) -> List[fx.Node]:
+    """Users that read the values (shape queries such as x.shape / x.size() / x.ndim do not)."""
+    out = []
+    for u in node.users:
+        if u.op == "call_function" and u.target is getattr:
+            continue
+        if u.op == "call_method" and u.target in ("size", "dim"):
+            continue
+        out.append(u)
+    return out
+
+
 def _gemm_type(m: nn.Module):
     for base in _GEMM_OP:
         if type(m) is base or (is_quant_layer(m) and isinstance(m, base)):
@@ -167,6 +179,8 @@ def classify_node(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[str, st
         return "other", type(m).__name__
     target = node.target
     if node.op == "call_function":
+        if target is F.batch_norm:
+            return "bn", "batchnorm"
         if target in _RELU_FUNCS:
             return "relu", _RELU_FUNCS[target]
         if target is F.hardtanh and _hardtanh_is_relu6(node):
@@ -191,6 +205,12 @@ def classify_node(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[str, st
             return "fgemm", _FUNCTIONAL_GEMM[target]
         if target is torch.clamp or target is torch.clip:
             return _clamp_kind(node)
+        if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant" \
+                and not (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)):
+            return "pass", "pad"                 # zero padding keeps the grid (zero is on it)
+        if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") \
+                == "nearest":
+            return "pass", "upsample_nearest"
         return "other", getattr(target, "__name__", str(target))
     if node.op == "call_method":
         if target in _RELU_METHODS:
@@ -324,12 +344,14 @@ class _FxBuilder:
             if self.kind.get(node) != "bn":
                 continue
             has_bn = True
-            bn = self.modules[node.target]
+            bn, why = self._bn_module(node)
             src = node.args[0] if node.args else None
-            reason = None
-            if not (isinstance(src, fx.Node) and self.kind.get(src) == "gemm"):
+            reason = why
+            if reason is not None:
+                pass
+            elif not (isinstance(src, fx.Node) and self.kind.get(src) == "gemm"):
                 reason = "batch norm not directly after a conv/linear: cannot be folded, runs in FP32"
-            elif len(src.users) != 1:
+            elif len(_real_users(src)) != 1:
                 reason = "the conv/linear output feeding this batch norm is also used elsewhere: not folded"
             else:
                 reason = can_fold(self.modules[src.target], bn)
@@ -341,7 +363,11 @@ class _FxBuilder:
             if self.cfg.bn == "folded":
                 fold_bn(layer, bn)
                 node.replace_all_uses_with(src)
+                inputs = list(node.all_input_nodes)
                 self.graph.erase_node(node)
+                for a in inputs:             # functional batch norm: its get_attr inputs go too
+                    if a.op == "get_attr" and not a.users:
+                        self.graph.erase_node(a)
                 layer.__dict__["_qcard_bn_pending"] = {"beta": beta, "gamma": gamma, "state": "folded",
                                                        "path": str(node.target)}
             else:
@@ -349,6 +375,39 @@ class _FxBuilder:
                                                        "path": str(node.target)}
                 self.fused[node] = src          # kept BN is part of its conv's group
         self.info.batch_norm = self.cfg.bn if has_bn else "none"
+
+    def _bn_module(self, node: fx.Node):
+        """(batch-norm module, None) for nn.BatchNorm nodes and F.batch_norm calls whose tensors are
+        attributes of the model (timm's BatchNormAct2d), else (None, reason)."""
+        if node.op == "call_module":
+            return self.modules[node.target], None
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        a = dict(zip(names, node.args))
+        a.update(node.kwargs)
+        if a.get("training"):
+            return None, "batch norm in training mode (batch statistics): cannot be folded"
+        vals = {}
+        for k in ("running_mean", "running_var", "weight", "bias"):
+            v = a.get(k)
+            if isinstance(v, fx.Node):
+                if v.op != "get_attr":
+                    return None, f"functional batch norm whose {k} is computed: cannot be folded"
+                obj = self.gm
+                for part in str(v.target).split("."):
+                    obj = getattr(obj, part)
+                v = obj
+            vals[k] = v
+        if vals.get("running_mean") is None or vals.get("running_var") is None:
+            return None, "batch norm without running statistics: cannot be folded"
+        bn = nn.BatchNorm1d(int(vals["running_mean"].numel()), eps=float(a.get("eps", 1e-5)),
+                            affine=vals.get("weight") is not None)
+        with torch.no_grad():
+            bn.running_mean.copy_(vals["running_mean"])
+            bn.running_var.copy_(vals["running_var"])
+            if vals.get("weight") is not None:
+                bn.weight.copy_(vals["weight"])
+                bn.bias.copy_(vals["bias"] if vals.get("bias") is not None else torch.zeros_like(vals["weight"]))
+        return bn, None
 
     # -- step 3: conv/linear -> quantized twins ------------------------------------------------
     def wrap_gemms(self) -> None:
@@ -374,13 +433,13 @@ class _FxBuilder:
             if k not in ("gemm", "add"):
                 continue
             out = node
-            if k == "gemm" and len(out.users) == 1:
-                u = next(iter(out.users))
+            if k == "gemm" and len(_real_users(out)) == 1:
+                u = _real_users(out)[0]
                 if self.kind.get(u) == "bn" and self.fused.get(u) is node:
                     out = u
             act = None
-            if len(out.users) == 1:
-                u = next(iter(out.users))
+            if len(_real_users(out)) == 1:
+                u = _real_users(out)[0]
                 if self.kind.get(u) == "relu" and u.args and u.args[0] is out:
                     act = u
             if act is not None:
@@ -476,9 +535,9 @@ class _FxBuilder:
                 continue
             act = acts.get(g1)
             end = act if act is not None else g1
-            if len(end.users) != 1:
+            if len(_real_users(end)) != 1:
                 continue
-            g2 = next(iter(end.users))
+            g2 = _real_users(end)[0]
             if self.kind.get(g2) != "gemm" or not g2.args or g2.args[0] is not end:
                 continue
             m1, m2 = self.modules[g1.target], self.modules[g2.target]
@@ -534,17 +593,26 @@ class _FxBuilder:
         return node if isinstance(node, fx.Node) else None
 
     def compute_wants(self) -> Dict[fx.Node, Optional[int]]:
+        """Bits each node's output must be quantized to for its consumers (None: FP32 is fine).
+
+        A grid-keeping op (max-pool, reshape, ...) passes its consumers' request up to its input only
+        when every consumer wants integer input; otherwise it is quantized itself, for the consumers
+        that want it, and the others read FP32 (e.g. the skip path under gemm_inputs_only)."""
         want: Dict[fx.Node, Optional[int]] = {}
+        self.forwards: Dict[fx.Node, bool] = {}
         for node in reversed(list(self.graph.nodes)):
-            reqs = []
-            for u in node.users:
+            reqs, all_want = [], True
+            for u in _real_users(node):
                 if self._passthrough(u):
-                    r = want.get(u) if u.args and u.args[0] is node else None
+                    r = want.get(u) if (u.args and u.args[0] is node and self.forwards.get(u)) else None
                 else:
                     r = self._edge_request(u, node)
                 if r is not None:
                     reqs.append(r)
+                else:
+                    all_want = False
             want[node] = max(reqs) if reqs else None
+            self.forwards[node] = bool(reqs) and all_want
         return want
 
     # -- step 7: insert quantizers --------------------------------------------------------------
@@ -580,6 +648,8 @@ class _FxBuilder:
     def _display_name(self, root: fx.Node) -> str:
         if root.op == "placeholder":
             return "input" if root.name in ("x", "input") else f"input.{root.name}"
+        if self._passthrough(root):
+            return f"{self.rname.get(root, root.name)}.output"
         head = self._head_of(root)
         if head is not None and head in self.group_out and head in self.rname:
             return f"{self.rname[head]}.output"
@@ -594,7 +664,7 @@ class _FxBuilder:
             k = self.kind.get(node)
             if node in self.qnodes or k in ("output", "nontensor") or not _is_float_tensor(node):
                 continue
-            if self._passthrough(node):
+            if self._passthrough(node) and (self.forwards.get(node) or want.get(node) is None):
                 continue
             # concat with a shared grid: one quantizer on every input, output already on grid
             if k == "concat" and cfg.residual_add == "quant_all" and cfg.concat == "shared_grid" \
@@ -606,7 +676,8 @@ class _FxBuilder:
                 bits = cfg.input_bits if bits is not None else None
             if bits is None:
                 continue
-            if cfg.residual_add == "relu_only" and node.op != "placeholder" and k != "relu":
+            if cfg.residual_add == "relu_only" and node.op != "placeholder" and k != "relu" \
+                    and self.kind.get(self._data_source(node)) != "relu":
                 continue
             if k == "avgpool" and cfg.avg_pool == "shared_grid":
                 src_q = self._edge_quantizer(node.args[0])
@@ -653,7 +724,7 @@ class _FxBuilder:
         for u in list(node.users):
             if u is qn:
                 continue
-            wants = (want.get(u) is not None and u.args and u.args[0] is node) if self._passthrough(u) \
+            wants = (bool(self.forwards.get(u)) and u.args and u.args[0] is node) if self._passthrough(u) \
                 else self._edge_request(u, node) is not None
             if wants:
                 u.replace_input_with(node, qn)
@@ -702,7 +773,7 @@ class _FxBuilder:
         for qn, fq in list(self.qnodes.items()):
             src = qn.args[0]
             if not isinstance(src, fx.Node) or self.kind.get(src) != "relu" or len(src.users) != 1:
-                continue
+                continue      # (shape queries of the ReLU output would lose their input: keep it)
             if src.op == "call_function" and src.target is F.hardtanh:
                 continue
             if not src.args or not isinstance(src.args[0], fx.Node):
@@ -711,7 +782,8 @@ class _FxBuilder:
             self.absorbed[src] = fq
             qn.args = (src.args[0],) + tuple(qn.args[1:])
             self.graph.erase_node(src)
-        fresh = {"gemm", "add", "mul", "matmul", "attention", "concat", "avgpool", "nonlinear", "bn"}
+        # ops that return a new tensor (not a view or their input): the quantizer may overwrite it
+        fresh = {"gemm", "add", "mul", "matmul", "attention", "concat", "nonlinear", "bn"}
         for qn, fq in self.qnodes.items():
             src = qn.args[0]
             if not isinstance(src, fx.Node) or len(src.users) != 1 or src.op in ("placeholder", "get_attr"):
@@ -719,6 +791,9 @@ class _FxBuilder:
             if src.op == "call_function" and src.target in (operator.iadd, operator.isub, operator.imul):
                 continue
             if src.op == "call_method" and str(src.target).endswith("_"):
+                continue
+            if src.kwargs.get("inplace") or (src.op == "call_module" and
+                                             getattr(self.gm.get_submodule(str(src.target)), "inplace", False)):
                 continue
             if self.kind.get(src) in fresh:
                 fq.inplace = True
@@ -815,6 +890,7 @@ class _FxBuilder:
             p["act_fq"] = self.absorbed.get(p.get("act_node"))
         self.describe()
         self.graph.lint()
+        self.gm.delete_all_unused_submodules()     # folded batch norms, absorbed ReLUs
         self.gm.recompile()
         self.gm.__dict__["qcard_sim"] = self.info
         return self.gm

@@ -27,7 +27,7 @@ from torch import nn
 
 from .quantizer import FakeQuantize, _bshape, group_rows, round_ste
 
-__all__ = ["lsq_fake_quantize", "grad_scale", "LSQQuantizer", "PACTQuantizer", "make_lsq", "make_pact",
+__all__ = ["lsq_fake_quantize", "lsq_reference", "grad_scale", "LSQQuantizer", "PACTQuantizer", "make_lsq", "make_pact",
            "freeze", "is_learnable", "clamp_learned"]
 
 _EPS = torch.finfo(torch.float32).eps
@@ -41,9 +41,68 @@ def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                      axis: Optional[int] = None, g: float = 1.0) -> torch.Tensor:
+                      axis: Optional[int] = None, g: float = 1.0, fused: bool = True) -> torch.Tensor:
     """LSQ fake quantization of x with per-tensor (axis None) or per-index-of-axis (scale, zero_point).
-    The forward value equals quantizer.fake_quantize's (x·(1/s), round half to even)."""
+    The forward value equals quantizer.fake_quantize's (x·(1/s), round half to even).
+
+    fused: one fused forward pass and a lean backward (_LSQ), same values and gradients as the
+    formula; otherwise the formula written with straight-through rounds (the reference, also used
+    for dtypes the fused kernels do not take)."""
+    if axis is not None and axis < 0:
+        axis += x.dim()
+    if fused and x.dtype == torch.float32:
+        return _LSQ.apply(x, scale, zero_point, qmin, qmax, axis, float(g))
+    return lsq_reference(x, scale, zero_point, qmin, qmax, axis, g)
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ in one fused forward pass (torch's cachemask fake-quant kernels) and a lean backward.
+
+    With y = x̂ and m the inside mask, the spec's per-element ∂x̂/∂s is (y − x)/s inside (= ⌊x/s⌉ − x/s)
+    and y/s clipped (= q_clip − ⌊z⌉), i.e. (y − m·x)/s everywhere; so
+        ∂L/∂x = m·dy,   ∂L/∂s = g·(Σ dy·y − Σ (m·dy)·x)/s,   ∂L/∂z = −g·s·(Σ dy − Σ m·dy)
+    (sums per channel for per-channel grids): one elementwise pass and a few reductions, no
+    full-size temporaries for the scale's gradient. y is the tensor the next layer saves anyway."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, g):
+        s = scale.detach().clamp(min=_EPS)
+        z = zero_point.detach().clamp(qmin, qmax).round()
+        if axis is None:
+            y, mask = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(
+                x, float(s.reshape(())), int(z.reshape(())), qmin, qmax)
+        else:
+            y, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+                x, s.reshape(-1), z.reshape(-1).int(), axis, qmin, qmax)
+        ctx.save_for_backward(x, y, mask, s)
+        ctx.meta = (axis, g, scale.shape, zero_point.shape, zero_point.requires_grad)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y, mask, s = ctx.saved_tensors
+        axis, g, s_shape, z_shape, z_grad = ctx.meta
+        dx = dy * mask
+        ds = dz = None
+        if axis is None:
+            if ctx.needs_input_grad[1]:
+                d = torch.dot(dy.reshape(-1), y.reshape(-1)) - torch.dot(dx.reshape(-1), x.reshape(-1))
+                ds = (d / s.reshape(()) * g).reshape(s_shape)
+            if ctx.needs_input_grad[2] and z_grad:
+                dz = (-(dy.sum() - dx.sum()) * s.reshape(()) * g).reshape(z_shape)
+        else:
+            dims = [i for i in range(dy.dim()) if i != axis]
+            if ctx.needs_input_grad[1]:
+                d = (dy * y).sum(dims) - (dx * x).sum(dims)
+                ds = (d / s.reshape(-1) * g).reshape(s_shape)
+            if ctx.needs_input_grad[2] and z_grad:
+                dz = (-(dy.sum(dims) - dx.sum(dims)) * s.reshape(-1) * g).reshape(z_shape)
+        return (dx if ctx.needs_input_grad[0] else None), ds, dz, None, None, None, None
+
+
+def lsq_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  axis: Optional[int] = None, g: float = 1.0) -> torch.Tensor:
+    """The LSQ formula with straight-through rounds (autograd derives the spec's gradients)."""
     if axis is not None:
         if axis < 0:
             axis += x.dim()
@@ -92,6 +151,14 @@ class LSQQuantizer(FakeQuantize):
     def _pre_act_absorbed(self) -> bool:      # the grid moves during training: never cache this decision
         return False
 
+    def _relu_absorbed(self) -> bool:
+        """A ReLU before a per-tensor grid that starts at 0 is done by the grid's own clamp (as integer
+        hardware does): the forward value is identical; the gradient differs only for inputs in (−s/2, 0),
+        which round to 0 and count as inside the range. Saves a pass forward and backward."""
+        if self.pre_act != "relu" or self.axis is not None or self.spec.granularity != "per_tensor":
+            return False
+        return float(self.zero_point.detach().clamp(self.qmin, self.qmax).round()) == self.qmin
+
     def _g(self, x: torch.Tensor, n_scales: int) -> float:
         if not self.lsq_grad_scale:
             return 1.0
@@ -103,7 +170,8 @@ class LSQQuantizer(FakeQuantize):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing or not self.enabled or self.dynamic:
             return super().forward(x)
-        x = self._apply_pre_act(x)
+        if not self._relu_absorbed():
+            x = self._apply_pre_act(x)
         n_scales = self.scale.numel()
         if self.spec.granularity == "per_group":
             rows, back = group_rows(x, self.channel_axis, self.spec.group_size)

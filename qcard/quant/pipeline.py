@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -57,7 +56,6 @@ def run_steps(sim: nn.Module, p, steps: List[str], xs: List[torch.Tensor], ctx: 
     ran = []
     dev = ctx.device
     for step in steps:
-        t0 = time.perf_counter()
         if step == "cle":
             stats["cle"] = equalize(sim)
         elif step == "bias_absorption":
@@ -78,7 +76,6 @@ def run_steps(sim: nn.Module, p, steps: List[str], xs: List[torch.Tensor], ctx: 
             calibrate_activations(sim, xs, dev, ctx.progress)
         else:  # validated by Params; kept for custom callers
             raise ValueError(f"unknown ptq step '{step}'")
-        stats.setdefault("step_seconds", {})[step] = round(time.perf_counter() - t0, 3)
         ran.append(step)
     return ran
 
@@ -183,7 +180,7 @@ def run_ptq(model: nn.Module, data: PointData, p, ctx: RunContext) -> QuantResul
     if mp_record is not None:
         info.mixed_precision = mp_record
     ran = run_steps(sim, p, list(p.steps), xs, ctx, stats)
-    labels_used = "none"
+    labels_used: Any = False
     if p.sensitivity != "none":
         labels = None
         if p.sensitivity == "accuracy":
@@ -217,6 +214,8 @@ def run_ptq(model: nn.Module, data: PointData, p, ctx: RunContext) -> QuantResul
     for u in info.unquantized:
         ctx.log(f"qcard: {u['name']} ({u['op']}) left in FP32: {u['reason']}")
     block = quantization_block(sim, preset=p.preset)
+    for prm in sim.parameters():     # PTQ is done: nothing trains this model, and frozen weights let
+        prm.requires_grad_(False)    # evaluation take the cached fast path even without no_grad()
     stats.setdefault("graph_mode", info.graph_mode)
     if info.cle.get("applied"):
         stats["cle_pairs"] = info.cle.get("pairs")

@@ -81,13 +81,6 @@ def _unique_quantizers(qs: Iterable[FakeQuantize]) -> List[FakeQuantize]:
     return out
 
 
-def _signed_label(qs: List[FakeQuantize]) -> Any:
-    vals = {q.spec.signed for q in qs}
-    if len(vals) == 1:
-        return next(iter(vals))
-    return "mixed (unsigned where non-negative)" if vals else None
-
-
 def _range_label(values: List[Optional[str]]) -> Optional[str]:
     c = Counter(v for v in values if v)
     if not c:
@@ -108,32 +101,41 @@ def quantization_block(model, preset: Optional[str] = None) -> Dict[str, Any]:
     aqs = _unique_quantizers(q for q in info.act_quantizers.values())
     w_spec = wqs[0].spec if wqs else None
     a_spec = aqs[0].spec if aqs else None
+    # one value per field (the card's schema wants enums and booleans): the most common one; where
+    # the model mixes values, a "<field>_detail" key says how
     weights = {
         "bits": _mode(q.bits for q in wqs),
-        "granularity": _uniform(q.spec.granularity for q in wqs),
-        "group_size": _uniform(q.spec.group_size for q in wqs),
-        "symmetric": _uniform(q.spec.symmetric for q in wqs),
-        "signed": _uniform(q.spec.signed for q in wqs),
-        "scale_format": _uniform(q.spec.scale_format for q in wqs),
+        "granularity": _mode(q.spec.granularity for q in wqs),
+        "group_size": _mode(q.spec.group_size for q in wqs),
+        "symmetric": _mode(q.spec.symmetric for q in wqs),
+        "signed": _mode(q.spec.signed for q in wqs),
+        "scale_format": _mode(q.spec.scale_format for q in wqs),
         "range_setting": _range_label([q.range_setting for q in wqs]),
-        "rounding": _uniform(q.rounding_label for q in wqs),
+        "rounding": _mode(q.rounding_label for q in wqs),
     }
     activations = {
         "bits": _mode(q.bits for q in aqs),
-        "granularity": _uniform(q.spec.granularity for q in aqs),
-        "symmetric": _uniform(q.spec.symmetric for q in aqs),
-        "signed": _signed_label(aqs) if aqs else None,
+        "granularity": _mode(q.spec.granularity for q in aqs),
+        "symmetric": _mode(q.spec.symmetric for q in aqs),
+        "signed": _mode(q.spec.signed for q in aqs),
         "range_setting": _range_label([q.range_setting for q in aqs if not q.dynamic]) if aqs else None,
         "dynamic": bool(aqs) and all(q.dynamic for q in aqs),
         "quant_point": (cfg.quant_point if info.graph_mode == "fx" else "after_activation") if aqs else None,
     }
+    if len({q.spec.signed for q in aqs}) > 1:
+        n_uns = sum(1 for q in aqs if not q.spec.signed)
+        activations["signed_detail"] = f"unsigned on {n_uns} of {len(aqs)} tensors (those with no negative values)"
+    for side, qs in (("weights", wqs), ("activations", aqs)):
+        bits = sorted({q.bits for q in qs})
+        if len(bits) > 1:
+            (weights if side == "weights" else activations)["bits_detail"] = f"mixed: {bits}"
     first = next((li for li in gemms if li.position and "first" in li.position), None)
     last = next((li for li in gemms if li.position and "last" in li.position), None)
 
     def side(li: Optional[LayerInfo]) -> Dict[str, Any]:
         if li is None:
             return {"weight_bits": None, "activation_bits": None}
-        return {"weight_bits": _w_bits(li), "activation_bits": _in_bits(li)}
+        return {"weight_bits": _w_bits(li), "activation_bits": _in_bits(li), "name": li.name}
 
     acc = bit_accounting(model)
     w_bits_used = sorted({b for b in (_w_bits(li) for li in gemms) if b is not None})
@@ -152,7 +154,9 @@ def quantization_block(model, preset: Optional[str] = None) -> Dict[str, Any]:
         "last_layer": side(last),
         "batch_norm": info.batch_norm,
         "residual_add": info.residual_add,
-        "concat": (cfg.concat if info.graph_mode == "fx" else "not_quantized") if info.has_concat else "not_present",
+        # eager mode: the concat itself runs in FP32 (listed in unquantized_layers); its output is
+        # quantized where a conv/linear reads it
+        "concat": (cfg.concat if info.graph_mode == "fx" else "requantized") if info.has_concat else "not_present",
         "avg_pool": cfg.avg_pool if info.has_avgpool else "not_present",
         "bias_bits": 32 if wqs else None,
         "accumulator_bits": 32 if wqs or aqs else None,

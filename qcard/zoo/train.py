@@ -200,5 +200,3 @@ def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_d
     return result
 
 
-def default_weights_dir() -> Path:
-    return WEIGHTS_DIR
