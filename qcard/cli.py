@@ -126,10 +126,12 @@ def profiles():
 
 @main.command()
 def presets():
-    """List the hardware backend presets."""
-    from pathlib import Path
-    for p in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
-        click.echo(p.stem)
+    """List the hardware backend presets and the scheme each one fixes."""
+    from .quant.presets import list_presets
+    for row in list_presets():
+        settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+        allowed = ", ".join(f"{k} in {v}" for k, v in row.get("allowed", {}).items())
+        click.echo(f"{row['name']:<9} {row['hardware']}\n          {settings}" + (f"; {allowed}" if allowed else ""))
 
 
 @main.group()

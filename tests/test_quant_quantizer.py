@@ -9,6 +9,13 @@ from qcard.quant.quantizer import FakeQuantize, compute_qparams, fake_quantize, 
 N = 1_000_000
 
 
+
+@pytest.fixture(autouse=True)
+def _threads():
+    from test_quant_support import one_thread
+    with one_thread():
+        yield
+
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit patterns; a zero's sign is normalised (torch's op returns +0 where IEEE rounding of
     a tiny negative gives -0; both are the same number and nothing downstream can tell them apart)."""

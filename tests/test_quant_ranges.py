@@ -11,6 +11,13 @@ from qcard.quant.ranges import (BNObserver, CrossEntropyObserver, EMAMinMaxObser
 torch.manual_seed(0)
 
 
+
+@pytest.fixture(autouse=True)
+def _threads():
+    from test_quant_support import one_thread
+    with one_thread():
+        yield
+
 def _batches(n=4, shape=(8, 6, 10, 10), seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g) * (1 + i) + 0.3 * i for i in range(n)]
@@ -120,6 +127,8 @@ def test_mse_histogram_close_to_exact():
 
 
 def _naive_kl(counts, edges, levels):
+    counts = list(counts)
+    counts[0] = counts[1]                  # zero-spike suppression, as in NVIDIA's implementation
     best = (float("inf"), None)
     for i in range(levels, len(counts) + 1):
         p = list(counts[:i])

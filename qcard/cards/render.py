@@ -355,7 +355,11 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
             row.append(fmt_energy(l.get("energy_pj")))
         if has("cycles"):
             row.append(fmt_si(l.get("cycles")))
-        fp32 = l.get("weight_bits") is None or l["name"] in unq
+        # FP32: a weighted layer whose weights are not quantized, or a weightless op (add, pool) whose
+        # activations are not; the cost model writes 32 for FP32 operands
+        has_weights = bool(l.get("params"))
+        side = l.get("weight_bits") if has_weights else l.get("activation_bits")
+        fp32 = side is None or side >= 32 or l["name"] in unq
         layer_rows.append({"cells": row, "fp32": fp32})
 
     unquantized = [(u.get("name", DASH), u.get("op", DASH), u.get("reason") or DASH) for u in q.get("unquantized_layers") or []]

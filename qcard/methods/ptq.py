@@ -17,7 +17,7 @@ greedy bit allocation to the given budgets and then the pipeline again with the 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,45 +59,58 @@ class Override(BaseModel):
 
 class PTQParams(MethodParams):
     # scheme
-    preset: Optional[Literal["academic", "tensorrt", "snpe", "fbgemm", "tvm", "acl"]] = None
-    w_bits: Optional[int] = Field(8, ge=2, le=16)
-    a_bits: Optional[int] = Field(8, ge=2, le=16)
-    weight_only: bool = False
-    input_bits: Optional[int] = Field(8, ge=2, le=16)
+    preset: Optional[Literal["academic", "tensorrt", "snpe", "fbgemm", "tvm", "acl"]] = Field(
+        None, description="hardware backend preset (qcard/presets/*.yaml): fixes the scheme; conflicts are errors")
+    w_bits: Optional[int] = Field(8, ge=2, le=16, description="weight bits (null: weights stay FP32)")
+    a_bits: Optional[int] = Field(8, ge=2, le=16, description="activation bits (null: weight-only quantization)")
+    weight_only: bool = Field(False, description="shorthand for a_bits: null")
+    input_bits: Optional[int] = Field(8, ge=2, le=16, description="bits of the network input (null: FP32; "
+                                      "defaults to null with weight-only quantization)")
     w_granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
-    w_axis: Optional[int] = None
-    w_group_size: Optional[int] = Field(None, ge=1)
+    w_axis: Optional[int] = Field(None, description="weight tensor axis of per-channel/per-group scales "
+                                  "(null: each layer's output channels)")
+    w_group_size: Optional[int] = Field(None, ge=1, description="elements per group for per_group weights")
     w_symmetric: bool = True
     w_signed: bool = True
     a_symmetric: bool = False
-    a_signed: Optional[bool] = None
+    a_signed: Optional[bool] = Field(None, description="null: asymmetric grids unsigned; symmetric grids "
+                                     "unsigned where calibration sees no negative values")
     a_granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     scale_format: Literal["float", "power_of_two"] = "float"
-    rounding: Literal["nearest", "stochastic"] = "nearest"
+    rounding: Literal["nearest", "stochastic"] = Field("nearest", description="weight rounding (adaround is a step)")
     # network-level choices
-    bn: Literal["folded", "kept"] = "folded"
-    first_layer: Literal["same", "8bit", "fp32"] = "same"
-    last_layer: Literal["same", "8bit", "fp32"] = "same"
-    residual_add: Literal["quant_all", "gemm_inputs_only", "relu_only"] = "quant_all"
+    bn: Literal["folded", "kept"] = Field("folded", description="fold batch norm into conv/linear, or keep it in FP32")
+    first_layer: Literal["same", "8bit", "fp32"] = Field(
+        "same", description="first conv/linear: like the rest, 8-bit, or FP32 (its input follows input_bits)")
+    last_layer: Literal["same", "8bit", "fp32"] = Field(
+        "same", description="last conv/linear: like the rest, 8-bit weights and input, or FP32")
+    residual_add: Literal["quant_all", "gemm_inputs_only", "relu_only"] = Field(
+        "quant_all", description="quant_all: adds/concats/pools/non-linearities read integer inputs too; "
+        "gemm_inputs_only: only conv/linear/matmul inputs; relu_only: only ReLU outputs, skip paths FP32")
     concat: Literal["requantized", "shared_grid"] = "requantized"
     avg_pool: Literal["requantized", "shared_grid"] = "requantized"
     quant_point: Literal["after_activation", "before_activation"] = "after_activation"
-    dynamic_activations: bool = False
-    graph_mode: Literal["auto", "fx", "eager"] = "auto"
-    overrides: List[Override] = Field(default_factory=list)
+    dynamic_activations: bool = Field(False, description="activation ranges from each input sample at run time")
+    graph_mode: Literal["auto", "fx", "eager"] = Field(
+        "auto", description="auto: torch.fx, falling back to module-level placement when the model does not trace")
+    overrides: List[Override] = Field(default_factory=list, description="per-layer (or '<layer>.output' tensor) "
+                                      "exceptions: [{pattern, w_bits, a_bits, fp32}]")
     # pipeline and range setting
     pipeline: Literal["standard", "standard_adaround", "minmax", "custom"] = "standard"
-    steps: Optional[List[Step]] = None
-    weight_range: Optional[Literal["minmax", "mse", "percentile"]] = None
-    activation_range: Optional[Literal["minmax", "ema_minmax", "percentile", "mse", "kl", "bn"]] = None
-    logits_range: Optional[Literal["same", "cross_entropy"]] = None
+    steps: Optional[List[Step]] = Field(None, description="ordered steps; set by the pipeline unless custom")
+    weight_range: Optional[Literal["minmax", "mse", "percentile"]] = Field(None, description="null: the pipeline's")
+    activation_range: Optional[Literal["minmax", "ema_minmax", "percentile", "mse", "kl", "bn"]] = Field(
+        None, description="null: the pipeline's")
+    logits_range: Optional[Literal["same", "cross_entropy"]] = Field(
+        None, description="range setting of the logits (cross_entropy: white paper); null: the pipeline's")
     percentile: float = Field(99.99, gt=50, le=100)
-    bn_alpha: float = Field(6.0, gt=0)
+    bn_alpha: float = Field(6.0, gt=0, description="BN-based ranges: beta ± alpha·gamma")
     calibration_batch_size: int = Field(32, ge=1)
-    labels: Literal["real", "fp32_model"] = "real"
+    labels: Literal["real", "fp32_model"] = Field("real", description="labels for accuracy sensitivity: the "
+                                                 "dataset's, or the FP32 model's predictions")
     # algorithms
     bias_correction: Literal["empirical", "analytic"] = "empirical"
-    adaround_iters: Optional[int] = Field(None, ge=1)
+    adaround_iters: Optional[int] = Field(None, ge=1, description="null: AIMET's 10000 (15000 below 8 bits)")
     adaround_reg: float = Field(0.01, ge=0)
     adaround_beta_start: float = 20.0
     adaround_beta_end: float = 2.0
@@ -105,12 +118,13 @@ class PTQParams(MethodParams):
     adaround_batch_size: int = Field(32, ge=1)
     adaround_lr: float = Field(1e-3, gt=0)
     # analysis
-    sensitivity: Literal["none", "sqnr", "accuracy"] = "none"
-    mixed_precision: bool = False
+    sensitivity: Literal["none", "sqnr", "accuracy"] = Field(
+        "none", description="per-layer table (one layer quantized at a time) in the card's method_stats")
+    mixed_precision: bool = Field(False, description="greedy bit allocation to the mp_* budgets")
     mp_allowed_bits: List[int] = Field(default_factory=lambda: [2, 4, 8])
-    mp_weight_bits: Optional[float] = Field(None, gt=0)
-    mp_activation_bits: Optional[float] = Field(None, gt=0)
-    mp_max_activation_map_bits: Optional[int] = Field(None, gt=0)
+    mp_weight_bits: Optional[float] = Field(None, gt=0, description="budget: mean weight bits (element-weighted)")
+    mp_activation_bits: Optional[float] = Field(None, gt=0, description="budget: mean activation bits")
+    mp_max_activation_map_bits: Optional[int] = Field(None, gt=0, description="budget: largest activation map, bits")
 
     @model_validator(mode="after")
     def _resolve(self) -> "PTQParams":

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -44,6 +43,7 @@ class _Discover(TorchFunctionMode):
         self.leaf = {id(m) for m in model.modules() if next(m.children(), None) is None}
         self.used: Dict[str, int] = {}
         self.params = {id(p) for p in model.parameters()}
+        self.func_uses: Dict[int, int] = {}            # tensor id -> reads by functional ops in forward code
 
     def pre(self, path):
         def hook(module, args):
@@ -69,6 +69,13 @@ class _Discover(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         op = _FUNC_OPS.get(name)
         inside_leaf = bool(self.stack) and id(self.stack[-1][1]) in self.leaf
+        if not inside_leaf and name not in ("size", "dim", "__get__", "shape"):
+            flat = list(args) + list(kwargs.values())
+            if flat and isinstance(flat[0], (list, tuple)):
+                flat = list(flat[0]) + flat[1:]
+            for a in flat:
+                if isinstance(a, torch.Tensor):
+                    self.func_uses[id(a)] = self.func_uses.get(id(a), 0) + 1
         if op is not None and not inside_leaf:
             tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
             if isinstance(args[0] if args else None, (list, tuple)):
@@ -114,7 +121,7 @@ def build_eager(model: nn.Module, cfg: SimConfig, example: torch.Tensor, reason:
     info = SimInfo(config=cfg, graph_mode="eager", graph_mode_reason=reason)
     d = _discover(model, example)
     producer: Dict[int, Dict[str, Any]] = {c["out"]: c for c in d.calls if c["out"] is not None}
-    uses: Dict[int, int] = {}
+    uses: Dict[int, int] = dict(d.func_uses)
     for c in d.calls:
         for t in c["in"]:
             uses[t] = uses.get(t, 0) + 1

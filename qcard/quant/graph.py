@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import QcardError
 from .bn import can_fold, bn_affine, fold_bn
-from .modules import QUANT_CLASSES, is_quant_layer, to_quant_module, weight_channel_axis
+from .modules import is_quant_layer, to_quant_module, weight_channel_axis
 from .quantizer import FakeQuantize, fake_quantize
 from .sim import LayerInfo, SimConfig, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
 

@@ -325,10 +325,15 @@ class KLObserver(Observer):
 def kl_threshold(counts: np.ndarray, edges: np.ndarray, levels: int) -> float:
     """Upper edge of the bin count i (levels ≤ i ≤ bins) minimising KL(P_i ‖ Q_i), where P_i is the
     histogram cut at i with the outliers added to its last bin and Q_i is P_i's first i bins merged
-    into `levels` buckets and spread back evenly over their non-empty bins."""
+    into `levels` buckets and spread back evenly over their non-empty bins (TensorRT's entropy
+    calibration; bin 0 takes bin 1's count first)."""
     bins = len(counts)
     if levels >= bins:
         return float(edges[-1])
+    # the spike of exact zeros (after ReLU) would make every merged first bucket look bad and push the
+    # threshold to its minimum; like NVIDIA's pytorch-quantization, give bin 0 its neighbour's count
+    counts = np.asarray(counts, dtype=np.float64).copy()
+    counts[0] = counts[1]
     best_i, best_kl = bins, float("inf")
     tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])   # tail[i] = sum(counts[i:])
     for i in range(levels, bins + 1):

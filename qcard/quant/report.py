@@ -23,13 +23,6 @@ def _mode(values: Iterable[Any]) -> Any:
     return c.most_common(1)[0][0] if c else None
 
 
-def _uniform(values: Iterable[Any], mixed: str = "mixed") -> Any:
-    vals = {v for v in values if v is not None}
-    if not vals:
-        return None
-    return next(iter(vals)) if len(vals) == 1 else mixed
-
-
 def _qbits(q: Optional[FakeQuantize]) -> Optional[int]:
     return q.bits if q is not None and q.enabled else None
 
@@ -99,8 +92,6 @@ def quantization_block(model, preset: Optional[str] = None) -> Dict[str, Any]:
     gemms = info.gemm_layers()
     wqs = _unique_quantizers(li.weight_quantizer for li in gemms if li.weight_quantizer is not None)
     aqs = _unique_quantizers(q for q in info.act_quantizers.values())
-    w_spec = wqs[0].spec if wqs else None
-    a_spec = aqs[0].spec if aqs else None
     # one value per field (the card's schema wants enums and booleans): the most common one; where
     # the model mixes values, a "<field>_detail" key says how
     weights = {
