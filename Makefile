@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to releases that run on CPU-only machines and admit the local wheel cache
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-fast cards bench schema clean
+.PHONY: install run test test-fast cards bench schema clean acceptance
 
 $(BIN)/qcard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ schema: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# issue-acceptance runs that train models from scratch (15+ minutes); not part of `make test`
+acceptance: install
+	QCARD_ACCEPTANCE=1 $(BIN)/python -m pytest -q -s tests/test_marvin_acceptance.py

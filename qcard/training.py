@@ -161,10 +161,14 @@ def _call(hooks: Sequence[Any], name: str, *args) -> None:
 
 
 def _evaluate(model, data, ctx) -> float:
-    if ctx.evaluate is not None:
-        return float(ctx.evaluate(model, data.eval)["top1"])
-    from .evaluate import evaluate
-    return float(evaluate(model, data.eval, batch_size=data.batch_size, device=ctx.device)["top1"])
+    """Top-1 on the eval split. The global RNG is saved and restored (a DataLoader draws a seed from
+    it), so evaluating every epoch or not leaves training bit-identical."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        if ctx.evaluate is not None:
+            return float(ctx.evaluate(model, data.eval)["top1"])
+        from .evaluate import evaluate
+        return float(evaluate(model, data.eval, batch_size=data.batch_size, device=ctx.device)["top1"])
 
 
 # ----------------------------------------------------------------------------- the loop

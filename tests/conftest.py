@@ -25,3 +25,18 @@ def subprocess_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
     return env
+
+
+# Issue-acceptance runs that train several models from scratch (15+ minutes on 2 cores) are opt-in:
+# QCARD_ACCEPTANCE=1 make test. They are reported as skipped, with this reason, in every other run.
+ACCEPTANCE_MODULES = {"test_marvin_acceptance.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("QCARD_ACCEPTANCE") == "1":
+        return
+    skip = pytest.mark.skip(reason="issue-acceptance training run (15+ min on 2 cores); "
+                                   "run with QCARD_ACCEPTANCE=1")
+    for item in items:
+        if item.path.name in ACCEPTANCE_MODULES:
+            item.add_marker(skip)

@@ -198,3 +198,17 @@ def test_fp32_train_method(data):
     assert not res.model.training
     with pytest.raises(ValidationError):
         FP32Train.Params(train={"epochs": 1, "bogus": 1})
+
+
+def test_evaluating_every_epoch_leaves_training_unchanged(data):
+    # a Dropout model draws from the global RNG; evaluation must not shift that stream
+    def drop():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(1), nn.Linear(784, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 10))
+    a, b = drop(), drop()
+    torch.manual_seed(1)
+    train(a, data, TrainRecipe(epochs=2, batch_size=64), ctx())
+    torch.manual_seed(1)
+    log = train(b, data, TrainRecipe(epochs=2, batch_size=64, eval_every_epoch=True), ctx())
+    assert log.curve[0]["eval_acc"] is not None
+    assert torch.equal(flat(a), flat(b))

@@ -33,9 +33,9 @@ previous ⌊mean lb⌋ step losses and returns to min otherwise (the reference d
 ⌊mean lb⌋ + 1 losses by ⌊mean lb⌋; this mean is a plain one).
 
 Cost (bit-width-weighted multiply-accumulates; standard MACs of conv/linear layers from
-qcard.cost.trace, batch 1; the reference's analytics count every conv twice and use 2·H·W·(Ci·k+1)·Co
-"madds", and also charge batch norm and pooling — which changes how layers are weighted against each
-other, not the uniform-precision figures):
+qcard.cost.trace, batch 1). The reference's analytics (utils/analytics.py) count every conv twice,
+use their own "madds" formula (about 2 per MAC) and also charge batch norm and pooling; that changes
+how layers are weighted against each other, not the figures of a uniform precision:
     training speedup  = 2·ΣF / (ΣQ + ΣF), summed over training steps (forward charged at the word
                         lengths and weight density used in that step, backward at float32);
                         switching overhead is not charged
