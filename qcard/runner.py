@@ -298,7 +298,10 @@ def compute_cost(point: Point, res: Resources, model, input_shape, method_layers
             records.append(layer)
             continue
         for f in quant_fields:
-            setattr(target, f, getattr(layer, f))
+            if f == "extra":  # keep the tracer's extras; the method's own keys win
+                target.extra = {**target.extra, **layer.extra}
+            else:
+                setattr(target, f, getattr(layer, f))
     total_params = info.params if getattr(info, "params", None) else None
     blocks = {}
     for name in point.cost.profiles:

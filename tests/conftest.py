@@ -27,7 +27,7 @@ def subprocess_env():
     return env
 
 
-# Issue-acceptance runs that train several models from scratch (15+ minutes on 2 cores) are opt-in:
+# Issue-acceptance runs that train several models from scratch (about 4 minutes on an idle 2-core machine, far longer under load) are opt-in:
 # QCARD_ACCEPTANCE=1 make test. They are reported as skipped, with this reason, in every other run.
 ACCEPTANCE_MODULES = {"test_marvin_acceptance.py"}
 
@@ -35,7 +35,7 @@ ACCEPTANCE_MODULES = {"test_marvin_acceptance.py"}
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("QCARD_ACCEPTANCE") == "1":
         return
-    skip = pytest.mark.skip(reason="issue-acceptance training run (15+ min on 2 cores); "
+    skip = pytest.mark.skip(reason="issue-acceptance training run (~4 min idle on 2 cores); "
                                    "run with QCARD_ACCEPTANCE=1")
     for item in items:
         if item.path.name in ACCEPTANCE_MODULES:
