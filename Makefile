@@ -42,6 +42,6 @@ schema: install
 clean:
 	rm -rf runs .pytest_cache
 
-# issue-acceptance runs that train models from scratch (15+ minutes); not part of `make test`
+# the issue-acceptance runs alone, printing their figures (also part of `make test`; ~4 min idle)
 acceptance: install
-	QCARD_ACCEPTANCE=1 $(BIN)/python -m pytest -q -s tests/test_marvin_acceptance.py
+	$(BIN)/python -m pytest -q -s tests/test_marvin_acceptance.py tests/test_sparq_ablation.py

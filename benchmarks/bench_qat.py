@@ -19,9 +19,8 @@ import torch
 
 
 def build_qat(model, calib, bits: int, bn: str, grad_scale: bool):
-    from qcard.methods.qat import QATParams, _quantizers
+    from qcard.methods.qat import QATParams, _quantizers, make_learnable
     from qcard.quant.graph import build_simulated
-    from qcard.quant.lsq import make_lsq
     from qcard.quant.pipeline import run_steps, sim_config_from
     from qcard.methods.base import RunContext
     p = QATParams(w_bits=bits, a_bits=bits, bn=bn, lsq_grad_scale=grad_scale,
@@ -31,12 +30,7 @@ def build_qat(model, calib, bits: int, bn: str, grad_scale: bool):
     cfg.bn = "folded" if p.bn == "static_fold" else "kept"
     sim = build_simulated(model, cfg, calib[0][:1], log=lambda m: None)
     run_steps(sim, ptq, list(ptq.steps), calib, RunContext(seed=0, progress=False, log=lambda m: None), {})
-    wqs, aqs = _quantizers(sim)
-    for q in wqs:
-        make_lsq(q, grad_scale=grad_scale, is_weight=True)
-    for q in aqs:
-        if not q.dynamic:
-            make_lsq(q, grad_scale=grad_scale, is_weight=False)
+    make_learnable(p, *_quantizers(sim))     # the method's own choice of what LSQ learns
     return sim
 
 

@@ -224,7 +224,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
 
     method_cls = resolve_method(point.method)
     method = method_cls()
-    per_seed, result = [], None
+    per_seed, seed_figures, result = [], [], None
     t_method = t_eval = 0.0
     for seed in point.seeds:
         set_seed(seed, point.deterministic)
@@ -243,7 +243,13 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
             metrics = run_eval(result.model, desc=f"{point.method_label} {point.model.short} seed {seed}")
         t_eval += time.time() - t
         per_seed.append({"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]})
+        seed_figures.append({"seed": seed, **_scalar_figures(result.stats)})
     timings["method"], timings["evaluate"] = t_method, t_eval
+    method_stats = dict(result.stats)
+    if len(point.seeds) > 1:
+        # the full statistics (and the cost) are the last seed's; every seed's headline figures are kept
+        method_stats["stats_seed"] = point.seeds[-1]
+        method_stats["per_seed"] = seed_figures
 
     t = time.time()
     input_shape = (point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
@@ -276,13 +282,28 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
         "results": results,
         "cost": cost,
         "cost_profiles": cost_profiles,
-        "method_stats": result.stats,
+        "method_stats": method_stats,
         "warnings": list(result.warnings) + _data_warnings(evaluation, result.calibration),
         "provenance": prov,
         "reproduce": reproduce_command(exp, point),
     }
     from .cards.schema import card_from_dict
     return card_from_dict(card, f"card of point {point.id[:10]}")
+
+
+def _scalar_figures(stats: dict) -> dict:
+    """The numbers and short strings at the top two levels of a method's statistics, as 'a.b' keys
+    (e.g. marvin.inference_speedup): what differs from seed to seed, without per-layer tables."""
+    out = {}
+    for k, v in (stats or {}).items():
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for k2, v2 in items:
+            if isinstance(v2, bool) or v2 is None or not isinstance(v2, (int, float, str)):
+                continue
+            if isinstance(v2, str) and len(v2) > 40:
+                continue
+            out[k if k2 is None else f"{k}.{k2}"] = v2
+    return out
 
 
 def compute_cost(point: Point, res: Resources, model, input_shape, method_layers, info):

@@ -27,16 +27,17 @@ def subprocess_env():
     return env
 
 
-# Issue-acceptance runs that train several models from scratch (about 4 minutes on an idle 2-core machine, far longer under load) are opt-in:
-# QCARD_ACCEPTANCE=1 make test. They are reported as skipped, with this reason, in every other run.
+# Issue-acceptance runs that train several models from scratch (about 4 minutes on an idle 2-core
+# machine) are marked slow and run in `make test` and CI; `make test-fast` deselects them, and
+# QCARD_SKIP_ACCEPTANCE=1 skips them visibly (with this reason) in any run.
 ACCEPTANCE_MODULES = {"test_marvin_acceptance.py"}
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("QCARD_ACCEPTANCE") == "1":
+    if os.environ.get("QCARD_SKIP_ACCEPTANCE") != "1":
         return
-    skip = pytest.mark.skip(reason="issue-acceptance training run (~4 min idle on 2 cores); "
-                                   "run with QCARD_ACCEPTANCE=1")
+    skip = pytest.mark.skip(reason="issue-acceptance training run (~4 min idle on 2 cores) skipped: "
+                                   "QCARD_SKIP_ACCEPTANCE=1")
     for item in items:
         if item.path.name in ACCEPTANCE_MODULES:
             item.add_marker(skip)

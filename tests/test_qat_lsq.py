@@ -192,3 +192,22 @@ def test_learned_scale_changes_invalidate_weight_cache():
         wq.scale.mul_(3.0)          # what an optimizer step does: an in-place update
         after = sim(x)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 15), (-8, 7), (0, 255), (-128, 127), (0, 3), (-32768, 32767)])
+def test_fast_per_tensor_kernel_matches_torch_cachemask(qmin, qmax):
+    """The LSQ forward's rounding trick gives torch's values and inside-mask exactly, ties and
+    infinities included."""
+    from qcard.quant.lsq import _per_tensor_cachemask
+    g = torch.Generator().manual_seed(qmax)
+    for trial in range(20):
+        s = torch.rand((), generator=g) * 0.5 + 1e-3
+        z = int(torch.randint(qmin, qmax + 1, (), generator=g))
+        x = torch.randn(4000, generator=g) * float(torch.rand((), generator=g)) * 40 * float(s) * (qmax - qmin) / 15
+        k = torch.randint(qmin - z - 3, qmax - z + 3, (500,), generator=g).float()
+        x[:500] = (k + 0.5) * s                  # half-way points, where rounding must go to even
+        x[500:504] = torch.tensor([float("inf"), -float("inf"), 0.0, 1e30])
+        want_y, want_m = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(x, float(s), z, qmin, qmax)
+        y, m = _per_tensor_cachemask(x, s, z, qmin, qmax)
+        assert torch.equal(y, want_y), (trial, int((y != want_y).sum()))
+        assert torch.equal(m, want_m), (trial, int((m != want_m).sum()))

@@ -234,3 +234,22 @@ def test_qat_w4a4_resnet8_within_one_point_of_fp32_and_above_ptq(mnist):
     print(f"FP32 {fp32:.2f}  PTQ W4A4 {ptq:.2f}  QAT W4A4 {qat:.2f}")
     assert qat >= fp32 - 1.0
     assert qat > ptq
+
+
+@pytest.mark.parametrize("learn_input", [False, True])
+def test_network_input_grid_is_learned_only_when_asked(mnist, learn_input):
+    """By default LSQ leaves the input grid at its calibrated range (learning it costs the first layer an
+    input-gradient pass); learn_input_grid: true learns it like every other grid."""
+    from qcard.zoo import load_model
+    tr, te = mnist
+    p = QATParams(w_bits=4, a_bits=4, learn_input_grid=learn_input,
+                  train=dict(max_steps=3, batch_size=32, optimizer="adam", lr=1e-2, weight_decay=0.0))
+    r = QAT().apply(load_model("qcard:resnet8"), _data(tr, te, 100), p, _ctx())
+    st = r.stats["qat"]
+    assert st["input_grid"] == ("learned" if learn_input else "fixed at its initial range")
+    init, final = st["init"]["activations"]["input"], st["final"]["activations"]["input"]
+    assert (init["scale"] != final["scale"]) == learn_input
+    # every other activation grid is learned either way
+    others = [k for k in st["init"]["activations"] if k != "input"]
+    assert others and any(st["init"]["activations"][k]["scale"] != st["final"]["activations"][k]["scale"]
+                          for k in others)

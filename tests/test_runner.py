@@ -75,6 +75,18 @@ def test_same_config_twice_gives_identical_results(write_config, tmp_path):
     assert ca["results"]["n_runs"] == 2 and ca["results"]["std"] is not None
     # the seeds really matter: the two seeds' noise gives different accuracies
     assert len({r["top1"] for r in ca["results"]["per_seed"]}) == 2
+    # the full method statistics are the last seed's; each seed's headline figures are kept
+    assert ca["method_stats"]["stats_seed"] == 1
+    assert [r["seed"] for r in ca["method_stats"]["per_seed"]] == [0, 1]
+
+
+def test_scalar_figures_keep_headline_numbers_not_tables():
+    from qcard.runner import _scalar_figures
+    stats = {"marvin": {"inference_speedup": 1.9, "switch_count": 12, "layers": {"a": {"bits": 8}},
+                        "trajectory": [1, 2], "mode": "kl", "note": "x" * 80, "flag": True},
+             "graph_mode": "fx", "training": {"final_loss": 0.1, "curve": [{"step": 1}]}}
+    assert _scalar_figures(stats) == {"marvin.inference_speedup": 1.9, "marvin.switch_count": 12,
+                                      "marvin.mode": "kl", "graph_mode": "fx", "training.final_loss": 0.1}
 
 
 def test_rerun_skips_finished_points_and_force_reruns(write_config, tmp_path):

@@ -202,6 +202,13 @@ def _residual_say(vals: List[str], groups: List[str]) -> str:
     return "residual adds " + _vs(vals, groups, True)
 
 
+def _pipeline_say(vals: List[str], groups: List[str]) -> str:
+    # a pipeline is a paragraph: more than two of them side by side is unreadable
+    if len(vals) <= 2:
+        return "pipeline " + _vs(vals, groups, True)
+    return f"{len(vals)} different pipelines (each card lists its own under method.pipeline)"
+
+
 def _fp32_text(v: Any) -> str:
     return "none" if v is None else f"{v:.2f}"
 
@@ -339,7 +346,7 @@ CONFOUNDERS: List[Field] = [
 METHOD_FIELDS: List[Field] = [
     Field("method.name", lambda c: c.method.name, str, "method {vs}"),
     Field("method.label", lambda c: c.method.label or c.method.name, str, "label {vs}", skip_if=("method.name",)),
-    Field("method.pipeline", lambda c: tuple(c.method.pipeline), lambda v: " → ".join(v) or "none", "pipeline {vs}",
+    Field("method.pipeline", lambda c: tuple(c.method.pipeline), lambda v: " → ".join(v) or "none", _pipeline_say,
           skip_if=("method.name",)),
     Field("quantization.weights.rounding", lambda c: c.quantization.weights.rounding, _words, "{vs} rounding", quantized_only=True),
     Field("quantization.weights.range_setting", lambda c: c.quantization.weights.range_setting, _words,

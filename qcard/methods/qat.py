@@ -15,7 +15,8 @@ Pipeline (Nagel et al. 2021, §5.3; specs/ptq-qat.md), in order:
      optional bias correction;
   4. training (qcard.training.train, labels of the training split) with
        estimator: lsq  learnable scale and zero point (LSQ, straight-through gradients,
-                       optional gradient scale 1/√(N·q_max): `lsq_grad_scale`), or
+                       optional gradient scale 1/√(N·q_max): `lsq_grad_scale`; the network input's grid
+                       stays at its initial range unless `learn_input_grid: true`), or
        estimator: ste  ranges fixed at their initial values, straight-through gradients to the weights;
                        `pact: true` learns the clip of non-negative activations (PACT);
   5. convert: learned grids frozen (z rounded), BN folded where asked; the card is read from the result.
@@ -74,6 +75,9 @@ class QATParams(MethodParams):
     # QAT
     estimator: Literal["lsq", "ste"] = "lsq"
     lsq_grad_scale: bool = False
+    # off by default: the input's range is fixed by the data's normalization, and learning it makes the
+    # first layer compute a gradient for the whole input batch (on ResNet-18 ~20 % of a training step)
+    learn_input_grid: bool = False
     pact: bool = False
     bn: Literal["auto", "static_fold", "keep_then_fold", "kept"] = "auto"
     init_range: Literal["auto", "mse", "minmax"] = "auto"
@@ -198,6 +202,11 @@ def _grid_table(quantizers) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _is_network_input(q) -> bool:
+    """The quantizer of a network input (named 'input' or 'input.<argument>' by the graph builder)."""
+    return q.qname == "input" or q.qname.startswith("input.")
+
+
 def _quantizers(sim):
     """(weight quantizers, activation quantizers), each once, in graph order."""
     from ..quant.calibrate import sim_info
@@ -301,11 +310,34 @@ def _warm_then(ctx: RunContext, data: PointData, sim, example):
     return evaluate
 
 
+def make_learnable(p: QATParams, wqs, aqs):
+    """Turn the calibrated quantizers the estimator learns into LSQ / PACT quantizers, in place.
+    Returns (learned quantizers, the PACT ones, pipeline step, warning or None)."""
+    from ..quant.lsq import make_lsq, make_pact
+
+    def wanted(q) -> bool:
+        return q.enabled and not q.dynamic and (p.learn_input_grid or not _is_network_input(q))
+
+    if p.estimator == "lsq":
+        learned = [make_lsq(q, grad_scale=p.lsq_grad_scale, is_weight=True) for q in wqs if q.enabled]
+        learned += [make_lsq(q, grad_scale=p.lsq_grad_scale, is_weight=False) for q in aqs if wanted(q)]
+        return learned, [], "lsq_quantizers", None
+    if not p.pact:
+        return [], [], None, None
+    pact_qs = [q for q in aqs if wanted(q) and make_pact(q) is not None]
+    skipped = [q.qname for q in aqs if wanted(q) and not any(q is k for k in pact_qs)]
+    msg = None
+    if skipped:
+        msg = (f"pact: {len(skipped)} activation quantizer(s) keep fixed ranges (their grid reaches below 0 "
+               f"or is not per-tensor): {', '.join(skipped[:5])}" + (" ..." if len(skipped) > 5 else ""))
+    return pact_qs, pact_qs, "pact_clips", msg
+
+
 def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResult:
     import torch
     from ..quant.calibrate import sim_info
     from ..quant.graph import build_simulated
-    from ..quant.lsq import freeze, make_lsq, make_pact
+    from ..quant.lsq import freeze
     from ..quant.pipeline import calibration_batches, run_steps, sim_config_from
     from ..quant.report import layer_records, quantization_block
     from ..training import reinitialize, train
@@ -336,28 +368,12 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
     wqs, aqs = _quantizers(sim)
     init_grids = {"weights": _grid_table(wqs), "activations": _grid_table(aqs)}
 
-    # learnable quantizers
-    learned, pact_qs = [], []
-    if p.estimator == "lsq":
-        for q in wqs:
-            if q.enabled:
-                learned.append(make_lsq(q, grad_scale=p.lsq_grad_scale, is_weight=True))
-        for q in aqs:
-            if q.enabled and not q.dynamic:
-                learned.append(make_lsq(q, grad_scale=p.lsq_grad_scale, is_weight=False))
-        pipeline.append("lsq_quantizers")
-    elif p.pact:
-        for q in aqs:
-            if q.enabled and make_pact(q) is not None:
-                pact_qs.append(q)
-        skipped = [q.qname for q in aqs if q.enabled and q not in pact_qs]
-        if skipped:
-            msg = (f"pact: {len(skipped)} activation quantizer(s) keep fixed ranges (their grid reaches below 0 "
-                   f"or is not per-tensor): {', '.join(skipped[:5])}" + (" ..." if len(skipped) > 5 else ""))
-            warnings.append(msg)
-            ctx.log(f"qcard: {msg}")
-        learned = pact_qs
-        pipeline.append("pact_clips")
+    learned, pact_qs, step, msg = make_learnable(p, wqs, aqs)
+    if step:
+        pipeline.append(step)
+    if msg:
+        warnings.append(msg)
+        ctx.log(f"qcard: {msg}")
     qparam_ids = set()
     qparams = []
     for q in learned:
@@ -394,7 +410,7 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
             if p.estimator == "lsq":
                 q.rounding_label = "learned"
     for q in aqs:
-        if q.enabled and not q.dynamic and (p.estimator == "lsq" or q in pact_qs):
+        if q.enabled and any(q is l for l in learned):
             q.range_setting = f"{'lsq' if p.estimator == 'lsq' else 'pact'} (init {q.range_setting})"
     block = quantization_block(sim, preset=p.preset)
     if info.batch_norm != "none":
@@ -407,6 +423,8 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
         "init_range": {"weights": ptq.weight_range, "activations": ptq.activation_range if p.a_bits else None},
         "init_calibration": {"split": "train", "size": n_calib, "seed": data.calibration_seed},
         "learned_quantizers": len(learned),
+        "input_grid": ("learned" if p.learn_input_grid else "fixed at its initial range")
+        if any(_is_network_input(q) and q.enabled for q in aqs) else None,
         "init": init_grids, "final": final_grids,
         "scale_change": _scale_change(init_grids, final_grids),
     }
