@@ -149,6 +149,11 @@ def zoo_list():
         acc = r.get("test_accuracy")
         acc_s = f"{100 * acc:.1f} %" if isinstance(acc, (int, float)) else "—"   # stored as a fraction
         params = f"{r['params']:,}" if r.get("params") else "—"
+        if r.get("architecture_only"):
+            shape = "x".join(str(d) for d in r["input_shape"])
+            click.echo(f"{r['ref']:<22} {'—':>9} params  {shape} input, architecture only (train from scratch "
+                       f"or give weights: PATH)  {r.get('description', '')}")
+            continue
         state = "" if r.get("weights_bytes") else "  (no bundled weights: run `qcard zoo train " + r["name"] + "`)"
         click.echo(f"{r['ref']:<22} {params:>9} params  top1 {acc_s:>8}  {r.get('description', '')}{state}")
 

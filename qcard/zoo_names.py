@@ -10,7 +10,9 @@ WEIGHTS_DIR = Path(__file__).parent / "zoo" / "weights"
 
 
 def bundled_names() -> list[str]:
-    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
+    """qcard: model names: those with bundled weights and the architecture-only ones."""
+    from .zoo.catalog import ARCHITECTURES
+    return sorted({p.stem for p in WEIGHTS_DIR.glob("*.safetensors")} | set(ARCHITECTURES))
 
 
 def check_model_ref(ref: str) -> None:

@@ -64,9 +64,13 @@ def test_bundled_model_fx_traces(name):
 
 
 def test_list_models_rows():
+    from qcard.zoo.catalog import ARCHITECTURES
     rows = {r["name"]: r for r in list_models()}
-    assert set(rows) == set(BUNDLED)
+    assert set(rows) == set(BUNDLED) | set(ARCHITECTURES)
     for name, row in rows.items():
+        if name in ARCHITECTURES:         # architecture only: nothing trained to report
+            assert row["architecture_only"] and row["test_accuracy"] is None and row["input_shape"] == [3, 32, 32]
+            continue
         assert row["params"] > 0 and row["test_accuracy"] >= TARGETS[name] and row["difficulty"]
 
 

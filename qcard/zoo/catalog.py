@@ -42,6 +42,21 @@ BUNDLED: Dict[str, Dict[str, Any]] = {
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 
+# qcard models shipped as architectures only (no bundled weights): they need data that cannot ship in
+# the package. They build with seeded random weights; train them from scratch or give weights: PATH.
+ARCHITECTURES: Dict[str, Dict[str, Any]] = {
+    "resnet20_cifar": {
+        "factory": "qcard.zoo.models:ResNetCIFAR",
+        "description": "ResNet-20 for CIFAR (3x16/32/64-channel stages of 3 basic blocks), the MARViN reference's",
+        "input_shape": (3, 32, 32), "num_classes": 10,
+    },
+    "alexnet_cifar": {
+        "factory": "qcard.zoo.models:AlexNetCIFAR",
+        "description": "small CIFAR AlexNet (5 convs, 3 max pools, one fc, no BN), the MARViN reference's",
+        "input_shape": (3, 32, 32), "num_classes": 10,
+    },
+}
+
 
 def bundled_weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
@@ -63,5 +78,10 @@ def list_models() -> List[Dict[str, Any]]:
         rows.append({"name": name, "ref": f"qcard:{name}", "description": entry["description"],
                      "difficulty": entry["difficulty"], "params": rec.get("params"),
                      "test_accuracy": rec.get("test_accuracy"), "weights_bytes": rec.get("weights_bytes"),
-                     "input_shape": list(INPUT_SHAPE), "num_classes": NUM_CLASSES})
+                     "input_shape": list(INPUT_SHAPE), "num_classes": NUM_CLASSES, "architecture_only": False})
+    for name, entry in ARCHITECTURES.items():
+        rows.append({"name": name, "ref": f"qcard:{name}", "description": entry["description"],
+                     "difficulty": None, "params": None, "test_accuracy": None, "weights_bytes": None,
+                     "input_shape": list(entry["input_shape"]), "num_classes": entry["num_classes"],
+                     "architecture_only": True})
     return rows

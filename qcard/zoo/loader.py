@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, QcardError, UnknownNameError
 from ..registry import import_object
-from .catalog import BUNDLED, INPUT_SHAPE, NUM_CLASSES, bundled_weights_path
+from .catalog import ARCHITECTURES, BUNDLED, INPUT_SHAPE, NUM_CLASSES, bundled_weights_path
 
 SOURCES = ("qcard", "torchvision", "timm", "python")
 REF_FORMS = "qcard:NAME, torchvision:NAME, timm:NAME or python:pkg.module:callable"
@@ -118,7 +118,7 @@ def parse_ref(ref: str) -> Tuple[str, str]:
 
 def _bare_name_error(name: str) -> UnknownNameError:
     found: List[str] = []
-    if name in BUNDLED:
+    if name in BUNDLED or name in ARCHITECTURES:
         found.append(f"qcard:{name}")
     tv, tm = _torchvision_names(), _timm_names()
     if name in tv:
@@ -134,12 +134,13 @@ def _bare_name_error(name: str) -> UnknownNameError:
         msg = (f"model reference '{name}' has no source prefix; did you mean '{found[0]}'?{also} "
                f"A model reference is {REF_FORMS}")
         return _RefError("model reference", name, found, msg)
-    close = ([f"qcard:{n}" for n in _closest(name, list(BUNDLED), 3)]
+    close = ([f"qcard:{n}" for n in _closest(name, list(BUNDLED) + list(ARCHITECTURES), 3)]
              + [f"torchvision:{n}" for n in _closest(name, tv, 3)] + [f"timm:{n}" for n in _closest(name, tm, 3)])
     msg = f"unknown model reference '{name}'"
     if close:
         msg += f" (did you mean '{close[0]}'?); close names: {', '.join(close)}"
-    msg += f". A model reference is {REF_FORMS}; bundled: {', '.join('qcard:' + n for n in BUNDLED)}"
+    msg += (f". A model reference is {REF_FORMS}; bundled: "
+            f"{', '.join('qcard:' + n for n in list(BUNDLED) + list(ARCHITECTURES))}")
     return _RefError("model reference", name, close, msg)
 
 
@@ -272,9 +273,25 @@ def _with_channels(cfg: Optional[Dict[str, Any]], in_chans: Optional[int]) -> Op
 
 # --------------------------------------------------------------------------- sources
 
+def _build_qcard_architecture(name, pretrained, num_classes, in_chans, kwargs, weights):
+    """A qcard architecture without bundled weights: seeded random initialization."""
+    entry = ARCHITECTURES[name]
+    if weights == "bundled" or pretrained:
+        raise ModelLoadError(f"qcard:{name} ships as an architecture only (no bundled or pretrained weights): "
+                             f"train it from scratch, or give weights: PATH to a checkpoint of your own")
+    nc = entry["num_classes"] if num_classes is None else int(num_classes)
+    ic = entry["input_shape"][0] if in_chans is None else int(in_chans)
+    factory = import_object(entry["factory"], "qcard architecture")
+    try:
+        model = factory(num_classes=nc, in_chans=ic, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"qcard:{name}: bad arguments {sorted(kwargs)}: {exc}") from exc
+    return model, None, None, (ic, *entry["input_shape"][1:]), nc, None
+
+
 def _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled):
     if name not in BUNDLED:
-        raise UnknownNameError("qcard model", name, BUNDLED)
+        raise UnknownNameError("qcard model", name, list(BUNDLED) + list(ARCHITECTURES))
     nc = NUM_CLASSES if num_classes is None else int(num_classes)
     ic = INPUT_SHAPE[0] if in_chans is None else int(in_chans)
     if use_bundled and (nc != NUM_CLASSES or ic != INPUT_SHAPE[0] or kwargs):
@@ -414,7 +431,9 @@ def load_model_with_info(ref: str, *, weights: Optional[str] = None, pretrained:
     # Construction (random init) is seeded in a forked RNG: reproducible, caller's RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(init_seed))
-        if source == "qcard":
+        if source == "qcard" and name in ARCHITECTURES:
+            built = _build_qcard_architecture(name, pretrained, num_classes, in_chans, kwargs, weights)
+        elif source == "qcard":
             built = _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled)
         elif source == "torchvision":
             built = _build_torchvision(name, pretrained, num_classes, in_chans, kwargs)

@@ -213,3 +213,62 @@ class ViTTiny(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
+
+
+# --------------------------------------------------------------------------- CIFAR architectures
+# The two models of the MARViN / AdaPT reference recipes (3x32x32 input). Architecture only: no weights
+# are bundled (they need CIFAR data to train); configs/imagenet/marvin_cifar.yaml trains them.
+
+class ResNetCIFAR(nn.Module):
+    """He et al.'s CIFAR ResNet of depth 6n+2 (ResNet-20: n = 3): a 16-channel conv-bn-relu stem, three
+    stages of n basic blocks (16/32/64 channels, strides 1/2/2, 1x1 conv + BN shortcuts where the shape
+    changes), global average pool, fc."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        stages, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():           # He initialization of the convs, BN at identity
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class AlexNetCIFAR(nn.Module):
+    """The small CIFAR AlexNet of the reference: five convs (64 11x11/4, 192 5x5, 384, 256, 256 3x3) with
+    ReLU and three 2x2 max pools, no batch norm, then one fc from the 256 features (32x32 input -> 1x1)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 64, 11, 4, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 192, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(192, 384, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.features(x)))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnknownNameError
+from ..errors import QcardError, UnknownNameError
 from ..registry import import_object
-from .catalog import BUNDLED, WEIGHTS_DIR, bundled_record
+from .catalog import ARCHITECTURES, BUNDLED, WEIGHTS_DIR, bundled_record
 from .loader import state_dict_sha256
 
 THREADS = 2     # fixed: CPU reductions may depend on how work is split between threads
@@ -104,6 +104,11 @@ def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_d
     Returns the JSON record, plus "files" (when written) and "reproduces_bundled" (whether every
     tensor is bit-identical to the shipped weights).
     """
+    if name in ARCHITECTURES:
+        raise QcardError(f"qcard:{name} is an architecture without bundled weights: it needs "
+                         f"{'x'.join(map(str, ARCHITECTURES[name]['input_shape']))} data (CIFAR) that cannot ship "
+                         f"with qcard; train it in a config with the fp32_train method (see "
+                         f"configs/imagenet/marvin_cifar.yaml)")
     if name not in BUNDLED:
         raise UnknownNameError("qcard model", name, BUNDLED)
     from ..data import load_dataset
