@@ -9,7 +9,7 @@ timed with hooks; the first `--warmup` steps of each run are discarded. Runs alt
 Default: torchvision resnet18 with random weights, batch 16 of 3×224×224 random images (slow on a CPU;
 use --steps to keep it short). Prints the median step times and their ratio.
 Usage: python benchmarks/bench_marvin.py [--model torchvision:resnet18] [--batch 16] [--size 224]
-                                         [--steps 3] [--warmup 1] [--repeats 1] [--threads 2]
+                                         [--steps 5] [--warmup 1] [--repeats 2] [--threads 2]
 """
 import argparse
 import statistics
@@ -22,9 +22,9 @@ def main() -> int:
     ap.add_argument("--model", default="torchvision:resnet18")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
-    ap.add_argument("--repeats", type=int, default=1, help="fp32/marvin pairs")
+    ap.add_argument("--repeats", type=int, default=2, help="fp32/marvin pairs (more pairs: less noise)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 

@@ -32,7 +32,9 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     ref: str = Field(description="qcard:NAME | torchvision:NAME | timm:NAME | python:pkg.module:callable")
-    weights: Optional[str] = Field(None, description="local .safetensors/.pth file (loaded with weights_only=True)")
+    weights: Optional[str] = Field(None, description="local .safetensors/.pth file (loaded with weights_only=True); "
+                                                     "'random' for seeded random initialization; 'bundled' "
+                                                     "(qcard: models, the default)")
     pretrained: bool = Field(False, description="use the library's own pretrained loader (needs network/cache)")
     input_shape: Optional[Tuple[int, int, int]] = Field(None, description="C,H,W; default from the model or dataset")
     num_classes: Optional[int] = Field(None, ge=1)
@@ -411,11 +413,14 @@ def _shorthand_loc(data: dict, loc: tuple) -> tuple:
     return loc
 
 
+_WEIGHT_WORDS = ("random", "bundled")    # weights: values that are not file paths
+
+
 def _resolve_paths(exp: Experiment, base_dir: Path) -> None:
     """Weights files and image folders are relative to the config file."""
     cfg = exp.config
     for m in cfg.models:
-        if m.weights and not os.path.isabs(os.path.expanduser(m.weights)):
+        if m.weights and m.weights not in _WEIGHT_WORDS and not os.path.isabs(os.path.expanduser(m.weights)):
             candidate = base_dir / m.weights
             if candidate.exists() or not Path(m.weights).exists():
                 m.weights = str(candidate)
@@ -435,8 +440,11 @@ def _check_references(exp: Experiment) -> None:
             check_model_ref(m.ref)
         except QcardError as exc:
             raise exp.error(("models", i, "ref"), str(exc)) from None
-        if m.weights and not Path(os.path.expanduser(m.weights)).is_file():
-            raise exp.error(("models", i, "weights"), f"weights file not found: {m.weights}")
+        if m.weights == "bundled" and not m.ref.startswith("qcard:"):
+            raise exp.error(("models", i, "weights"), f"weights: bundled applies to qcard: models only, not '{m.ref}'")
+        if m.weights and m.weights not in _WEIGHT_WORDS and not Path(os.path.expanduser(m.weights)).is_file():
+            raise exp.error(("models", i, "weights"), f"weights file not found: {m.weights} "
+                                                      f"(or say 'random' / 'bundled')")
         if m.weights and m.pretrained:
             raise exp.error(("models", i), "give either 'weights' or 'pretrained: true', not both")
     ref = cfg.dataset.ref

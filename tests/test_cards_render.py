@@ -271,3 +271,46 @@ def test_fp32_baseline_card_renders(fmt):
     assert "FP32" in text and "none used" in text
     if fmt == "md":
         assert "| bits | FP32 | FP32 |" in text and "Per-layer" not in text
+
+
+# ---------------------------------------------------------------- method tables from real cards
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "cards" / "quickstart"
+
+
+def _published(label: str, model: str = "resnet8"):
+    paths = sorted(QUICKSTART.glob(f"{model}__{label}__*/card.json"))
+    assert paths, f"no published {label} card under {QUICKSTART} (make cards)"
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_marvin_card_tables_show_every_switch_with_step_and_epoch():
+    from qcard.cards.method_tables import method_tables
+    card = _published("MARViN")[0]
+    st = card["method_stats"]["marvin"]
+    tables = {t["title"].split(" (")[0]: t for t in method_tables(card)}
+    per_layer = tables["MARViN word lengths per layer"]
+    assert [r[0] for r in per_layer["rows"]] == list(st["trajectories"])
+    log = tables["MARViN precision switches"]
+    assert len(log["rows"]) + log["left_out"] == len(st["switches"]) == st["switch_count"]
+    first = st["switches"][0]
+    assert log["rows"][0][0] == str(first["step"]) and log["rows"][0][2] == first["layer"]
+    assert log["rows"][0][-1] == ("yes" if first["intra_epoch"] else "no")
+    md = render_card(card, "md")
+    assert "### MARViN precision switches" in md and "inside an epoch" in md
+    assert "### Training curve" in md
+
+
+def test_sparq_card_tables_show_per_layer_statistics_and_pe_comparison():
+    from qcard.cards.method_tables import method_tables
+    card = next(c for c in _published("SPARQ-A4W8") if c["method"]["params"]["variant"] == "sparq")
+    st = card["method_stats"]["sparq"]
+    tables = {t["title"].split(" (")[0]: t for t in method_tables(card)}
+    layers = tables["SPARQ per-layer statistics"]
+    assert [r[0] for r in layers["rows"]] == list(st["layers"])
+    first = next(iter(st["layers"].values()))
+    assert layers["rows"][0][2] == f"{100 * first['zero_fraction']:.1f}"
+    costs = tables["SPARQ cost beside A8W8 and plain A4W8"]
+    assert [r[0].split(" (")[0] for r in costs["rows"]] == ["A8W8", "plain A4W8", "SPARQ", "this run"]
+    for fmt in ("md", "html", "tex"):
+        assert "SPARQ per-layer statistics" in render_card(card, fmt)

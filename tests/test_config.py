@@ -97,6 +97,16 @@ def test_missing_weights_file(write_config):
     assert_config_error(write_config(text), "models[0].weights", "not found", "nope.safetensors")
 
 
+def test_weights_random_and_bundled_are_words_not_files(write_config, tmp_path):
+    text = GOOD.replace("models: [qcard:lenet5]", "models: [{ref: qcard:lenet5, weights: random}]")
+    code, out = cli("validate", write_config(text))
+    assert code == 0, out
+    exp = load_config(write_config(text))
+    assert exp.config.models[0].weights == "random"          # not turned into a path next to the config
+    text = GOOD.replace("models: [qcard:lenet5]", "models: [{ref: torchvision:resnet18, weights: bundled}]")
+    assert_config_error(write_config(text), "models[0].weights", "qcard: models only")
+
+
 def test_unknown_method_param(write_config):
     text = GOOD.replace("  - fp32", "  - {name: user_methods:ScaleWeights, params: {facter: 2}}")
     assert_config_error(write_config(text), "methods[0].params.facter", "did you mean 'factor'")

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import jinja2
 
 from ..errors import QcardError
+from .method_tables import method_tables
 from .schema import Card, card_from_dict
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -387,6 +388,7 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         "cost_profile": cost.get("profile"), "cost_rows": cost_rows,
         "layer_cols": layer_cols, "layer_rows": layer_rows,
         "method_stats": _flat_scalars(c.get("method_stats") or {}),
+        "method_tables": method_tables(c),
         "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()],
         "warnings": list(c.get("warnings") or []), "provenance": "; ".join(env), "reproduce": c["reproduce"],
     }
