@@ -28,6 +28,7 @@ test-fast: install
 
 # the published example cards: card.json + card.md + card.html per point, a comparison and a Pareto plot
 cards: install
+	rm -rf cards/quickstart   # published cards are exactly this run's: no stale points
 	$(BIN)/qcard run configs/quickstart.yaml --out cards --force --no-progress
 	$(BIN)/qcard render cards/quickstart --format html --out cards/quickstart
 	$(BIN)/qcard compare cards/quickstart --format md -o cards/quickstart/comparison.md --plot cards/quickstart/pareto
