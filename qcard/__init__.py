@@ -2,7 +2,7 @@
 
 Python API (heavy modules load on first use, so `import qcard` is cheap):
     qcard.load_config(path) -> Experiment
-    qcard.run(config_or_path, out=None, force=False) -> RunSummary
+    qcard.run(config_or_path, out=None, force=False, workers=1) -> RunSummary
     qcard.zoo.load_model(ref, ...), qcard.data.load_dataset(ref, split, ...)
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ def load_config(path):
     return _load(path)
 
 
-def run(config, *, out=None, force=False, only=None, progress=None):
+def run(config, *, out=None, force=False, only=None, progress=None, workers=1):
     from .runner import run as _run
-    return _run(config, out=out, force=force, only=only, progress=progress)
+    return _run(config, out=out, force=force, only=only, progress=progress, workers=workers)
 
 
 def __getattr__(name):

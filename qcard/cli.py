@@ -70,8 +70,10 @@ def main():
 @click.option("--dry-run", is_flag=True, help="validate and print the points without running them")
 @click.option("--only", multiple=True, metavar="ID", help="run only points whose id starts with ID (repeatable)")
 @click.option("--progress/--no-progress", default=None, help="progress bars (default: when stderr is a terminal)")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="points run in parallel processes, each with CPU threads / N torch threads (no progress bars)")
 @user_errors
-def run(config, out, force, dry_run, only, progress):
+def run(config, out, force, dry_run, only, progress, workers):
     """Run every point of CONFIG and write one card per point.
 
     \b
@@ -91,7 +93,8 @@ def run(config, out, force, dry_run, only, progress):
             click.echo("  " + p.describe())
         return
     from .runner import run as run_experiment
-    summary = run_experiment(exp, out=out, force=force, only=list(only) or None, progress=progress)
+    summary = run_experiment(exp, out=out, force=force, only=list(only) or None, progress=progress,
+                             workers=workers)
     if not summary.ok:
         sys.exit(1)
 

@@ -239,11 +239,27 @@ def _accepts_list(annotation: Any) -> bool:
     return annotation in (list, tuple)
 
 
+def _nested_model(annotation: Any):
+    """The pydantic model a field holds (also inside Optional[...]), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is Union or str(typing.get_origin(annotation)) == "types.UnionType":
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
 def _sweep_axes(params_cls, params: Dict[str, Any]) -> List[Tuple[str, List[Any]]]:
     axes = []
     for key, value in params.items():
         info = params_cls.model_fields.get(key)
-        if info is None or not isinstance(value, list):
+        nested = _nested_model(info.annotation) if info is not None and isinstance(value, dict) else None
+        if nested is not None:
+            # a nested block (e.g. train:) sweeps the same way: its grid becomes this key's values
+            sub = _sweep_axes(nested, value)
+            names = [k for k, _ in sub]
+            axes.append((key, [dict(zip(names, c)) for c in itertools.product(*[v for _, v in sub])]))
+        elif info is None or not isinstance(value, list):
             axes.append((key, [value]))  # unknown keys are reported by validation below
         elif _accepts_list(info.annotation):
             is_grid = bool(value) and all(isinstance(v, list) for v in value)

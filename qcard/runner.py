@@ -118,8 +118,10 @@ class Resources:
 
 
 def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = None, force: bool = False,
-        only: Optional[List[str]] = None, progress: Optional[bool] = None,
+        only: Optional[List[str]] = None, progress: Optional[bool] = None, workers: int = 1,
         log: Callable[[str], None] = _echo) -> RunSummary:
+    """Run the points of an experiment. workers > 1: that many processes, each running whole points
+    with its share of the CPU threads (finished points are written as they finish, in any order)."""
     exp = config if isinstance(config, Experiment) else load_config(config)
     points = exp.points()
     if only:
@@ -127,49 +129,123 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
         if not points:
             raise QcardError(f"no point of experiment '{exp.name}' has an id starting with {', '.join(only)}; "
                              "see `qcard run CONFIG --dry-run` for the ids")
+    if int(workers) < 1:
+        raise QcardError(f"workers must be at least 1, got {workers}")
     if progress is None:
         progress = sys.stderr.isatty()
     store = RunStore(exp.out_dir(out))
     device = _resolve_device(exp.config.device)
-    resources = Resources(exp, store, device, log)
     summary = RunSummary(exp.name, store.root)
     log(f"qcard: experiment '{exp.name}': {len(points)} point(s) -> {store.root}")
+    todo = []
     for i, point in enumerate(points, 1):
         folder = store.point_dir(point.folder)
         removed = store.clean_partial(point.folder)
         if removed:
             log(f"  removed {removed} partial file(s) left by an interrupted run in {folder}")
-        prefix = f"[{i}/{len(points)}] {point.model.short} · {point.method_label} ({point.id[:10]})"
         if not force and store.finished_card(point.folder, point.id):
-            log(f"{prefix}: already done, skipped (use --force to rerun)")
+            log(f"{_prefix(i, len(points), point)}: already done, skipped (use --force to rerun)")
             summary.outcomes.append(PointOutcome(point, "skipped", folder))
             continue
-        store.write_point_config(point.folder, point.canonical())
-        started = time.time()
-        try:
-            card = run_point(point, exp, resources, device=device, progress=progress, log=log)
-            status, error = "ok", None
-        except Exception as exc:  # a failed point is recorded and the sweep goes on
-            error = f"{type(exc).__name__}: {exc}"
-            store.write_text(point.folder, "error.log", traceback.format_exc())
-            card = failed_card(point, exp, error, started)
-            status = "failed"
-        from .cards.render import render_card
-        store.write_card(point.folder, card.to_json())
-        store.write_text(point.folder, "card.md", render_card(card, "md"))
-        data = card.model_dump(mode="json")
-        if status == "ok":
-            r = data["results"]
-            std = f" ± {r['std']:.2f}" if r.get("std") else ""
-            log(f"{prefix}: {r['metric']} {r['quantized']:.2f}{std} (FP32 {r['fp32']:.2f}, "
-                f"Δ {r['delta']:+.2f}) -> {folder / 'card.md'}")
-        else:
-            log(f"{prefix}: FAILED: {error} (details in {folder / 'error.log'})")
-        summary.outcomes.append(PointOutcome(point, status, folder, data, error))
+        todo.append((i, point))
+    workers = min(int(workers), len(todo)) or 1
+    if workers == 1:
+        resources = Resources(exp, store, device, log)
+        for i, point in todo:
+            summary.outcomes.append(_report(_execute(point, exp, store, resources, device, progress, log),
+                                            i, len(points), store, log))
+    else:
+        _run_pool(exp, store, device, todo, len(points), workers, summary, log)
+    order = {p.id: k for k, p in enumerate(points)}
+    summary.outcomes.sort(key=lambda o: order[o.point.id])
     n_ok = sum(o.status == "ok" for o in summary.outcomes)
     n_skip = sum(o.status == "skipped" for o in summary.outcomes)
     log(f"qcard: {n_ok} ran, {n_skip} skipped, {len(summary.failed)} failed; cards in {store.root}")
     return summary
+
+
+def _prefix(i: int, n: int, point: Point) -> str:
+    return f"[{i}/{n}] {point.model.short} · {point.method_label} ({point.id[:10]})"
+
+
+def _execute(point: Point, exp: Experiment, store: RunStore, resources: "Resources", device: str,
+             progress: bool, log: Callable[[str], None]) -> PointOutcome:
+    """Run one point and write its folder (card.json, card.md, error.log for a failure)."""
+    store.write_point_config(point.folder, point.canonical())
+    started = time.time()
+    try:
+        card = run_point(point, exp, resources, device=device, progress=progress, log=log)
+        status, error = "ok", None
+    except Exception as exc:  # a failed point is recorded and the sweep goes on
+        error = f"{type(exc).__name__}: {exc}"
+        store.write_text(point.folder, "error.log", traceback.format_exc())
+        card = failed_card(point, exp, error, started)
+        status = "failed"
+    from .cards.render import render_card
+    store.write_card(point.folder, card.to_json())
+    store.write_text(point.folder, "card.md", render_card(card, "md"))
+    return PointOutcome(point, status, store.point_dir(point.folder), card.model_dump(mode="json"), error)
+
+
+def _report(outcome: PointOutcome, i: int, n: int, store: RunStore, log: Callable[[str], None]) -> PointOutcome:
+    prefix, folder = _prefix(i, n, outcome.point), outcome.folder
+    if outcome.status == "ok":
+        r = outcome.card["results"]
+        std = f" ± {r['std']:.2f}" if r.get("std") else ""
+        log(f"{prefix}: {r['metric']} {r['quantized']:.2f}{std} (FP32 {r['fp32']:.2f}, "
+            f"Δ {r['delta']:+.2f}) -> {folder / 'card.md'}")
+    else:
+        log(f"{prefix}: FAILED: {outcome.error} (details in {folder / 'error.log'})")
+    return outcome
+
+
+# ------------------------------------------------------------------ process pool
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _worker_init(exp: Experiment, root: str, device: str, threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    store = RunStore(Path(root))
+    log = lambda m: print(m, flush=True)
+    _WORKER.update(exp=exp, store=store, device=device, resources=Resources(exp, store, device, log), log=log)
+
+
+def _worker_point(point: Point) -> PointOutcome:
+    w = _WORKER
+    log = w["log"]
+    tagged = lambda m: log(f"  ({point.id[:10]}) {m.strip()}")     # worker lines name their point
+    w["resources"].log = tagged
+    return _execute(point, w["exp"], w["store"], w["resources"], w["device"], False, tagged)
+
+
+def _run_pool(exp: Experiment, store: RunStore, device: str, todo, n: int, workers: int,
+              summary: RunSummary, log: Callable[[str], None]) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log(f"qcard: {workers} worker processes, {threads} torch thread(s) each")
+    ctx = multiprocessing.get_context("spawn")       # fork is unsafe once torch has started threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(exp, str(store.root), device, threads)) as pool:
+        futures = {pool.submit(_worker_point, point): (i, point) for i, point in todo}
+        try:
+            for fut in as_completed(futures):
+                i, point = futures[fut]
+                try:
+                    outcome = fut.result()
+                except Exception as exc:     # the worker itself died (e.g. out of memory)
+                    error = f"{type(exc).__name__}: {exc}"
+                    card = failed_card(point, exp, error, time.time())
+                    store.write_card(point.folder, card.to_json())
+                    outcome = PointOutcome(point, "failed", store.point_dir(point.folder),
+                                           card.model_dump(mode="json"), error)
+                summary.outcomes.append(_report(outcome, i, n, store, log))
+        except KeyboardInterrupt:
+            # finished points are on disk; partial files of the running ones are cleaned on the next run
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _resolve_device(device: str) -> str:

@@ -165,6 +165,19 @@ def test_sweep_expands_to_a_grid(write_config):
     assert len({p.folder for p in points}) == len(points)
 
 
+def test_lists_inside_a_nested_block_sweep_too(write_config):
+    text = GOOD.replace("  - fp32\n", "  - name: qat\n    params: {w_bits: [4, 8], train: {lr: [1.0e-4, 1.0e-3], "
+                                      "batch_size: 32, epochs: [1, 2]}}\n")
+    points = load_config(write_config(text)).points()
+    grid = sorted((p.params.w_bits, p.params.train.lr, p.params.train.epochs) for p in points)
+    assert grid == sorted((w, lr, e) for w in (4, 8) for lr in (1e-4, 1e-3) for e in (1, 2))
+    assert all(p.params.train.batch_size == 32 for p in points)
+    assert len({p.id for p in points}) == 8
+    # a bad value inside the nested block still names its key path
+    bad = text.replace("epochs: [1, 2]", "epochs: [1, zero]")
+    assert_config_error(write_config(bad, "bad.yaml"), "methods[0].params.train.epochs")
+
+
 def test_point_ids_are_stable_and_depend_on_resolved_config(write_config, tmp_path):
     a = [p.id for p in load_config(write_config(SWEEP)).points()]
     b = [p.id for p in load_config(write_config(SWEEP, "again.yaml")).points()]

@@ -188,3 +188,31 @@ cost: {{profiles: [bitops]}}
     assert summary.ok, [o.error for o in summary.outcomes]
     card = load_card(cards_of(tmp_path / "runs" / "folder")[0])
     assert card.model.source == "python" and card.dataset.eval_size == 6
+
+
+def test_workers_run_points_in_parallel_processes_with_the_same_cards(write_config, tmp_path):
+    """--workers 2: every point runs in a worker process and writes the same results as a sequential run;
+    the summary keeps the config's order; a rerun skips the finished points."""
+    methods = "  - fp32\n  - {name: user_methods:ScaleWeights, params: {factor: [1.0, 0.5, 0.25]}}\n"
+    seq = make(write_config, tmp_path / "seq", methods, name="w", fname="seq.yaml")
+    par = make(write_config, tmp_path / "par", methods, name="w", fname="par.yaml")
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = qcard.run(seq, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    lines = []
+    from qcard.runner import run as run_exp
+    b = run_exp(par, progress=False, workers=2, log=lines.append)
+    assert a.ok and b.ok and len(b.outcomes) == len(a.outcomes) == 4
+    assert any("2 worker processes" in l for l in lines)
+    ra = {o.point.id: o.card["results"]["quantized"] for o in a.outcomes}
+    rb = {o.point.id: o.card["results"]["quantized"] for o in b.outcomes}
+    assert ra == rb
+    assert [o.point.id for o in b.outcomes] == [o.point.id for o in a.outcomes]     # config order
+    for o in b.outcomes:
+        assert (o.folder / "card.json").is_file() and (o.folder / "card.md").is_file()
+    again = run_exp(par, progress=False, workers=2, log=lines.append)
+    assert [o.status for o in again.outcomes] == ["skipped"] * 4
