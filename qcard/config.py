@@ -468,6 +468,11 @@ def _check_references(exp: Experiment) -> None:
         folder = Path(os.path.expanduser(ref[len("imagefolder:"):]))
         if not folder.is_dir():
             raise exp.error(("dataset", "ref"), f"image folder not found: {folder}")
+    from .data.loader import check_dataset_files
+    try:
+        check_dataset_files(ref, cfg.dataset.root, cfg.dataset.download)
+    except QcardError as exc:
+        raise exp.error(("dataset", "root"), str(exc)) from None
     if ref != "synthetic":
         for key in ("input_shape", "num_classes", "size"):
             if getattr(cfg.dataset, key) is not None:

@@ -107,6 +107,19 @@ def test_weights_random_and_bundled_are_words_not_files(write_config, tmp_path):
     assert_config_error(write_config(text), "models[0].weights", "qcard: models only")
 
 
+def test_missing_cifar_files_fail_at_validate_time(write_config, tmp_path):
+    text = GOOD.replace("dataset: {ref: qcard:mnist5k, eval_size: 100}",
+                        f"dataset: {{ref: torchvision:CIFAR10, root: {tmp_path / 'cifar'}}}")
+    assert_config_error(write_config(text), "dataset.root", "cifar-10-batches-py", "download: true")
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    code, out = cli("validate", write_config(text, "ok.yaml"))
+    assert code == 0, out
+    # asking for a download: nothing to check yet
+    text = text.replace("root:", "download: true, root:").replace("cifar}", "elsewhere}")
+    code, out = cli("validate", write_config(text, "dl.yaml"))
+    assert code == 0, out
+
+
 def test_unknown_method_param(write_config):
     text = GOOD.replace("  - fp32", "  - {name: user_methods:ScaleWeights, params: {facter: 2}}")
     assert_config_error(write_config(text), "methods[0].params.facter", "did you mean 'factor'")

@@ -17,6 +17,23 @@ DATASETS: Dict[str, Tuple[Tuple[str, ...], str]] = {
 }
 
 
+# torchvision's folder for each CIFAR copy under `root:` (read without importing torch, for config checks)
+CIFAR_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
+DEFAULT_ROOT = "~/.cache/qcard/data"
+
+
+def check_dataset_files(ref: str, root: Optional[str], download: bool) -> None:
+    """Fail early, at config time, when a dataset's files are plainly absent (no download asked)."""
+    name = ref.partition(":")[2]
+    if ref.startswith("torchvision:") and name in CIFAR_FOLDERS and not download:
+        from pathlib import Path
+        root_path = Path(root or DEFAULT_ROOT).expanduser()
+        if not (root_path / CIFAR_FOLDERS[name]).is_dir():
+            raise DatasetError(f"{ref}: files not found under '{root_path}' (expected folder "
+                               f"'{CIFAR_FOLDERS[name]}'). Set `download: true` to fetch them (needs internet), "
+                               f"or `root:` to the folder that holds them")
+
+
 def list_datasets() -> List[Dict[str, Any]]:
     return [{"ref": ref, "splits": list(splits), "description": doc} for ref, (splits, doc) in DATASETS.items()]
 

@@ -12,13 +12,11 @@ import torch
 
 from ..errors import DatasetError
 from .base import QDataset, make_fingerprint
+from .loader import CIFAR_FOLDERS, DEFAULT_ROOT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875   # 224 / 256, the classic ImageNet evaluation recipe
-
-DEFAULT_ROOT = "~/.cache/qcard/data"
-
 
 # --------------------------------------------------------------------------- imagefolder
 
@@ -124,9 +122,9 @@ def load_imagefolder(ref: str, path: str, split: str, model_info: Any = None,
 
 CIFAR = {
     "CIFAR10": {"num_classes": 10, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
-                "folder": "cifar-10-batches-py"},
+                "folder": CIFAR_FOLDERS["CIFAR10"]},
     "CIFAR100": {"num_classes": 100, "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762),
-                 "folder": "cifar-100-python"},
+                 "folder": CIFAR_FOLDERS["CIFAR100"]},
 }
 
 
