@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,7 @@ def _accepts_list(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple, set, frozenset, List, Tuple):
         return True
-    if origin is Union or str(origin) in ("types.UnionType",):
+    if origin is Union or origin is types.UnionType:
         return any(_accepts_list(a) for a in typing.get_args(annotation))
     if origin is typing.Annotated:
         return _accepts_list(typing.get_args(annotation)[0])
@@ -243,7 +244,7 @@ def _nested_model(annotation: Any):
     """The pydantic model a field holds (also inside Optional[...]), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) is Union or str(typing.get_origin(annotation)) == "types.UnionType":
+    if typing.get_origin(annotation) in (Union, types.UnionType):
         models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         return models[0] if len(models) == 1 else None
     return None
@@ -458,6 +459,10 @@ def _check_references(exp: Experiment) -> None:
             raise exp.error(("models", i, "ref"), str(exc)) from None
         if m.weights == "bundled" and not m.ref.startswith("qcard:"):
             raise exp.error(("models", i, "weights"), f"weights: bundled applies to qcard: models only, not '{m.ref}'")
+        from .zoo.catalog import ARCHITECTURES
+        if m.ref.startswith("qcard:") and m.ref[6:] in ARCHITECTURES and (m.weights == "bundled" or m.pretrained):
+            raise exp.error(("models", i), f"{m.ref} ships as an architecture only (no bundled or pretrained "
+                                           f"weights): train it from scratch, or give weights: PATH")
         if m.weights and m.weights not in _WEIGHT_WORDS and not Path(os.path.expanduser(m.weights)).is_file():
             raise exp.error(("models", i, "weights"), f"weights file not found: {m.weights} "
                                                       f"(or say 'random' / 'bundled')")

@@ -181,10 +181,21 @@ def _execute(point: Point, exp: Experiment, store: RunStore, resources: "Resourc
         store.write_text(point.folder, "error.log", traceback.format_exc())
         card = failed_card(point, exp, error, started)
         status = "failed"
-    from .cards.render import render_card
-    store.write_card(point.folder, card.to_json())
-    store.write_text(point.folder, "card.md", render_card(card, "md"))
+    _write_card(store, point, card, log)
     return PointOutcome(point, status, store.point_dir(point.folder), card.model_dump(mode="json"), error)
+
+
+def _write_card(store: RunStore, point: Point, card, log: Callable[[str], None]) -> None:
+    """card.md first (a rendering problem must not leave a 'finished' card.json without it), then card.json."""
+    from .cards.render import render_card
+    try:
+        md = render_card(card, "md")
+    except Exception as exc:       # the results are in card.json; say so instead of losing the sweep
+        md = (f"# Quantization card\n\nRendering failed ({type(exc).__name__}: {exc}); card.json next to "
+              f"this file holds every result. Re-render with `qcard render card.json` after a fix.\n")
+        log(f"    warning: card.md could not be rendered ({type(exc).__name__}: {exc}); card.json is complete")
+    store.write_text(point.folder, "card.md", md)
+    store.write_card(point.folder, card.to_json())
 
 
 def _report(outcome: PointOutcome, i: int, n: int, store: RunStore, log: Callable[[str], None]) -> PointOutcome:
@@ -224,7 +235,8 @@ def _run_pool(exp: Experiment, store: RunStore, device: str, todo, n: int, worke
               summary: RunSummary, log: Callable[[str], None]) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
     log(f"qcard: {workers} worker processes, {threads} torch thread(s) each")
     ctx = multiprocessing.get_context("spawn")       # fork is unsafe once torch has started threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
@@ -235,10 +247,11 @@ def _run_pool(exp: Experiment, store: RunStore, device: str, todo, n: int, worke
                 i, point = futures[fut]
                 try:
                     outcome = fut.result()
-                except Exception as exc:     # the worker itself died (e.g. out of memory)
-                    error = f"{type(exc).__name__}: {exc}"
+                except Exception as exc:     # the worker process itself died (e.g. out of memory)
+                    error = f"worker process failed: {type(exc).__name__}: {exc}"
+                    store.write_text(point.folder, "error.log", traceback.format_exc())
                     card = failed_card(point, exp, error, time.time())
-                    store.write_card(point.folder, card.to_json())
+                    _write_card(store, point, card, log)
                     outcome = PointOutcome(point, "failed", store.point_dir(point.folder),
                                            card.model_dump(mode="json"), error)
                 summary.outcomes.append(_report(outcome, i, n, store, log))

@@ -30,14 +30,14 @@ def subprocess_env():
 # Issue-acceptance runs that train several models from scratch (about 4 minutes on an idle 2-core
 # machine) are marked slow and run in `make test` and CI; `make test-fast` deselects them, and
 # QCARD_SKIP_ACCEPTANCE=1 skips them visibly (with this reason) in any run.
-ACCEPTANCE_MODULES = {"test_marvin_acceptance.py"}
+ACCEPTANCE_MODULES = {"test_marvin_acceptance.py", "test_sparq_ablation.py"}
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("QCARD_SKIP_ACCEPTANCE") != "1":
         return
-    skip = pytest.mark.skip(reason="issue-acceptance training run (~4 min idle on 2 cores) skipped: "
-                                   "QCARD_SKIP_ACCEPTANCE=1")
+    skip = pytest.mark.skip(reason="issue-acceptance run (MARViN trainings ~4 min, SPARQ ablation ~1 min "
+                                   "on 2 idle cores) skipped: QCARD_SKIP_ACCEPTANCE=1")
     for item in items:
         if item.path.name in ACCEPTANCE_MODULES:
             item.add_marker(skip)

@@ -314,3 +314,31 @@ def test_sparq_card_tables_show_per_layer_statistics_and_pe_comparison():
     assert [r[0].split(" (")[0] for r in costs["rows"]] == ["A8W8", "plain A4W8", "SPARQ", "this run"]
     for fmt in ("md", "html", "tex"):
         assert "SPARQ per-layer statistics" in render_card(card, fmt)
+
+
+def test_method_tables_never_break_a_card_on_odd_statistics():
+    """A user's method may store anything under the known keys: the card still renders, with a note."""
+    from qcard.cards.method_tables import method_tables
+    card = fixture("sparq_resnet18")
+    card["method_stats"] = {
+        "sparq": {"layers": {"a": "not a dict"}, "cost_comparison": {"x": {"speedup_vs_a8w8": "fast"}}},
+        "marvin": {"final": {"conv1": 8}, "switches": [{"layer": "conv1", "from": 8, "to": 9, "step": 3}]},
+        "training": {"recipe": "sgd", "curve": [{"epoch": 1, "lr": [0.1, 0.01]}, "junk"]},
+        "per_seed": [{"seed": 0, "x.y": 1.5}, {"seed": 1, "x.y": 2.5}], "stats_seed": 1,
+    }
+    tables = method_tables(card)
+    titles = [t["title"] for t in tables]
+    assert any("not tabulated" in t["rows"][0][0] for t in tables if t["columns"] == [("note", "l")])
+    assert "Per seed" in titles and "Training curve" in titles
+    for fmt in ("md", "html", "tex"):
+        render_card(card, fmt)
+
+
+def test_long_training_curves_are_thinned_with_a_note():
+    from qcard.cards.method_tables import MAX_ROWS, method_tables
+    card = fixture("marvin_resnet8")
+    card["method_stats"]["training"]["curve"] = [{"epoch": i, "step": 10 * i, "loss": 1.0 / (i + 1)}
+                                                 for i in range(200)]
+    (curve,) = [t for t in method_tables(card) if t["title"] == "Training curve"]
+    assert len(curve["rows"]) <= MAX_ROWS and curve["rows"][-1][0] == "199"
+    assert "of 200 points" in curve["note"]

@@ -230,3 +230,19 @@ def test_shipped_json_schema_is_current():
 def test_reserved_model_kwargs(write_config):
     text = GOOD.replace("models: [qcard:lenet5]", "models: [{ref: qcard:lenet5, kwargs: {num_classes: 3}}]")
     assert_config_error(write_config(text), "models[0].kwargs", "num_classes")
+
+
+def test_union_annotations_of_both_spellings_are_understood():
+    from typing import List, Optional
+    from qcard.config import _accepts_list, _nested_model
+    from qcard.training import TrainRecipe
+    assert _accepts_list(Optional[List[int]]) and _accepts_list(list[int] | None)
+    assert not _accepts_list(int | None)
+    assert _nested_model(Optional[TrainRecipe]) is TrainRecipe and _nested_model(TrainRecipe | None) is TrainRecipe
+    assert _nested_model(int | None) is None
+
+
+def test_architecture_only_models_refuse_bundled_or_pretrained_weights(write_config):
+    for extra in ("weights: bundled", "pretrained: true"):
+        text = GOOD.replace("models: [qcard:lenet5]", f"models: [{{ref: qcard:resnet20_cifar, {extra}}}]")
+        assert_config_error(write_config(text, f"{extra[:4]}.yaml"), "models[0]", "architecture only")

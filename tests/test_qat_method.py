@@ -253,3 +253,11 @@ def test_network_input_grid_is_learned_only_when_asked(mnist, learn_input):
     others = [k for k in st["init"]["activations"] if k != "input"]
     assert others and any(st["init"]["activations"][k]["scale"] != st["final"]["activations"][k]["scale"]
                           for k in others)
+
+
+def test_a_partial_train_block_keeps_the_qat_recipe_for_the_rest():
+    from qcard.methods.qat import QAT_RECIPE
+    p = QATParams(train={"lr": 1e-3})
+    assert p.train.lr == 1e-3
+    assert (p.train.optimizer, p.train.epochs, p.train.weight_decay) == (
+        QAT_RECIPE["optimizer"], QAT_RECIPE["epochs"], QAT_RECIPE["weight_decay"])

@@ -216,3 +216,18 @@ def test_workers_run_points_in_parallel_processes_with_the_same_cards(write_conf
         assert (o.folder / "card.json").is_file() and (o.folder / "card.md").is_file()
     again = run_exp(par, progress=False, workers=2, log=lines.append)
     assert [o.status for o in again.outcomes] == ["skipped"] * 4
+
+
+def test_a_card_that_cannot_be_rendered_keeps_its_results(write_config, tmp_path, monkeypatch):
+    import qcard.cards.render as render
+    def broken(card, fmt="md"):
+        raise ValueError("template exploded")
+    monkeypatch.setattr(render, "render_card", broken)
+    lines = []
+    from qcard.runner import run as run_exp
+    summary = run_exp(make(write_config, tmp_path, "  - fp32\n"), progress=False, log=lines.append)
+    assert summary.ok
+    folder = summary.outcomes[0].folder
+    assert json.loads((folder / "card.json").read_text())["status"] == "ok"
+    assert "Rendering failed (ValueError: template exploded)" in (folder / "card.md").read_text()
+    assert any("could not be rendered" in l for l in lines)

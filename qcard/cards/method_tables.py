@@ -6,6 +6,7 @@ Each table is a plain dict: {"title", "note", "columns": [(name, "l"|"r")], "row
   MARViN     method_stats.marvin.trajectories / .switches / .final (per-layer word lengths and the
              switch log, with the step and epoch of every switch)
   training   method_stats.training.curve (loss, accuracies and learning rate per evaluation point)
+  seeds      method_stats.per_seed (each seed's headline figures, when a point ran several seeds)
 """
 from __future__ import annotations
 
@@ -16,17 +17,24 @@ MAX_ROWS = 40
 
 
 def _pct(v: Any) -> str:
-    return DASH if v is None else f"{100 * float(v):.1f}"
+    if v is None:
+        return DASH
+    try:
+        return f"{100 * float(v):.1f}"
+    except (TypeError, ValueError):      # a method of the user's may store anything: show it as it is
+        return str(v)
 
 
 def _num(v: Any, digits: int = 3) -> str:
     if v is None:
         return DASH
-    if isinstance(v, int) and not isinstance(v, bool):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
         return f"{v:,}"
-    if abs(float(v)) >= 1000:            # counts (BOPs, bits) that came out fractional: expected values
-        return f"{round(float(v)):,}"
-    return f"{float(v):.{digits}g}"
+    if abs(v) >= 1000:                   # counts (BOPs, bits) that came out fractional: expected values
+        return f"{round(v):,}"
+    return f"{v:.{digits}g}"
 
 
 def _table(title: str, columns, rows: List[List[str]], note: Optional[str] = None,
@@ -176,7 +184,7 @@ def _marvin_tables(st: Dict[str, Any]) -> List[Dict[str, Any]]:
 # ------------------------------------------------------------------ training curve
 
 def _curve_table(tr: Dict[str, Any]) -> List[Dict[str, Any]]:
-    curve = tr.get("curve") or []
+    curve = [p for p in (tr.get("curve") or []) if isinstance(p, dict)]
     if not curve:
         return []
     known = ("epoch", "step", "loss", "train_acc", "eval_acc", "lr")
@@ -187,25 +195,50 @@ def _curve_table(tr: Dict[str, Any]) -> List[Dict[str, Any]]:
     heads = {"epoch": "epoch", "step": "step", "loss": "loss", "train_acc": "train acc %",
              "eval_acc": "eval acc %", "lr": "learning rate"}
     heads.update({k: k.replace("_", " ") for k in keys if k not in heads})
+    if not keys:
+        return []
+    thinned = ""
     if len(curve) > MAX_ROWS:       # evenly spaced points, the last one always kept
         idx = sorted({round(i * (len(curve) - 1) / (MAX_ROWS - 1)) for i in range(MAX_ROWS)})
+        thinned = f"{len(idx)} of {len(curve)} points, evenly spaced (all in card.json)"
         curve = [curve[i] for i in idx]
     rows = [[DASH if p.get(k) is None else (str(p[k]) if k in ("epoch", "step") else _num(p[k], 4)) for k in keys]
             for p in curve]
-    recipe = tr.get("recipe") or {}
+    recipe = tr.get("recipe") if isinstance(tr.get("recipe"), dict) else {}
     bits = [f"{k} {recipe[k]}" for k in ("optimizer", "lr", "batch_size", "epochs", "schedule") if recipe.get(k) is not None]
-    return [_table("Training curve", [(heads[k], "l" if k == "epoch" else "r") for k in keys], rows,
-                   ("recipe: " + ", ".join(bits)) if bits else None)]
+    note = "; ".join(x for x in (("recipe: " + ", ".join(bits)) if bits else "", thinned) if x)
+    return [_table("Training curve", [(heads[k], "l" if k == "epoch" else "r") for k in keys], rows, note or None)]
+
+
+def _per_seed_table(ms: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows_in = [r for r in (ms.get("per_seed") or []) if isinstance(r, dict)]
+    if not rows_in:
+        return []
+    keys = [k for k in dict.fromkeys(k for r in rows_in for k in r) if k != "seed"]
+    cols = [("seed", "l")] + [(k, "r") for k in keys]
+    rows = [[str(r.get("seed"))] + [_num(r.get(k)) if not isinstance(r.get(k), str) else r[k] for k in keys]
+            for r in rows_in]
+    return [_table("Per seed", cols, rows, f"the statistics above are seed {ms.get('stats_seed')}'s")]
+
+
+_BUILDERS = (("sparq", _sparq_tables), ("marvin", _marvin_tables), ("training", _curve_table))
 
 
 def method_tables(card: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The tables for this card's method_stats (empty when it has none of the known blocks)."""
+    """The tables for this card's method_stats (empty when it has none of the known blocks). A block of
+    an unexpected shape (a user's method may store anything) gives a one-line note, never an error."""
     ms = card.get("method_stats") or {}
     tables: List[Dict[str, Any]] = []
-    if isinstance(ms.get("sparq"), dict):
-        tables += _sparq_tables(ms["sparq"])
-    if isinstance(ms.get("marvin"), dict):
-        tables += _marvin_tables(ms["marvin"])
-    if isinstance(ms.get("training"), dict):
-        tables += _curve_table(ms["training"])
+    for key, build in _BUILDERS:
+        if not isinstance(ms.get(key), dict):
+            continue
+        try:
+            tables += build(ms[key])
+        except Exception as exc:             # the card must render whatever the statistics hold
+            tables.append(_table(f"{key} statistics", [("note", "l")],
+                                 [[f"not tabulated ({type(exc).__name__}: {exc}); see card.json"]]))
+    try:
+        tables += _per_seed_table(ms)
+    except Exception:
+        pass
     return tables

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..training import TrainRecipe
 from .base import Method, MethodParams, PointData, QuantResult, RunContext
@@ -89,6 +89,15 @@ class QATParams(MethodParams):
     train: TrainRecipe = Field(default_factory=lambda: TrainRecipe(**QAT_RECIPE))
 
     _ptq: Any = PrivateAttr(default=None)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_over_qat_recipe(cls, value):
+        # a partial train: block changes only what it names; the rest stays QAT's recipe, not the
+        # generic training defaults (train: {lr: 1e-3} keeps Adam, 2 epochs, no weight decay)
+        if isinstance(value, dict):
+            return {**QAT_RECIPE, **value}
+        return value
 
     @model_validator(mode="after")
     def _resolve(self) -> "QATParams":

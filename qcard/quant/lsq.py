@@ -64,9 +64,11 @@ def _per_tensor_cachemask(x: torch.Tensor, s: torch.Tensor, z: int, qmin: int, q
     """torch's fake_quantize_per_tensor_affine_cachemask, same values and mask, in ~30 % less time on
     CPU: round(x·(1/s)) clamped to [qmin − z, qmax − z] times s, which equals (clamp(round(x/s) + z) − z)·s
     for integer z. Pre-clamping to one step beyond the grid keeps |v| small for the rounding trick
-    without changing which side of the grid a value falls on."""
+    without changing which side of the grid a value falls on. One difference: a NaN input stays NaN
+    (torch's CPU kernel maps it to the lowest grid value), so a diverging run shows as NaN."""
     lo, hi = float(qmin - z), float(qmax - z)
-    if max(abs(lo), abs(hi)) >= 2.0 ** 21:           # beyond the trick's range: torch's kernel
+    # beyond the trick's range, and on GPUs (where torch's fused kernel is already one pass): torch's kernel
+    if max(abs(lo), abs(hi)) >= 2.0 ** 21 or x.device.type != "cpu":
         return torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(x, float(s), z, qmin, qmax)
     inv = float(1.0 / s)                             # the float32 reciprocal, as torch's kernel takes it
     v = x * inv

@@ -139,8 +139,8 @@ def _bare_name_error(name: str) -> UnknownNameError:
     msg = f"unknown model reference '{name}'"
     if close:
         msg += f" (did you mean '{close[0]}'?); close names: {', '.join(close)}"
-    msg += (f". A model reference is {REF_FORMS}; bundled: "
-            f"{', '.join('qcard:' + n for n in list(BUNDLED) + list(ARCHITECTURES))}")
+    msg += (f". A model reference is {REF_FORMS}; bundled: {', '.join('qcard:' + n for n in BUNDLED)}; "
+            f"architectures without weights: {', '.join('qcard:' + n for n in ARCHITECTURES)}")
     return _RefError("model reference", name, close, msg)
 
 
