@@ -30,7 +30,7 @@ def build_qat(model, calib, bits: int, bn: str, grad_scale: bool):
     cfg.bn = "folded" if p.bn == "static_fold" else "kept"
     sim = build_simulated(model, cfg, calib[0][:1], log=lambda m: None)
     run_steps(sim, ptq, list(ptq.steps), calib, RunContext(seed=0, progress=False, log=lambda m: None), {})
-    make_learnable(p, *_quantizers(sim))     # the method's own choice of what LSQ learns
+    make_learnable(p, *_quantizers(sim), sim)     # the method's own choice of what LSQ learns
     return sim
 
 

@@ -211,8 +211,14 @@ def _grid_table(quantizers) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _is_network_input(q) -> bool:
-    """The quantizer of a network input (named 'input' or 'input.<argument>' by the graph builder)."""
+def _is_network_input(q, sim=None) -> bool:
+    """The quantizer of the network input: the one the FX graph builder put on the input placeholder;
+    for eager-mode models (no such record), the one named 'input' or 'input.<argument>'."""
+    if sim is not None:
+        from ..quant.calibrate import sim_info
+        recorded = getattr(sim_info(sim), "input_quantizer", None)
+        if recorded is not None:
+            return q is recorded
     return q.qname == "input" or q.qname.startswith("input.")
 
 
@@ -319,13 +325,13 @@ def _warm_then(ctx: RunContext, data: PointData, sim, example):
     return evaluate
 
 
-def make_learnable(p: QATParams, wqs, aqs):
+def make_learnable(p: QATParams, wqs, aqs, sim=None):
     """Turn the calibrated quantizers the estimator learns into LSQ / PACT quantizers, in place.
     Returns (learned quantizers, the PACT ones, pipeline step, warning or None)."""
     from ..quant.lsq import make_lsq, make_pact
 
     def wanted(q) -> bool:
-        return q.enabled and not q.dynamic and (p.learn_input_grid or not _is_network_input(q))
+        return q.enabled and not q.dynamic and (p.learn_input_grid or not _is_network_input(q, sim))
 
     if p.estimator == "lsq":
         learned = [make_lsq(q, grad_scale=p.lsq_grad_scale, is_weight=True) for q in wqs if q.enabled]
@@ -377,7 +383,7 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
     wqs, aqs = _quantizers(sim)
     init_grids = {"weights": _grid_table(wqs), "activations": _grid_table(aqs)}
 
-    learned, pact_qs, step, msg = make_learnable(p, wqs, aqs)
+    learned, pact_qs, step, msg = make_learnable(p, wqs, aqs, sim)
     if step:
         pipeline.append(step)
     if msg:
@@ -433,7 +439,7 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
         "init_calibration": {"split": "train", "size": n_calib, "seed": data.calibration_seed},
         "learned_quantizers": len(learned),
         "input_grid": ("learned" if p.learn_input_grid else "fixed at its initial range")
-        if any(_is_network_input(q) and q.enabled for q in aqs) else None,
+        if any(_is_network_input(q, sim) and q.enabled for q in aqs) else None,
         "init": init_grids, "final": final_grids,
         "scale_change": _scale_change(init_grids, final_grids),
     }
