@@ -391,3 +391,21 @@ methods:
     assert mv.quantization.mixed_precision["enabled"] is True
     assert mv.quantization.weights.rounding == "stochastic"
     assert mv.dataset.calibration.labels_used is True and mv.dataset.calibration.split == "train"
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fast_cpu_fixed_point_path_is_bit_identical_to_torch_fake_quantize(rounding):
+    """The CPU fast path (clamp, 1.5·2^23 rounding) gives exactly what torch's fake-quantize kernel gives,
+    ties and stochastic draws from the same generator state included."""
+    from qcard.quant.fixed_point import _quantize, fixed_point_range
+    for wl, fl in [(2, 0), (4, 2), (8, 4), (8, -3), (12, 11), (16, 8), (22, 10)]:
+        lo, hi = fixed_point_range(wl, fl)
+        scale = 2.0 ** fl
+        x = torch.randn(50000, generator=torch.Generator().manual_seed(wl)) * (hi - lo) * 0.7
+        x[:200] = (torch.arange(-100, 100) + 0.5) / scale          # exact ties
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        ref = x
+        if rounding == "stochastic":
+            ref = torch.empty_like(x).uniform_(-0.5 / scale, 0.5 / scale, generator=g1).add_(x)
+        want = torch.fake_quantize_per_tensor_affine(ref, 1.0 / scale, 0, int(lo * scale), int(hi * scale))
+        assert torch.equal(_quantize(x, wl, fl, rounding, g2), want), (wl, fl)
