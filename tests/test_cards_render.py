@@ -342,3 +342,12 @@ def test_long_training_curves_are_thinned_with_a_note():
     (curve,) = [t for t in method_tables(card) if t["title"] == "Training curve"]
     assert len(curve["rows"]) <= MAX_ROWS and curve["rows"][-1][0] == "199"
     assert "of 200 points" in curve["note"]
+
+
+def test_marvin_plot_runs_on_steps_so_switches_inside_an_epoch_show():
+    from qcard.cards.plots import _trajectories
+    card = {"method_stats": {"marvin": {"trajectories": {"conv1": [
+        {"step": 0, "epoch": 1, "wl": 8}, {"step": 21, "epoch": 1, "wl": 15}, {"step": 42, "epoch": 1, "wl": 14}]}}}}
+    x_name, series = _trajectories(card)
+    assert x_name == "step"
+    assert series == [("conv1", [0.0, 21.0, 42.0], [8.0, 15.0, 14.0])]

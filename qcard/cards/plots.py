@@ -196,12 +196,13 @@ def _trajectories(card: Dict[str, Any]) -> Tuple[str, List[Tuple[str, List[float
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seq):
             xs, ys = [float(i) for i in range(len(seq))], [float(v) for v in seq]
         elif all(isinstance(v, dict) for v in seq):
-            xkey = "epoch" if all("epoch" in v for v in seq) else "step"
+            # the step is the finer clock: switches inside an epoch stay visible
+            xkey = "step" if all("step" in v for v in seq) else "epoch"
             ykey = "wl" if all("wl" in v for v in seq) else "bits"
             if not all(isinstance(v.get(xkey), (int, float)) and isinstance(v.get(ykey), (int, float)) for v in seq):
                 continue
             x_name = xkey
-            pts = sorted((float(v[xkey]), float(v[ykey])) for v in seq)
+            pts = sorted(((float(v[xkey]), float(v[ykey])) for v in seq), key=lambda p: p[0])   # stable
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         else:
             continue
