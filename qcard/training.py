@@ -83,10 +83,14 @@ class TrainState:
         return self.batch / self.batches_per_epoch if self.batches_per_epoch else 0.0
 
 
+STEP_CURVE_POINTS = 50      # points of the step-level training curve per run (a window of steps each)
+
+
 @dataclass
 class TrainLog:
     recipe: TrainRecipe
     curve: List[Dict[str, Any]] = field(default_factory=list)
+    step_curve: List[Dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     epochs_run: float = 0.0
     samples_seen: int = 0
@@ -104,8 +108,11 @@ class TrainLog:
             "samples_seen": self.samples_seen,
             "seconds": round(self.seconds, 3),
             "stopped_by_max_steps": self.stopped_by_max_steps,
+            "step_curve": self.step_curve,
             "curve_note": "loss and train_acc: running means over the epoch's mini-batches in train mode "
-                          "(augmented); eval_acc: top-1 on the eval split after the epoch, when evaluated",
+                          "(augmented); eval_acc: top-1 on the eval split after the epoch, when evaluated; "
+                          f"step_curve: the same means over windows of optimizer steps (about {STEP_CURVE_POINTS} "
+                          "points per run), so short runs and switches inside an epoch have a curve too",
         }
 
 
@@ -228,6 +235,8 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
     _call(hooks, "on_train_start", state)
     bar = tqdm(total=total_steps, desc="train", unit="step", leave=False, disable=not ctx.progress)
     done = False
+    curve_every = max(1, math.ceil(total_steps / STEP_CURVE_POINTS))
+    win_loss = win_correct = win_seen = 0.0          # the current step-curve window
     try:
         for epoch in range(1, recipe.epochs + 1):
             state.epoch = epoch
@@ -253,7 +262,9 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
                 n = int(y.shape[0])
                 loss_sum += lv * n
                 seen += n
-                correct += float((logits.detach().argmax(1) == y).sum())
+                batch_correct = float((logits.detach().argmax(1) == y).sum())
+                correct += batch_correct
+                win_loss, win_correct, win_seen = win_loss + lv * n, win_correct + batch_correct, win_seen + n
                 step_loss += lv
                 step_samples += n
                 pending += 1
@@ -271,6 +282,13 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
                 _call(hooks, "after_step", state)
                 pending, step_loss, step_samples = 0, 0.0, 0.0
                 bar.update(1)
+                if state.step % curve_every == 0 or state.step >= total_steps:
+                    log.step_curve.append({"step": state.step, "epoch": epoch,
+                                           "epoch_progress": round(i / batches_per_epoch, 4),
+                                           "loss": round(win_loss / max(win_seen, 1), 6),
+                                           "train_acc": round(100.0 * win_correct / max(win_seen, 1), 4),
+                                           "lr": state.lr})
+                    win_loss = win_correct = win_seen = 0.0
                 if state.step >= total_steps and recipe.max_steps is not None:
                     done = True
                     log.stopped_by_max_steps = state.step < steps_per_epoch * recipe.epochs

@@ -212,3 +212,21 @@ def test_evaluating_every_epoch_leaves_training_unchanged(data):
     log = train(b, data, TrainRecipe(epochs=2, batch_size=64, eval_every_epoch=True), ctx())
     assert log.curve[0]["eval_acc"] is not None
     assert torch.equal(flat(a), flat(b))
+
+
+def test_step_curve_gives_short_runs_a_curve(data):
+    """A run shorter than an epoch still records a curve: windows of optimizer steps."""
+    from qcard.cards.plots import _curve
+    from qcard.training import STEP_CURVE_POINTS
+    st = train(tiny(), data, TrainRecipe(epochs=2, batch_size=16, max_steps=12), ctx()).to_stats()
+    assert len(st["curve"]) == 1                               # one (partial) epoch
+    steps = st["step_curve"]
+    assert [p["step"] for p in steps] == list(range(1, 13))    # 12 steps < STEP_CURVE_POINTS: one point each
+    assert all(0 < p["epoch_progress"] <= 1 and p["loss"] > 0 for p in steps)
+    assert STEP_CURVE_POINTS >= 12
+    curve, by_step = _curve({"method_stats": {"training": st}})
+    assert by_step and curve == steps
+    # a long run keeps about STEP_CURVE_POINTS points, the last step always among them
+    long = train(tiny(), data, TrainRecipe(epochs=8, batch_size=8), ctx()).to_stats()
+    n = len(long["step_curve"])
+    assert STEP_CURVE_POINTS // 2 <= n <= STEP_CURVE_POINTS + 1 and long["step_curve"][-1]["step"] == long["steps"]

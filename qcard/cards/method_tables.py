@@ -185,6 +185,10 @@ def _marvin_tables(st: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def _curve_table(tr: Dict[str, Any]) -> List[Dict[str, Any]]:
     curve = [p for p in (tr.get("curve") or []) if isinstance(p, dict)]
+    steps = [p for p in (tr.get("step_curve") or []) if isinstance(p, dict)]
+    title = "Training curve"
+    if len(steps) > len(curve):       # short runs: windows of optimizer steps say more than one epoch row
+        curve, title = steps, "Training curve (windows of optimizer steps)"
     if not curve:
         return []
     known = ("epoch", "step", "loss", "train_acc", "eval_acc", "lr")
@@ -207,7 +211,7 @@ def _curve_table(tr: Dict[str, Any]) -> List[Dict[str, Any]]:
     recipe = tr.get("recipe") if isinstance(tr.get("recipe"), dict) else {}
     bits = [f"{k} {recipe[k]}" for k in ("optimizer", "lr", "batch_size", "epochs", "schedule") if recipe.get(k) is not None]
     note = "; ".join(x for x in (("recipe: " + ", ".join(bits)) if bits else "", thinned) if x)
-    return [_table("Training curve", [(heads[k], "l" if k == "epoch" else "r") for k in keys], rows, note or None)]
+    return [_table(title, [(heads[k], "l" if k == "epoch" else "r") for k in keys], rows, note or None)]
 
 
 def _per_seed_table(ms: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -18,6 +18,8 @@ and, from method_stats, only where the keys are present (nothing is drawn for ab
                       whose name contains "loss" go in one panel, accuracies ("top1", "top5", "acc")
                       in another, the rest (lr, mean bits, ...) in a third. A `curve` list under any
                       other method_stats key (e.g. method_stats.qat.curve) is read the same way.
+                      Where the block also has a longer `step_curve` (windows of optimizer steps), that
+                      one is drawn, on the step axis.
 """
 from __future__ import annotations
 
@@ -245,26 +247,36 @@ def marvin_plot(card: Dict[str, Any]):
     return fig
 
 
-def _curve(card: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+def _points(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(p, dict) for p in v)
+
+
+def _curve(card: Dict[str, Any]) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
+    """(curve, by_step): the step-level curve where it has more points than the per-epoch one."""
     stats = card.get("method_stats") or {}
     candidates = [stats.get("training")] + [v for k, v in stats.items() if k != "training"]
     for block in candidates:
-        if isinstance(block, dict) and isinstance(block.get("curve"), list) and block["curve"] \
-                and all(isinstance(p, dict) for p in block["curve"]):
-            return block["curve"]
-    return None
+        if isinstance(block, dict) and _points(block.get("curve")):
+            steps = block.get("step_curve")
+            if _points(steps) and len(steps) > len(block["curve"]) and all("step" in p for p in steps):
+                return steps, True
+            return block["curve"], False
+    return None, False
 
 
 def training_plot(card: Dict[str, Any]):
-    curve = _curve(card)
+    curve, by_step = _curve(card)
     if not curve:
         return None
-    xkey = "epoch" if all("epoch" in p for p in curve) else ("step" if all("step" in p for p in curve) else None)
+    if by_step:
+        xkey = "step"
+    else:
+        xkey = "epoch" if all("epoch" in p for p in curve) else ("step" if all("step" in p for p in curve) else None)
     xs = [p[xkey] for p in curve] if xkey else list(range(len(curve)))
     names: List[str] = []
     for p in curve:
         for k, v in p.items():
-            if k not in (xkey, "epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in names:
+            if k not in (xkey, "epoch", "step", "epoch_progress") and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in names:
                 names.append(k)
     panels = {"loss": [n for n in names if "loss" in n.lower()],
               "accuracy (%)": [n for n in names if "loss" not in n.lower() and any(t in n.lower() for t in ("top1", "top5", "acc"))]}
@@ -311,7 +323,8 @@ def card_plots(card: Dict[str, Any]) -> List[Dict[str, str]]:
                 ("plot-marvin", "MARViN word length per layer", marvin_plot,
                  "per-layer word length over training; each value holds until the layer's next switch "
                  "(method_stats.marvin.trajectories)"),
-                ("plot-training", "Training curve", training_plot, "method_stats.training.curve")):
+                ("plot-training", "Training curve", training_plot,
+                 "method_stats.training.curve (step_curve where it has more points)")):
             fig = make(card)
             if fig is not None:
                 out.append({"id": pid, "title": title, "caption": caption, "src": _png_data_uri(fig)})
