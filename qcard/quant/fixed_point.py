@@ -45,7 +45,10 @@ def fixed_point_range(wl: int, fl: int) -> Tuple[float, float]:
     return -half, half - 2.0 ** (-fl)
 
 
-_ROUNDER = 12582912.0      # 1.5·2^23
+# Adding then subtracting 1.5·2^23 rounds a float32 of magnitude < 2^22 to an integer, half to even
+# (the spacing of float32 in [2^23, 2^24) is exactly 1): two cheap passes instead of nearbyint.
+# Shared with the LSQ quantizer (qcard.quant.lsq).
+_ROUNDER = 12582912.0
 
 
 def _quantize(x: torch.Tensor, wl: int, fl: int, rounding: str, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .fixed_point import _ROUNDER
 from .quantizer import FakeQuantize, _bshape, group_rows, round_ste
 
 __all__ = ["lsq_fake_quantize", "lsq_reference", "grad_scale", "LSQQuantizer", "PACTQuantizer", "make_lsq", "make_pact",
@@ -55,9 +56,6 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     return lsq_reference(x, scale, zero_point, qmin, qmax, axis, g)
 
 
-# Adding then subtracting 1.5·2^23 rounds a float32 of magnitude < 2^22 to an integer, half to even
-# (the spacing of float32 in [2^23, 2^24) is exactly 1): two cheap passes instead of nearbyint.
-_ROUNDER = 12582912.0
 
 
 def _per_tensor_cachemask(x: torch.Tensor, s: torch.Tensor, z: int, qmin: int, qmax: int):
