@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from test_quant_support import accuracy, mnist, one_thread, point_data, run_ptq
+from test_quant_support import accuracy, bundled, mnist, one_thread, point_data, run_ptq
 
 MODELS = ["resnet8", "mobilenet_tiny", "lenet5", "mlp", "vit_tiny"]
 
@@ -16,14 +16,6 @@ def _threads():
         yield
 
 
-def _bundled(name):
-    from qcard.zoo import load_model
-    try:
-        return load_model(f"qcard:{name}")
-    except Exception as exc:
-        pytest.skip(f"bundled model {name} unavailable: {exc}")
-
-
 def _test_acc(model):
     _, _, xt, yt = mnist()
     return accuracy(model, xt, yt)
@@ -32,7 +24,7 @@ def _test_acc(model):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("pipeline", ["minmax", "standard"])
 def test_w8a8_per_channel_close_to_fp32(name, pipeline):
-    model = _bundled(name)
+    model = bundled(name)
     fp32 = _test_acc(model)
     r = run_ptq(model, pipeline=pipeline, w_bits=8, a_bits=8, w_granularity="per_channel")
     q = _test_acc(r.model)
@@ -43,7 +35,7 @@ def test_depthwise_per_tensor_loss_and_cle_recovery():
     """MobileNet-style depthwise convs: after BN folding their per-channel ranges differ widely, so
     per-tensor weights lose far more than per-channel at low bits, and CLE + high-bias absorption
     recovers most of the difference (white paper, Table 5)."""
-    model = _bundled("mobilenet_tiny")
+    model = bundled("mobilenet_tiny")
     common = dict(w_bits=3, a_bits=None, weight_range="minmax", calibration_size=64)
     per_tensor = _test_acc(run_ptq(model, pipeline="custom", steps=["weight_ranges"], w_granularity="per_tensor",
                                    **common).model)
@@ -58,7 +50,7 @@ def test_depthwise_per_tensor_loss_and_cle_recovery():
 
 @pytest.mark.slow
 def test_adaround_beats_nearest_at_3_bits():
-    model = _bundled("resnet8")
+    model = bundled("resnet8")
     common = dict(w_bits=3, w_granularity="per_tensor", weight_range="minmax", activation_range="minmax",
                   logits_range="same")
     nearest = _test_acc(run_ptq(model, pipeline="custom", steps=["weight_ranges", "activation_ranges"], **common).model)
@@ -95,7 +87,7 @@ def _torch_ao_fake_quant(model, batches):
 
 
 def test_peer_cross_check_with_torch_ao():
-    model = _bundled("resnet8")
+    model = bundled("resnet8")
     r = run_ptq(model, pipeline="minmax", w_granularity="per_channel", w_symmetric=True, a_symmetric=False,
                 bn="folded")
     data = point_data(256)

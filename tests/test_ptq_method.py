@@ -4,7 +4,7 @@ import torch
 
 from qcard.methods import resolve_method
 from qcard.quant.calibrate import sim_info
-from test_quant_support import Branchy, one_thread, randomize_bn, run_ptq
+from test_quant_support import Branchy, bundled, one_thread, randomize_bn, run_ptq
 
 BLOCK_KEYS = {"preset", "graph_mode", "weights", "activations", "first_layer", "last_layer", "batch_norm",
               "residual_add", "concat", "avg_pool", "bias_bits", "accumulator_bits", "cross_layer_equalization",
@@ -21,14 +21,6 @@ def _threads():
         yield
 
 
-def _bundled(name):
-    from qcard.zoo import load_model
-    try:
-        return load_model(f"qcard:{name}")
-    except Exception as exc:
-        pytest.skip(f"bundled model {name} unavailable: {exc}")
-
-
 def _check_block(block):
     from qcard.cards.schema import Quantization
     assert BLOCK_KEYS <= set(block) and set(block) <= BLOCK_KEYS | {"graph_mode_reason"}
@@ -40,7 +32,7 @@ def _check_block(block):
 
 def test_registered_and_minmax_result():
     assert resolve_method("ptq").name == "ptq"
-    model = _bundled("resnet8")
+    model = bundled("resnet8")
     r = run_ptq(model, pipeline="minmax")
     b = r.quantization
     _check_block(b)
@@ -70,7 +62,7 @@ def test_registered_and_minmax_result():
 
 
 def test_standard_pipeline_reports_what_ran():
-    model = _bundled("mobilenet_tiny")
+    model = bundled("mobilenet_tiny")
     r = run_ptq(model, calibration_size=64)
     b = r.quantization
     _check_block(b)
@@ -117,7 +109,7 @@ def test_eager_fallback_card():
 
 
 def test_overrides_are_reported_with_matches():
-    model = _bundled("resnet8")
+    model = bundled("resnet8")
     r = run_ptq(model, pipeline="minmax", calibration_size=32,
                 overrides=[{"pattern": "layer1.*", "w_bits": 4}, {"pattern": "nothing*", "a_bits": 4}])
     ov = r.quantization["overrides"]
@@ -129,7 +121,7 @@ def test_overrides_are_reported_with_matches():
 
 
 def test_sensitivity_table():
-    model = _bundled("lenet5")
+    model = bundled("lenet5")
     r = run_ptq(model, pipeline="minmax", w_bits=3, sensitivity="sqnr", calibration_size=64)
     sens = r.stats["sensitivity"]
     assert sens["metric"] == "output_sqnr_db"
@@ -145,7 +137,7 @@ def test_sensitivity_table():
 
 
 def test_mixed_precision_meets_both_budgets():
-    model = _bundled("lenet5")
+    model = bundled("lenet5")
     budget_w, peak = 5.0, 6 * 28 * 28 * 6           # conv1's output map at 6 bits on average is too big
     r = run_ptq(model, pipeline="minmax", mixed_precision=True, mp_allowed_bits=[4, 8], mp_weight_bits=budget_w,
                 mp_max_activation_map_bits=peak, calibration_size=64)

@@ -9,6 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def bundled(name):
+    """A bundled model; its weights ship with qcard, so a load failure fails the test (no skip)."""
+    from qcard.zoo import load_model
+    return load_model(f"qcard:{name}")
+
+
 def one_thread():
     """Context for CPU work: one thread (small ops with two threads crawl on a shared machine)."""
     class _T:
