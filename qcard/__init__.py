@@ -7,7 +7,7 @@ Python API (heavy modules load on first use, so `import qcard` is cheap):
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load_config(path):

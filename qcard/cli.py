@@ -2,15 +2,14 @@
 so `qcard --help` stays fast. Exit codes: 0 ok, 1 some points failed, 2 bad usage or bad config."""
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import sys
 
 import click
 
-from . import __version__
-from .errors import QcardError
+from .commands import user_errors
+from .version import __version__
 
 # subcommands kept in their own module: name -> "module:attr"
 LAZY_COMMANDS = {
@@ -36,18 +35,6 @@ class LazyGroup(click.Group):
                     raise click.ClickException(reason)
                 return click.Command(name, callback=unavailable, help=f"(unavailable: {exc})")
         return super().get_command(ctx, name)
-
-
-def user_errors(fn):
-    """Errors caused by input become one clear line and exit code 2, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except QcardError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-    return wrapper
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,8 +109,8 @@ def methods():
 @main.command()
 def profiles():
     """List the hardware cost profiles."""
-    from .cost_names import profile_names
-    for name in profile_names():
+    from .cost.profile import list_profiles
+    for name in list_profiles():
         click.echo(name)
 
 

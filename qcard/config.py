@@ -19,12 +19,13 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.catalog import DATASETS
 from .errors import ConfigError, QcardError, did_you_mean
 from .yamlio import KeyPath, format_path, load_yaml
+from .zoo.refs import SOURCES
 
-MODEL_SOURCES = ("qcard", "torchvision", "timm", "python")
-DATASET_SOURCES = ("qcard:mnist5k", "qcard:digits", "imagefolder:PATH", "torchvision:CIFAR10",
-                   "torchvision:CIFAR100", "synthetic")
+MODEL_SOURCES = SOURCES
+DATASET_SOURCES = tuple(DATASETS)
 
 
 class Strict(BaseModel):
@@ -97,7 +98,7 @@ class DatasetSpec(Strict):
     @field_validator("ref")
     @classmethod
     def _check_ref(cls, ref: str) -> str:
-        known = ("qcard:mnist5k", "qcard:digits", "torchvision:CIFAR10", "torchvision:CIFAR100", "synthetic")
+        known = [r for r in DATASETS if r != "imagefolder:PATH"]
         if ref in known or ref.startswith("imagefolder:"):
             return ref
         raise ValueError(f"unknown dataset '{ref}'{did_you_mean(ref, known)}; allowed: {', '.join(DATASET_SOURCES)}")
@@ -450,7 +451,7 @@ def _resolve_paths(exp: Experiment, base_dir: Path) -> None:
 
 def _check_references(exp: Experiment) -> None:
     """Cheap checks of names and files, so a typo fails before hours of work."""
-    from .zoo_names import check_model_ref
+    from .zoo.refs import check_model_ref
     cfg = exp.config
     for i, m in enumerate(cfg.models):
         try:
@@ -473,7 +474,7 @@ def _check_references(exp: Experiment) -> None:
         folder = Path(os.path.expanduser(ref[len("imagefolder:"):]))
         if not folder.is_dir():
             raise exp.error(("dataset", "ref"), f"image folder not found: {folder}")
-    from .data.loader import check_dataset_files
+    from .data.catalog import check_dataset_files
     try:
         check_dataset_files(ref, cfg.dataset.root, cfg.dataset.download)
     except QcardError as exc:
@@ -482,10 +483,10 @@ def _check_references(exp: Experiment) -> None:
         for key in ("input_shape", "num_classes", "size"):
             if getattr(cfg.dataset, key) is not None:
                 raise exp.error(("dataset", key), f"'{key}' applies to the synthetic dataset only")
-    from .cost_names import check_profile
+    from .cost.profile import load_profile
     for i, name in enumerate(cfg.cost.profiles):
         try:
-            check_profile(name)
+            load_profile(name)  # validates options and user files now, before anything runs
         except QcardError as exc:
             raise exp.error(("cost", "profiles", i), str(exc)) from None
 

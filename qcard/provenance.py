@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from . import __version__
+from .version import __version__
 
 
 def now_iso() -> str:

@@ -443,7 +443,7 @@ def _dataset_block(point: Point, evaluation, calibration) -> Dict[str, Any]:
 
 
 def reproduce_command(exp: Experiment, point: Point) -> str:
-    from . import __version__
+    from .version import __version__
     from .provenance import git_state
     config = str(exp.path) if exp.path else "CONFIG.yaml"
     commit, _ = git_state()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import user_errors
+from . import user_errors
 
 
 @click.command()

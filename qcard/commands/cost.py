@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from ..cli import user_errors
+from . import user_errors
 from ..errors import QcardError
 
 DEFAULT_SHAPE = (3, 224, 224)

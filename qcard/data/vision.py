@@ -12,7 +12,7 @@ import torch
 
 from ..errors import DatasetError
 from .base import QDataset, make_fingerprint
-from .loader import CIFAR_FOLDERS, DEFAULT_ROOT
+from .catalog import CIFAR_FOLDERS, DEFAULT_ROOT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

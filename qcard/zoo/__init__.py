@@ -12,7 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "load_model": ".loader", "load_model_with_info": ".loader", "ModelInfo": ".loader",
-    "parse_ref": ".loader", "load_state_file": ".loader", "state_dict_sha256": ".loader", "SOURCES": ".loader",
+    "parse_ref": ".refs", "check_model_ref": ".refs", "load_state_file": ".loader", "state_dict_sha256": ".loader", "SOURCES": ".refs",
     "list_models": ".catalog", "BUNDLED": ".catalog", "bundled_record": ".catalog",
     "train_model": ".train", "RECIPES": ".train",
 }

@@ -11,11 +11,10 @@ seeded (init_seed) inside a forked RNG, so it is reproducible and leaves the cal
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,9 +22,8 @@ from torch import nn
 from ..errors import ModelLoadError, QcardError, UnknownNameError
 from ..registry import import_object
 from .catalog import ARCHITECTURES, BUNDLED, INPUT_SHAPE, NUM_CLASSES, bundled_weights_path
+from .refs import is_timm_model, parse_ref, timm_names, torchvision_names, unknown_model
 
-SOURCES = ("qcard", "torchvision", "timm", "python")
-REF_FORMS = "qcard:NAME, torchvision:NAME, timm:NAME or python:pkg.module:callable"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -47,101 +45,6 @@ class ModelInfo:
         if self.data_config is not None:
             d["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
         return d
-
-
-class _RefError(UnknownNameError):
-    """UnknownNameError with a message written here (long choice lists are cut to the closest names)."""
-
-    def __init__(self, kind: str, name: str, choices: Iterable[str], message: str):
-        super().__init__(kind, name, choices)
-        self.args = (message,)
-
-
-# --------------------------------------------------------------------------- names
-
-def _torchvision_names() -> List[str]:
-    import torchvision
-    return list(torchvision.models.list_models())
-
-
-def _timm_names() -> List[str]:
-    import timm
-    return list(timm.list_models())
-
-
-def _closest(name: str, names: List[str], n: int = 8) -> List[str]:
-    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
-    low = name.lower()
-    extra = [x for x in names if x.lower() == low or (len(low) >= 3 and low in x.lower())]
-    seen, out = set(), []
-    for x in close + sorted(extra, key=len):
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out[:n]
-
-
-def _unknown(source: str, name: str, names: List[str], lister: str) -> UnknownNameError:
-    kind = f"{source} model"
-    if len(names) <= 40:
-        return UnknownNameError(kind, name, names)
-    close = _closest(name, names)
-    msg = f"unknown {kind} '{name}'"
-    if close:
-        msg += f" (did you mean '{source}:{close[0]}'?); closest of {len(names)}: {', '.join(close)}"
-    msg += f"; list all {len(names)} names with {lister}"
-    return _RefError(kind, name, names, msg)
-
-
-def parse_ref(ref: str) -> Tuple[str, str]:
-    """'source:name' -> (source, name), with errors that say which prefix to add."""
-    if not isinstance(ref, str) or not ref.strip():
-        raise ModelLoadError(f"a model reference must be a non-empty string ({REF_FORMS}), got {ref!r}")
-    ref = ref.strip()
-    if ":" not in ref:
-        raise _bare_name_error(ref)
-    source, _, name = ref.partition(":")
-    if source not in SOURCES:
-        choices = [f"{s}:" for s in SOURCES]
-        close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.6)
-        if close:
-            msg = (f"unknown model source '{source}' in '{ref}' (did you mean '{close[0]}:{name}'?); "
-                   f"choices: {', '.join(choices)}")
-        else:    # most likely "pkg.module:callable" without "python:"
-            msg = (f"unknown model source '{source}' in '{ref}' (did you mean 'python:{ref}'?); "
-                   f"a model reference is {REF_FORMS}")
-        raise _RefError("model source", source, choices, msg)
-    if not name:
-        raise ModelLoadError(f"model reference '{ref}' has no name after '{source}:'")
-    return source, name
-
-
-def _bare_name_error(name: str) -> UnknownNameError:
-    found: List[str] = []
-    if name in BUNDLED or name in ARCHITECTURES:
-        found.append(f"qcard:{name}")
-    tv, tm = _torchvision_names(), _timm_names()
-    if name in tv:
-        found.append(f"torchvision:{name}")
-    try:
-        import timm
-        if timm.is_model(name):
-            found.append(f"timm:{name}")
-    except Exception:  # timm's parser rejects some strings; then it is simply not a timm name
-        pass
-    if found:
-        also = f" (also available as {', '.join(repr(f) for f in found[1:])})" if len(found) > 1 else ""
-        msg = (f"model reference '{name}' has no source prefix; did you mean '{found[0]}'?{also} "
-               f"A model reference is {REF_FORMS}")
-        return _RefError("model reference", name, found, msg)
-    close = ([f"qcard:{n}" for n in _closest(name, list(BUNDLED) + list(ARCHITECTURES), 3)]
-             + [f"torchvision:{n}" for n in _closest(name, tv, 3)] + [f"timm:{n}" for n in _closest(name, tm, 3)])
-    msg = f"unknown model reference '{name}'"
-    if close:
-        msg += f" (did you mean '{close[0]}'?); close names: {', '.join(close)}"
-    msg += (f". A model reference is {REF_FORMS}; bundled: {', '.join('qcard:' + n for n in BUNDLED)}; "
-            f"architectures without weights: {', '.join('qcard:' + n for n in ARCHITECTURES)}")
-    return _RefError("model reference", name, close, msg)
 
 
 # --------------------------------------------------------------------------- weights files
@@ -316,9 +219,9 @@ def _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled):
 
 def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
     import torchvision
-    names = _torchvision_names()
+    names = torchvision_names()
     if name not in names:
-        raise _unknown("torchvision", name, names, "torchvision.models.list_models()")
+        raise unknown_model("torchvision", name, names, "torchvision.models.list_models()")
     kw = dict(kwargs)
     if num_classes is not None:
         kw["num_classes"] = int(num_classes)
@@ -342,12 +245,8 @@ def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
 def _build_timm(name, pretrained, num_classes, in_chans, kwargs):
     import timm
     from timm.data import resolve_data_config
-    try:
-        known = timm.is_model(name)
-    except Exception:
-        known = False
-    if not known:
-        raise _unknown("timm", name, _timm_names(), "timm.list_models()")
+    if not is_timm_model(name):
+        raise unknown_model("timm", name, timm_names(), "timm.list_models()")
     kw = dict(kwargs)
     if num_classes is not None:
         kw["num_classes"] = int(num_classes)
