@@ -6,7 +6,7 @@ by the method that produced the simulated model. Bits of None mean the tensor st
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 
 @dataclass
@@ -55,7 +55,3 @@ def _expected(dist: Optional[Dict[float, float]], fixed: Optional[float]) -> Opt
         return fixed
     total = sum(dist.values())
     return sum(float(b) * p for b, p in dist.items()) / total if total else fixed
-
-
-def records_from_dicts(rows: List[dict]) -> List[LayerRecord]:
-    return [LayerRecord(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in r.items()}) for r in rows]

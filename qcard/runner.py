@@ -60,17 +60,6 @@ def set_seed(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def state_sha256(model) -> str:
-    """Hash of every tensor in the state dict, in key order: identifies weights whatever their source."""
-    import torch
-    h = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update((t.to(torch.uint8) if t.dtype == torch.bool else t).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class Resources:
     """Models, datasets and traces loaded once per run and shared by the points that need them."""
 
@@ -90,7 +79,7 @@ class Resources:
             model, info = load_model_with_info(spec.ref, weights=spec.weights, pretrained=spec.pretrained,
                                                num_classes=spec.num_classes, **spec.kwargs)
             model.eval()
-            self._models[key] = (model, info, state_sha256(model))
+            self._models[key] = (model, info)
         return self._models[key]
 
     def datasets(self, point: Point, info):
@@ -291,7 +280,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
     started_at, t_start = now_iso(), time.time()
 
     t = time.time()
-    base_model, info, weights_hash = res.model(point)
+    base_model, info = res.model(point)
     train, evaluation = res.datasets(point, info)
     data = _point_data(point, train, evaluation)
     timings["load"] = time.time() - t
@@ -303,7 +292,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
 
     # FP32 baseline, measured in this run's data and preprocessing, cached across points
     t = time.time()
-    fp_key = canonical_hash({"weights": weights_hash, "eval": evaluation.fingerprint, "device": device})
+    fp_key = canonical_hash({"weights": info.weights_sha256, "eval": evaluation.fingerprint, "device": device})
     baseline = res.baselines.get(fp_key) or res.store.baseline(fp_key)
     if baseline is None:
         baseline = run_eval(base_model, desc=f"FP32 {point.model.short}")
@@ -362,7 +351,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
                 timings={k: round(v, 3) for k, v in timings.items()})
     card = {
         "schema_version": "1", "id": point.id, "experiment": exp.name, "status": "ok", "error": None,
-        "model": _model_block(point, info, weights_hash, input_shape),
+        "model": _model_block(point, info, input_shape),
         "dataset": _dataset_block(point, evaluation, result.calibration),
         "method": {"name": method_cls.name or point.method, "family": method_cls.family,
                    "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
@@ -429,9 +418,9 @@ def _data_warnings(evaluation, calibration) -> List[str]:
     return []
 
 
-def _model_block(point: Point, info, weights_hash: str, input_shape) -> Dict[str, Any]:
+def _model_block(point: Point, info, input_shape) -> Dict[str, Any]:
     return {"ref": point.model.ref, "source": info.source, "weights": info.weights,
-            "weights_sha256": info.weights_sha256 or weights_hash, "params": info.params,
+            "weights_sha256": info.weights_sha256, "params": info.params,
             "input_shape": list(input_shape) if input_shape else None}
 
 

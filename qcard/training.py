@@ -180,6 +180,148 @@ def _evaluate(model, data, ctx) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
+def _make_scheduler(optimizer, recipe: TrainRecipe, total_steps: int):
+    import torch
+    if recipe.schedule == "cosine":        # stepped per optimizer step
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    if recipe.schedule == "step":          # stepped per epoch
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
+    if recipe.schedule == "plateau":       # stepped per epoch on the train loss
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=recipe.gamma, patience=recipe.patience, threshold=recipe.plateau_threshold)
+    return None
+
+
+@dataclass
+class _Window:
+    """Running sums over mini-batches: an epoch's curve row, or a step-curve window."""
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+
+    def add(self, loss: float, correct: float, n: int) -> None:
+        self.loss, self.correct, self.seen = self.loss + loss * n, self.correct + correct, self.seen + n
+
+    def means(self) -> tuple:
+        return self.loss / max(self.seen, 1), 100.0 * self.correct / max(self.seen, 1)
+
+
+class _Loop:
+    """One training run: the state shared by the epoch loop and the optimizer-step bookkeeping."""
+
+    def __init__(self, model, data, recipe: TrainRecipe, ctx, hooks, params, log: TrainLog):
+        import torch
+        self.model, self.data, self.recipe, self.ctx, self.hooks, self.log = model, data, recipe, ctx, hooks, log
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = make_optimizer(list(params) if params is not None else self.trainable, recipe)
+        self.loader = data.loader(data.train, shuffle=True, seed=ctx.seed, batch_size=recipe.batch_size)
+        self.batches_per_epoch = len(self.loader)
+        if self.batches_per_epoch == 0:
+            raise ValueError("the training split is empty")
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / recipe.grad_accumulation)
+        total_steps = self.steps_per_epoch * recipe.epochs
+        if recipe.max_steps is not None:
+            total_steps = min(total_steps, recipe.max_steps)
+        self.total_steps = total_steps
+        self.aug_gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 1)   # independent of the shuffle stream
+        self.scheduler = _make_scheduler(self.optimizer, recipe, total_steps)
+        self.state = TrainState(model=model, optimizer=self.optimizer, recipe=recipe,
+                                batches_per_epoch=self.batches_per_epoch, total_steps=total_steps,
+                                lr=self.optimizer.param_groups[0]["lr"])
+        self.curve_every = max(1, math.ceil(total_steps / STEP_CURVE_POINTS))
+        self.window = _Window()           # the current step-curve window
+        self.done = False
+
+    def batch_loss(self, x, y):
+        import torch.nn.functional as F
+        recipe = self.recipe
+        if recipe.augment == "shift":
+            x = shift_augment(x, recipe.shift_px, self.aug_gen)
+        _call(self.hooks, "before_forward", self.state)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+        if recipe.l1 > 0:
+            loss = loss + recipe.l1 * sum(p.abs().sum() for p in self.trainable)
+        return logits, loss
+
+    def optimizer_step(self, i: int, epoch: int, step_loss: float, step_samples: float, pending: int, bar) -> None:
+        state, recipe, optimizer = self.state, self.recipe, self.optimizer
+        state.step += 1
+        state.samples = int(step_samples)
+        state.loss = step_loss / pending
+        _call(self.hooks, "after_backward", state)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if recipe.schedule == "cosine":
+            self.scheduler.step()
+        state.lr = optimizer.param_groups[0]["lr"]
+        _call(self.hooks, "after_step", state)
+        bar.update(1)
+        if state.step % self.curve_every == 0 or state.step >= self.total_steps:
+            loss, acc = self.window.means()
+            self.log.step_curve.append({"step": state.step, "epoch": epoch,
+                                        "epoch_progress": round(i / self.batches_per_epoch, 4),
+                                        "loss": round(loss, 6), "train_acc": round(acc, 4), "lr": state.lr})
+            self.window = _Window()
+        if state.step >= self.total_steps and recipe.max_steps is not None:
+            self.done = True
+            self.log.stopped_by_max_steps = state.step < self.steps_per_epoch * recipe.epochs
+
+    def run_epoch(self, epoch: int, bar) -> _Window:
+        """One pass over the training split (or up to max_steps); returns the epoch's running sums."""
+        state, recipe = self.state, self.recipe
+        state.epoch = epoch
+        self.model.train()
+        sums = _Window()
+        pending = 0                       # mini-batches accumulated in the current step
+        step_loss = step_samples = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(self.loader, 1):
+            state.batch = i
+            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            logits, loss = self.batch_loss(x, y)
+            # the last step of an epoch may hold fewer mini-batches: scale by its real count
+            in_step = min(recipe.grad_accumulation, self.batches_per_epoch - (i - 1 - pending))
+            (loss / in_step).backward()
+            lv, n = float(loss.detach()), int(y.shape[0])
+            batch_correct = float((logits.detach().argmax(1) == y).sum())
+            sums.add(lv, batch_correct, n)
+            self.window.add(lv, batch_correct, n)
+            step_loss += lv
+            step_samples += n
+            pending += 1
+            if pending < in_step:
+                continue
+            self.optimizer_step(i, epoch, step_loss, step_samples, pending, bar)
+            pending, step_loss, step_samples = 0, 0.0, 0.0
+            if self.done:
+                break
+        return sums
+
+    def end_epoch(self, epoch: int, sums: _Window, bar) -> None:
+        state, recipe = self.state, self.recipe
+        mean_loss, train_acc = sums.means()
+        row: Dict[str, Any] = {"epoch": epoch, "step": state.step, "loss": round(mean_loss, 6),
+                               "train_acc": round(train_acc, 4), "eval_acc": None, "lr": state.lr}
+        if self.done and state.batch < self.batches_per_epoch:
+            row["partial_epoch"] = round(state.batch / self.batches_per_epoch, 4)
+        if recipe.eval_every_epoch:
+            row["eval_acc"] = round(_evaluate(self.model, self.data, self.ctx), 4)
+            self.model.train()
+        self.log.curve.append(row)
+        bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}")
+        if recipe.schedule == "step":
+            self.scheduler.step()
+        elif recipe.schedule == "plateau":
+            self.scheduler.step(mean_loss)
+        state.lr = self.optimizer.param_groups[0]["lr"]
+        _call(self.hooks, "on_epoch_end", state, row)
+        self.log.samples_seen += int(sums.seen)
+
+
 def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any]] = None,
           params: Optional[Iterable[Any]] = None) -> TrainLog:
     """Train `model` in place on data.train following `recipe`; deterministic given ctx.seed.
@@ -187,13 +329,10 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
     params: what the optimizer updates (tensors or param-group dicts); default every parameter
     that requires grad. The model is left in eval mode.
     """
-    import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     hooks = [hooks] if hooks is not None and not isinstance(hooks, (list, tuple)) else list(hooks or [])
     log = TrainLog(recipe=recipe)
-    device = ctx.device
     if recipe.from_scratch:
         left = reinitialize(model, ctx.seed)
         if left:
@@ -201,122 +340,23 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
                    + ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
             log.warnings.append(msg)
             ctx.log(msg)
-    model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = make_optimizer(list(params) if params is not None else trainable, recipe)
-
-    loader = data.loader(data.train, shuffle=True, seed=ctx.seed, batch_size=recipe.batch_size)
-    batches_per_epoch = len(loader)
-    if batches_per_epoch == 0:
-        raise ValueError("the training split is empty")
-    steps_per_epoch = math.ceil(batches_per_epoch / recipe.grad_accumulation)
-    total_steps = steps_per_epoch * recipe.epochs
-    if recipe.max_steps is not None:
-        total_steps = min(total_steps, recipe.max_steps)
-    aug_gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 1)   # independent of the shuffle stream
-
-    scheduler = None
-    if recipe.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    elif recipe.schedule == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
-    elif recipe.schedule == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=recipe.gamma, patience=recipe.patience, threshold=recipe.plateau_threshold)
-
-    state = TrainState(model=model, optimizer=optimizer, recipe=recipe, batches_per_epoch=batches_per_epoch,
-                       total_steps=total_steps, lr=optimizer.param_groups[0]["lr"])
-    decay_l1 = recipe.l1 > 0
+    model.to(ctx.device)
+    loop = _Loop(model, data, recipe, ctx, hooks, params, log)
+    state = loop.state
     start = time.perf_counter()
     model.train()
     _call(hooks, "on_train_start", state)
-    bar = tqdm(total=total_steps, desc="train", unit="step", leave=False, disable=not ctx.progress)
-    done = False
-    curve_every = max(1, math.ceil(total_steps / STEP_CURVE_POINTS))
-    win_loss = win_correct = win_seen = 0.0          # the current step-curve window
+    bar = tqdm(total=loop.total_steps, desc="train", unit="step", leave=False, disable=not ctx.progress)
     try:
         for epoch in range(1, recipe.epochs + 1):
-            state.epoch = epoch
-            model.train()
-            loss_sum = correct = seen = 0.0
-            pending = 0                       # mini-batches accumulated in the current step
-            step_loss = step_samples = 0.0
-            optimizer.zero_grad(set_to_none=True)
-            for i, (x, y) in enumerate(loader, 1):
-                state.batch = i
-                x, y = x.to(device), y.to(device)
-                if recipe.augment == "shift":
-                    x = shift_augment(x, recipe.shift_px, aug_gen)
-                _call(hooks, "before_forward", state)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
-                if decay_l1:
-                    loss = loss + recipe.l1 * sum(p.abs().sum() for p in trainable)
-                # the last step of an epoch may hold fewer mini-batches: scale by its real count
-                in_step = min(recipe.grad_accumulation, batches_per_epoch - (i - 1 - pending))
-                (loss / in_step).backward()
-                lv = float(loss.detach())
-                n = int(y.shape[0])
-                loss_sum += lv * n
-                seen += n
-                batch_correct = float((logits.detach().argmax(1) == y).sum())
-                correct += batch_correct
-                win_loss, win_correct, win_seen = win_loss + lv * n, win_correct + batch_correct, win_seen + n
-                step_loss += lv
-                step_samples += n
-                pending += 1
-                if pending < in_step:
-                    continue
-                state.step += 1
-                state.samples = int(step_samples)
-                state.loss = step_loss / pending
-                _call(hooks, "after_backward", state)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if recipe.schedule == "cosine":
-                    scheduler.step()
-                state.lr = optimizer.param_groups[0]["lr"]
-                _call(hooks, "after_step", state)
-                pending, step_loss, step_samples = 0, 0.0, 0.0
-                bar.update(1)
-                if state.step % curve_every == 0 or state.step >= total_steps:
-                    log.step_curve.append({"step": state.step, "epoch": epoch,
-                                           "epoch_progress": round(i / batches_per_epoch, 4),
-                                           "loss": round(win_loss / max(win_seen, 1), 6),
-                                           "train_acc": round(100.0 * win_correct / max(win_seen, 1), 4),
-                                           "lr": state.lr})
-                    win_loss = win_correct = win_seen = 0.0
-                if state.step >= total_steps and recipe.max_steps is not None:
-                    done = True
-                    log.stopped_by_max_steps = state.step < steps_per_epoch * recipe.epochs
-                    break
-            mean_loss = loss_sum / max(seen, 1)
-            row: Dict[str, Any] = {"epoch": epoch, "step": state.step, "loss": round(mean_loss, 6),
-                                   "train_acc": round(100.0 * correct / max(seen, 1), 4), "eval_acc": None,
-                                   "lr": state.lr}
-            if done and state.batch < batches_per_epoch:
-                row["partial_epoch"] = round(state.batch / batches_per_epoch, 4)
-            if recipe.eval_every_epoch:
-                row["eval_acc"] = round(_evaluate(model, data, ctx), 4)
-                model.train()
-            log.curve.append(row)
-            bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}")
-            if recipe.schedule == "step":
-                scheduler.step()
-            elif recipe.schedule == "plateau":
-                scheduler.step(mean_loss)
-            state.lr = optimizer.param_groups[0]["lr"]
-            _call(hooks, "on_epoch_end", state, row)
-            log.samples_seen += int(seen)
-            if done:
+            sums = loop.run_epoch(epoch, bar)
+            loop.end_epoch(epoch, sums, bar)
+            if loop.done:
                 break
     finally:
         bar.close()
     log.steps = state.step
-    log.epochs_run = (state.epoch - 1) + (state.batch / batches_per_epoch)
+    log.epochs_run = (state.epoch - 1) + (state.batch / loop.batches_per_epoch)
     log.seconds = time.perf_counter() - start
     model.eval()
     _call(hooks, "on_train_end", state)

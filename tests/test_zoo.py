@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from qcard.data import load_dataset
 from qcard.errors import ModelLoadError, UnknownNameError
 from qcard.zoo import BUNDLED, list_models, load_model, load_model_with_info, train_model
+from qcard.zoo.loader import load_state_file, state_dict_sha256
 from qcard.zoo.catalog import WEIGHTS_DIR, bundled_record
 
 TARGETS = {"resnet8": 0.97, "mobilenet_tiny": 0.97, "lenet5": 0.97, "mlp": 0.94, "vit_tiny": 0.94}
@@ -39,7 +40,9 @@ def test_bundled_model_loads_and_reaches_target(name, mnist_test):
     path = WEIGHTS_DIR / f"{name}.safetensors"
     assert not model.training
     assert info.source == "qcard" and info.weights == f"bundled:{name}.safetensors"
-    assert info.weights_sha256 == rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # the card's weights hash is the tensors' hash, the same for every source (rec["sha256"] is the file's)
+    assert info.weights_sha256 == rec["tensors_sha256"] == state_dict_sha256(load_state_file(str(path)))
+    assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert info.params == rec["params"] and info.input_shape == (1, 28, 28) and info.num_classes == 10
     assert path.stat().st_size < 1_000_000
     x, y = mnist_test
@@ -80,7 +83,8 @@ def test_torchvision_random_weights_run_on_synthetic():
     x, _ = data.tensors()
     with torch.no_grad():
         assert model(x).shape == (4, 10)
-    assert info.source == "torchvision" and info.weights is None and info.weights_sha256 is None
+    assert info.source == "torchvision" and info.weights is None
+    assert info.weights_sha256 == state_dict_sha256(model.state_dict())   # random weights are hashed too
     assert info.num_classes == 10 and info.input_shape == (3, 224, 224)
     assert info.params == sum(p.numel() for p in model.parameters())
     assert info.data_config["crop_pct"] == pytest.approx(224 / 256) and len(info.data_config["mean"]) == 3
@@ -134,9 +138,10 @@ def test_weights_from_local_files(tmp_path):
         model, info = load_model_with_info("qcard:lenet5", weights=str(tmp_path / fname))
         assert torch.allclose(model(x), src(x))
         assert info.weights == str(tmp_path / fname)
-        assert info.weights_sha256 == hashlib.sha256((tmp_path / fname).read_bytes()).hexdigest()
-    random_info = load_model_with_info("qcard:lenet5", weights="random")[1]
-    assert random_info.weights is None and random_info.weights_sha256 is None
+        # one hash for the same tensors, whatever the file format or key prefix
+        assert info.weights_sha256 == state_dict_sha256(state)
+    random_info = load_model_with_info("qcard:lenet5", weights="random", init_seed=7)[1]
+    assert random_info.weights is None and random_info.weights_sha256 == state_dict_sha256(state)
 
 
 def test_weight_file_errors(tmp_path):

@@ -21,8 +21,6 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Mean/std of load_digits()/16 over qcard:digits' training split (rounded, fixed here as constants).
 DIGITS_MEAN, DIGITS_STD = 0.3050, 0.3759
 
-SPLITS = ("train", "test")
-
 
 def stratified_split(labels: np.ndarray, n_test: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """(train_indices, test_indices), stratified by label, each in a seeded random order.

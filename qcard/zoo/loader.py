@@ -49,16 +49,10 @@ class ModelInfo:
 
 # --------------------------------------------------------------------------- weights files
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of every tensor, names sorted."""
+    """sha256 over (name, dtype, shape, raw bytes) of every tensor, names sorted: the one weights hash of
+    qcard (cards, FP32 cache keys, the bundled models' `tensors_sha256`), whatever file or library the
+    weights came from, random initialisations included."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
         t = state_dict[key].detach().cpu().contiguous()
@@ -189,7 +183,7 @@ def _build_qcard_architecture(name, pretrained, num_classes, in_chans, kwargs, w
         model = factory(num_classes=nc, in_chans=ic, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"qcard:{name}: bad arguments {sorted(kwargs)}: {exc}") from exc
-    return model, None, None, (ic, *entry["input_shape"][1:]), nc, None
+    return model, None, (ic, *entry["input_shape"][1:]), nc, None
 
 
 def _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled):
@@ -206,15 +200,15 @@ def _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled):
         model = factory(num_classes=nc, in_chans=ic, **kwargs)
     except TypeError as exc:
         raise ModelLoadError(f"qcard:{name}: bad arguments {sorted(kwargs)}: {exc}") from exc
-    weights = sha = None
+    weights = None
     if use_bundled:
         path = bundled_weights_path(name)
         if not path.is_file():
             raise ModelLoadError(f"bundled weights of qcard:{name} are missing ({path}); "
                                  f"recreate them with `qcard zoo train {name}`")
         apply_state_dict(model, load_state_file(str(path)), f"'{path}'", f"qcard:{name}")
-        weights, sha = f"bundled:{path.name}", file_sha256(path)
-    return model, weights, sha, (ic, *INPUT_SHAPE[1:]), nc, None
+        weights = f"bundled:{path.name}"
+    return model, weights, (ic, *INPUT_SHAPE[1:]), nc, None
 
 
 def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
@@ -238,8 +232,7 @@ def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
         _adapt_in_chans(model, int(in_chans), f"torchvision:{name}")
     cfg = _with_channels(_torchvision_data_config(name, enum), in_chans)
     weights = f"torchvision:{enum.name}" if enum is not None else None
-    sha = state_dict_sha256(model.state_dict()) if enum is not None else None
-    return model, weights, sha, tuple(cfg["input_size"]), _infer_num_classes(model), cfg
+    return model, weights, tuple(cfg["input_size"]), _infer_num_classes(model), cfg
 
 
 def _build_timm(name, pretrained, num_classes, in_chans, kwargs):
@@ -262,12 +255,11 @@ def _build_timm(name, pretrained, num_classes, in_chans, kwargs):
         raise ModelLoadError(f"timm:{name}: pretrained weights could not be loaded (timm downloads them from the "
                              f"Hugging Face hub on first use): {type(exc).__name__}: {exc}") from exc
     cfg = _with_channels(dict(resolve_data_config(model=model)), in_chans)
-    weights = sha = None
+    weights = None
     if pretrained:
         tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
         weights = f"timm:pretrained:{tag}" if tag else "timm:pretrained"
-        sha = state_dict_sha256(model.state_dict())
-    return model, weights, sha, tuple(int(s) for s in cfg["input_size"]), _infer_num_classes(model), cfg
+    return model, weights, tuple(int(s) for s in cfg["input_size"]), _infer_num_classes(model), cfg
 
 
 def _build_python(name, pretrained, num_classes, in_chans, kwargs):
@@ -302,7 +294,7 @@ def _build_python(name, pretrained, num_classes, in_chans, kwargs):
     shape = getattr(model, "input_shape", None)
     shape = tuple(int(s) for s in shape) if shape is not None else None
     cfg = getattr(model, "data_config", None)
-    return model, None, None, shape, _infer_num_classes(model), dict(cfg) if cfg else None
+    return model, None, shape, _infer_num_classes(model), dict(cfg) if cfg else None
 
 
 # --------------------------------------------------------------------------- entry points
@@ -340,16 +332,17 @@ def load_model_with_info(ref: str, *, weights: Optional[str] = None, pretrained:
             built = _build_timm(name, pretrained, num_classes, in_chans, kwargs)
         else:
             built = _build_python(name, pretrained, num_classes, in_chans, kwargs)
-    model, w_tag, sha, input_shape, n_classes, data_config = built
+    model, w_tag, input_shape, n_classes, data_config = built
 
     if weights_path is not None:
         state = load_state_file(weights_path)
         apply_state_dict(model, state, f"'{weights_path}'", ref)
         p = Path(weights_path).expanduser()
-        w_tag, sha = str(p), file_sha256(p)
+        w_tag = str(p)
 
     model.eval()
-    info = ModelInfo(ref=f"{source}:{name}", source=source, name=name, weights=w_tag, weights_sha256=sha,
+    info = ModelInfo(ref=f"{source}:{name}", source=source, name=name, weights=w_tag,
+                     weights_sha256=state_dict_sha256(model.state_dict()),
                      params=sum(p.numel() for p in model.parameters()), input_shape=input_shape,
                      num_classes=n_classes, data_config=data_config)
     return model, info
