@@ -6,7 +6,6 @@ seed -> evaluate -> cost -> card. A point that fails becomes a failed card; the 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import random
 import statistics
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 from .config import Experiment, Point, canonical_hash, load_config
 from .errors import QcardError
-from .store import CARD_FILE, RunStore
+from .store import RunStore
 
 
 @dataclass

@@ -29,7 +29,8 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TrainRecipe", "TrainState", "TrainLog", "train", "make_optimizer", "reinitialize", "shift_augment"]
+__all__ = ["TrainRecipe", "TrainState", "TrainLog", "train", "LoaderBatches", "make_optimizer", "reinitialize",
+           "shift_augment"]
 
 
 class TrainRecipe(BaseModel):
@@ -180,8 +181,32 @@ def _evaluate(model, data, ctx) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _make_scheduler(optimizer, recipe: TrainRecipe, total_steps: int):
+class LoaderBatches:
+    """The default source of mini-batches: data.train shuffled from the run's seed, with the recipe's
+    augmentation drawn from its own stream. A source is anything with len() (mini-batches per epoch) and
+    epoch(n) -> iterable of (x, y)."""
+
+    def __init__(self, data, recipe: TrainRecipe, seed: int, device: str):
+        import torch
+        self.loader = data.loader(data.train, shuffle=True, seed=seed, batch_size=recipe.batch_size)
+        self.recipe, self.device = recipe, device
+        self.aug_gen = torch.Generator().manual_seed(int(seed) * 7919 + 1)   # independent of the shuffle stream
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, n: int):
+        for x, y in self.loader:
+            x, y = x.to(self.device), y.to(self.device)
+            if self.recipe.augment == "shift":
+                x = shift_augment(x, self.recipe.shift_px, self.aug_gen)
+            yield x, y
+
+
+def _make_scheduler(optimizer, recipe: TrainRecipe, total_steps: int, lr_factor=None):
     import torch
+    if lr_factor is not None:              # the caller's per-step factor replaces the recipe's schedule
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps))
     if recipe.schedule == "cosine":        # stepped per optimizer step
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
@@ -210,15 +235,14 @@ class _Window:
 class _Loop:
     """One training run: the state shared by the epoch loop and the optimizer-step bookkeeping."""
 
-    def __init__(self, model, data, recipe: TrainRecipe, ctx, hooks, params, log: TrainLog):
-        import torch
+    def __init__(self, model, data, recipe: TrainRecipe, ctx, hooks, params, log: TrainLog, batches, lr_factor):
         self.model, self.data, self.recipe, self.ctx, self.hooks, self.log = model, data, recipe, ctx, hooks, log
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = make_optimizer(list(params) if params is not None else self.trainable, recipe)
-        self.loader = data.loader(data.train, shuffle=True, seed=ctx.seed, batch_size=recipe.batch_size)
-        self.batches_per_epoch = len(self.loader)
+        self.batches = batches if batches is not None else LoaderBatches(data, recipe, ctx.seed, ctx.device)
+        self.batches_per_epoch = len(self.batches)
         if self.batches_per_epoch == 0:
             raise ValueError("the training split is empty")
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / recipe.grad_accumulation)
@@ -226,8 +250,8 @@ class _Loop:
         if recipe.max_steps is not None:
             total_steps = min(total_steps, recipe.max_steps)
         self.total_steps = total_steps
-        self.aug_gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 1)   # independent of the shuffle stream
-        self.scheduler = _make_scheduler(self.optimizer, recipe, total_steps)
+        self.per_step_schedule = lr_factor is not None or recipe.schedule == "cosine"
+        self.scheduler = _make_scheduler(self.optimizer, recipe, total_steps, lr_factor)
         self.state = TrainState(model=model, optimizer=self.optimizer, recipe=recipe,
                                 batches_per_epoch=self.batches_per_epoch, total_steps=total_steps,
                                 lr=self.optimizer.param_groups[0]["lr"])
@@ -238,8 +262,6 @@ class _Loop:
     def batch_loss(self, x, y):
         import torch.nn.functional as F
         recipe = self.recipe
-        if recipe.augment == "shift":
-            x = shift_augment(x, recipe.shift_px, self.aug_gen)
         _call(self.hooks, "before_forward", self.state)
         logits = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
@@ -255,7 +277,7 @@ class _Loop:
         _call(self.hooks, "after_backward", state)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if recipe.schedule == "cosine":
+        if self.per_step_schedule:
             self.scheduler.step()
         state.lr = optimizer.param_groups[0]["lr"]
         _call(self.hooks, "after_step", state)
@@ -279,9 +301,8 @@ class _Loop:
         pending = 0                       # mini-batches accumulated in the current step
         step_loss = step_samples = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(self.loader, 1):
+        for i, (x, y) in enumerate(self.batches.epoch(epoch), 1):
             state.batch = i
-            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
             logits, loss = self.batch_loss(x, y)
             # the last step of an epoch may hold fewer mini-batches: scale by its real count
             in_step = min(recipe.grad_accumulation, self.batches_per_epoch - (i - 1 - pending))
@@ -313,21 +334,23 @@ class _Loop:
             self.model.train()
         self.log.curve.append(row)
         bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}")
-        if recipe.schedule == "step":
-            self.scheduler.step()
-        elif recipe.schedule == "plateau":
+        if recipe.schedule == "plateau" and not self.per_step_schedule:   # once per epoch, on the train loss
             self.scheduler.step(mean_loss)
+        elif recipe.schedule == "step" and not self.per_step_schedule:    # once per epoch
+            self.scheduler.step()
         state.lr = self.optimizer.param_groups[0]["lr"]
         _call(self.hooks, "on_epoch_end", state, row)
         self.log.samples_seen += int(sums.seen)
 
 
 def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any]] = None,
-          params: Optional[Iterable[Any]] = None) -> TrainLog:
+          params: Optional[Iterable[Any]] = None, batches=None, lr_factor=None) -> TrainLog:
     """Train `model` in place on data.train following `recipe`; deterministic given ctx.seed.
 
     params: what the optimizer updates (tensors or param-group dicts); default every parameter
-    that requires grad. The model is left in eval mode.
+    that requires grad. batches: a source of mini-batches (see LoaderBatches; default: data.train
+    shuffled from ctx.seed, with the recipe's augmentation). lr_factor(step, total_steps): a per-step
+    learning-rate factor that replaces the recipe's schedule. The model is left in eval mode.
     """
     from tqdm.auto import tqdm
 
@@ -341,7 +364,7 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
             log.warnings.append(msg)
             ctx.log(msg)
     model.to(ctx.device)
-    loop = _Loop(model, data, recipe, ctx, hooks, params, log)
+    loop = _Loop(model, data, recipe, ctx, hooks, params, log, batches, lr_factor)
     state = loop.state
     start = time.perf_counter()
     model.train()

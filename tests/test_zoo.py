@@ -192,6 +192,24 @@ def test_train_model_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "mlp.json").is_file() and a["reproduces_bundled"] is False
 
 
+def test_train_model_runs_the_shared_training_loop(monkeypatch):
+    """One training loop in qcard: the zoo recipe goes through qcard.training.train with its own batches."""
+    import qcard.training
+    calls = []
+    real = qcard.training.train
+
+    def spy(model, data, recipe, ctx, **kw):
+        log = real(model, data, recipe, ctx, **kw)
+        calls.append((recipe, kw, log))
+        return log
+    monkeypatch.setattr(qcard.training, "train", spy)
+    rec = train_model("mlp", epochs=1, progress=False)
+    (recipe, kw, log), = calls
+    assert recipe.optimizer == "adamw" and recipe.label_smoothing == 0.05 and kw["lr_factor"] is not None
+    assert len(kw["batches"]) == log.steps == 63          # 4,000 training images in batches of 64
+    assert rec["final_train_loss"] == round(log.curve[-1]["loss"], 4)
+
+
 @pytest.mark.slow
 def test_train_model_reproduces_bundled_weights():
     from qcard.zoo.train import _cpu_model

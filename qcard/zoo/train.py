@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import QcardError, UnknownNameError
 from ..registry import import_object
-from .catalog import ARCHITECTURES, BUNDLED, WEIGHTS_DIR, bundled_record
+from .catalog import ARCHITECTURES, BUNDLED, bundled_record
 from .loader import state_dict_sha256
 
 THREADS = 2     # fixed: CPU reductions may depend on how work is split between threads
@@ -90,10 +91,42 @@ def _cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="step", leave=False,
-                disable=not (enabled and sys.stderr.isatty()))
+class _ShuffledAugmented:
+    """The zoo recipe's mini-batches for the shared training loop: one generator draws each epoch's
+    permutation and every batch's augmentation, in that order (the shipped weights depend on it)."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, batch_size: int, augmentation: Dict[str, float], seed: int):
+        self.X, self.y, self.bs, self.aug = X, y, batch_size, augmentation
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.X) / self.bs)
+
+    def epoch(self, n: int):
+        perm = torch.randperm(len(self.X), generator=self.gen)
+        for i in range(0, len(self.X), self.bs):
+            idx = perm[i:i + self.bs]
+            yield augment(self.X[idx], self.gen, self.aug), self.y[idx]
+
+
+def _train(model, recipe: Dict[str, Any], X, y, seed: int, name: str, progress: bool):
+    """The zoo recipe through the shared loop (qcard.training.train): AdamW without decay on biases,
+    norms and position embeddings, linear warmup then cosine per step, label smoothing."""
+    from ..training import TrainRecipe, train
+    if recipe["betas"][1] != 0.999:      # the shared optimizer fixes beta2 (momentum is beta1)
+        raise ValueError(f"zoo recipe for {name}: beta2 must be 0.999, got {recipe['betas'][1]}")
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
+    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    batches = _ShuffledAugmented(X, y, recipe["batch_size"], recipe["augmentation"], seed)
+    shared = TrainRecipe(epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer="adamw",
+                         lr=recipe["lr"], momentum=recipe["betas"][0], weight_decay=recipe["weight_decay"],
+                         schedule="none", label_smoothing=recipe["label_smoothing"])
+    warmup = len(batches) * recipe["warmup_epochs"]
+    ctx = SimpleNamespace(seed=seed, device="cpu", progress=progress and sys.stderr.isatty(),
+                          log=lambda msg: print(f"qcard zoo train {name}: {msg}", file=sys.stderr), evaluate=None)
+    return train(model, None, shared, ctx, params=groups, batches=batches,
+                 lr_factor=lambda step, total: _lr_factor(step, warmup, total))
 
 
 def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_dir: Optional[str] = None,
@@ -132,37 +165,7 @@ def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_d
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = import_object(BUNDLED[name]["factory"], "bundled model")()
-            gen = torch.Generator().manual_seed(seed)        # shuffles and augmentation
-            decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-            no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=recipe["lr"], betas=tuple(recipe["betas"]))
-            bs = recipe["batch_size"]
-            steps_per_epoch = math.ceil(len(X) / bs)
-            total = steps_per_epoch * recipe["epochs"]
-            warmup = steps_per_epoch * recipe["warmup_epochs"]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
-            loss_sum = 0.0
-            bar = _progress_bar(total, f"train {name}", progress)
-            try:
-                for epoch in range(recipe["epochs"]):
-                    model.train()
-                    perm = torch.randperm(len(X), generator=gen)
-                    loss_sum = 0.0
-                    for i in range(0, len(X), bs):
-                        idx = perm[i:i + bs]
-                        xb = augment(X[idx], gen, recipe["augmentation"])
-                        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=recipe["label_smoothing"])
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        sched.step()
-                        loss_sum += loss.item() * len(idx)
-                        bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / len(X):.3f}")
-            finally:
-                bar.close()
+            log = _train(model, recipe, X, y, seed, name, progress)
             test_acc = accuracy(model, Xt, yt)
             train_acc = accuracy(model, X, y)
     finally:
@@ -181,7 +184,7 @@ def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_d
         "weights_file": f"{name}.safetensors", "weights_bytes": len(blob), "sha256": sha,
         "tensors_sha256": tensors_sha,
         "test_accuracy": round(test_acc, 4), "train_accuracy": round(train_acc, 4),
-        "final_train_loss": round(loss_sum / len(X), 4),
+        "final_train_loss": round(log.curve[-1]["loss"], 4),
         "seed": seed, "epochs": recipe["epochs"], "recipe": recipe,
         "dataset": {"train": train.ref + ":train", "train_fingerprint": train.fingerprint,
                     "test": test.ref + ":test", "test_fingerprint": test.fingerprint,
