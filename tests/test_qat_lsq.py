@@ -180,10 +180,10 @@ def test_freeze_returns_plain_quantizer_with_learned_grid():
 def test_learned_scale_changes_invalidate_weight_cache():
     from qcard.quant.calibrate import set_weight_ranges, sim_info
     from qcard.quant.graph import build_simulated
-    from qcard.quant.sim import SimConfig
+    from qcard.quant.scheme import SimScheme
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     x = torch.randn(2, 1, 8, 8)
-    sim = build_simulated(model, SimConfig(w_bits=4, a_bits=None, input_bits=None), x[:1], log=lambda m: None)
+    sim = build_simulated(model, SimScheme(w_bits=4, a_bits=None, input_bits=None), x[:1], log=lambda m: None)
     set_weight_ranges(sim, "minmax")
     wq = sim_info(sim).gemm_layers()[0].weight_quantizer
     make_lsq(wq, is_weight=True)

@@ -216,6 +216,10 @@ class FakeQuantize(nn.Module):
         self.version += 1
         self._fast = None
 
+    def drop_caches(self) -> None:
+        """Forget cached decisions about the grid (after the grid's tensors were replaced)."""
+        self._fast = None
+
     def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
         self.set_qparams(*compute_qparams(min_val, max_val, self.spec))
 
