@@ -94,7 +94,7 @@ def _relu6_to_relu(model: nn.Module, pair: Dict[str, Any]) -> None:
     fq = pair.get("act_fq")
     if fq is not None and fq.pre_act == "relu6":
         fq.pre_act = "relu"
-        fq._fast = None
+        fq.drop_caches()
     path = pair.get("act_path")
     if path:
         try:
