@@ -1,4 +1,4 @@
-"""LSQ and PACT quantizers: gradients equal the spec's formulas, elementwise (specs/ptq-qat.md, QAT step 4)."""
+"""LSQ and PACT quantizers: gradients equal the spec's formulas, elementwise (LSQ: Esser et al. 2020; PACT: Choi et al. 2018)."""
 import math
 
 import pytest

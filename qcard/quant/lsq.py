@@ -1,6 +1,6 @@
 """Learnable quantizers for quantization-aware training: LSQ (learned step size) and PACT (learned clip).
 
-LSQ (Esser et al. 2020; white paper §4.4, specs/ptq-qat.md "Standard QAT pipeline" step 4):
+LSQ (Esser et al. 2020; Nagel et al. 2021 white paper §4.4 and §5.3, the standard QAT pipeline):
     x̂ = s·(clamp(⌊x/s⌉ + ⌊z⌉, q_min, q_max) − ⌊z⌉), with s and z learnable, z stored as a real number
     and rounded in the forward pass. Straight-through gradients:
         ∂x̂/∂x = 1 inside the range, 0 outside;
