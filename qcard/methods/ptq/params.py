@@ -120,14 +120,16 @@ class PTQParams(SimScheme, MethodParams):
         errors: List[str] = []
         if self.weight_only and self.a_bits is not None:
             errors.append(f"weight_only: true contradicts a_bits: {self.a_bits} (weight-only leaves activations FP32)")
+        steps = list(self.steps or [])
         if self.pipeline == "custom":
-            if not self.steps:
+            if not steps:
                 errors.append("pipeline: custom needs steps, e.g. [cle, weight_ranges, adaround, activation_ranges]")
-        elif self.steps != pipeline_steps(self.pipeline, self.w_bits, self.a_bits, self.dynamic_activations, self.bn):
+            errors += self._check_steps(steps)
+        elif steps != pipeline_steps(self.pipeline, self.w_bits, self.a_bits, self.dynamic_activations, self.bn):
             errors.append(f"steps are set by pipeline: {self.pipeline} ({PIPELINES[self.pipeline]}); use pipeline: "
                           f"custom to choose your own")
-        steps = list(self.steps or [])
-        errors += self._check_steps(steps)
+        else:
+            errors += self._check_steps(steps)
         if "cle" in steps and self.bn == "kept":
             errors.append(f"preset '{self.preset}' keeps batch norm (not folded), so step cle cannot run"
                           if self.preset else "cle needs bn: folded (equalization rescales the folded weights)")

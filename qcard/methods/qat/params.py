@@ -76,8 +76,9 @@ class QATParams(SchemeParams, MethodParams):
         if self.pact and self.a_bits is None:
             errors.append("pact: true needs quantized activations (a_bits)")
         if self.estimator == "lsq" and self.scale_format == "power_of_two":
-            errors.append("estimator: lsq learns float scales; scale_format: power_of_two needs estimator: ste"
-                          + (f" (preset '{self.preset}' wants power-of-two scales)" if self.preset else ""))
+            errors.append(f"preset '{self.preset}' wants power-of-two scales, which LSQ does not learn; use "
+                          "estimator: ste" if self.preset else
+                          "estimator: lsq learns float scales; scale_format: power_of_two needs estimator: ste")
         if self.bn == "keep_then_fold" and self.w_granularity != "per_channel":
             errors.append(f"bn: keep_then_fold folds the batch norm scale into per-channel weight scales; "
                           f"w_granularity is {self.w_granularity}: use bn: static_fold (or auto)")
