@@ -23,9 +23,10 @@ from typing import Literal, Optional, Tuple
 
 import torch
 
+from .qspec import Rounding
+
 __all__ = ["fixed_point_range", "fixed_point_quantize", "check_format", "FixedPointSTE", "ROUNDER"]
 
-Rounding = Literal["nearest", "stochastic"]
 
 
 def check_format(wl: int, fl: int) -> None:
