@@ -147,8 +147,8 @@ def apply_preset(cls: type, data: Dict[str, Any], extra_bits: Iterable[int] = ()
     if name not in PRESET_NAMES:
         return {}                     # no preset, or an unknown name the field's own check reports
     given = dict(data, **(view or {}))
-    values = {k: given.get(k, field_default(cls, k)) if k in cls.model_fields else given.get(k) for k in
-              set(cls.model_fields) | set(given)}
+    values = {k: field_default(cls, k) for k in cls.model_fields if k not in given}
+    values.update(given)
     overrides = data.get("overrides") or []
     bits_in_use = {"w_bits": [values.get("w_bits")] + [_get(o, "w_bits") for o in overrides] + list(extra_bits),
                    "a_bits": [values.get("a_bits")] + [_get(o, "a_bits") for o in overrides]}
