@@ -29,8 +29,8 @@ def _timeit(fn, repeats: int):
 def build_qcard(model, calib):
     from qcard.quant.calibrate import calibrate_activations, set_weight_ranges
     from qcard.quant.graph import build_simulated
-    from qcard.quant.sim import SimConfig
-    cfg = SimConfig(w_bits=8, a_bits=8, w_granularity="per_channel", w_symmetric=True, a_symmetric=False,
+    from qcard.quant.scheme import SimScheme
+    cfg = SimScheme(w_bits=8, a_bits=8, w_granularity="per_channel", w_symmetric=True, a_symmetric=False,
                     bn="folded", weight_range="minmax", activation_range="minmax", input_bits=8)
     sim = build_simulated(model, cfg, calib[0][:1], log=lambda m: None)
     set_weight_ranges(sim)

@@ -19,18 +19,18 @@ import torch
 
 
 def build_qat(model, calib, bits: int, bn: str, grad_scale: bool):
-    from qcard.methods.qat import QATParams, _quantizers, make_learnable
+    from qcard.methods.qat import QATParams
+    from qcard.methods.qat.run import make_learnable, quantizers_of
     from qcard.quant.graph import build_simulated
-    from qcard.quant.pipeline import run_steps, sim_config_from
+    from qcard.methods.ptq.pipeline import run_steps
     from qcard.methods.base import RunContext
     p = QATParams(w_bits=bits, a_bits=bits, bn=bn, lsq_grad_scale=grad_scale,
                   w_granularity="per_channel" if bn == "keep_then_fold" else "per_tensor")
     ptq = p.ptq_params()
-    cfg = sim_config_from(ptq)
-    cfg.bn = "folded" if p.bn == "static_fold" else "kept"
-    sim = build_simulated(model, cfg, calib[0][:1], log=lambda m: None)
+    scheme = ptq.model_copy(update={"bn": "folded" if p.bn == "static_fold" else "kept"})
+    sim = build_simulated(model, scheme, calib[0][:1], log=lambda m: None)
     run_steps(sim, ptq, list(ptq.steps), calib, RunContext(seed=0, progress=False, log=lambda m: None), {})
-    make_learnable(p, *_quantizers(sim), sim)     # the method's own choice of what LSQ learns
+    make_learnable(p, *quantizers_of(sim), sim)     # the method's own choice of what LSQ learns
     return sim
 
 

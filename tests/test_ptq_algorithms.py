@@ -12,7 +12,7 @@ from qcard.quant.calibrate import calibrate_activations, quant_state, set_weight
 from qcard.quant.cle import absorb_high_bias, equalize
 from qcard.quant.graph import build_simulated
 from qcard.quant.sensitivity import greedy_bit_allocation
-from qcard.quant.sim import SimConfig
+from qcard.quant.scheme import SimScheme
 from test_quant_support import one_thread, randomize_bn
 
 
@@ -45,7 +45,7 @@ def _chain(seed=0):
 
 
 def _build(model, x, **cfg):
-    return build_simulated(model, SimConfig(**cfg), x[:1], log=lambda m: None)
+    return build_simulated(model, SimScheme(**cfg), x[:1], log=lambda m: None)
 
 
 def test_cle_preserves_the_function_and_equalizes_ranges():

@@ -99,7 +99,7 @@ def test_presets_are_data_with_sources(name):
 
 def test_presets_match_the_mqbench_table():
     rows = {r["name"]: r["settings"] for r in list_presets()}
-    table = {  # specs/ptq-qat.md: scale, weights, activations, BN fold
+    table = {  # MQBench (Li et al. 2021) Table 1: scale, weights, activations, BN fold
         "academic": ("float", "per_tensor", True, True, "kept"),
         "tensorrt": ("float", "per_channel", True, True, "folded"),
         "acl": ("float", "per_channel", False, False, "folded"),

@@ -1,12 +1,11 @@
-"""LSQ and PACT quantizers: gradients equal the spec's formulas, elementwise (specs/ptq-qat.md, QAT step 4)."""
+"""LSQ and PACT quantizers: gradients equal the spec's formulas, elementwise (LSQ: Esser et al. 2020; PACT: Choi et al. 2018)."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from qcard.quant.lsq import (LSQQuantizer, PACTQuantizer, clamp_learned, freeze, lsq_fake_quantize, make_lsq,
-                             make_pact)
+from qcard.quant.lsq import LSQ, PACT, clamp_learned, freeze, lsq_fake_quantize, make_lsq, make_pact
 from qcard.quant.qspec import QSpec
 from qcard.quant.quantizer import FakeQuantize
 
@@ -118,7 +117,7 @@ def test_module_gradient_scale_is_one_over_sqrt_n_qmax(is_weight):
         fq = _fq(spec, -1.0, 1.0)
         n = x.numel() / x.shape[0]          # features of one sample
     make_lsq(fq, grad_scale=True, is_weight=is_weight)
-    assert isinstance(fq, LSQQuantizer) and isinstance(fq.scale, nn.Parameter) and fq.zero_point.requires_grad
+    assert isinstance(fq.estimator, LSQ) and isinstance(fq.scale, nn.Parameter) and fq.zero_point.requires_grad
     g = 1.0 / math.sqrt(n * spec.qmax)
     xr = x.clone().requires_grad_(True)
     fq(xr).sum().backward()
@@ -147,7 +146,7 @@ def test_symmetric_lsq_keeps_zero_point_fixed():
 
 def test_pact_gradients():
     fq = _fq(QSpec(bits=4, symmetric=False, signed=False), 0.0, 2.0)
-    assert make_pact(fq) is fq and isinstance(fq, PACTQuantizer)
+    assert make_pact(fq) is fq and isinstance(fq.estimator, PACT)
     assert float(fq.pact_alpha.detach()) == pytest.approx(2.0, rel=1e-5)
     x = torch.tensor([-1.0, 0.3, 1.1, 1.99, 2.5, 7.0], requires_grad=True)
     y = fq(x)
@@ -157,7 +156,7 @@ def test_pact_gradients():
     assert float(y[-1].detach()) == pytest.approx(2.0, rel=1e-5) and float(y[0].detach()) == 0.0
     # a grid reaching below zero is not PACT's: left unchanged
     signed = _fq(QSpec(bits=4, symmetric=False, signed=False), -1.0, 2.0)
-    assert make_pact(signed) is None and type(signed) is FakeQuantize
+    assert make_pact(signed) is None and signed.estimator is None
 
 
 def test_freeze_returns_plain_quantizer_with_learned_grid():
@@ -171,7 +170,7 @@ def test_freeze_returns_plain_quantizer_with_learned_grid():
         learned = fq(x)
     clamp_learned(fq)
     freeze(fq)
-    assert type(fq) is FakeQuantize and not isinstance(fq.scale, nn.Parameter)
+    assert fq.estimator is None and not isinstance(fq.scale, nn.Parameter)
     assert float(fq.zero_point) == round(float(fq.zero_point))
     with torch.no_grad():
         assert torch.equal(fq(x.clone()), learned)
@@ -180,10 +179,10 @@ def test_freeze_returns_plain_quantizer_with_learned_grid():
 def test_learned_scale_changes_invalidate_weight_cache():
     from qcard.quant.calibrate import set_weight_ranges, sim_info
     from qcard.quant.graph import build_simulated
-    from qcard.quant.sim import SimConfig
+    from qcard.quant.scheme import SimScheme
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     x = torch.randn(2, 1, 8, 8)
-    sim = build_simulated(model, SimConfig(w_bits=4, a_bits=None, input_bits=None), x[:1], log=lambda m: None)
+    sim = build_simulated(model, SimScheme(w_bits=4, a_bits=None, input_bits=None), x[:1], log=lambda m: None)
     set_weight_ranges(sim, "minmax")
     wq = sim_info(sim).gemm_layers()[0].weight_quantizer
     make_lsq(wq, is_weight=True)

@@ -80,7 +80,7 @@ class _ConvBN(nn.Module):
 def test_keep_then_fold_moves_bn_scale_into_per_channel_scales_exactly(symmetric):
     from qcard.quant.calibrate import set_weight_ranges, sim_info
     from qcard.quant.graph import build_simulated
-    from qcard.quant.sim import SimConfig
+    from qcard.quant.scheme import SimScheme
     torch.manual_seed(0)
     m = _ConvBN().eval()
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_keep_then_fold_moves_bn_scale_into_per_channel_scales_exactly(symmetric
         m.bn.running_mean.copy_(torch.randn(4))
         m.bn.running_var.copy_(torch.rand(4) + 0.5)
     x = torch.randn(5, 2, 8, 8)
-    cfg = SimConfig(w_bits=4, a_bits=None, input_bits=None, bn="kept", w_granularity="per_channel",
+    cfg = SimScheme(w_bits=4, a_bits=None, input_bits=None, bn="kept", w_granularity="per_channel",
                     w_symmetric=symmetric)
     sim = build_simulated(m, cfg, x[:1], log=lambda s: None)
     set_weight_ranges(sim, "minmax")

@@ -7,7 +7,7 @@ from qcard.quant.calibrate import calibrate_activations, quant_state, set_weight
 from qcard.quant.graph import build_simulated
 from qcard.quant.quantizer import FakeQuantize
 from qcard.quant.report import layer_records, quantization_block
-from qcard.quant.sim import SimConfig
+from qcard.quant.scheme import SimScheme
 from test_quant_support import Branchy, Untraceable, one_thread, randomize_bn, reestimate_bn
 
 
@@ -20,7 +20,7 @@ def _threads():
 def _sim(model, x=None, **cfg):
     torch.manual_seed(0)
     x = torch.randn(16, 1, 28, 28) if x is None else x
-    sim = build_simulated(model, SimConfig(**cfg), x[:1], log=lambda m: None)
+    sim = build_simulated(model, SimScheme(**cfg), x[:1], log=lambda m: None)
     set_weight_ranges(sim)
     calibrate_activations(sim, [x])
     return sim, x
@@ -179,7 +179,7 @@ def test_eager_fallback_records_why_and_what():
     model = randomize_bn(Untraceable()).eval()
     msgs = []
     x = torch.randn(8, 1, 28, 28)
-    sim = build_simulated(model, SimConfig(), x[:1], log=msgs.append)
+    sim = build_simulated(model, SimScheme(), x[:1], log=msgs.append)
     set_weight_ranges(sim)
     calibrate_activations(sim, [x])
     info = sim_info(sim)
@@ -197,11 +197,11 @@ def test_eager_fallback_records_why_and_what():
         y, yq = model(x), sim(x)
     assert float((y - yq).pow(2).mean() / y.pow(2).mean()) < 1e-3
     # forcing eager on a traceable model works too, and forcing fx on an untraceable one is an error
-    sim2 = build_simulated(randomize_bn(Branchy()).eval(), SimConfig(graph_mode="eager"), x[:1], log=lambda m: None)
+    sim2 = build_simulated(randomize_bn(Branchy()).eval(), SimScheme(graph_mode="eager"), x[:1], log=lambda m: None)
     assert sim_info(sim2).graph_mode_reason == "graph_mode: eager was requested"
     from qcard.errors import QcardError
     with pytest.raises(QcardError, match="graph_mode: fx"):
-        build_simulated(model, SimConfig(graph_mode="fx"), x[:1], log=lambda m: None)
+        build_simulated(model, SimScheme(graph_mode="fx"), x[:1], log=lambda m: None)
 
 
 def test_unsimulated_modules_are_listed():
@@ -268,10 +268,10 @@ def test_non_bundled_architectures_random_weights(ref):
     x = torch.randn(4, *shape)
     # at 16 bits the simulation must reproduce the model almost exactly (placement and folding are
     # right); at 8 bits random-init nets amplify rounding noise, so only sanity is checked there
-    sim16 = build_simulated(model, SimConfig(w_bits=16, a_bits=16, input_bits=16), x[:1], log=lambda m: None)
+    sim16 = build_simulated(model, SimScheme(w_bits=16, a_bits=16, input_bits=16), x[:1], log=lambda m: None)
     set_weight_ranges(sim16)
     calibrate_activations(sim16, [x])
-    sim = build_simulated(model, SimConfig(), x[:1], log=lambda m: None)
+    sim = build_simulated(model, SimScheme(), x[:1], log=lambda m: None)
     set_weight_ranges(sim)
     calibrate_activations(sim, [x])
     info = sim_info(sim)
@@ -309,7 +309,7 @@ def test_inference_cache_and_prescale_match_the_plain_path():
 def test_quantizer_without_calibration_fails_loudly():
     model = randomize_bn(Branchy()).eval()
     x = torch.randn(2, 1, 28, 28)
-    sim = build_simulated(model, SimConfig(), x[:1], log=lambda m: None)
+    sim = build_simulated(model, SimScheme(), x[:1], log=lambda m: None)
     with pytest.raises(RuntimeError, match="before its range"):
         sim(x)
     assert isinstance(sim_info(sim).input_quantizer, FakeQuantize)

@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import QcardError
+from ..quant.scheme import (BatchNormOnCard, BiasCorrection, BuiltGraphMode, Granularity, GridSharing, QuantPoint,
+                            ResidualAdd, RoundingLabel, ScaleFormat)
 
 CARD_SCHEMA_VERSION = "1"
-
-Granularity = Optional[Literal["per_tensor", "per_channel", "per_group"]]
 
 
 class Closed(BaseModel):
@@ -62,23 +62,23 @@ class MethodBlock(Closed):
 
 class WeightsQ(Open):
     bits: Optional[float] = None
-    granularity: Granularity = None
+    granularity: Optional[Granularity] = None
     group_size: Optional[int] = None
     symmetric: Optional[bool] = None
     signed: Optional[bool] = None
-    scale_format: Optional[Literal["float", "power_of_two"]] = None
+    scale_format: Optional[ScaleFormat] = None
     range_setting: Optional[str] = None
-    rounding: Optional[Literal["nearest", "adaround", "stochastic", "learned"]] = None
+    rounding: Optional[RoundingLabel] = None
 
 
 class ActivationsQ(Open):
     bits: Optional[float] = None
-    granularity: Granularity = None
+    granularity: Optional[Granularity] = None
     symmetric: Optional[bool] = None
     signed: Optional[bool] = None
     range_setting: Optional[str] = None
     dynamic: Optional[bool] = None
-    quant_point: Optional[Literal["after_activation", "before_activation"]] = None
+    quant_point: Optional[QuantPoint] = None
 
 
 class EdgeLayer(Closed):
@@ -89,19 +89,19 @@ class EdgeLayer(Closed):
 
 class Quantization(Open):
     preset: Optional[str] = None
-    graph_mode: Optional[Literal["fx", "eager"]] = None
+    graph_mode: Optional[BuiltGraphMode] = None
     weights: WeightsQ = Field(default_factory=WeightsQ)
     activations: ActivationsQ = Field(default_factory=ActivationsQ)
     first_layer: EdgeLayer = Field(default_factory=EdgeLayer)
     last_layer: EdgeLayer = Field(default_factory=EdgeLayer)
-    batch_norm: Optional[Literal["folded", "kept", "qat_static_fold", "qat_keep_then_fold", "none"]] = None
-    residual_add: Optional[Literal["quant_all", "gemm_inputs_only", "relu_only", "not_present"]] = None
-    concat: Optional[Literal["requantized", "shared_grid", "not_present"]] = None
-    avg_pool: Optional[Literal["requantized", "shared_grid", "not_present"]] = None
+    batch_norm: Optional[BatchNormOnCard] = None
+    residual_add: Optional[Literal[ResidualAdd, "not_present"]] = None
+    concat: Optional[Literal[GridSharing, "not_present"]] = None
+    avg_pool: Optional[Literal[GridSharing, "not_present"]] = None
     bias_bits: Optional[int] = None
     accumulator_bits: Optional[int] = None
     cross_layer_equalization: Dict[str, Any] = Field(default_factory=lambda: {"applied": False, "bias_absorption": False})
-    bias_correction: Optional[Literal["none", "empirical", "analytic"]] = "none"
+    bias_correction: Optional[Literal["none", BiasCorrection]] = "none"
     mixed_precision: Dict[str, Any] = Field(default_factory=lambda: {"enabled": False})
     overrides: List[Any] = Field(default_factory=list)
     unquantized_layers: List[Dict[str, Any]] = Field(default_factory=list)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -10,8 +10,7 @@ from torch import nn
 from .ranges import BNObserver, tensor_range
 from .sim import SimInfo
 
-__all__ = ["sim_info", "set_weight_ranges", "calibrate_activations", "quant_state", "batches_of",
-           "run_batches"]
+__all__ = ["sim_info", "set_weight_ranges", "calibrate_activations", "quant_state", "run_batches"]
 
 
 def sim_info(model: nn.Module) -> SimInfo:
@@ -36,12 +35,6 @@ def set_weight_ranges(model: nn.Module, method: Optional[str] = None, percentile
                               percentile=percentile)
         wq.set_range(lo, hi)
         wq.range_setting = m
-
-
-def batches_of(loader: Iterable) -> Iterator[torch.Tensor]:
-    """Inputs from a loader yielding tensors or (inputs, labels) pairs."""
-    for item in loader:
-        yield item[0] if isinstance(item, (tuple, list)) else item
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ def _relu6_to_relu(model: nn.Module, pair: Dict[str, Any]) -> None:
     fq = pair.get("act_fq")
     if fq is not None and fq.pre_act == "relu6":
         fq.pre_act = "relu"
-        fq._fast = None
+        fq.drop_caches()
     path = pair.get("act_path")
     if path:
         try:
@@ -109,7 +109,7 @@ def _relu6_to_relu(model: nn.Module, pair: Dict[str, Any]) -> None:
             and node.target is F.relu6:
         node.target = F.relu
         model.recompile()
-    for li in info_layers(model):
+    for li in sim_info(model).layers:
         if li.module is pair["m1"]:
             li.fused_act = "relu"
     if getattr(pair["m1"], "qcard_act", None) == "relu6":
@@ -118,10 +118,6 @@ def _relu6_to_relu(model: nn.Module, pair: Dict[str, Any]) -> None:
     for q, (holder, act) in list(info.bn_sources.items()):
         if holder is pair["m1"] and act == "relu6":
             info.bn_sources[q] = (holder, "relu")
-
-
-def info_layers(model):
-    return sim_info(model).layers
 
 
 @torch.no_grad()

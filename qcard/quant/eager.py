@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from .bn import bn_affine, can_fold, fold_bn
 from .graph import _GEMM_OP, _NONLINEAR_MODULES, _gemm_type
 from .modules import to_quant_module, weight_channel_axis
-from .sim import LayerInfo, SimConfig, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
+from .scheme import SimScheme
+from .sim import LayerInfo, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
 
 __all__ = ["build_eager"]
 
@@ -117,7 +118,7 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, parts[-1], new)
 
 
-def build_eager(model: nn.Module, cfg: SimConfig, example: torch.Tensor, reason: str, log=print) -> nn.Module:
+def build_eager(model: nn.Module, cfg: SimScheme, example: torch.Tensor, reason: str, log=print) -> nn.Module:
     info = SimInfo(config=cfg, graph_mode="eager", graph_mode_reason=reason)
     d = _discover(model, example)
     producer: Dict[int, Dict[str, Any]] = {c["out"]: c for c in d.calls if c["out"] is not None}
@@ -189,12 +190,12 @@ def build_eager(model: nn.Module, cfg: SimConfig, example: torch.Tensor, reason:
                     fp32_reason = f"{side}_layer: fp32"
         o = match_override(path, cfg.overrides)
         if o is not None:
-            if o.get("fp32"):
+            if o.fp32:
                 w_bits = a_bits = None
-                fp32_reason = f"override '{o['pattern']}': fp32"
+                fp32_reason = f"override '{o.pattern}': fp32"
             else:
-                w_bits = o.get("w_bits") if o.get("w_bits") is not None else w_bits
-                a_bits = o.get("a_bits") if o.get("a_bits") is not None else a_bits
+                w_bits = o.w_bits if o.w_bits is not None else w_bits
+                a_bits = o.a_bits if o.a_bits is not None else a_bits
         q = to_quant_module(m)
         q.qcard_bn = bn_of.get(path)
         q.qcard_act = act_of.get(path)
@@ -205,8 +206,8 @@ def build_eager(model: nn.Module, cfg: SimConfig, example: torch.Tensor, reason:
             in_bits = cfg.input_bits
         to = match_override(f"{path}.input", cfg.overrides)
         if to is not None:
-            info.tensor_overrides[f"{path}.input"] = to["pattern"]
-            in_bits = None if to.get("fp32") else (to.get("a_bits") or in_bits)
+            info.tensor_overrides[f"{path}.input"] = to.pattern
+            in_bits = None if to.fp32 else (to.a_bits or in_bits)
         if in_bits is not None:
             axis = 1 if "conv" in _GEMM_OP[_gemm_type(m)] else -1
             fq = make_act_quantizer(cfg, in_bits, f"{path}.input", axis)
@@ -227,7 +228,7 @@ def build_eager(model: nn.Module, cfg: SimConfig, example: torch.Tensor, reason:
         li = LayerInfo(name=path, op=_GEMM_OP[_gemm_type(m)], kind="gemm", module=q,
                        weight_quantizer=q.weight_quantizer, input_quantizers=[q.input_quantizer],
                        fused_act=q.qcard_act, bn=(q.qcard_bn or {}).get("state"), position=pos,
-                       fp32_reason=fp32_reason, override=o["pattern"] if o else None)
+                       fp32_reason=fp32_reason, override=o.pattern if o else None)
         info.layers.append(li)
         if fp32_reason:
             info.unquantized.append({"name": path, "op": li.op, "reason": fp32_reason})

@@ -23,9 +23,10 @@ from typing import Literal, Optional, Tuple
 
 import torch
 
-__all__ = ["fixed_point_range", "fixed_point_quantize", "check_format", "FixedPointSTE"]
+from .qspec import Rounding
 
-Rounding = Literal["nearest", "stochastic"]
+__all__ = ["fixed_point_range", "fixed_point_quantize", "check_format", "FixedPointSTE", "ROUNDER"]
+
 
 
 def check_format(wl: int, fl: int) -> None:
@@ -48,7 +49,7 @@ def fixed_point_range(wl: int, fl: int) -> Tuple[float, float]:
 # Adding then subtracting 1.5·2^23 rounds a float32 of magnitude < 2^22 to an integer, half to even
 # (the spacing of float32 in [2^23, 2^24) is exactly 1): two cheap passes instead of nearbyint.
 # Shared with the LSQ quantizer (qcard.quant.lsq).
-_ROUNDER = 12582912.0
+ROUNDER = 12582912.0
 
 
 def _quantize(x: torch.Tensor, wl: int, fl: int, rounding: str, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -66,7 +67,7 @@ def _quantize(x: torch.Tensor, wl: int, fl: int, rounding: str, generator: Optio
             y = torch.empty_like(x).uniform_(-0.5, 0.5, generator=generator).add_(x, alpha=scale)
         else:
             y = x * scale
-        return y.clamp_(lo_i, hi_i).add_(_ROUNDER).sub_(_ROUNDER).mul_(1.0 / scale)
+        return y.clamp_(lo_i, hi_i).add_(ROUNDER).sub_(ROUNDER).mul_(1.0 / scale)
     if x.dtype == torch.float32 and -(2 ** 31) <= lo_i and hi_i <= 2 ** 31 - 1:
         # torch's fused fake-quantize op (one pass: x·2^fl, round half to even, clamp, ·2^−fl) is exact
         # here: the scale is a power of two and the bounds are integers. Stochastic rounding is done as

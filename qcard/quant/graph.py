@@ -31,7 +31,8 @@ from ..errors import QcardError
 from .bn import can_fold, bn_affine, fold_bn
 from .modules import is_quant_layer, to_quant_module, weight_channel_axis
 from .quantizer import FakeQuantize, fake_quantize
-from .sim import LayerInfo, SimConfig, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
+from .scheme import SimScheme
+from .sim import LayerInfo, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
 
 __all__ = ["build_simulated", "classify_node"]
 
@@ -283,7 +284,7 @@ def _sanitize(name: str) -> str:
 
 
 class _FxBuilder:
-    def __init__(self, gm: fx.GraphModule, cfg: SimConfig, log):
+    def __init__(self, gm: fx.GraphModule, cfg: SimScheme, log):
         self.gm = gm
         self.cfg = cfg
         self.log = log
@@ -504,15 +505,15 @@ class _FxBuilder:
                         self.fp32_reason[node] = f"{side}_layer: fp32"
             o = match_override(self.rname[node], cfg.overrides)
             if o is not None:
-                self.override_of[node] = o["pattern"]
-                if o.get("fp32"):
+                self.override_of[node] = o.pattern
+                if o.fp32:
                     w, a = None, None
-                    self.fp32_reason[node] = f"override '{o['pattern']}': fp32"
+                    self.fp32_reason[node] = f"override '{o.pattern}': fp32"
                 else:
-                    if o.get("w_bits") is not None and k == "gemm":
-                        w = o["w_bits"]
-                    if o.get("a_bits") is not None:
-                        a = o["a_bits"]
+                    if o.w_bits is not None and k == "gemm":
+                        w = o.w_bits
+                    if o.a_bits is not None:
+                        a = o.a_bits
             self.layer_w[node] = w
             self.layer_a[node] = a
 
@@ -693,13 +694,13 @@ class _FxBuilder:
             # a tensor named in an override (the network input follows input_bits only)
             o = match_override(display, cfg.overrides) if node.op != "placeholder" else None
             if o is not None:
-                self.info.tensor_overrides[display] = o["pattern"]
-                if o.get("fp32"):
+                self.info.tensor_overrides[display] = o.pattern
+                if o.fp32:
                     self.info.unquantized.append({"name": display, "op": "activation",
-                                                  "reason": f"override '{o['pattern']}': fp32"})
+                                                  "reason": f"override '{o.pattern}': fp32"})
                     continue
-                if o.get("a_bits") is not None:
-                    bits = o["a_bits"]
+                if o.a_bits is not None:
+                    bits = o.a_bits
             target, fq = self._new_quantizer(display, bits, node, rs)
             if rs:
                 self.info.logits_quantizers.append(fq.qname)
@@ -941,7 +942,7 @@ def _flat_args(args) -> List[Any]:
 # --------------------------------------------------------------------------------------------
 # entry point
 
-def build_simulated(model: nn.Module, cfg: SimConfig, example_input: torch.Tensor, log=print) -> nn.Module:
+def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tensor, log=print) -> nn.Module:
     """A simulated copy of `model` (the original is not changed), with quantizers placed but not yet
     calibrated. The result carries `qcard_sim` (SimInfo). Tries torch.fx first; if the model does not
     trace (or cfg.graph_mode is 'eager'), falls back to module-level (eager) placement and records why."""

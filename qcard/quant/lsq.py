@@ -1,6 +1,6 @@
 """Learnable quantizers for quantization-aware training: LSQ (learned step size) and PACT (learned clip).
 
-LSQ (Esser et al. 2020; white paper §4.4, specs/ptq-qat.md "Standard QAT pipeline" step 4):
+LSQ (Esser et al. 2020; Nagel et al. 2021 white paper §4.4 and §5.3, the standard QAT pipeline):
     x̂ = s·(clamp(⌊x/s⌉ + ⌊z⌉, q_min, q_max) − ⌊z⌉), with s and z learnable, z stored as a real number
     and rounded in the forward pass. Straight-through gradients:
         ∂x̂/∂x = 1 inside the range, 0 outside;
@@ -13,22 +13,23 @@ PACT (Choi et al. 2018) for activations on a non-negative grid: y = clamp(x, 0, 
 quantized with s = α/(q_max − q_min) and a straight-through round, so ∂ŷ/∂x = 1 on [0, α), 0 elsewhere,
 and ∂ŷ/∂α = 1 where x ≥ α, 0 elsewhere.
 
-Quantizers of a simulated model are converted in place (`make_lsq`, `make_pact`: the module's class
-changes, so every reference the graph builder keeps stays valid) and turned back into plain, fixed
-FakeQuantize modules holding the learned values after training (`freeze`).
+A quantizer of a simulated model is composed of its range/scale part (the FakeQuantize: spec, scale,
+zero point) and its rounding/gradient part (`FakeQuantize.estimator`). `make_lsq` / `make_pact` set the
+LSQ / PACT part in place (the module stays the same object, so every reference the graph builder keeps
+stays valid); `freeze` removes it after training, leaving the learned grid as fixed buffers.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .fixed_point import _ROUNDER
-from .quantizer import FakeQuantize, _bshape, group_rows, round_ste
+from .fixed_point import ROUNDER
+from .quantizer import FakeQuantize, broadcast_shape, group_rows, round_ste
 
-__all__ = ["lsq_fake_quantize", "lsq_reference", "grad_scale", "LSQQuantizer", "PACTQuantizer", "make_lsq", "make_pact",
+__all__ = ["lsq_fake_quantize", "lsq_reference", "grad_scale", "LSQ", "PACT", "make_lsq", "make_pact",
            "freeze", "is_learnable", "clamp_learned"]
 
 _EPS = torch.finfo(torch.float32).eps
@@ -70,7 +71,7 @@ def _per_tensor_cachemask(x: torch.Tensor, s: torch.Tensor, z: int, qmin: int, q
         return torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(x, float(s), z, qmin, qmax)
     inv = float(1.0 / s)                             # the float32 reciprocal, as torch's kernel takes it
     v = x * inv
-    v.clamp_(lo - 1.0, hi + 1.0).add_(_ROUNDER).sub_(_ROUNDER)
+    v.clamp_(lo - 1.0, hi + 1.0).add_(ROUNDER).sub_(ROUNDER)
     mask = v.ge(lo).logical_and_(v.le(hi))
     return v.clamp_(lo, hi).mul_(float(s)), mask
 
@@ -125,7 +126,7 @@ def lsq_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if axis is not None:
         if axis < 0:
             axis += x.dim()
-        shape = _bshape(x, axis)
+        shape = broadcast_shape(x, axis)
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
     else:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -138,101 +139,87 @@ def lsq_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (q - z) * s
 
 
-class LSQQuantizer(FakeQuantize):
-    """A FakeQuantize whose scale (and zero point, when asymmetric) are nn.Parameters trained by LSQ.
-    Made by `make_lsq` from a calibrated FakeQuantize; never constructed directly."""
+class LSQ:
+    """LSQ's rounding and gradient part of a FakeQuantize (its `estimator`): the quantizer's scale (and
+    zero point, when asymmetric) are nn.Parameters, learned with straight-through gradients."""
 
-    lsq_grad_scale: bool
-    lsq_is_weight: bool
+    def __init__(self, grad_scale: bool = False, is_weight: bool = False):
+        self.grad_scale = bool(grad_scale)
+        self.is_weight = bool(is_weight)
 
-    # caches elsewhere (weight cache, prescaled layers) key on `version`: include the parameters'
-    # in-place version counters so optimizer steps on s and z invalidate them
-    @property
-    def version(self):
-        return (self.__dict__.get("_vbase", 0), self.scale._version, self.zero_point._version)
+    def versions(self, fq: FakeQuantize) -> Tuple[int, ...]:
+        return fq.scale._version, fq.zero_point._version
 
-    @version.setter
-    def version(self, value):
-        self.__dict__["_vbase"] = value if isinstance(value, int) else self.__dict__.get("_vbase", 0) + 1
-
-    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.scale.data = scale.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape).clone()
-            self.zero_point.data = zero_point.detach().to(self.scale.device, torch.float32).reshape(
-                self.zero_point.shape).clone()
-        self.calibrated = True
-        self.__dict__["_vbase"] = self.__dict__.get("_vbase", 0) + 1
-        self._fast = None
-
-    def prescale_active(self) -> bool:        # the producing layer never pre-divides by a learnable scale
-        return False
-
-    def _pre_act_absorbed(self) -> bool:      # the grid moves during training: never cache this decision
-        return False
-
-    def _relu_absorbed(self) -> bool:
+    @staticmethod
+    def _relu_absorbed(fq: FakeQuantize) -> bool:
         """A ReLU before a per-tensor grid that starts at 0 is done by the grid's own clamp (as integer
         hardware does): the forward value is identical; the gradient differs only for inputs in (−s/2, 0),
         which round to 0 and count as inside the range. Saves a pass forward and backward."""
-        if self.pre_act != "relu" or self.axis is not None or self.spec.granularity != "per_tensor":
+        if fq.pre_act != "relu" or fq.axis is not None or fq.spec.granularity != "per_tensor":
             return False
-        return float(self.zero_point.detach().clamp(self.qmin, self.qmax).round()) == self.qmin
+        return float(fq.zero_point.detach().clamp(fq.qmin, fq.qmax).round()) == fq.qmin
 
-    def _g(self, x: torch.Tensor, n_scales: int) -> float:
-        if not self.lsq_grad_scale:
+    def _g(self, fq: FakeQuantize, x: torch.Tensor) -> float:
+        if not self.grad_scale:
             return 1.0
-        n = x.numel() / max(n_scales, 1)
-        if not self.lsq_is_weight and x.dim() > 1:
+        n = x.numel() / max(fq.scale.numel(), 1)
+        if not self.is_weight and x.dim() > 1:
             n /= x.shape[0]                    # activations: features of one sample (LSQ's N_F)
-        return 1.0 / math.sqrt(max(n, 1.0) * self.qmax)
+        return 1.0 / math.sqrt(max(n, 1.0) * fq.qmax)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing or not self.enabled or self.dynamic:
-            return super().forward(x)
-        if not self._relu_absorbed():
-            x = self._apply_pre_act(x)
-        n_scales = self.scale.numel()
-        if self.spec.granularity == "per_group":
-            rows, back = group_rows(x, self.channel_axis, self.spec.group_size)
-            g = self._g(x, n_scales)
-            return back(lsq_fake_quantize(rows, self.scale.reshape(-1), self.zero_point.reshape(-1),
-                                          self.qmin, self.qmax, 0, g))
-        return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis,
-                                 self._g(x, n_scales))
+    def forward(self, fq: FakeQuantize, x: torch.Tensor) -> torch.Tensor:
+        if not self._relu_absorbed(fq):
+            x = fq._apply_pre_act(x)
+        g = self._g(fq, x)
+        if fq.spec.granularity == "per_group":
+            rows, back = group_rows(x, fq.channel_axis, fq.spec.group_size)
+            return back(lsq_fake_quantize(rows, fq.scale.reshape(-1), fq.zero_point.reshape(-1),
+                                          fq.qmin, fq.qmax, 0, g))
+        return lsq_fake_quantize(x, fq.scale, fq.zero_point, fq.qmin, fq.qmax, fq.axis, g)
+
+    @staticmethod
+    def clamp(fq: FakeQuantize) -> None:
+        fq.scale.clamp_(min=_EPS)
+        if fq.zero_point.requires_grad:
+            fq.zero_point.clamp_(fq.qmin, fq.qmax)
+
+    @staticmethod
+    def grid(fq: FakeQuantize) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The learned (scale, integer zero point)."""
+        return fq.scale.detach().clamp(min=_EPS), fq.zero_point.detach().clamp(fq.qmin, fq.qmax).round()
 
 
-class PACTQuantizer(FakeQuantize):
-    """An activation FakeQuantize on a grid starting at 0 whose upper clip α is an nn.Parameter (PACT).
-    Made by `make_pact`; the scale buffer follows α (s = α/(q_max − q_min))."""
+class PACT:
+    """PACT's rounding and gradient part of an activation FakeQuantize on a grid starting at 0: the
+    upper clip α is an nn.Parameter `pact_alpha` of the quantizer; the scale buffer follows α
+    (s = α/(q_max − q_min))."""
 
-    @property
-    def version(self):
-        return (self.__dict__.get("_vbase", 0), self.pact_alpha._version)
+    def versions(self, fq: FakeQuantize) -> Tuple[int, ...]:
+        return (fq.pact_alpha._version,)
 
-    @version.setter
-    def version(self, value):
-        self.__dict__["_vbase"] = value if isinstance(value, int) else self.__dict__.get("_vbase", 0) + 1
-
-    def prescale_active(self) -> bool:
-        return False
-
-    def _pre_act_absorbed(self) -> bool:
-        return False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing or not self.enabled or self.dynamic:
-            return super().forward(x)
-        x = self._apply_pre_act(x)
-        alpha = self.pact_alpha.clamp(min=_EPS)
+    def forward(self, fq: FakeQuantize, x: torch.Tensor) -> torch.Tensor:
+        x = fq._apply_pre_act(x)
+        alpha = fq.pact_alpha.clamp(min=_EPS)
         y = torch.minimum(torch.relu(x), alpha)      # gradient to α exactly where x ≥ α
-        s = (alpha / float(self.qmax - self.qmin)).detach()
-        z = self.zero_point.detach().round()
-        yq = torch.clamp(torch.round(y.detach() * (1.0 / s)) + z, self.qmin, self.qmax)
+        s = (alpha / float(fq.qmax - fq.qmin)).detach()
+        z = fq.zero_point.detach().round()
+        yq = torch.clamp(torch.round(y.detach() * (1.0 / s)) + z, fq.qmin, fq.qmax)
         return y + ((yq - z) * s - y.detach()).detach()
+
+    @staticmethod
+    def clamp(fq: FakeQuantize) -> None:
+        fq.pact_alpha.clamp_(min=_EPS)
+        # the scale buffer follows α (read by tied grids and the card)
+        fq.scale.copy_((fq.pact_alpha / float(fq.qmax - fq.qmin)).reshape(fq.scale.shape))
+
+    @staticmethod
+    def grid(fq: FakeQuantize) -> Tuple[torch.Tensor, torch.Tensor]:
+        alpha = fq.pact_alpha.detach().clamp(min=_EPS)
+        return (alpha / float(fq.qmax - fq.qmin)).reshape(fq.scale.shape), fq.zero_point.detach().round()
 
 
 def is_learnable(fq: nn.Module) -> bool:
-    return isinstance(fq, (LSQQuantizer, PACTQuantizer))
+    return isinstance(getattr(fq, "estimator", None), (LSQ, PACT))
 
 
 def _to_parameter(fq: nn.Module, name: str, requires_grad: bool) -> None:
@@ -247,82 +234,63 @@ def _to_buffer(fq: nn.Module, name: str, value: torch.Tensor) -> None:
     fq.register_buffer(name, value.detach().clone().float())
 
 
-def make_lsq(fq: FakeQuantize, *, grad_scale: bool = False, is_weight: bool = False) -> LSQQuantizer:
-    """Turn a calibrated FakeQuantize into an LSQQuantizer in place: s learnable; z learnable for
+def _attach(fq: FakeQuantize, estimator) -> FakeQuantize:
+    fq.estimator = estimator
+    fq._vbase += 1
+    fq.drop_caches()
+    return fq
+
+
+def make_lsq(fq: FakeQuantize, *, grad_scale: bool = False, is_weight: bool = False) -> FakeQuantize:
+    """Give a calibrated FakeQuantize the LSQ estimator, in place: s learnable; z learnable for
     asymmetric grids (kept at 0 for symmetric ones)."""
-    if type(fq) is not FakeQuantize:
-        raise TypeError(f"quantizer '{fq.qname}' is a {type(fq).__name__}; only a plain FakeQuantize can become LSQ")
+    if fq.estimator is not None:
+        raise TypeError(f"quantizer '{fq.qname}' already learns with {type(fq.estimator).__name__}; "
+                        "only a plain FakeQuantize can become LSQ")
     if fq.dynamic:
         raise ValueError(f"quantizer '{fq.qname}' is dynamic (range from every input): nothing to learn")
     if not fq.calibrated:
         raise ValueError(f"quantizer '{fq.qname}' has no range yet: initialize ranges before LSQ")
     if fq.spec.scale_format == "power_of_two":
         raise ValueError(f"quantizer '{fq.qname}' uses power-of-two scales, which LSQ cannot learn")
-    base = fq.__dict__.pop("version", 0)
-    fq.__class__ = LSQQuantizer
-    fq.__dict__["_vbase"] = int(base) + 1
-    fq.lsq_grad_scale = bool(grad_scale)
-    fq.lsq_is_weight = bool(is_weight)
     with torch.no_grad():
-        zp = fq.zero_point.detach().round() if not fq.spec.symmetric else torch.zeros_like(fq.zero_point)
-        fq.zero_point = zp
+        fq.zero_point = fq.zero_point.detach().round() if not fq.spec.symmetric else torch.zeros_like(fq.zero_point)
     _to_parameter(fq, "scale", True)
     _to_parameter(fq, "zero_point", not fq.spec.symmetric)
-    fq._fast = None
-    return fq
+    return _attach(fq, LSQ(grad_scale, is_weight))
 
 
-def make_pact(fq: FakeQuantize) -> Optional[PACTQuantizer]:
-    """Turn a calibrated per-tensor activation FakeQuantize whose grid starts at 0 into a PACTQuantizer
+def make_pact(fq: FakeQuantize) -> Optional[FakeQuantize]:
+    """Give a calibrated per-tensor activation FakeQuantize whose grid starts at 0 the PACT estimator,
     in place (α = the calibrated upper end). Returns None (quantizer unchanged) where PACT does not
     apply: a grid reaching below 0 (PACT clips at 0), per-channel or dynamic ranges."""
-    if type(fq) is not FakeQuantize or fq.dynamic or not fq.calibrated or fq.axis is not None:
+    if fq.estimator is not None or fq.dynamic or not fq.calibrated or fq.axis is not None:
         return None
     if fq.spec.granularity != "per_tensor" or fq.spec.scale_format == "power_of_two":
         return None
     lo, hi = fq.range()
     if float(lo) != 0.0:
         return None
-    base = fq.__dict__.pop("version", 0)
-    fq.__class__ = PACTQuantizer
-    fq.__dict__["_vbase"] = int(base) + 1
     fq.register_parameter("pact_alpha", nn.Parameter(hi.detach().clone().float().reshape(())))
-    fq._fast = None
-    return fq
+    return _attach(fq, PACT())
 
 
 @torch.no_grad()
 def clamp_learned(fq: nn.Module) -> None:
     """Keep learned parameters valid after an optimizer step: s > 0, z on the integer grid's span, α > 0."""
-    if isinstance(fq, LSQQuantizer):
-        fq.scale.clamp_(min=_EPS)
-        if fq.zero_point.requires_grad:
-            fq.zero_point.clamp_(fq.qmin, fq.qmax)
-    elif isinstance(fq, PACTQuantizer):
-        fq.pact_alpha.clamp_(min=_EPS)
-        # the scale buffer follows α (read by tied grids and the card)
-        fq.scale.copy_((fq.pact_alpha / float(fq.qmax - fq.qmin)).reshape(fq.scale.shape))
+    if is_learnable(fq):
+        fq.estimator.clamp(fq)
 
 
 @torch.no_grad()
-def freeze(fq: nn.Module) -> FakeQuantize:
-    """Turn a learnable quantizer back into a plain FakeQuantize holding the learned grid
-    (z rounded to an integer), so the simulated model evaluates exactly as a PTQ one does."""
-    if isinstance(fq, LSQQuantizer):
-        scale = fq.scale.detach().clamp(min=_EPS)
-        zp = fq.zero_point.detach().clamp(fq.qmin, fq.qmax).round()
-        for k in ("lsq_grad_scale", "lsq_is_weight"):
-            fq.__dict__.pop(k, None)
-    elif isinstance(fq, PACTQuantizer):
-        alpha = fq.pact_alpha.detach().clamp(min=_EPS)
-        scale = (alpha / float(fq.qmax - fq.qmin)).reshape(fq.scale.shape)
-        zp = fq.zero_point.detach().round()
-        del fq._parameters["pact_alpha"]
-    else:
+def freeze(fq: nn.Module) -> nn.Module:
+    """Remove the learnable estimator, leaving a plain FakeQuantize holding the learned grid (z rounded
+    to an integer), so the simulated model evaluates exactly as a PTQ one does."""
+    if not is_learnable(fq):
         return fq
-    base = fq.__dict__.pop("_vbase", 0)
-    fq.__class__ = FakeQuantize
-    fq.__dict__["version"] = int(base) + 1
+    scale, zp = fq.estimator.grid(fq)
+    fq._parameters.pop("pact_alpha", None)
+    fq.estimator = None
     _to_buffer(fq, "scale", scale)
     _to_buffer(fq, "zero_point", zp)
     fq.set_qparams(scale, zp)

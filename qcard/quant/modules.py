@@ -131,11 +131,6 @@ def is_quant_layer(m: nn.Module) -> bool:
     return isinstance(m, _QUANT_SET)
 
 
-def float_class(m: nn.Module) -> Optional[Type[nn.Module]]:
-    """The float layer class qcard can quantize that m is exactly (subclasses are not assumed safe)."""
-    return type(m) if type(m) in QUANT_CLASSES else None
-
-
 def weight_channel_axis(m: nn.Module) -> int:
     """Axis of output channels in the weight: 1 for transposed convolutions, else 0."""
     return 1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Literal, get_args
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-PRESET_NAMES = ("academic", "tensorrt", "snpe", "fbgemm", "tvm", "acl")
+from .qspec import granularity_text
 
-__all__ = ["PRESET_DIR", "PRESET_NAMES", "load_preset", "list_presets", "resolve_preset", "describe_setting"]
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PresetName = Literal["academic", "tensorrt", "snpe", "fbgemm", "tvm", "acl"]
+PRESET_NAMES = get_args(PresetName)
+
+__all__ = ["PRESET_DIR", "PRESET_NAMES", "PresetName", "load_preset", "list_presets", "resolve_preset",
+           "describe_setting"]
 
 _WORDS = {
     ("w_symmetric", False): "asymmetric weights", ("w_symmetric", True): "symmetric weights",
     ("a_symmetric", False): "asymmetric activations", ("a_symmetric", True): "symmetric activations",
-    ("w_granularity", "per_channel"): "per-channel weights", ("w_granularity", "per_tensor"): "per-tensor weights",
-    ("w_granularity", "per_group"): "per-group weights",
-    ("a_granularity", "per_channel"): "per-channel activations", ("a_granularity", "per_tensor"): "per-tensor activations",
     ("scale_format", "float"): "float scales", ("scale_format", "power_of_two"): "power-of-two scales",
     ("bn", "folded"): "batch norm folded", ("bn", "kept"): "batch norm kept",
     ("a_signed", True): "signed activations", ("a_signed", False): "unsigned activations",
@@ -32,6 +33,8 @@ _WORDS = {
 
 
 def describe_setting(key: str, value: Any) -> str:
+    if key in ("w_granularity", "a_granularity") and value is not None:
+        return f"{granularity_text(value)} {'weights' if key[0] == 'w' else 'activations'}"
     return _WORDS.get((key, value), f"{key}={value}")
 
 

@@ -11,6 +11,28 @@ from typing import Literal, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
+ActGranularity = Literal["per_tensor", "per_channel"]
+ScaleFormat = Literal["float", "power_of_two"]
+Rounding = Literal["nearest", "stochastic"]
+
+
+_TEXT = {"per_tensor": "per-tensor", "per_channel": "per-channel", "per_group": "per-group"}
+
+
+def granularity_text(value: Optional[str]) -> str:
+    """The one human spelling of a granularity ('per-channel'); JSON keeps the enum value."""
+    return _TEXT.get(value, str(value)) if value is not None else "none"
+
+
+def group_size_problem(granularity: str, group_size: Optional[int], granularity_key: str = "granularity",
+                       size_key: str = "group_size") -> Optional[str]:
+    """The one rule on group sizes: per_group needs one, every other granularity takes none. Returns
+    what is wrong (in the caller's key names), or None."""
+    if granularity == "per_group" and group_size is None:
+        return f"{granularity_key}: per_group needs {size_key} (elements per group, e.g. 32)"
+    if granularity != "per_group" and group_size is not None:
+        return f"{size_key} is only used with {granularity_key}: per_group, not {granularity}"
+    return None
 
 
 class QSpec(BaseModel):
@@ -32,15 +54,14 @@ class QSpec(BaseModel):
     granularity: Granularity = "per_tensor"
     axis: int = 0
     group_size: Optional[int] = Field(None, ge=1)
-    scale_format: Literal["float", "power_of_two"] = "float"
-    rounding: Literal["nearest", "stochastic"] = "nearest"
+    scale_format: ScaleFormat = "float"
+    rounding: Rounding = "nearest"
 
     @model_validator(mode="after")
     def _check(self) -> "QSpec":
-        if self.granularity == "per_group" and self.group_size is None:
-            raise ValueError("granularity 'per_group' needs group_size (elements per group, e.g. 32)")
-        if self.granularity != "per_group" and self.group_size is not None:
-            raise ValueError(f"group_size is only used with granularity 'per_group', not '{self.granularity}'")
+        problem = group_size_problem(self.granularity, self.group_size)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -24,7 +24,8 @@ from torch import nn
 
 from .qspec import QSpec
 
-__all__ = ["QSpec", "compute_qparams", "fake_quantize", "FakeQuantize", "round_ste", "pow2_scale"]
+__all__ = ["QSpec", "compute_qparams", "fake_quantize", "FakeQuantize", "round_ste", "pow2_scale", "broadcast_shape",
+           "group_rows"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -78,7 +79,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _bshape(x: torch.Tensor, axis: int) -> Tuple[int, ...]:
+def broadcast_shape(x: torch.Tensor, axis: int) -> Tuple[int, ...]:
+    """The shape that broadcasts a per-index-of-`axis` vector against x: (1, …, −1, …, 1)."""
     shape = [1] * x.dim()
     shape[axis] = -1
     return tuple(shape)
@@ -114,7 +116,7 @@ def _fq_inference(x, scale, zero_point, qmin, qmax, axis, inplace):
         y = x.mul_(inv) if inplace else torch.mul(x, inv)
         y.clamp_(qmin - z, qmax - z).round_()
         return y.mul_(scale.reshape(()))
-    shape = _bshape(x, axis)
+    shape = broadcast_shape(x, axis)
     s = scale.reshape(shape)
     z = zero_point.round().reshape(shape)
     y = x.mul_(1.0 / s) if inplace else torch.mul(x, 1.0 / s)
@@ -124,7 +126,7 @@ def _fq_inference(x, scale, zero_point, qmin, qmax, axis, inplace):
 
 def _fq_formula(x, scale, zero_point, qmin, qmax, axis, rounding, generator):
     if axis is not None:
-        shape = _bshape(x, axis)
+        shape = broadcast_shape(x, axis)
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
     z = round_ste(zero_point)
     v = x * (1.0 / scale)
@@ -154,6 +156,9 @@ class FakeQuantize(nn.Module):
     `pre_act` ('relu' | 'relu6' | None) is an activation the quantizer applies first: it lets the
     simulated graph drop a separate ReLU pass when the grid makes it redundant (z = q_min).
     `channel_axis` is the tensor axis of per-channel scales (weights: output channels).
+    `estimator` is the rounding/gradient part: None for the plain grid (torch's straight-through
+    estimator), or a learnable one QAT sets and removes (quant.lsq: LSQ, PACT); the range/scale part
+    (spec, observer, scale, zero_point) stays the same object throughout.
     """
 
     def __init__(self, spec: QSpec, observer=None, *, channel_axis: Optional[int] = None,
@@ -175,10 +180,19 @@ class FakeQuantize(nn.Module):
         self.range_setting = getattr(observer, "name", None) if not dynamic else "dynamic_minmax"
         self.rounding_label = spec.rounding   # "adaround" once AdaRound has chosen the roundings
         self.prescaled_input = False   # the producing conv/linear folds 1/s into its weights (no-grad eval)
-        self.version = 0               # bumps whenever scale/zero_point change (weight caches key on it)
+        self._vbase = 0                # bumps whenever scale/zero_point change (see `version`)
         self._fast = None              # (z float, absorbable pre_act) cache for the per-tensor path
+        self.estimator = None          # the rounding/gradient part (None: plain)
 
     # -- properties --------------------------------------------------------------------------
+    @property
+    def version(self):
+        """Changes whenever the grid changes (weight caches key on it): with a learnable estimator it
+        includes the parameters' in-place version counters, so optimizer steps invalidate caches too."""
+        if self.estimator is None:
+            return self._vbase
+        return (self._vbase,) + self.estimator.versions(self)
+
     @property
     def bits(self) -> int:
         return self.spec.bits
@@ -207,13 +221,17 @@ class FakeQuantize(nn.Module):
         zero_point = zero_point.detach().to(dev, torch.float32)
         if isinstance(self.scale, nn.Parameter):   # learnable (QAT): keep the Parameter objects
             with torch.no_grad():
-                self.scale.data = scale.clone()
-                self.zero_point.data = zero_point.clone()
+                self.scale.data = scale.reshape(self.scale.shape).clone()
+                self.zero_point.data = zero_point.reshape(self.zero_point.shape).clone()
         else:
             self.scale = scale.clone()
             self.zero_point = zero_point.clone()
         self.calibrated = True
-        self.version += 1
+        self._vbase += 1
+        self._fast = None
+
+    def drop_caches(self) -> None:
+        """Forget cached decisions about the grid (after the grid's tensors were replaced)."""
         self._fast = None
 
     def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
@@ -246,7 +264,10 @@ class FakeQuantize(nn.Module):
         return x
 
     def _pre_act_absorbed(self) -> bool:
-        """True when the grid itself clips at 0 (and at 6 for ReLU6), making the activation a no-op."""
+        """True when the grid itself clips at 0 (and at 6 for ReLU6), making the activation a no-op.
+        Never with a learnable estimator: the grid moves during training."""
+        if self.estimator is not None:
+            return False
         if self._fast is None:
             absorbed = False
             if self.pre_act and self.axis is None and not self.dynamic:
@@ -262,6 +283,8 @@ class FakeQuantize(nn.Module):
         this quantizer only clamps, rounds and scales, saving one pass over the activation."""
         if not (self.prescaled_input and self.enabled and self.calibrated) or self.observing or self.dynamic:
             return False
+        if self.estimator is not None:     # the producing layer never pre-divides by a learnable scale
+            return False
         if torch.is_grad_enabled() or self.axis is not None or self.spec.rounding != "nearest":
             return False
         return self.pre_act in (None, "relu") or self._pre_act_absorbed()
@@ -272,6 +295,8 @@ class FakeQuantize(nn.Module):
                 x = torch.relu(x)                    # relu(v/s) = relu(v)/s, s > 0
             z = float(self.zero_point.round())
             return x.clamp_(self.qmin - z, self.qmax - z).round_().mul_(self.scale.reshape(()))
+        if self.estimator is not None and self.enabled and not (self.observing or self.dynamic):
+            return self.estimator.forward(self, x)
         if self.observing:
             x = self._apply_pre_act(x)
             if self.observer is not None:

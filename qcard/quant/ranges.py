@@ -19,17 +19,18 @@ shape () or (C,). Per-channel observers take `axis`, the channel axis of the ten
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type, get_args
 
 import numpy as np
 import torch
 
 from .qspec import QSpec
 from .quantizer import compute_qparams, fake_quantize, group_rows
+from .scheme import WeightRange
 
 __all__ = ["Observer", "MinMaxObserver", "EMAMinMaxObserver", "PercentileObserver", "MSEObserver",
            "KLObserver", "BNObserver", "CrossEntropyObserver", "OBSERVERS", "make_observer",
-           "tensor_range", "Histogram", "WEIGHT_RANGES", "ACTIVATION_RANGES"]
+           "tensor_range", "Histogram"]
 
 Range = Tuple[torch.Tensor, torch.Tensor]
 
@@ -431,8 +432,6 @@ OBSERVERS: Dict[str, Type[Observer]] = {
     "minmax": MinMaxObserver, "ema_minmax": EMAMinMaxObserver, "percentile": PercentileObserver,
     "mse": MSEObserver, "kl": KLObserver, "bn": BNObserver, "cross_entropy": CrossEntropyObserver,
 }
-WEIGHT_RANGES = ("minmax", "mse", "percentile")
-ACTIVATION_RANGES = ("minmax", "ema_minmax", "percentile", "mse", "kl", "bn")
 
 
 def make_observer(name: str, axis: Optional[int] = None, **options) -> Observer:
@@ -444,6 +443,9 @@ def make_observer(name: str, axis: Optional[int] = None, **options) -> Observer:
     import inspect
     accepted = inspect.signature(cls.__init__).parameters
     return cls(axis=axis, **{k: v for k, v in options.items() if k in accepted})
+
+
+WEIGHT_RANGES = get_args(WeightRange)
 
 
 def tensor_range(w: torch.Tensor, spec: QSpec, method: str = "minmax", axis: Optional[int] = None,

@@ -86,7 +86,7 @@ def _range_label(values: List[Optional[str]]) -> Optional[str]:
 
 
 def quantization_block(model, preset: Optional[str] = None) -> Dict[str, Any]:
-    """The card's `quantization` block (specs/card.md), read from the simulated model."""
+    """The card's `quantization` block (cards/schema.py: Quantization), read from the simulated model."""
     info: SimInfo = sim_info(model)
     cfg = info.config
     gemms = info.gemm_layers()

@@ -1,54 +1,24 @@
-"""The simulated model's description: settings in (SimConfig), what was built out (SimInfo, LayerInfo).
+"""The simulated model's description: what was built (SimInfo, LayerInfo), and its quantizers.
 
-SimConfig is what the graph builders take (the ptq method maps its Params onto it; QAT can too).
-SimInfo is attached to the simulated model as `model.qcard_sim`; the card's quantization block and
-the per-layer records are read from it and from the quantizer modules it points to.
+The builders (quant/graph.py, quant/eager.py) take the scheme itself (quant.scheme.SimScheme, which
+PTQParams extends) and make each quantizer from it here. SimInfo is attached to the simulated model
+as `model.qcard_sim`; the card's quantization block and the per-layer records are read from it and
+from the quantizer modules it points to.
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from .qspec import QSpec
 from .quantizer import FakeQuantize
 from .ranges import make_observer
+from .scheme import Override, SimScheme
 
-__all__ = ["SimConfig", "SimInfo", "LayerInfo", "make_weight_quantizer", "make_act_quantizer", "match_override"]
-
-
-@dataclass
-class SimConfig:
-    w_bits: Optional[int] = 8
-    a_bits: Optional[int] = 8
-    w_granularity: str = "per_channel"          # per_tensor | per_channel | per_group
-    w_axis: Optional[int] = None                # None: each layer's output-channel axis
-    w_group_size: Optional[int] = None
-    w_symmetric: bool = True
-    w_signed: bool = True
-    w_rounding: str = "nearest"                 # nearest | stochastic
-    a_symmetric: bool = False
-    a_signed: Optional[bool] = None             # None: unsigned where the data is non-negative
-    a_granularity: str = "per_tensor"           # per_tensor | per_channel
-    scale_format: str = "float"                 # float | power_of_two
-    bn: str = "folded"                          # folded | kept
-    first_layer: str = "same"                   # same | 8bit | fp32
-    last_layer: str = "same"
-    residual_add: str = "quant_all"             # quant_all | gemm_inputs_only | relu_only
-    concat: str = "requantized"                 # requantized | shared_grid
-    avg_pool: str = "requantized"               # requantized | shared_grid
-    quant_point: str = "after_activation"       # after_activation | before_activation
-    dynamic_activations: bool = False
-    input_bits: Optional[int] = 8
-    weight_range: str = "minmax"
-    activation_range: str = "minmax"
-    logits_range: str = "same"                  # same | cross_entropy
-    percentile: float = 99.99
-    bn_alpha: float = 6.0
-    overrides: List[Dict[str, Any]] = field(default_factory=list)   # {pattern, w_bits, a_bits, fp32}
-    graph_mode: str = "auto"                    # auto | fx | eager
+__all__ = ["SimInfo", "LayerInfo", "make_weight_quantizer", "make_act_quantizer", "match_override"]
 
 
 @dataclass
@@ -69,7 +39,7 @@ class LayerInfo:
 
 @dataclass
 class SimInfo:
-    config: SimConfig
+    config: SimScheme
     graph_mode: str                             # fx | eager
     graph_mode_reason: Optional[str] = None
     layers: List[LayerInfo] = field(default_factory=list)
@@ -107,26 +77,26 @@ class SimInfo:
         return [l.weight_quantizer for l in self.layers if l.weight_quantizer is not None]
 
 
-def match_override(name: str, overrides: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def match_override(name: str, overrides: Sequence[Override]) -> Optional[Override]:
     """The last override whose fnmatch pattern matches the layer name (later entries win)."""
     hit = None
     for o in overrides:
-        if fnmatch.fnmatchcase(name, o["pattern"]):
+        if fnmatch.fnmatchcase(name, o.pattern):
             hit = o
     return hit
 
 
-def make_weight_quantizer(cfg: SimConfig, bits: int, channel_axis: int, name: str) -> FakeQuantize:
+def make_weight_quantizer(cfg: SimScheme, bits: int, channel_axis: int, name: str) -> FakeQuantize:
     axis = channel_axis if cfg.w_axis is None else cfg.w_axis
     spec = QSpec(bits=bits, signed=cfg.w_signed, symmetric=cfg.w_symmetric, granularity=cfg.w_granularity,
                  axis=axis, group_size=cfg.w_group_size if cfg.w_granularity == "per_group" else None,
-                 scale_format=cfg.scale_format, rounding=cfg.w_rounding)
+                 scale_format=cfg.scale_format, rounding=cfg.rounding)
     fq = FakeQuantize(spec, None, channel_axis=axis, name=name)
     fq.range_setting = cfg.weight_range
     return fq
 
 
-def make_act_quantizer(cfg: SimConfig, bits: int, name: str, channel_axis: Optional[int] = None,
+def make_act_quantizer(cfg: SimScheme, bits: int, name: str, channel_axis: Optional[int] = None,
                        range_setting: Optional[str] = None) -> FakeQuantize:
     per_channel = cfg.a_granularity == "per_channel" and channel_axis is not None
     signed = cfg.a_signed if cfg.a_signed is not None else cfg.a_symmetric

@@ -1,0 +1,183 @@
+"""Post-training quantization: the white paper's pipeline, with every confounding tradeoff a switch.
+
+    methods: [{name: ptq, params: {w_bits: 4, a_bits: 8, pipeline: standard_adaround}}]
+
+Pipelines (ordered steps; `pipeline: custom` + `steps: [...]` for your own order):
+  standard           cle, bias_absorption, weight_ranges, bias_correction, activation_ranges
+                     (Nagel et al. 2021, §4.6, the branch without AdaRound), MSE ranges, cross-entropy
+                     range for the logits
+  standard_adaround  cle, bias_absorption, weight_ranges, adaround, activation_ranges (the branch for
+                     when a few hundred unlabeled calibration images are at hand)
+  minmax             weight_ranges, activation_ranges with min-max ranges (the plain baseline)
+Steps: cle (cross-layer equalization), bias_absorption (high-bias absorption; after cle),
+weight_ranges, adaround, bias_correction (empirical or analytic), activation_ranges.
+Calibration images come from the training split (PointData.calibration_set()); with
+`sensitivity` a per-layer table goes into the card's method_stats; `mixed_precision: true` runs a
+greedy bit allocation to the given budgets and then the pipeline again with the chosen bits.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ...quant.scheme import (ActivationRange, BiasCorrection, LogitsRange, SimScheme, WeightRange, apply_preset,
+                             field_default)
+from ..base import MethodParams
+
+__all__ = ["PTQParams", "PIPELINES", "Step", "pipeline_steps"]
+
+Step = Literal["cle", "bias_absorption", "weight_ranges", "adaround", "bias_correction", "activation_ranges"]
+Pipeline = Literal["standard", "standard_adaround", "minmax", "custom"]
+
+PIPELINES: Dict[str, List[str]] = {
+    "standard": ["cle", "bias_absorption", "weight_ranges", "bias_correction", "activation_ranges"],
+    "standard_adaround": ["cle", "bias_absorption", "weight_ranges", "adaround", "activation_ranges"],
+    "minmax": ["weight_ranges", "activation_ranges"],
+}
+# (weight, activation, logits) range setting of each pipeline
+_RANGE_DEFAULTS = {
+    "standard": ("mse", "mse", "cross_entropy"),
+    "standard_adaround": ("mse", "mse", "cross_entropy"),
+    "minmax": ("minmax", "minmax", "same"),
+    "custom": ("mse", "mse", "cross_entropy"),
+}
+_WEIGHT_STEPS = ("cle", "bias_absorption", "weight_ranges", "adaround", "bias_correction")
+
+
+def pipeline_steps(pipeline: str, w_bits, a_bits, dynamic_activations, bn) -> List[str]:
+    """A named pipeline's steps for these settings: no weight steps with FP32 weights, no activation
+    ranges with FP32 or dynamic activations, no equalization with batch norm kept."""
+    steps = list(PIPELINES[pipeline])
+    if w_bits is None:
+        steps = [s for s in steps if s not in _WEIGHT_STEPS]
+    if a_bits is None or dynamic_activations:
+        steps = [s for s in steps if s != "activation_ranges"]
+    if bn == "kept":
+        steps = [s for s in steps if s not in ("cle", "bias_absorption")]
+    return steps
+
+
+class PTQParams(SimScheme, MethodParams):
+    # the scheme (quant.scheme.SchemeParams, SimScheme) comes first; then the ptq method's own switches
+    weight_only: bool = Field(False, description="shorthand for a_bits: null")
+    # pipeline and range setting (null ranges: the pipeline's)
+    pipeline: Pipeline = "standard"
+    steps: Optional[List[Step]] = Field(None, description="ordered steps; set by the pipeline unless custom")
+    weight_range: Optional[WeightRange] = Field(None, description="null: the pipeline's")
+    activation_range: Optional[ActivationRange] = Field(None, description="null: the pipeline's")
+    logits_range: Optional[LogitsRange] = Field(
+        None, description="range setting of the logits (cross_entropy: white paper); null: the pipeline's")
+    labels: Literal["real", "fp32_model"] = Field("real", description="labels for accuracy sensitivity: the "
+                                                 "dataset's, or the FP32 model's predictions")
+    # algorithms
+    bias_correction: BiasCorrection = "empirical"
+    adaround_iters: Optional[int] = Field(None, ge=1, description="null: AIMET's 10000 (15000 below 8 bits)")
+    adaround_reg: float = Field(0.01, ge=0)
+    adaround_beta_start: float = 20.0
+    adaround_beta_end: float = 2.0
+    adaround_warm_start: float = Field(0.2, ge=0, lt=1)
+    adaround_batch_size: int = Field(32, ge=1)
+    adaround_lr: float = Field(1e-3, gt=0)
+    # analysis
+    sensitivity: Literal["none", "sqnr", "accuracy"] = Field(
+        "none", description="per-layer table (one layer quantized at a time) in the card's method_stats")
+    mixed_precision: bool = Field(False, description="greedy bit allocation to the mp_* budgets")
+    mp_allowed_bits: List[int] = Field(default_factory=lambda: [2, 4, 8])
+    mp_weight_bits: Optional[float] = Field(None, gt=0, description="budget: mean weight bits (element-weighted)")
+    mp_activation_bits: Optional[float] = Field(None, gt=0, description="budget: mean activation bits")
+    mp_max_activation_map_bits: Optional[int] = Field(None, gt=0, description="budget: largest activation map, bits")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill(cls, data: Any) -> Any:
+        """Fill what the other settings imply, on the raw dict: the preset's scheme, weight-only,
+        the pipeline's steps and ranges, AdaRound's iterations. Consistency is checked after."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        get = lambda k: data.get(k, field_default(cls, k))     # noqa: E731
+        if get("weight_only") and data.get("a_bits") is None:
+            data["a_bits"] = None
+        if get("a_bits") is None and "input_bits" not in data:
+            data["input_bits"] = None        # weight-only: the input stays FP32 too unless asked
+        data.update(apply_preset(cls, data, get("mp_allowed_bits") if get("mixed_precision") else ()))
+        pipeline = get("pipeline")
+        if pipeline in PIPELINES and (data.get("steps") is None or list(data["steps"]) == PIPELINES[pipeline]):
+            data["steps"] = pipeline_steps(pipeline, get("w_bits"), get("a_bits"), get("dynamic_activations"),
+                                           get("bn"))
+        w_def, a_def, l_def = _RANGE_DEFAULTS.get(pipeline, _RANGE_DEFAULTS["custom"])
+        for key, default in (("weight_range", w_def), ("activation_range", a_def),
+                             ("logits_range", l_def if get("a_granularity") == "per_tensor" else "same")):
+            if data.get(key) is None:
+                data[key] = default
+        if data.get("adaround_iters") is None:
+            data["adaround_iters"] = 10000 if (get("w_bits") or 8) >= 8 else 15000
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "PTQParams":
+        errors: List[str] = []
+        if self.weight_only and self.a_bits is not None:
+            errors.append(f"weight_only: true contradicts a_bits: {self.a_bits} (weight-only leaves activations FP32)")
+        steps = list(self.steps or [])
+        if self.pipeline == "custom":
+            if not steps:
+                errors.append("pipeline: custom needs steps, e.g. [cle, weight_ranges, adaround, activation_ranges]")
+            errors += self._check_steps(steps)
+        elif steps != pipeline_steps(self.pipeline, self.w_bits, self.a_bits, self.dynamic_activations, self.bn):
+            errors.append(f"steps are set by pipeline: {self.pipeline} ({PIPELINES[self.pipeline]}); use pipeline: "
+                          f"custom to choose your own")
+        else:
+            errors += self._check_steps(steps)
+        if "cle" in steps and self.bn == "kept":
+            errors.append(f"preset '{self.preset}' keeps batch norm (not folded), so step cle cannot run"
+                          if self.preset else "cle needs bn: folded (equalization rescales the folded weights)")
+        if self.a_granularity == "per_channel" and self.activation_range == "kl":
+            errors.append("activation_range: kl is per tensor only (TensorRT entropy calibration); "
+                          "use minmax, mse or percentile with a_granularity: per_channel")
+        if self.a_granularity == "per_channel" and self.logits_range == "cross_entropy":
+            errors.append("logits_range: cross_entropy is per tensor only")
+        if self.dynamic_activations and self.activation_range != _RANGE_DEFAULTS[self.pipeline][1]:
+            errors.append("activation_range is not used with dynamic_activations: true (ranges come from each input)")
+        if self.mixed_precision:
+            errors += self._check_mixed_precision()
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def _check_mixed_precision(self) -> List[str]:
+        errs = []
+        if self.mp_weight_bits is None and self.mp_activation_bits is None and self.mp_max_activation_map_bits is None:
+            errs.append("mixed_precision: true needs a budget: mp_weight_bits, mp_activation_bits or "
+                        "mp_max_activation_map_bits")
+        bad = [b for b in self.mp_allowed_bits if not 2 <= b <= 16]
+        if bad or not self.mp_allowed_bits:
+            errs.append(f"mp_allowed_bits must be bit widths in 2..16, got {self.mp_allowed_bits}")
+        if self.w_bits is None:
+            errs.append("mixed_precision needs quantized weights (w_bits)")
+        return errs
+
+    def _check_steps(self, steps: List[str]) -> List[str]:
+        errs = []
+        dup = sorted({s for s in steps if steps.count(s) > 1})
+        if dup:
+            errs.append(f"steps repeat {dup}")
+        pos = {s: i for i, s in enumerate(steps)}
+        if "bias_absorption" in pos and ("cle" not in pos or pos["cle"] > pos["bias_absorption"]):
+            errs.append("bias_absorption needs cle before it (it absorbs the biases cle made large)")
+        for s in ("adaround", "bias_correction"):
+            if s in pos and ("weight_ranges" not in pos or pos["weight_ranges"] > pos[s]):
+                errs.append(f"{s} needs weight_ranges before it")
+        for s in ("cle", "bias_absorption"):
+            if s in pos and "weight_ranges" in pos and pos[s] > pos["weight_ranges"]:
+                errs.append(f"{s} must come before weight_ranges (ranges are set on the equalized weights)")
+        if self.w_bits is not None and "weight_ranges" not in pos:
+            errs.append("weights are quantized (w_bits set) but steps lack weight_ranges")
+        if self.a_bits is not None and not self.dynamic_activations and "activation_ranges" not in pos:
+            errs.append("activations are quantized (a_bits set) but steps lack activation_ranges")
+        if self.w_bits is None and any(s in pos for s in ("weight_ranges", "adaround", "bias_correction")):
+            errs.append("weight steps need w_bits (weights are FP32 with w_bits: null)")
+        if "adaround" in pos and self.rounding == "stochastic":
+            errs.append("adaround chooses the rounding itself; it cannot be combined with rounding: stochastic")
+        return errs
