@@ -290,7 +290,7 @@ def test_marvin_delivers_fixed_point_weights(tiny_result):
             scaled = t.detach() * 2 ** fl
             assert torch.equal(scaled, scaled.round()) and t.min() >= lo and t.max() <= hi
         assert float((m.weight == 0).float().mean()) == pytest.approx(final[name]["sparsity"], abs=1e-6)
-    skips = {n: m._mv_skip_input for n, m in model.named_modules() if hasattr(m, "_mv_skip_input")}
+    skips = {n: m.fixed_point.skip_input for n, m in model.named_modules() if hasattr(m, "fixed_point")}
     assert skips == {"conv1": False, "bn1": True, "pool1": False, "conv2": False, "bn2": True, "pool": False,
                      "fc": False}           # BN's input is its conv's output, already on the same grid
     bn2 = model.get_submodule("bn2")
