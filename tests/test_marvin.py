@@ -241,7 +241,7 @@ class TinyCNN(nn.Module):
 def data():
     tr = calibration_subset(load_dataset("qcard:mnist5k", "train"), 256, seed=0)
     te = eval_subset(load_dataset("qcard:mnist5k", "test"), 200)
-    return PointData("qcard:mnist5k", tr, te, 10, (1, 28, 28), batch_size=100)
+    return PointData(tr, te, 10, (1, 28, 28), batch_size=100)
 
 
 def run_tiny(data, seed=0, **kw):
