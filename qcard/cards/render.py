@@ -6,6 +6,10 @@ formatted as plain text by `card_view`), so a new format is one new template fil
 environment's job, never the template author's: HTML autoescapes, LaTeX escapes every `<< >>`
 expression through `finalize`, Markdown escapes with the `cell` / `code` filters.
 The HTML format also gets `plots` (see qcard.cards.plots; drawn only for HTML).
+
+A method's own tables and plots are the card's `sections` (Method.card_sections, stored by the
+runner); they are rendered as they are, so adding a method needs no edit here. The generic tables
+(training curve, per seed) are read from method_stats keys every method may write.
 """
 from __future__ import annotations
 

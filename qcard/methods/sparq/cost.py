@@ -7,24 +7,43 @@ from typing import Any, Dict, List, Optional
 from ...records import LayerRecord
 from .params import WINDOW_VARIANTS
 
-def cost_comparison(traced: List[LayerRecord], layers: List[LayerRecord], window_layers: set,
-                     variant: str = "sparq") -> Dict[str, Any]:
-    """A8W8 on a fixed 8-bit array, A4W8 on a bit-scalable array and SPARQ on the SPARQ array, for
-    the same layers (first/last and excluded layers as the method ran them), on systolic-ws."""
-    from ...cost import apply_bits, estimate
+NOTE = ("systolic-ws 32x32 weight-stationary array, batch 1, input shape of the dataset. a8w8: the "
+        "SPARQ layers at 8-bit activations on the fixed 8-bit PE; a4w8: the same layers at 4-bit "
+        "activations on a bit-scalable PE (4-bit activations in memory); sparq: the SPARQ PE (two "
+        "4bx8b multipliers per pair: 2x the 8bx8b MAC rate, 8-bit activations in memory, BOPs at the "
+        "measured expected bits, a zero code counting 0 bits and the partner of a zero its full 8; "
+        "the SPARQ PE's cycles do not depend on that distribution). Layers that do not run SPARQ (FP32 first/last, excluded 8-bit "
+        "layers) keep their fixed 8-bit PE cycles in every row. speedup_vs_int8: against every layer "
+        "(first/last included) at W8A8 on the fixed 8-bit PE; speedup_vs_a8w8: against the a8w8 row; "
+        "quantized_layers_cycles: the SPARQ-candidate layers alone (without FP32/excluded layers); "
+        "this_run: this run's layers on the PE its variant is meant for (sparq, bSPARQ, vSPARQ: the "
+        "SPARQ PE; a2/a3/a4: bit-scalable, a3 running as 4-bit; a8: fixed 8-bit).")
+FIELDS = ("weight_bits", "activation_bits", "output_bits", "weight_granularity", "weight_symmetric",
+          "activation_granularity", "activation_symmetric", "weight_sparsity",
+          "activation_bits_distribution", "weight_bits_distribution", "quantized", "reason")
 
-    fields = ("weight_bits", "activation_bits", "output_bits", "weight_granularity", "weight_symmetric",
-              "activation_granularity", "activation_symmetric", "weight_sparsity",
-              "activation_bits_distribution", "weight_bits_distribution", "quantized", "reason")
+
+def merge_records(traced: List[LayerRecord], layers: List[LayerRecord]) -> List[LayerRecord]:
+    """The traced ops (copies) with the quantization fields of the method's records."""
     by_name = {r.name: r for r in layers}
     merged = []
     for r in traced:
         r = dataclasses.replace(r)
         src = by_name.get(r.name)
         if src is not None:
-            for f in fields:
+            for f in FIELDS:
                 setattr(r, f, getattr(src, f))
         merged.append(r)
+    return merged
+
+
+def cost_comparison(traced: List[LayerRecord], layers: List[LayerRecord], window_layers: set,
+                     variant: str = "sparq") -> Dict[str, Any]:
+    """A8W8 on a fixed 8-bit array, A4W8 on a bit-scalable array and SPARQ on the SPARQ array, for
+    the same layers (first/last and excluded layers as the method ran them), on systolic-ws."""
+    from ...cost import apply_bits, estimate
+
+    merged = merge_records(traced, layers)
 
     def at(bits: Optional[float], dist: bool) -> List[LayerRecord]:
         out = []
@@ -82,16 +101,5 @@ def cost_comparison(traced: List[LayerRecord], layers: List[LayerRecord], window
     out["this_run"]["variant"] = variant
     return {
         **out,
-        "note": ("systolic-ws 32x32 weight-stationary array, batch 1, input shape of the dataset. a8w8: the "
-                 "SPARQ layers at 8-bit activations on the fixed 8-bit PE; a4w8: the same layers at 4-bit "
-                 "activations on a bit-scalable PE (4-bit activations in memory); sparq: the SPARQ PE (two "
-                 "4bx8b multipliers per pair: 2x the 8bx8b MAC rate, 8-bit activations in memory, BOPs at the "
-                 "measured expected bits, a zero code counting 0 bits and the partner of a zero its full 8; "
-                 "the SPARQ PE's cycles do not depend on that distribution). Layers that do not run SPARQ (FP32 first/last, excluded 8-bit "
-                 "layers) keep their fixed 8-bit PE cycles in every row. speedup_vs_int8: against every layer "
-                 "(first/last included) at W8A8 on the fixed 8-bit PE; speedup_vs_a8w8: against the a8w8 row; "
-                 "quantized_layers_cycles: the SPARQ-candidate layers alone (without FP32/excluded layers); "
-                 "this_run: this run's layers on the PE its variant is meant for (sparq, bSPARQ, vSPARQ: the "
-                 "SPARQ PE; a2/a3/a4: bit-scalable, a3 running as 4-bit; a8: fixed 8-bit)."),
+        "note": NOTE,
     }
-
