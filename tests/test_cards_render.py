@@ -358,3 +358,14 @@ def test_marvin_plot_runs_on_steps_so_switches_inside_an_epoch_show():
     x_name, series = _trajectories(card)
     assert x_name == "step"
     assert series == [("conv1", [0.0, 21.0, 42.0], [8.0, 15.0, 14.0])]
+
+
+def test_cli_render_fills_sections_of_older_cards_from_the_method():
+    """A card written before methods handed over their sections gets them from its method's protocol."""
+    assert fixture("sparq_resnet18").get("sections") is None
+    r = run_cli("render", FIXTURES / "sparq_resnet18.json")
+    assert r.exit_code == 0, r.output
+    assert "### SPARQ per-layer statistics" in r.output
+    assert r.output == render_card(with_sections(fixture("sparq_resnet18")), "md")
+    # cards/ alone renders what the card holds: no sections, no method tables
+    assert "SPARQ per-layer statistics" not in render_card(fixture("sparq_resnet18"), "md")

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from ..errors import QcardError
 
@@ -180,6 +180,15 @@ class TableSection(Closed):
     columns: List[Tuple[str, Literal["l", "r"]]]          # (heading, alignment)
     rows: List[List[str]] = Field(default_factory=list)
     left_out: int = 0                                      # rows not shown (card.json's method_stats has them)
+
+    @field_validator("rows", mode="before")
+    @classmethod
+    def _cells_as_text(cls, rows: Any) -> Any:
+        """A number in a cell is shown as Python prints it (a method may format its own)."""
+        if isinstance(rows, list):
+            return [[c if isinstance(c, str) else ("—" if c is None else str(c)) for c in row]
+                    if isinstance(row, (list, tuple)) else row for row in rows]
+        return rows
 
 
 class BarSegment(Closed):

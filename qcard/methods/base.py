@@ -110,8 +110,7 @@ def card_sections_of(method: Method, stats: Dict[str, Any]) -> List[Dict[str, An
     from ..cards.schema import card_sections_adapter
     title = f"{method.name or type(method).__name__} statistics"
     try:
-        sections = list(method.card_sections(stats or {}) or [])
-        card_sections_adapter().validate_python(sections)
-        return sections
+        adapter = card_sections_adapter()
+        return adapter.dump_python(adapter.validate_python(list(method.card_sections(stats or {}) or [])))
     except Exception as exc:
         return [note_table(title, exc)]

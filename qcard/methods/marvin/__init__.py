@@ -8,7 +8,7 @@ One job per file:
   state.py        the per-layer switching state (LayerState)
   controller.py   the switching loop as hooks of the shared training loop (MarvinController)
   blocks.py       the card's method_stats.marvin, records and quantization block
-  card.py         the card's sections (word lengths and switches tables, the trajectory plot), torch-free
+  card.py         the card's sections (word lengths and switches tables, the trajectory plot), plain data
   method.py       the method (Marvin, registered as "marvin") and its Params
 """
 from .controller import MarvinController

@@ -1,5 +1,5 @@
 """The marvin method's card sections, read from method_stats.marvin: word lengths per layer and the
-switch log (tables), and each layer's word length over training (a step heat map). Torch-free."""
+switch log (tables), and each layer's word length over training (a step heat map). Plain data, no torch here."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple

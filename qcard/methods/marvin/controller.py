@@ -37,10 +37,6 @@ class MarvinController:
             for p in self.model.get_submodule(mname).parameters(recurse=False):
                 self.param_owner[id(p)] = self.owners[owner]
 
-    @property
-    def generator(self):
-        return self.source.generator
-
     def _trace(self, model, data):
         from ...cost import trace_layers
         try:
@@ -142,7 +138,6 @@ class MarvinController:
                                   "intra_epoch": intra})
             st.trajectory.append({**where, "wl": wl, "fl": fl})
             st.wl, st.fl = wl, fl
-
 
     def after_step(self, state) -> None:
         self._requantize()

@@ -10,7 +10,7 @@ One job per file:
   select.py     which layers run SPARQ, which stay FP32 (and why)
   cost.py       the PE cost comparison (A8W8, plain A4W8, SPARQ on systolic-ws)
   blocks.py     the card's method_stats.sparq and quantization blocks
-  card.py       the card's sections (tables and the window plot), torch-free
+  card.py       the card's sections (tables and the window plot), plain data
   method.py     the method (SPARQ, registered as "sparq")
 """
 from .kernels import WINDOW_SETS, SparqKernel, bsparq, sparq_stats, vsparq, vsparq_only, window_lut

@@ -1,5 +1,5 @@
 """The sparq method's card sections, read from method_stats.sparq: the per-layer statistics, the PE
-cost comparison (tables) and the window histogram per layer (a stacked bar chart). Torch-free."""
+cost comparison (tables) and the window histogram per layer (a stacked bar chart). Plain data, no torch here."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
