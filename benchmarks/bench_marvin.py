@@ -40,7 +40,7 @@ def main() -> int:
     images = torch.randn(args.batch * n_steps, 3, args.size, args.size, generator=gen)
     labels = torch.randint(0, 10, (args.batch * n_steps,), generator=gen)
     ds = torch.utils.data.TensorDataset(images, labels)
-    data = PointData("synthetic", ds, ds, 10, (3, args.size, args.size), batch_size=args.batch)
+    data = PointData(ds, ds, 10, (3, args.size, args.size), batch_size=args.batch)
     recipe = TrainRecipe(epochs=1, batch_size=args.batch, max_steps=n_steps, schedule="none", lr=0.01)
 
     class Timer:

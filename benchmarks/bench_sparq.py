@@ -31,7 +31,7 @@ def build(args):
     base = torchvision.models.get_model(args.model).eval()
     shape = (3, args.size, args.size)
     train = load_dataset("synthetic", "train", input_shape=shape, num_classes=1000, size=args.calibration, seed=0)
-    data = PointData("synthetic", train, train, 1000, shape, batch_size=args.batch,
+    data = PointData(train, train, 1000, shape, batch_size=args.batch,
                      calibration_size=args.calibration)
     models = {"fp32": base}
     for variant in ("a4", args.variant):

@@ -261,8 +261,7 @@ def _resolve_device(device: str) -> str:
 def _point_data(point: Point, train, evaluation):
     from .methods.base import PointData
     cal = point.dataset.calibration
-    return PointData(dataset_ref=point.dataset.ref, train=train, eval=evaluation,
-                     num_classes=train.num_classes, input_shape=tuple(train.input_shape),
+    return PointData(train=train, eval=evaluation, num_classes=train.num_classes, input_shape=tuple(train.input_shape),
                      batch_size=point.dataset.batch_size, num_workers=point.dataset.num_workers,
                      calibration_size=cal.size, calibration_seed=cal.seed, fingerprint=evaluation.fingerprint)
 
@@ -271,7 +270,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
               log: Callable[[str], None]):
     from .evaluate import evaluate
     from .methods import resolve_method
-    from .methods.base import RunContext
+    from .methods.base import RunContext, card_sections_of
     from .provenance import now_iso
     from . import provenance
 
@@ -360,6 +359,7 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
         "cost": cost,
         "cost_profiles": cost_profiles,
         "method_stats": method_stats,
+        "sections": card_sections_of(method, method_stats),
         "warnings": list(result.warnings) + _data_warnings(evaluation, result.calibration),
         "provenance": prov,
         "reproduce": reproduce_command(exp, point),

@@ -27,6 +27,7 @@ from qcard.cards.render import card_view, render_card, tex_escape
 from qcard.cards.schema import card_from_dict, load_card
 from qcard.cli import main
 from qcard.errors import QcardError
+from qcard.methods import with_sections
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 GOLDEN = FIXTURES / "golden"
@@ -43,7 +44,7 @@ def fixture(name):
 @lru_cache(maxsize=None)
 def html_of(name):
     """HTML of a fixture, rendered once per test session (matplotlib takes about a second per card)."""
-    return render_card(load_card(FIXTURES / f"{name}.json"), "html")
+    return render_card(with_sections(load_card(FIXTURES / f"{name}.json")), "html")
 
 
 def mask(html: str) -> str:
@@ -63,7 +64,7 @@ def check_golden(text: str, path: Path):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("fmt", ["md", "tex"])
 def test_golden_text_formats(name, fmt):
-    check_golden(render_card(load_card(FIXTURES / f"{name}.json"), fmt), GOLDEN / f"{name}.{fmt}")
+    check_golden(render_card(with_sections(load_card(FIXTURES / f"{name}.json")), fmt), GOLDEN / f"{name}.{fmt}")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -92,7 +93,11 @@ def test_html_plots_present_for_the_keys_present():
 
 
 def test_method_stats_key_variants_are_read():
-    from qcard.cards.plots import marvin_plot, sparq_plot, training_plot
+    from qcard.cards.plots import training_plot
+    from qcard.methods.marvin.card import trajectory_plot
+    from qcard.methods.sparq.card import window_plot
+    marvin_plot = lambda card: trajectory_plot(card["method_stats"])      # noqa: E731 (the methods' plot specs)
+    sparq_plot = lambda card: window_plot(card["method_stats"])            # noqa: E731
     card = fixture("marvin_resnet8")
     # MARViN: plain per-epoch lists; QAT: a curve under another key; SPARQ: window_histogram synonym
     card["method_stats"] = {
@@ -286,7 +291,7 @@ def _published(label: str, model: str = "resnet8"):
 
 def test_marvin_card_tables_show_every_switch_with_step_and_epoch():
     from qcard.cards.method_tables import method_tables
-    card = _published("MARViN")[0]
+    card = with_sections(_published("MARViN")[0])
     st = card["method_stats"]["marvin"]
     tables = {t["title"].split(" (")[0]: t for t in method_tables(card)}
     per_layer = tables["MARViN word lengths per layer"]
@@ -303,7 +308,7 @@ def test_marvin_card_tables_show_every_switch_with_step_and_epoch():
 
 def test_sparq_card_tables_show_per_layer_statistics_and_pe_comparison():
     from qcard.cards.method_tables import method_tables
-    card = next(c for c in _published("SPARQ-A4W8") if c["method"]["params"]["variant"] == "sparq")
+    card = with_sections(next(c for c in _published("SPARQ-A4W8") if c["method"]["params"]["variant"] == "sparq"))
     st = card["method_stats"]["sparq"]
     tables = {t["title"].split(" (")[0]: t for t in method_tables(card)}
     layers = tables["SPARQ per-layer statistics"]
@@ -326,6 +331,7 @@ def test_method_tables_never_break_a_card_on_odd_statistics():
         "training": {"recipe": "sgd", "curve": [{"epoch": 1, "lr": [0.1, 0.01]}, "junk"]},
         "per_seed": [{"seed": 0, "x.y": 1.5}, {"seed": 1, "x.y": 2.5}], "stats_seed": 1,
     }
+    card = with_sections(card)
     tables = method_tables(card)
     titles = [t["title"] for t in tables]
     assert any("not tabulated" in t["rows"][0][0] for t in tables if t["columns"] == [("note", "l")])
@@ -345,9 +351,21 @@ def test_long_training_curves_are_thinned_with_a_note():
 
 
 def test_marvin_plot_runs_on_steps_so_switches_inside_an_epoch_show():
-    from qcard.cards.plots import _trajectories
+    from qcard.methods.marvin.card import trajectories
+    _trajectories = lambda card: trajectories(card["method_stats"])      # noqa: E731
     card = {"method_stats": {"marvin": {"trajectories": {"conv1": [
         {"step": 0, "epoch": 1, "wl": 8}, {"step": 21, "epoch": 1, "wl": 15}, {"step": 42, "epoch": 1, "wl": 14}]}}}}
     x_name, series = _trajectories(card)
     assert x_name == "step"
     assert series == [("conv1", [0.0, 21.0, 42.0], [8.0, 15.0, 14.0])]
+
+
+def test_cli_render_fills_sections_of_older_cards_from_the_method():
+    """A card written before methods handed over their sections gets them from its method's protocol."""
+    assert fixture("sparq_resnet18").get("sections") is None
+    r = run_cli("render", FIXTURES / "sparq_resnet18.json")
+    assert r.exit_code == 0, r.output
+    assert "### SPARQ per-layer statistics" in r.output
+    assert r.output == render_card(with_sections(fixture("sparq_resnet18")), "md")
+    # cards/ alone renders what the card holds: no sections, no method tables
+    assert "SPARQ per-layer statistics" not in render_card(fixture("sparq_resnet18"), "md")

@@ -241,7 +241,7 @@ class TinyCNN(nn.Module):
 def data():
     tr = calibration_subset(load_dataset("qcard:mnist5k", "train"), 256, seed=0)
     te = eval_subset(load_dataset("qcard:mnist5k", "test"), 200)
-    return PointData("qcard:mnist5k", tr, te, 10, (1, 28, 28), batch_size=100)
+    return PointData(tr, te, 10, (1, 28, 28), batch_size=100)
 
 
 def run_tiny(data, seed=0, **kw):
@@ -290,7 +290,7 @@ def test_marvin_delivers_fixed_point_weights(tiny_result):
             scaled = t.detach() * 2 ** fl
             assert torch.equal(scaled, scaled.round()) and t.min() >= lo and t.max() <= hi
         assert float((m.weight == 0).float().mean()) == pytest.approx(final[name]["sparsity"], abs=1e-6)
-    skips = {n: m._mv_skip_input for n, m in model.named_modules() if hasattr(m, "_mv_skip_input")}
+    skips = {n: m.fixed_point.skip_input for n, m in model.named_modules() if hasattr(m, "fixed_point")}
     assert skips == {"conv1": False, "bn1": True, "pool1": False, "conv2": False, "bn2": True, "pool": False,
                      "fc": False}           # BN's input is its conv's output, already on the same grid
     bn2 = model.get_submodule("bn2")
@@ -409,3 +409,53 @@ def test_fast_cpu_fixed_point_path_is_bit_identical_to_torch_fake_quantize(round
             ref = torch.empty_like(x).uniform_(-0.5 / scale, 0.5 / scale, generator=g1).add_(x)
         want = torch.fake_quantize_per_tensor_affine(ref, 1.0 / scale, 0, int(lo * scale), int(hi * scale))
         assert torch.equal(_quantize(x, wl, fl, rounding, g2), want), (wl, fl)
+
+
+class FailingCNN(TinyCNN):
+    """Raises inside the fc layer's forward at the third training forward pass."""
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 3:
+                self.fc.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")))
+        return super().forward(x)
+
+
+def test_failed_training_leaves_no_state_behind(data):
+    import sys
+    from qcard.methods.marvin.fixed_point import state_of
+    model = FailingCNN()
+    params = Marvin.Params(train={"epochs": 1, "batch_size": 32, "from_scratch": True}, min_lookback=2, max_lookback=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        Marvin().apply(model, data, params, RunContext(seed=0, progress=False, log=lambda m: None))
+    # nothing in the package's module globals holds a generator (no module-level run state)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("qcard.methods.marvin"):
+            for value in vars(mod).values():
+                assert not isinstance(value, torch.Generator), mod_name
+                if isinstance(value, dict):
+                    assert not any(isinstance(v, torch.Generator) for v in value.values()), mod_name
+    # the layers keep their classes; the FP32 masters are back; the random source is dropped
+    for name in ("conv1", "bn1", "conv2", "fc"):
+        m = model.get_submodule(name)
+        assert type(m) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+        fp = state_of(m)
+        assert fp.saved == {} and fp.source.generator is None
+        assert all(isinstance(t, nn.Parameter) for t in m._parameters.values() if t is not None)
+
+
+def test_delivered_model_pickles(tiny_result):
+    import io
+    buf = io.BytesIO()
+    torch.save(tiny_result.model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 1, 28, 28)
+    back.eval()
+    tiny_result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), tiny_result.model(x))

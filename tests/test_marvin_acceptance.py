@@ -36,7 +36,7 @@ def test_marvin_resnet8_matches_fp32_training():
     assert fp_params["train"] == mv_params["train"]
     train_split = load_dataset("qcard:mnist5k", "train")
     test_split = load_dataset("qcard:mnist5k", "test")
-    data = PointData("qcard:mnist5k", train_split, test_split, 10, (1, 28, 28), batch_size=500)
+    data = PointData(train_split, test_split, 10, (1, 28, 28), batch_size=500)
     fp_acc, mv_acc, rows = [], [], []
     for seed in SEEDS:
         for cls, params, accs in ((FP32Train, fp_params, fp_acc), (Marvin, mv_params, mv_acc)):

@@ -63,7 +63,7 @@ def test_cifar_architectures_train_with_marvin(ref):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     tr = load_dataset("synthetic", "train", input_shape=(3, 32, 32), num_classes=10, size=64)
     te = load_dataset("synthetic", "test", input_shape=(3, 32, 32), num_classes=10, size=32)
-    data = PointData("synthetic", tr, te, 10, (3, 32, 32), batch_size=32)
+    data = PointData(tr, te, 10, (3, 32, 32), batch_size=32)
     params = Marvin.Params(train=dict(max_steps=4, batch_size=16, optimizer="sgd", lr=0.01),
                            min_lookback=1, max_lookback=2)
     res = Marvin().apply(model, data, params, RunContext(seed=0, progress=False, log=lambda m: None))

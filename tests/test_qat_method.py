@@ -25,7 +25,7 @@ def mnist():
 
 def _data(tr, te, eval_n=None):
     ev = te if eval_n is None else torch.utils.data.Subset(te, range(eval_n))
-    return PointData("qcard:mnist5k", tr, ev, tr.num_classes, tuple(tr.input_shape), batch_size=500,
+    return PointData(tr, ev, tr.num_classes, tuple(tr.input_shape), batch_size=500,
                      calibration_size=128)
 
 

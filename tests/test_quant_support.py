@@ -113,7 +113,7 @@ def point_data(calibration_size: int = 256):
     from qcard.methods.base import PointData
     train = load_dataset("qcard:mnist5k", "train")
     test = load_dataset("qcard:mnist5k", "test")
-    return PointData(dataset_ref="qcard:mnist5k", train=train, eval=test, num_classes=10,
+    return PointData(train=train, eval=test, num_classes=10,
                      input_shape=(1, 28, 28), calibration_size=calibration_size, calibration_seed=0)
 
 

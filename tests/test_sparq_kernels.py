@@ -9,7 +9,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from qcard.methods import sparq
+from qcard.methods.sparq import kernels as sparq_kernels
 from qcard.methods.sparq import SparqKernel, bsparq, sparq_stats, vsparq, vsparq_only, window_lut
 
 torch.set_num_threads(1)
@@ -335,9 +335,9 @@ def test_kernel_stats_accumulate_over_calls():
 def test_tables_cached_per_config_and_device():
     bsparq(ALL_CODES, 4, 3)
     key = (("bsparq", 4, 3, "round"), "cpu", torch.int64)
-    first = sparq._DEVICE_TABLES[key]
+    first = sparq_kernels._DEVICE_TABLES[key]
     bsparq(ALL_CODES, 4, 3)
-    assert sparq._DEVICE_TABLES[key] is first
+    assert sparq_kernels._DEVICE_TABLES[key] is first
 
 
 # ---------------------------------------------------------------- float fast path

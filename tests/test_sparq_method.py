@@ -41,7 +41,7 @@ class Tiny(nn.Module):
 
 def tiny_data(size=64, cal=48):
     train = load_dataset("synthetic", "train", input_shape=(1, 8, 8), num_classes=3, size=size, seed=0)
-    return PointData("synthetic", train, train, 3, (1, 8, 8), batch_size=16, calibration_size=cal)
+    return PointData(train, train, 3, (1, 8, 8), batch_size=16, calibration_size=cal)
 
 
 def apply(model, data=None, **params):
@@ -191,7 +191,7 @@ def test_negative_inputs_excluded_run_signed_8bit_and_are_recorded():
 def test_mobilenet_tiny_signed_input_is_named():
     model = qcard.zoo.load_model("qcard:mobilenet_tiny").eval()
     train = load_dataset("qcard:mnist5k", "train")
-    data = PointData("qcard:mnist5k", train, train, 10, (1, 28, 28), batch_size=32, calibration_size=32)
+    data = PointData(train, train, 10, (1, 28, 28), batch_size=32, calibration_size=32)
     with pytest.raises(SparqError, match="block3.dw.0"):
         SPARQ().apply(model, data, SPARQ.Params(calibration_batch_size=32), RunContext(seed=0, progress=False))
 

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 def data():
     tr = calibration_subset(load_dataset("qcard:mnist5k", "train"), 256, seed=0)
     te = eval_subset(load_dataset("qcard:mnist5k", "test"), 200)
-    return PointData("qcard:mnist5k", tr, te, 10, (1, 28, 28), batch_size=100)
+    return PointData(tr, te, 10, (1, 28, 28), batch_size=100)
 
 
 def tiny(seed=0):

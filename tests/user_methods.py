@@ -1,11 +1,22 @@
-"""A user's own method, plugged in as 'user_methods:ScaleWeights' without editing qcard."""
+"""A user's own method, plugged in as 'user_methods:ScaleWeights' without editing qcard.
+
+Standalone on purpose: it uses only the method protocol (qcard.methods.base), no sibling method,
+and hands the card its own section (a table of its tags) through card_sections.
+"""
 import time
 from typing import List
 
 import torch
 
 from qcard.methods.base import Method, MethodParams, QuantResult
-from qcard.methods.fp32 import fp32_quantization_block
+
+
+def not_quantized() -> dict:
+    """The card's quantization block: nothing quantized (weights stay float32); the card schema
+    fills every key not named here with its default."""
+    return {"weights": {"bits": None, "granularity": None, "symmetric": None, "signed": None},
+            "activations": {"bits": None, "granularity": None, "symmetric": None, "signed": None, "dynamic": False},
+            "batch_norm": "kept"}
 
 
 class ScaleWeights(Method):
@@ -33,8 +44,15 @@ class ScaleWeights(Method):
                         p.add_(torch.randn_like(p) * params.noise)
                     if params.nan:
                         p.fill_(float("nan"))
-        return QuantResult(model=model, quantization=fp32_quantization_block(), pipeline=["scale"],
+        return QuantResult(model=model, quantization=not_quantized(), pipeline=["scale"],
                            stats={"tags": list(params.tags)})
+
+    def card_sections(self, stats):
+        tags = stats.get("tags") or []
+        if not tags:
+            return []
+        return [{"kind": "table", "title": "Tags", "note": None, "columns": [("tag", "l")],
+                 "rows": [[str(t)] for t in tags], "left_out": 0}]
 
 
 class NotAMethod:

@@ -5,15 +5,10 @@ matplotlib is imported inside the functions: `qcard --help` and Markdown renderi
 The HTML card draws, from card.json:
   accuracy          results.{fp32, quantized, std, top5_fp32, top5}              always (when numbers exist)
   per-layer cost    cost.layers[].{name, bops, energy_pj, weight_bits, activation_bits}   when layers exist
-and, from method_stats, only where the keys are present (nothing is drawn for absent keys):
-  SPARQ windows     method_stats.sparq.layers[] = {name, window_hist: {"<top bit t>": count, ...,
-                      "partner_budget": count, "zero": count}}  (the dict SparqKernel.stats() returns;
-                      the key `window_histogram` is read as a synonym of `window_hist`), the window
-                      size from method_stats.sparq.bits (default 4). A model-wide
-                      method_stats.sparq.window_hist alone gives one bar.
-  MARViN bits       method_stats.marvin.trajectories = {layer: [bits, ...]} (one value per epoch) or
-                      {layer: [{"epoch" or "step": x, "wl" or "bits": word length, ...}, ...]}
-                      (one entry per epoch or per switch; drawn as steps)
+  method plots      the card's sections of kind "plot" (a method hands them over through
+                      Method.card_sections; qcard.cards.schema.PlotSection), drawn by chart kind:
+                      stacked_bars, step_heatmap, lines. cards/ never reads a method's statistics.
+and, from generic keys of method_stats (written by the shared training loop), where present:
   training curve    method_stats.training.curve = [{"epoch": e, "<series>": value, ...}, ...]; series
                       whose name contains "loss" go in one panel, accuracies ("top1", "top5", "acc")
                       in another, the rest (lr, mean bits, ...) in a third. A `curve` list under any
@@ -125,96 +120,45 @@ def _b(v: Optional[float]) -> str:
     return "FP32" if v is None else f"{v:g}"
 
 
-def sparq_plot(card: Dict[str, Any]):
-    sp = (card.get("method_stats") or {}).get("sparq")
-    if not isinstance(sp, dict):
+# ---------------------------------------------------------------------------
+# a method's plots: its sections of kind "plot" (qcard.cards.schema.PlotSection), drawn by chart kind
+# ---------------------------------------------------------------------------
+
+def _segment_color(seg: Dict[str, Any]):
+    if seg.get("color"):
+        return seg["color"]
+    if seg.get("shade") is not None:
+        import matplotlib
+        return matplotlib.colormaps["viridis"](float(seg["shade"]))
+    return None
+
+
+def stacked_bars(spec: Dict[str, Any]):
+    """One horizontal bar per label, made of the segments' values, left to right."""
+    labels = list(spec.get("labels") or [])
+    segments = [s for s in spec.get("segments") or [] if len(s.get("values") or []) == len(labels)]
+    if not labels or not segments:
         return None
-    bits = int(sp.get("bits") or 4)
-    rows: List[Tuple[str, Dict[str, float]]] = []
-    for l in sp.get("layers") or []:
-        if isinstance(l, dict):
-            hist = l.get("window_hist") or l.get("window_histogram")
-            if isinstance(hist, dict) and hist:
-                rows.append((str(l.get("name", f"layer {len(rows)}")), hist))
-    if not rows:
-        hist = sp.get("window_hist") or sp.get("window_histogram")
-        if isinstance(hist, dict) and hist:
-            rows = [("all layers", hist)]
-    if not rows:
-        return None
-    keys: List[str] = []
-    for _, hist in rows:
-        for k in hist:
-            if k not in keys:
-                keys.append(k)
-    # order: zero, partner budget, then windows from the top bit down
-    tops = sorted((k for k in keys if k not in ("zero", "partner_budget")), key=lambda k: -_num(k))
-    order = [k for k in ("zero", "partner_budget") if k in keys] + tops
-    fig = _figure(7.0, min(12.0, 1.3 + 0.22 * len(rows)))
+    fig = _figure(7.0, min(12.0, 1.3 + 0.22 * len(labels)))
     ax = fig.add_subplot()
-    import matplotlib
-    cmap = matplotlib.colormaps["viridis"]
-    y = list(range(len(rows)))
-    left = [0.0] * len(rows)
-    for i, k in enumerate(order):
-        fr = []
-        for _, hist in rows:
-            total = sum(float(v) for v in hist.values()) or 1.0
-            fr.append(float(hist.get(k, 0)) / total)
-        if k == "zero":
-            color, label = "#bbbbbb", "zero"
-        elif k == "partner_budget":
-            color, label = "#e6ab02", f"partner zero: {2 * bits}-bit budget"
-        else:
-            t = int(_num(k))
-            color, label = cmap(0.15 + 0.7 * (tops.index(k) / max(1, len(tops) - 1))), f"window {t}:{t - bits + 1}"
-        ax.barh(y, fr, left=left, color=color, label=label)
-        left = [a + b for a, b in zip(left, fr)]
-    ax.set_yticks(y, [n for n, _ in rows])
+    y = list(range(len(labels)))
+    left = [0.0] * len(labels)
+    for seg in segments:
+        ax.barh(y, seg["values"], left=left, color=_segment_color(seg), label=seg["label"])
+        left = [a + b for a, b in zip(left, seg["values"])]
+    ax.set_yticks(y, labels)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("fraction of activations")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(rows) > 3 else -0.3), ncol=4, frameon=False)
+    if spec.get("x_range"):
+        ax.set_xlim(*spec["x_range"])
+    if spec.get("x_label"):
+        ax.set_xlabel(spec["x_label"])
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(labels) > 3 else -0.3), ncol=4, frameon=False)
     return fig
 
 
-def _num(k: Any) -> float:
-    try:
-        return float(k)
-    except (TypeError, ValueError):
-        return -1.0
-
-
-def _trajectories(card: Dict[str, Any]) -> Tuple[str, List[Tuple[str, List[float], List[float]]]]:
-    mv = (card.get("method_stats") or {}).get("marvin")
-    traj = mv.get("trajectories") if isinstance(mv, dict) else None
-    series: List[Tuple[str, List[float], List[float]]] = []
-    x_name = "epoch"
-    if not isinstance(traj, dict):
-        return x_name, series
-    for name, seq in traj.items():
-        if not isinstance(seq, list) or not seq:
-            continue
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seq):
-            xs, ys = [float(i) for i in range(len(seq))], [float(v) for v in seq]
-        elif all(isinstance(v, dict) for v in seq):
-            # the step is the finer clock: switches inside an epoch stay visible
-            xkey = "step" if all("step" in v for v in seq) else "epoch"
-            ykey = "wl" if all("wl" in v for v in seq) else "bits"
-            if not all(isinstance(v.get(xkey), (int, float)) and isinstance(v.get(ykey), (int, float)) for v in seq):
-                continue
-            x_name = xkey
-            pts = sorted(((float(v[xkey]), float(v[ykey])) for v in seq), key=lambda p: p[0])   # stable
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        else:
-            continue
-        series.append((str(name), xs, ys))
-    return x_name, series
-
-
-def marvin_plot(card: Dict[str, Any]):
-    """Layers x time heat map of word length: a value holds until the layer's next entry (a switch)."""
-    x_name, series = _trajectories(card)
+def step_heatmap(spec: Dict[str, Any]):
+    """Rows x time heat map: each series' value holds from its x until its next x."""
+    series = [(s["name"], list(s["x"]), list(s["y"])) for s in spec.get("series") or [] if s.get("x")]
     if not series:
         return None
     grid = sorted({x for _, xs, _ in series for x in xs})
@@ -234,7 +178,7 @@ def marvin_plot(card: Dict[str, Any]):
     ax.set_yticks(range(len(series)), [n for n, _, _ in series])
     step = max(1, len(grid) // 12)
     ax.set_xticks(range(0, len(grid), step), [f"{grid[i]:g}" for i in range(0, len(grid), step)])
-    ax.set_xlabel(x_name)
+    ax.set_xlabel(spec.get("x_label") or "")
     if len(grid) * len(series) <= 500:
         lo = min(v for r in rows for v in r if not math.isnan(v))
         hi = max(v for r in rows for v in r if not math.isnan(v))
@@ -243,8 +187,33 @@ def marvin_plot(card: Dict[str, Any]):
                 if not math.isnan(v):
                     ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7,
                             color="white" if hi == lo or (v - lo) / (hi - lo) < 0.6 else "black")
-    fig.colorbar(im, ax=ax, label="word length (bits)", shrink=0.9)
+    fig.colorbar(im, ax=ax, label=spec.get("value_label") or "", shrink=0.9)
     return fig
+
+
+def lines(spec: Dict[str, Any]):
+    """One line per series over x."""
+    series = [s for s in spec.get("series") or [] if s.get("x")]
+    if not series:
+        return None
+    fig = _figure(5.6, 2.9)
+    ax = fig.add_subplot()
+    for s in series:
+        ax.plot(s["x"], s["y"], marker="o", markersize=2.5, label=s["name"])
+    ax.set_xlabel(spec.get("x_label") or "")
+    ax.set_ylabel(spec.get("y_label") or "")
+    if len(series) > 1:
+        ax.legend(frameon=False)
+    return fig
+
+
+CHARTS = {"stacked_bars": stacked_bars, "step_heatmap": step_heatmap, "lines": lines}
+
+
+def section_plot(spec: Dict[str, Any]):
+    """The figure of one plot section (None when it has nothing to draw)."""
+    draw = CHARTS.get(spec.get("chart"))
+    return draw(spec) if draw else None
 
 
 def _points(v: Any) -> bool:
@@ -317,17 +286,15 @@ def card_plots(card: Dict[str, Any]) -> List[Dict[str, str]]:
             out.append({"id": "plot-layer-cost", "title": "Cost per layer",
                         "caption": f"{what} per layer, profile {card['cost'].get('profile')}, colored by weight bits; "
                                    f"red = left in FP32{note}", "src": _png_data_uri(fig)})
-        for pid, title, make, caption in (
-                ("plot-sparq", "SPARQ windows per layer", sparq_plot,
-                 "share of activations per window position (method_stats.sparq.layers[].window_hist)"),
-                ("plot-marvin", "MARViN word length per layer", marvin_plot,
-                 "per-layer word length over training; each value holds until the layer's next switch "
-                 "(method_stats.marvin.trajectories)"),
-                ("plot-training", "Training curve", training_plot,
-                 "method_stats.training.curve (step_curve where it has more points)")):
-            fig = make(card)
+        for spec in card.get("sections") or []:
+            fig = section_plot(spec) if spec.get("kind") == "plot" else None
             if fig is not None:
-                out.append({"id": pid, "title": title, "caption": caption, "src": _png_data_uri(fig)})
+                out.append({"id": spec["id"], "title": spec["title"], "caption": spec.get("caption") or "",
+                            "src": _png_data_uri(fig)})
+        fig = training_plot(card)
+        if fig is not None:
+            out.append({"id": "plot-training", "title": "Training curve", "src": _png_data_uri(fig),
+                        "caption": "method_stats.training.curve (step_curve where it has more points)"})
     for p in out:
         p["alt"] = p["title"] + ": " + p["caption"]
     return out

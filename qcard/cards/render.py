@@ -6,6 +6,10 @@ formatted as plain text by `card_view`), so a new format is one new template fil
 environment's job, never the template author's: HTML autoescapes, LaTeX escapes every `<< >>`
 expression through `finalize`, Markdown escapes with the `cell` / `code` filters.
 The HTML format also gets `plots` (see qcard.cards.plots; drawn only for HTML).
+
+A method's own tables and plots are the card's `sections` (Method.card_sections, stored by the
+runner); they are rendered as they are, so adding a method needs no edit here. The generic tables
+(training curve, per seed) are read from method_stats keys every method may write.
 """
 from __future__ import annotations
 
@@ -230,14 +234,9 @@ def _flat_scalars(d: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, s
     return out
 
 
-def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
-    """The rows every rendering shows, formatted as plain text (no escaping yet)."""
-    q, r, ds, m, cost = c["quantization"], c["results"], c["dataset"], c["method"], c["cost"]
-    w, a = q["weights"], q["activations"]
-    label = m.get("label") or m["name"]
-    regime = f"W{fmt_bits(w.get('bits'))}A{fmt_bits(a.get('bits'))}" if (w.get("bits") or a.get("bits")) else "FP32"
+def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
+    r, ds, m = c["results"], c["dataset"], c["method"]
     weights = c["model"].get("weights") or "random initialization (no weights loaded)"
-
     header = [
         ("Model", f"{c['model']['ref']} ({fmt_num(c['model'].get('params'))} parameters)"),
         ("Weights", weights + (f" (sha256 {c['model']['weights_sha256'][:12]}…)" if c["model"].get("weights_sha256") else "")),
@@ -252,7 +251,10 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
                    + (f": {' → '.join(m['pipeline'])}" if m.get("pipeline") else "")),
         ("Card", f"id {c['id'][:16]}, experiment {c['experiment']}, schema v{c['schema_version']}"),
     ]
+    return header
 
+
+def _wa_rows(w: Dict[str, Any], a: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     sym = lambda v: DASH if v is None else ("symmetric" if v else "asymmetric")
     sign = lambda v: DASH if v is None else ("signed" if v else "unsigned")
     gran = fmt_value(w.get("granularity")) + (f" (group {w['group_size']})" if w.get("group_size") else "")
@@ -266,7 +268,10 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
          DASH if a.get("dynamic") is None else ("dynamic" if a.get("dynamic") else "static")),
         ("rounding / quantization point", fmt_value(w.get("rounding")), fmt_value(a.get("quant_point"))),
     ]
+    return wa_rows
 
+
+def _network_rows(q: Dict[str, Any], ds: Dict[str, Any]) -> List[Tuple[str, str]]:
     cal = ds.get("calibration")
     graph = fmt_value(q.get("graph_mode"))
     if q.get("graph_mode_reason"):
@@ -288,7 +293,10 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         ("labels used", fmt_value(cal.get("labels_used")) if cal else DASH),
         ("per-layer overrides", fmt_value(q.get("overrides"))),
     ]
+    return network_rows
 
+
+def _results_rows(r: Dict[str, Any]) -> List[Tuple[str, ...]]:
     std = f" ± {r['std']:.2f}" if r.get("std") is not None else ""
     seeds = ", ".join(str(s) for s in r.get("seeds") or [])
     results_rows = [(r["metric"], fmt_pct(r.get("fp32")), fmt_pct(r.get("quantized")) + std, fmt_delta(r.get("delta")),
@@ -296,7 +304,11 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
     if r.get("top5_fp32") is not None or r.get("top5") is not None:
         d5 = r["top5"] - r["top5_fp32"] if r.get("top5") is not None and r.get("top5_fp32") is not None else None
         results_rows.append(("top5", fmt_pct(r.get("top5_fp32")), fmt_pct(r.get("top5")), fmt_delta(d5), ""))
+    return results_rows
 
+
+def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
+    cost = c["cost"]
     cost_rows: List[Tuple[str, str]] = []
     if cost.get("profile"):
         speed = []
@@ -329,7 +341,10 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
             cost_rows.append((f"on profile {name}", ", ".join(bits) if bits else
                               f"BOPs {fmt_si(other.get('bops'))}, size {fmt_bits_size(other.get('size_bits'))} "
                               "(no energy or latency model)"))
+    return cost_rows
 
+
+def _layer_table(cost: Dict[str, Any], q: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[Dict[str, Any]]]:
     layers = cost.get("layers") or []
     # columns appear only when some layer has the value (a bitops profile has no energy or cycles)
     has = lambda key: any(l.get(key) is not None for l in layers)
@@ -362,9 +377,10 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         side = l.get("weight_bits") if has_weights else l.get("activation_bits")
         fp32 = side is None or side >= 32 or l["name"] in unq
         layer_rows.append({"cells": row, "fp32": fp32})
+    return layer_cols, layer_rows
 
-    unquantized = [(u.get("name", DASH), u.get("op", DASH), u.get("reason") or DASH) for u in q.get("unquantized_layers") or []]
-    p = c["provenance"]
+
+def _environment(p: Dict[str, Any]) -> str:
     env = [f"qcard {p['qcard_version']}"
            + (f" (git {p['git_commit'][:12]}{', uncommitted changes' if p.get('git_dirty') else ''})" if p.get("git_commit") else ""),
            f"Python {p['python']}", f"torch {fmt_value(p.get('torch'))}", f"torchvision {fmt_value(p.get('torchvision'))}",
@@ -378,19 +394,29 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         env.append(f"{p['wall_seconds']:.1f} s")
     if p.get("finished_at"):
         env.append(f"finished {p['finished_at']}")
+    return "; ".join(env)
 
+
+def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
+    """The rows every rendering shows, formatted as plain text (no escaping yet)."""
+    q, m, cost = c["quantization"], c["method"], c["cost"]
+    w, a = q["weights"], q["activations"]
+    label = m.get("label") or m["name"]
+    regime = f"W{fmt_bits(w.get('bits'))}A{fmt_bits(a.get('bits'))}" if (w.get("bits") or a.get("bits")) else "FP32"
+    layer_cols, layer_rows = _layer_table(cost, q)
+    unquantized = [(u.get("name", DASH), u.get("op", DASH), u.get("reason") or DASH) for u in q.get("unquantized_layers") or []]
     return {
         "title": f"{c['model']['ref']} · {label}",
         "label": label, "regime": regime, "failed": c["status"] == "failed", "error": c.get("error"),
-        "header": header, "flags": list(q.get("hardware_unfriendly") or []),
-        "wa_rows": wa_rows, "network_rows": network_rows, "unquantized": unquantized,
-        "results_header": ("metric", "FP32", "quantized", "Δ", "runs (seeds)"), "results_rows": results_rows,
-        "cost_profile": cost.get("profile"), "cost_rows": cost_rows,
+        "header": _header_rows(c, regime), "flags": list(q.get("hardware_unfriendly") or []),
+        "wa_rows": _wa_rows(w, a), "network_rows": _network_rows(q, c["dataset"]), "unquantized": unquantized,
+        "results_header": ("metric", "FP32", "quantized", "Δ", "runs (seeds)"), "results_rows": _results_rows(c["results"]),
+        "cost_profile": cost.get("profile"), "cost_rows": _cost_rows(c),
         "layer_cols": layer_cols, "layer_rows": layer_rows,
         "method_stats": _flat_scalars(c.get("method_stats") or {}),
         "method_tables": method_tables(c),
         "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()],
-        "warnings": list(c.get("warnings") or []), "provenance": "; ".join(env), "reproduce": c["reproduce"],
+        "warnings": list(c.get("warnings") or []), "provenance": _environment(c["provenance"]), "reproduce": c["reproduce"],
     }
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from ..errors import QcardError
 from ..quant.scheme import (BatchNormOnCard, BiasCorrection, BuiltGraphMode, Granularity, GridSharing, QuantPoint,
@@ -172,6 +172,65 @@ class Provenance(Closed):
     timings: Dict[str, float] = Field(default_factory=dict)
 
 
+class TableSection(Closed):
+    """A method's table: plain-text cells, already formatted (every rendering escapes them)."""
+    kind: Literal["table"] = "table"
+    title: str
+    note: Optional[str] = None
+    columns: List[Tuple[str, Literal["l", "r"]]]          # (heading, alignment)
+    rows: List[List[str]] = Field(default_factory=list)
+    left_out: int = 0                                      # rows not shown (card.json's method_stats has them)
+
+    @field_validator("rows", mode="before")
+    @classmethod
+    def _cells_as_text(cls, rows: Any) -> Any:
+        """A number in a cell is shown as Python prints it (a method may format its own)."""
+        if isinstance(rows, list):
+            return [[c if isinstance(c, str) else ("—" if c is None else str(c)) for c in row]
+                    if isinstance(row, (list, tuple)) else row for row in rows]
+        return rows
+
+
+class BarSegment(Closed):
+    label: str
+    values: List[float]                  # one per bar
+    color: Optional[str] = None          # a color name or #rrggbb; else `shade` on the viridis scale
+    shade: Optional[float] = None
+
+
+class Series(Closed):
+    name: str
+    x: List[float]
+    y: List[float]
+
+
+class PlotSection(Closed):
+    """A method's plot as data; cards/plots.py draws each chart kind the same way for every method:
+      stacked_bars  one horizontal bar per label, made of segments (fractions or counts)
+      step_heatmap  one row per series; a value holds from its x until the series' next x
+      lines         one line per series over x"""
+    kind: Literal["plot"] = "plot"
+    id: str
+    title: str
+    caption: str = ""
+    chart: Literal["stacked_bars", "step_heatmap", "lines"]
+    labels: List[str] = Field(default_factory=list)
+    segments: List[BarSegment] = Field(default_factory=list)
+    series: List[Series] = Field(default_factory=list)
+    x_label: Optional[str] = None
+    y_label: Optional[str] = None
+    value_label: Optional[str] = None
+    x_range: Optional[Tuple[float, float]] = None
+
+
+Section = Annotated[Union[TableSection, PlotSection], Field(discriminator="kind")]
+
+
+def card_sections_adapter() -> TypeAdapter:
+    """Validates a list of sections (what Method.card_sections returns)."""
+    return TypeAdapter(List[Section])
+
+
 class Card(Closed):
     schema_version: Literal["1"] = CARD_SCHEMA_VERSION
     id: str
@@ -186,6 +245,8 @@ class Card(Closed):
     cost: Cost
     cost_profiles: Dict[str, Cost] = Field(default_factory=dict)  # further profiles named in the config
     method_stats: Dict[str, Any] = Field(default_factory=dict)
+    # the method's own tables and plots (Method.card_sections); None on cards written before them
+    sections: Optional[List[Section]] = None
     warnings: List[str] = Field(default_factory=list)
     provenance: Provenance
     reproduce: str

@@ -1,6 +1,8 @@
 """`qcard render CARD.json...`: card.json as Markdown, HTML or LaTeX.
 
 Heavy modules are imported inside the command (matplotlib only for HTML, through the renderer).
+A card written before methods handed over their sections gets them here, from its method's
+protocol (qcard.methods.with_sections), when the method resolves; cards/ itself never imports methods.
 """
 from __future__ import annotations
 
@@ -33,12 +35,13 @@ def render(cards, fmt, out_dir):
     from ..cards.compare import find_card_files
     from ..cards.render import EXTENSIONS, render_card
     from ..cards.schema import load_card
+    from ..methods import with_sections
 
     files = find_card_files(cards)
     if out_dir is None:
         if fmt == "html" and len(files) > 1:
             raise QcardError(f"{len(files)} cards as HTML make {len(files)} pages: give --out DIR to write them")
-        texts = [render_card(load_card(f), fmt) for f in files]
+        texts = [render_card(with_sections(load_card(f)), fmt) for f in files]
         click.echo(("\n" if fmt == "md" else "\n\n").join(t.rstrip("\n") + "\n" for t in texts), nl=False)
         return
     out = Path(out_dir)
@@ -47,7 +50,7 @@ def render(cards, fmt, out_dir):
     for f in files:
         rel = f.resolve().parent.relative_to(common) if common else Path()
         target = out / rel / f"{f.stem}.{EXTENSIONS[fmt]}"
-        text = render_card(load_card(f), fmt)
+        text = render_card(with_sections(load_card(f)), fmt)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")

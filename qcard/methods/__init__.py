@@ -23,3 +23,20 @@ def resolve_method(name: str):
         raise QcardError(f"'{name}' is not a qcard method: it must be a subclass of qcard.methods.base.Method "
                          "with a Params model and an apply(model, data, params, ctx) method")
     return cls
+
+
+def with_sections(card):
+    """The card with its method's sections filled in, for cards written before methods handed them
+    over (sections is None). A Card gives a Card, a dict a dict; a card whose method does not resolve
+    (e.g. a user's module that is not importable here) comes back as it is."""
+    from ..cards.schema import Card, card_from_dict
+    data = card.model_dump(mode="json") if isinstance(card, Card) else card
+    if data.get("sections") is not None:
+        return card
+    try:
+        cls = resolve_method((data.get("method") or {}).get("name") or "")
+    except Exception:
+        return card
+    from .base import card_sections_of
+    filled = {**data, "sections": card_sections_of(cls(), data.get("method_stats") or {})}
+    return card_from_dict(filled) if isinstance(card, Card) else filled
