@@ -266,106 +266,129 @@ def _point_data(point: Point, train, evaluation):
                      calibration_size=cal.size, calibration_seed=cal.seed, fingerprint=evaluation.fingerprint)
 
 
+class _PointRun:
+    """One point, in the order the card reads: load, FP32 baseline, the method once per seed, cost, card."""
+
+    def __init__(self, point: Point, exp: Experiment, res: Resources, device: str, progress: bool,
+                 log: Callable[[str], None]):
+        self.point, self.exp, self.res, self.device, self.progress, self.log = point, exp, res, device, progress, log
+        self.timings: Dict[str, float] = {}
+
+    def timed(self, key: str, fn, *args):
+        t = time.time()
+        try:
+            return fn(*args)
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.time() - t
+
+    def load(self) -> None:
+        point = self.point
+        self.base_model, self.info = self.res.model(point)
+        train, self.evaluation = self.res.datasets(point, self.info)
+        self.data = _point_data(point, train, self.evaluation)
+
+    def evaluate(self, model, dataset=None, desc: str = "evaluate"):
+        from .evaluate import evaluate
+        ds = self.point.dataset
+        return evaluate(model.to(self.device), dataset if dataset is not None else self.evaluation,
+                        batch_size=ds.batch_size, device=self.device, progress=self.progress, desc=desc,
+                        num_workers=ds.num_workers)
+
+    def baseline(self) -> None:
+        """The FP32 accuracy, measured on this run's data and preprocessing, cached across points."""
+        res = self.res
+        key = canonical_hash({"weights": self.info.weights_sha256, "eval": self.evaluation.fingerprint,
+                              "device": self.device})
+        baseline = res.baselines.get(key) or res.store.baseline(key)
+        if baseline is None:
+            baseline = self.evaluate(self.base_model, desc=f"FP32 {self.point.model.short}")
+            res.store.save_baseline(key, baseline)
+        res.baselines[key] = self.fp32 = baseline
+
+    def one_seed(self, method, seed: int):
+        """(the method's result, {seed, top1, top5}) for one seed."""
+        from .methods.base import RunContext
+        point = self.point
+        set_seed(seed, point.deterministic)
+        model = copy.deepcopy(self.base_model).to(self.device)
+        ctx = RunContext(seed=seed, device=self.device, progress=self.progress, log=lambda m: self.log(f"    {m}"),
+                         evaluate=lambda m, d=None: self.evaluate(m, d, desc="evaluate (method)"))
+        result = self.timed("method", method.apply, model, self.data, point.params, ctx)
+        for w in result.warnings:
+            self.log(f"    warning: {w}")
+        if result.model is model and type(method).family == "none" and not result.pipeline:
+            metrics = self.fp32  # the untouched FP32 model on the same data: evaluated once, above
+        else:
+            metrics = self.timed("evaluate", self.evaluate, result.model,
+                                 None, f"{point.method_label} {point.model.short} seed {seed}")
+        return result, {"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+    def card(self):
+        from . import provenance
+        from .cards.schema import card_from_dict
+        from .methods import resolve_method
+        from .methods.base import card_sections_of
+        point, started_at, t_start = self.point, provenance.now_iso(), time.time()
+        self.timed("load", self.load)
+        self.timed("fp32_baseline", self.baseline)
+        method_cls = resolve_method(point.method)
+        method = method_cls()
+        self.timings.update(method=0.0, evaluate=0.0)
+        per_seed, figures = [], []
+        for seed in point.seeds:        # one simulated model alive at a time
+            result, row = self.one_seed(method, seed)
+            per_seed.append(row)
+            figures.append({"seed": seed, **_scalar_figures(result.stats)})
+        method_stats = dict(result.stats)
+        if len(point.seeds) > 1:
+            # the full statistics (and the cost) are the last seed's; every seed's headline figures are kept
+            method_stats["stats_seed"] = point.seeds[-1]
+            method_stats["per_seed"] = figures
+        info, data = self.info, self.data
+        input_shape = tuple(point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
+        cost, cost_profiles = self.timed("cost", compute_cost, point, self.res, self.base_model, input_shape,
+                                         result.layers, info)
+        prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
+                                  config_sha256=self.exp.config_sha256)
+        prov.update(started_at=started_at, finished_at=provenance.now_iso(),
+                    wall_seconds=round(time.time() - t_start, 3),
+                    timings={k: round(self.timings[k], 3) for k in
+                             ("load", "fp32_baseline", "method", "evaluate", "cost")})
+        card = {
+            "schema_version": "1", "id": point.id, "experiment": self.exp.name, "status": "ok", "error": None,
+            "model": _model_block(point, info, input_shape),
+            "dataset": _dataset_block(point, self.evaluation, result.calibration),
+            "method": {"name": method_cls.name or point.method, "family": method_cls.family,
+                       "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
+                       "label": point.method_label},
+            "quantization": result.quantization,
+            "results": _results_block(self.fp32, per_seed, point.seeds),
+            "cost": cost,
+            "cost_profiles": cost_profiles,
+            "method_stats": method_stats,
+            "sections": card_sections_of(method, method_stats),
+            "warnings": list(result.warnings) + _data_warnings(self.evaluation, result.calibration),
+            "provenance": prov,
+            "reproduce": reproduce_command(self.exp, point),
+        }
+        return card_from_dict(card, f"card of point {point.id[:10]}")
+
+
 def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, progress: bool,
               log: Callable[[str], None]):
-    from .evaluate import evaluate
-    from .methods import resolve_method
-    from .methods.base import RunContext, card_sections_of
-    from .provenance import now_iso
-    from . import provenance
+    return _PointRun(point, exp, res, device, progress, log).card()
 
-    timings: Dict[str, float] = {}
-    started_at, t_start = now_iso(), time.time()
 
-    t = time.time()
-    base_model, info = res.model(point)
-    train, evaluation = res.datasets(point, info)
-    data = _point_data(point, train, evaluation)
-    timings["load"] = time.time() - t
-
-    def run_eval(model, dataset=None, desc="evaluate"):
-        return evaluate(model.to(device), dataset if dataset is not None else evaluation,
-                        batch_size=point.dataset.batch_size, device=device, progress=progress, desc=desc,
-                        num_workers=point.dataset.num_workers)
-
-    # FP32 baseline, measured in this run's data and preprocessing, cached across points
-    t = time.time()
-    fp_key = canonical_hash({"weights": info.weights_sha256, "eval": evaluation.fingerprint, "device": device})
-    baseline = res.baselines.get(fp_key) or res.store.baseline(fp_key)
-    if baseline is None:
-        baseline = run_eval(base_model, desc=f"FP32 {point.model.short}")
-        res.store.save_baseline(fp_key, baseline)
-    res.baselines[fp_key] = baseline
-    timings["fp32_baseline"] = time.time() - t
-
-    method_cls = resolve_method(point.method)
-    method = method_cls()
-    per_seed, seed_figures, result = [], [], None
-    t_method = t_eval = 0.0
-    for seed in point.seeds:
-        set_seed(seed, point.deterministic)
-        model = copy.deepcopy(base_model).to(device)
-        ctx = RunContext(seed=seed, device=device, progress=progress, log=lambda m: log(f"    {m}"),
-                         evaluate=lambda m, d=None: run_eval(m, d, desc="evaluate (method)"))
-        t = time.time()
-        result = method.apply(model, data, point.params, ctx)
-        t_method += time.time() - t
-        for w in result.warnings:
-            log(f"    warning: {w}")
-        t = time.time()
-        if result.model is model and method_cls.family == "none" and not result.pipeline:
-            metrics = baseline  # the untouched FP32 model on the same data: evaluated once, above
-        else:
-            metrics = run_eval(result.model, desc=f"{point.method_label} {point.model.short} seed {seed}")
-        t_eval += time.time() - t
-        per_seed.append({"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]})
-        seed_figures.append({"seed": seed, **_scalar_figures(result.stats)})
-    timings["method"], timings["evaluate"] = t_method, t_eval
-    method_stats = dict(result.stats)
-    if len(point.seeds) > 1:
-        # the full statistics (and the cost) are the last seed's; every seed's headline figures are kept
-        method_stats["stats_seed"] = point.seeds[-1]
-        method_stats["per_seed"] = seed_figures
-
-    t = time.time()
-    input_shape = (point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
-    cost, cost_profiles = compute_cost(point, res, base_model, tuple(input_shape), result.layers, info)
-    timings["cost"] = time.time() - t
-
+def _results_block(fp32: Dict[str, float], per_seed: List[Dict[str, Any]], seeds) -> Dict[str, Any]:
     top1s = [r["top1"] for r in per_seed]
     mean1 = round(statistics.fmean(top1s), 4)
-    results = {
-        "metric": "top1", "fp32": baseline["top1"], "quantized": mean1,
-        "delta": round(mean1 - baseline["top1"], 4),
-        "top5_fp32": baseline["top5"], "top5": round(statistics.fmean(r["top5"] for r in per_seed), 4),
-        "n_runs": len(per_seed), "seeds": list(point.seeds),
+    return {
+        "metric": "top1", "fp32": fp32["top1"], "quantized": mean1, "delta": round(mean1 - fp32["top1"], 4),
+        "top5_fp32": fp32["top5"], "top5": round(statistics.fmean(r["top5"] for r in per_seed), 4),
+        "n_runs": len(per_seed), "seeds": list(seeds),
         "std": round(statistics.stdev(top1s), 4) if len(top1s) > 1 else None,
         "per_seed": per_seed,
     }
-    prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
-                              config_sha256=exp.config_sha256)
-    finished = time.time()
-    prov.update(started_at=started_at, finished_at=now_iso(), wall_seconds=round(finished - t_start, 3),
-                timings={k: round(v, 3) for k, v in timings.items()})
-    card = {
-        "schema_version": "1", "id": point.id, "experiment": exp.name, "status": "ok", "error": None,
-        "model": _model_block(point, info, input_shape),
-        "dataset": _dataset_block(point, evaluation, result.calibration),
-        "method": {"name": method_cls.name or point.method, "family": method_cls.family,
-                   "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
-                   "label": point.method_label},
-        "quantization": result.quantization,
-        "results": results,
-        "cost": cost,
-        "cost_profiles": cost_profiles,
-        "method_stats": method_stats,
-        "sections": card_sections_of(method, method_stats),
-        "warnings": list(result.warnings) + _data_warnings(evaluation, result.calibration),
-        "provenance": prov,
-        "reproduce": reproduce_command(exp, point),
-    }
-    from .cards.schema import card_from_dict
-    return card_from_dict(card, f"card of point {point.id[:10]}")
 
 
 def _scalar_figures(stats: dict) -> dict:
@@ -442,7 +465,7 @@ def reproduce_command(exp: Experiment, point: Point) -> str:
 def failed_card(point: Point, exp: Experiment, error: str, started: float):
     from . import provenance
     from .cards.schema import card_from_dict
-    from .methods.fp32 import fp32_quantization_block
+    from .cards.schema import unquantized_block
     try:
         from .methods import resolve_method
         cls = resolve_method(point.method)
@@ -457,6 +480,6 @@ def failed_card(point: Point, exp: Experiment, error: str, started: float):
         "dataset": {"ref": point.dataset.ref, "eval_split": point.dataset.eval_split},
         "method": {"name": name, "family": family, "params": point.params.model_dump(mode="json"),
                    "label": point.method_label},
-        "quantization": fp32_quantization_block(), "results": {"metric": "top1", "seeds": list(point.seeds)},
+        "quantization": unquantized_block(), "results": {"metric": "top1", "seeds": list(point.seeds)},
         "cost": {}, "provenance": prov, "reproduce": reproduce_command(exp, point),
     })

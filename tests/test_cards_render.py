@@ -259,9 +259,9 @@ def test_cli_render_errors_exit_2(tmp_path):
 
 
 def fp32_card():
-    from qcard.methods.fp32 import fp32_quantization_block
+    from qcard.cards.schema import unquantized_block
     d = fixture("ptq_w4a8_resnet18")
-    d.update(quantization=fp32_quantization_block(), method={"name": "fp32", "family": "none", "params": {},
+    d.update(quantization=unquantized_block(), method={"name": "fp32", "family": "none", "params": {},
                                                              "pipeline": [], "label": "fp32"},
              method_stats={}, warnings=[], cost_profiles={})
     d["dataset"]["calibration"] = None

@@ -302,8 +302,8 @@ def test_command_modules_import_light(subprocess_env):
 
 
 def test_fp32_baseline_card_has_no_quantizer_details_to_differ():
-    from qcard.methods.fp32 import fp32_quantization_block
-    base = variant(ptq(), **{"quantization": fp32_quantization_block(), "method.name": "fp32", "method.family": "none",
+    from qcard.cards.schema import unquantized_block
+    base = variant(ptq(), **{"quantization": unquantized_block(), "method.name": "fp32", "method.family": "none",
                              "method.label": "fp32", "method.params": {}, "method.pipeline": [],
                              "dataset.calibration": None})
     cmp = compare_cards([base, ptq()])

@@ -8,7 +8,7 @@ from torch import nn
 
 from qcard.data import calibration_subset, eval_subset, load_dataset
 from qcard.methods.base import PointData, RunContext
-from qcard.methods.fp32 import fp32_quantization_block
+from qcard.cards.schema import unquantized_block
 from qcard.methods.fp32_train import FP32Train
 from qcard.training import TrainRecipe, reinitialize, shift_augment, train
 
@@ -191,7 +191,7 @@ def test_shift_augment_moves_pixels_within_bounds():
 def test_fp32_train_method(data):
     params = FP32Train.Params(train={"epochs": 1, "batch_size": 64, "from_scratch": True})
     res = FP32Train().apply(tiny(), data, params, ctx())
-    assert res.quantization == fp32_quantization_block()
+    assert res.quantization == unquantized_block()
     assert res.stats["training"]["curve"][0]["epoch"] == 1
     assert res.calibration == {"split": "train", "size": 256, "seed": 0, "labels_used": True}
     assert res.pipeline == ["reinitialize", "train_fp32"]

@@ -108,6 +108,24 @@ class Quantization(Open):
     hardware_unfriendly: List[str] = Field(default_factory=list)
 
 
+def unquantized_block() -> Dict[str, Any]:
+    """The card's quantization block for a model that is not quantized at all."""
+    none_side = {"bits": None, "granularity": None, "symmetric": None, "signed": None}
+    return {
+        "preset": None, "graph_mode": None,
+        "weights": dict(none_side, group_size=None, scale_format=None, range_setting=None, rounding=None),
+        "activations": dict(none_side, range_setting=None, dynamic=False, quant_point=None),
+        "first_layer": {"weight_bits": None, "activation_bits": None},
+        "last_layer": {"weight_bits": None, "activation_bits": None},
+        "batch_norm": "kept", "residual_add": None, "concat": None, "avg_pool": None,
+        "bias_bits": None, "accumulator_bits": None,
+        "cross_layer_equalization": {"applied": False, "bias_absorption": False},
+        "bias_correction": "none",
+        "mixed_precision": {"enabled": False},
+        "overrides": [], "unquantized_layers": [], "hardware_unfriendly": [],
+    }
+
+
 class Results(Closed):
     metric: str = "top1"
     fp32: Optional[float] = None

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..training import TrainRecipe, train
 from .base import Method, MethodParams, QuantResult
-from .fp32 import fp32_quantization_block
+from ..cards.schema import unquantized_block
 
 
 class FP32Train(Method):
@@ -23,7 +23,7 @@ class FP32Train(Method):
         log = train(model, data, params.train, ctx)
         return QuantResult(
             model=model,
-            quantization=fp32_quantization_block(),
+            quantization=unquantized_block(),
             stats={"training": log.to_stats()},
             pipeline=["reinitialize" if params.train.from_scratch else "start_from_given_weights", "train_fp32"],
             calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True},
