@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from .merge import merge_layer_records
 from .model import apply_bits, estimate
 from .profile import Profile, ProfileError, list_profiles, load_profile
 
 __all__ = ["estimate", "apply_bits", "load_profile", "list_profiles", "Profile", "ProfileError",
-           "trace_layers", "count_params"]
+           "trace_layers", "count_params", "merge_layer_records"]
 
 
 def __getattr__(name: str) -> Any:

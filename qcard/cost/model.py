@@ -1,7 +1,7 @@
 """The analytical cost model (pure Python: no torch import).
 
-`estimate(records, profile)` turns per-layer records into the card's cost block. Definitions
-(specs/cost.md), for a layer with MACs multiply-accumulates, b_w weight bits, b_a activation bits
+`estimate(records, profile)` turns per-layer records into the card's cost block. Definitions,
+for a layer with MACs multiply-accumulates, b_w weight bits, b_a activation bits
 (None = FP32 = 32 bits):
 
 - effective MACs = MACs · (1 − weight sparsity) when zero weights are skipped, else MACs

@@ -8,14 +8,14 @@ Two views of the same ops: the tracer sees torch function calls at run time and 
 from __future__ import annotations
 
 import operator
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "GEMM_OP", "gemm_type", "is_batch_norm", "RELU_MODULES", "NONLINEAR_MODULES", "AVGPOOL_MODULES",
+    "GEMM_OP", "gemm_type", "is_batch_norm", "module_kind", "RELU_MODULES", "NONLINEAR_MODULES", "AVGPOOL_MODULES",
     "MAXPOOL_MODULES", "PASS_MODULES", "UNSIMULATED_PARAM_MODULES", "FUNC_NAME_OPS", "MAXPOOL_FUNC_IDS",
     "COST_OPS", "NONLINEAR_FUNC_NAMES", "SHAPE_QUERIES", "RELU_FUNCS", "NONLINEAR_FUNCS", "NONLINEAR_METHODS",
     "RELU_METHODS", "BINARY_FUNCS", "BINARY_METHODS", "CAT_FUNCS", "MATMUL_FUNCS", "MATMUL_METHODS",
@@ -60,6 +60,32 @@ PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d,
 # modules with parameters that qcard does not simulate (weights and internal activations stay FP32)
 UNSIMULATED_PARAM_MODULES = (nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN,
                              nn.Bilinear, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+def module_kind(m: nn.Module) -> Tuple[str, str]:
+    """(kind, op) of a module call. Kinds: gemm bn relu nonlinear avgpool maxpool pass unsimulated other."""
+    gt = gemm_type(m)
+    if gt is not None:
+        return "gemm", GEMM_OP[gt]
+    if is_batch_norm(m):
+        return "bn", "batchnorm"
+    if isinstance(m, nn.ReLU):
+        return "relu", "relu"
+    if isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
+        return "relu", "relu6"
+    if type(m) in NONLINEAR_MODULES:
+        return "nonlinear", NONLINEAR_MODULES[type(m)]
+    if isinstance(m, AVGPOOL_MODULES):
+        return "avgpool", "avgpool"
+    if isinstance(m, MAXPOOL_MODULES):
+        return "maxpool", "maxpool"
+    if isinstance(m, PASS_MODULES):
+        return "pass", type(m).__name__.lower()
+    if isinstance(m, nn.Upsample) and m.mode == "nearest":
+        return "pass", "upsample_nearest"
+    if isinstance(m, UNSIMULATED_PARAM_MODULES) or any(True for _ in m.parameters(recurse=True)):
+        return "unsimulated", type(m).__name__
+    return "other", type(m).__name__
+
 
 # -- functions, as the tracer sees them (by __name__: builtins and Tensor methods) -----------------
 

@@ -1,6 +1,7 @@
-"""Place quantizers where integer hardware needs them, on a torch.fx graph (eager fallback in eager.py).
+"""Place quantizers where integer hardware needs them, on a torch.fx graph (eager fallback: quant/eager.py).
 
-Rules (specs/ptq-qat.md):
+Nodes are classified with the op tables of qcard.ops.kinds and named by the layer-naming rules of
+qcard.ops.naming, so records match the cost tracer's. Rules:
   - weights are quantized inside each conv/linear (QConv2d, QLinear, ...), after BN folding;
   - an activation is quantized once, at its producer, after the fused activation (ReLU/ReLU6 are
     absorbed into the quantizer when the grid makes them redundant), and that quantized tensor
@@ -28,10 +29,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import QcardError
-from ..ops.kinds import (AVGPOOL_FUNCS, AVGPOOL_MODULES, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS, FUNCTIONAL_GEMM,
-                         GEMM_OP, MATMUL_FUNCS, MATMUL_METHODS, MAXPOOL_FUNCS, MAXPOOL_MODULES, NONLINEAR_FUNCS,
-                         NONLINEAR_METHODS, NONLINEAR_MODULES, PASS_FUNCS, PASS_METHODS, PASS_MODULES, RELU_FUNCS,
-                         RELU_METHODS, UNSIMULATED_PARAM_MODULES, gemm_type, is_batch_norm)
+from ..ops.kinds import (AVGPOOL_FUNCS, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS, FUNCTIONAL_GEMM, MATMUL_FUNCS,
+                         MATMUL_METHODS, MAXPOOL_FUNCS, NONLINEAR_FUNCS, NONLINEAR_METHODS, PASS_FUNCS, PASS_METHODS,
+                         RELU_FUNCS, RELU_METHODS, module_kind)
 from ..ops.naming import LayerNamer
 from .bn import bn_affine, fold_bn, fold_reason
 from .modules import to_quant_module, weight_channel_axis
@@ -88,85 +88,70 @@ def classify_node(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[str, st
         return "output", "output"
     if node.op == "get_attr":
         return ("get_attr", "constant") if _is_float_tensor(node) else ("nontensor", "constant")
-    float_out = _is_float_tensor(node)
-    tm = _tm(node)
-    if not float_out and not isinstance(tm, (tuple, list)):
+    if not _is_float_tensor(node) and not isinstance(_tm(node), (tuple, list)):
         return "nontensor", str(node.target)
     if node.op == "call_module":
-        m = modules[node.target]
-        gt = gemm_type(m)
-        if gt is not None:
-            return "gemm", GEMM_OP[gt]
-        if is_batch_norm(m):
-            return "bn", "batchnorm"
-        if isinstance(m, nn.ReLU):
-            return "relu", "relu"
-        if isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
-            return "relu", "relu6"
-        if type(m) in NONLINEAR_MODULES:
-            return "nonlinear", NONLINEAR_MODULES[type(m)]
-        if isinstance(m, AVGPOOL_MODULES):
-            return "avgpool", "avgpool"
-        if isinstance(m, MAXPOOL_MODULES):
-            return "maxpool", "maxpool"
-        if isinstance(m, PASS_MODULES):
-            return "pass", type(m).__name__.lower()
-        if isinstance(m, nn.Upsample) and m.mode == "nearest":
-            return "pass", "upsample_nearest"
-        if isinstance(m, UNSIMULATED_PARAM_MODULES) or any(True for _ in m.parameters(recurse=True)):
-            return "unsimulated", type(m).__name__
-        return "other", type(m).__name__
-    target = node.target
+        return module_kind(modules[node.target])
     if node.op == "call_function":
-        if target is F.batch_norm:
-            return "bn", "batchnorm"
-        if target in RELU_FUNCS:
-            return "relu", RELU_FUNCS[target]
-        if target is F.hardtanh and _hardtanh_is_relu6(node):
-            return "relu", "relu6"
-        if target in NONLINEAR_FUNCS:
-            return "nonlinear", NONLINEAR_FUNCS[target]
-        if target in BINARY_FUNCS:
-            return _binary_kind(node, BINARY_FUNCS[target])
-        if target in CAT_FUNCS:
-            return "concat", CAT_FUNCS[target]
-        if target in MATMUL_FUNCS:
-            return _matmul_kind(node)
-        if target is F.scaled_dot_product_attention:
-            return "attention", "attention"
-        if target in AVGPOOL_FUNCS:
-            return "avgpool", AVGPOOL_FUNCS[target]
-        if target in MAXPOOL_FUNCS:
-            return "maxpool", "maxpool"
-        if target in PASS_FUNCS:
-            return "pass", getattr(target, "__name__", str(target))
-        if target in FUNCTIONAL_GEMM:
-            return "fgemm", FUNCTIONAL_GEMM[target]
-        if target is torch.clamp or target is torch.clip:
-            return _clamp_kind(node)
-        if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant" \
-                and not (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)):
-            return "pass", "pad"                 # zero padding keeps the grid (zero is on it)
-        if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") \
-                == "nearest":
-            return "pass", "upsample_nearest"
-        return "other", getattr(target, "__name__", str(target))
+        return _function_kind(node)
     if node.op == "call_method":
-        if target in RELU_METHODS:
-            return "relu", "relu"
-        if target in NONLINEAR_METHODS:
-            return "nonlinear", NONLINEAR_METHODS[target]
-        if target in BINARY_METHODS:
-            return _binary_kind(node, BINARY_METHODS[target])
-        if target in MATMUL_METHODS:
-            return _matmul_kind(node)
-        if target == "mean":
-            return "avgpool", "mean"
-        if target in PASS_METHODS:
-            return "pass", target
-        if target in ("clamp", "clip", "clamp_"):
-            return _clamp_kind(node)
-        return "other", str(target)
+        return _method_kind(node)
+    return "other", str(node.target)
+
+
+def _function_kind(node: fx.Node) -> Tuple[str, str]:
+    target = node.target
+    if target is F.batch_norm:
+        return "bn", "batchnorm"
+    if target in RELU_FUNCS:
+        return "relu", RELU_FUNCS[target]
+    if target is F.hardtanh and _hardtanh_is_relu6(node):
+        return "relu", "relu6"
+    if target in NONLINEAR_FUNCS:
+        return "nonlinear", NONLINEAR_FUNCS[target]
+    if target in BINARY_FUNCS:
+        return _binary_kind(node, BINARY_FUNCS[target])
+    if target in CAT_FUNCS:
+        return "concat", CAT_FUNCS[target]
+    if target in MATMUL_FUNCS:
+        return _matmul_kind(node)
+    if target is F.scaled_dot_product_attention:
+        return "attention", "attention"
+    if target in AVGPOOL_FUNCS:
+        return "avgpool", AVGPOOL_FUNCS[target]
+    if target in MAXPOOL_FUNCS:
+        return "maxpool", "maxpool"
+    if target in PASS_FUNCS:
+        return "pass", getattr(target, "__name__", str(target))
+    if target in FUNCTIONAL_GEMM:
+        return "fgemm", FUNCTIONAL_GEMM[target]
+    if target is torch.clamp or target is torch.clip:
+        return _clamp_kind(node)
+    if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant" \
+            and not (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)):
+        return "pass", "pad"                 # zero padding keeps the grid (zero is on it)
+    if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") \
+            == "nearest":
+        return "pass", "upsample_nearest"
+    return "other", getattr(target, "__name__", str(target))
+
+
+def _method_kind(node: fx.Node) -> Tuple[str, str]:
+    target = node.target
+    if target in RELU_METHODS:
+        return "relu", "relu"
+    if target in NONLINEAR_METHODS:
+        return "nonlinear", NONLINEAR_METHODS[target]
+    if target in BINARY_METHODS:
+        return _binary_kind(node, BINARY_METHODS[target])
+    if target in MATMUL_METHODS:
+        return _matmul_kind(node)
+    if target == "mean":
+        return "avgpool", "mean"
+    if target in PASS_METHODS:
+        return "pass", target
+    if target in ("clamp", "clip", "clamp_"):
+        return _clamp_kind(node)
     return "other", str(target)
 
 
