@@ -20,6 +20,7 @@ from torch import nn
 from ..ops.kinds import AVGPOOL_MODULES, GEMM_OP, NONLINEAR_MODULES, RELU_MODULES, gemm_type
 from ..ops.tracer import ModuleCall, OpTrace, trace_ops
 from .bn import bn_affine, find_bn_folds, fold_bn
+from .cle import pair_supported
 from .modules import to_quant_module, weight_channel_axis
 from .quantizer import FakeQuantize
 from .sim import LayerInfo, SimConfig, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
@@ -206,7 +207,6 @@ def _fix_bn_sources(info: SimInfo) -> None:
 
 def _eager_pairs(flow: _Flow, info: SimInfo) -> None:
     """Layer pairs for CLE and input producers for analytic bias correction, by tensor identity."""
-    from .cle import pair_supported
     by_path = {li.name: li.module for li in info.layers if li.module is not None}
     for c in flow.calls:
         if gemm_type(c.module) is None or not c.inputs:

@@ -34,6 +34,8 @@ from ..ops.kinds import (AVGPOOL_FUNCS, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS,
                          RELU_FUNCS, RELU_METHODS, module_kind)
 from ..ops.naming import LayerNamer
 from .bn import bn_affine, fold_bn, fold_reason
+from .cle import pair_supported
+from .eager import build_eager
 from .modules import to_quant_module, weight_channel_axis
 from .quantizer import FakeQuantize, fake_quantize
 from .sim import LayerInfo, SimConfig, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
@@ -425,7 +427,6 @@ class _FxBuilder:
         return seen
 
     def find_pairs_and_producers(self) -> None:
-        from .cle import pair_supported
         acts = {head: a for a, head in self.fused.items() if self.kind.get(a) == "relu"}
         for g1 in self.graph.nodes:
             if self.kind[g1] != "gemm" or self.info.batch_norm == "kept":
@@ -842,7 +843,6 @@ def build_simulated(model: nn.Module, cfg: SimConfig, example_input: torch.Tenso
     if cfg.graph_mode not in ("auto", "fx", "eager"):
         raise QcardError(f"graph_mode must be auto, fx or eager, not '{cfg.graph_mode}'")
     if cfg.graph_mode == "eager":
-        from .eager import build_eager
         return build_eager(model, cfg, example_input, "graph_mode: eager was requested", log)
     try:
         gm = fx.symbolic_trace(model)
@@ -854,6 +854,5 @@ def build_simulated(model: nn.Module, cfg: SimConfig, example_input: torch.Tenso
         if cfg.graph_mode == "fx":
             raise QcardError(f"graph_mode: fx was requested but {reason}; use graph_mode: auto or eager") from exc
         log(f"qcard: {reason}; falling back to eager (module-level) quantizer placement")
-        from .eager import build_eager
         return build_eager(model, cfg, example_input, reason, log)
     return _FxBuilder(gm, cfg).build()
