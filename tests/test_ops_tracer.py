@@ -138,12 +138,22 @@ def test_merge_layer_records_by_name_and_warns_on_strangers():
     traced = [LayerRecord(name="conv1", op="conv2d", macs=10, extra={"fan_in": 9}),
               LayerRecord(name="add", op="add")]
     mine = [LayerRecord(name="conv1", op="conv2d", weight_bits=4, activation_bits=8, extra={"kind": "gemm"}),
-            LayerRecord(name="blocks.0.mystery", op="conv2d", weight_bits=4)]
+            LayerRecord(name="blocks.0.mystery", op="conv2d", weight_bits=4),
+            LayerRecord(name="bn1", op="batchnorm", quantized=False, reason="kept")]
     warnings = merge_layer_records(traced, mine)
     assert len(traced) == 2                                   # nothing appended
     assert traced[0].weight_bits == 4 and traced[0].macs == 10 and traced[0].extra == {"fan_in": 9, "kind": "gemm"}
     assert traced[1].weight_bits is None
-    assert len(warnings) == 1 and "blocks.0.mystery" in warnings[0]
+    # a conv the tracer does not know is a naming problem; a batch norm is simply not a cost layer
+    assert len(warnings) == 1 and "blocks.0.mystery (conv2d)" in warnings[0] and "bn1" not in warnings[0]
+    assert merge_layer_records(traced, mine[:1]) == []
+
+
+def test_cost_package_stays_torch_free():
+    import subprocess
+    import sys
+    code = "import sys, qcard.cost; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_no_private_imports_between_builders():

@@ -2,7 +2,7 @@
 the fx and eager builders (qcard.quant.graph, qcard.quant.eager) and the cost tracer (qcard.cost.trace).
 
 Two views of the same ops: the tracer sees torch function calls at run time and recognises them by
-`__name__` (FUNC_NAME_OPS); the fx builder sees graph nodes and recognises their targets by identity
+`__name__` (qcard.ops.opnames.FUNC_NAME_OPS); the fx builder sees graph nodes and recognises their targets by identity
 (the *_FUNCS / *_METHODS tables). Both give the same op names (conv2d, linear, matmul, add, concat, ...).
 """
 from __future__ import annotations
@@ -16,8 +16,7 @@ from torch import nn
 
 __all__ = [
     "GEMM_OP", "gemm_type", "is_batch_norm", "module_kind", "RELU_MODULES", "NONLINEAR_MODULES", "AVGPOOL_MODULES",
-    "MAXPOOL_MODULES", "PASS_MODULES", "UNSIMULATED_PARAM_MODULES", "FUNC_NAME_OPS", "MAXPOOL_FUNC_IDS",
-    "COST_OPS", "NONLINEAR_FUNC_NAMES", "SHAPE_QUERIES", "RELU_FUNCS", "NONLINEAR_FUNCS", "NONLINEAR_METHODS",
+    "MAXPOOL_MODULES", "PASS_MODULES", "UNSIMULATED_PARAM_MODULES", "MAXPOOL_FUNC_IDS", "RELU_FUNCS", "NONLINEAR_FUNCS", "NONLINEAR_METHODS",
     "RELU_METHODS", "BINARY_FUNCS", "BINARY_METHODS", "CAT_FUNCS", "MATMUL_FUNCS", "MATMUL_METHODS",
     "AVGPOOL_FUNCS", "MAXPOOL_FUNCS", "PASS_FUNCS", "PASS_METHODS", "FUNCTIONAL_GEMM",
 ]
@@ -87,36 +86,11 @@ def module_kind(m: nn.Module) -> Tuple[str, str]:
     return "other", type(m).__name__
 
 
-# -- functions, as the tracer sees them (by __name__: builtins and Tensor methods) -----------------
+# -- functions, as the tracer sees them: by __name__ (torch-free tables in qcard.ops.opnames) ---------
 
-FUNC_NAME_OPS = {
-    "conv1d": "conv1d", "conv2d": "conv2d", "conv3d": "conv3d",
-    "conv_transpose1d": "conv_transpose1d", "conv_transpose2d": "conv_transpose2d",
-    "conv_transpose3d": "conv_transpose3d",
-    "linear": "linear",
-    "matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "mm": "matmul",
-    "bmm": "matmul", "baddbmm": "matmul", "addmm": "matmul",
-    "scaled_dot_product_attention": "attention",
-    "multi_head_attention_forward": "mha",
-    "add": "add", "add_": "add", "__add__": "add", "__iadd__": "add", "__radd__": "add",
-    "mul": "mul", "mul_": "mul", "__mul__": "mul", "__imul__": "mul", "__rmul__": "mul",
-    "cat": "concat", "concat": "concat", "concatenate": "concat",
-    "avg_pool1d": "avgpool", "avg_pool2d": "avgpool", "avg_pool3d": "avgpool",
-    "adaptive_avg_pool1d": "avgpool", "adaptive_avg_pool2d": "avgpool", "adaptive_avg_pool3d": "avgpool",
-    "max_pool1d_with_indices": "maxpool", "max_pool2d_with_indices": "maxpool",
-    "max_pool3d_with_indices": "maxpool", "adaptive_max_pool2d_with_indices": "maxpool",
-    "layer_norm": "layernorm", "softmax": "softmax",
-    # non-linearities the eager builder lists when forward code calls them (not cost layers)
-    "gelu": "gelu", "silu": "silu", "sigmoid": "sigmoid",
-}
 # max-pool functions are boolean-dispatch wrappers all named "fn": recognised by identity
 MAXPOOL_FUNC_IDS = frozenset(id(f) for f in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
                                              F.adaptive_max_pool2d, F.adaptive_max_pool3d))
-# the ops the cost model records (everything in FUNC_NAME_OPS but the non-linearities below)
-NONLINEAR_FUNC_NAMES = frozenset({"gelu", "silu", "sigmoid"})
-COST_OPS = frozenset(v for v in FUNC_NAME_OPS.values() if v not in NONLINEAR_FUNC_NAMES and v != "mha")
-# calls that read a tensor's metadata, not its values (not a use in the data flow)
-SHAPE_QUERIES = frozenset({"size", "dim", "__get__", "shape"})
 
 # -- functions and methods, as torch.fx sees them (graph node targets) ----------------------------
 

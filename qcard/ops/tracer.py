@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .kinds import COST_OPS, FUNC_NAME_OPS, MAXPOOL_FUNC_IDS, SHAPE_QUERIES
+from .kinds import MAXPOOL_FUNC_IDS
 from .naming import LayerNamer, weight_owner
+from .opnames import COST_OPS, FUNC_NAME_OPS, SHAPE_QUERIES
 
 __all__ = ["Op", "ModuleCall", "OpTrace", "trace_ops", "bind_args", "CONV_ARGS", "CONVT_ARGS", "MHA_PARTS"]
 
