@@ -191,7 +191,7 @@ def trace_layers(model: torch.nn.Module, input_shape: Tuple[int, ...], *, device
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     try:
         x = torch.zeros((1, *shape), dtype=dtype, device=device)
-        trace_ops(model, x, on_op=recorder)
+        trace_ops(model, x, on_op=recorder, data_flow=False)
     except QcardError:
         raise
     except Exception as exc:

@@ -9,7 +9,7 @@ function are not seen again (the mode is off while it runs).
 
 Each op gets its layer name (qcard.ops.naming), its kind (qcard.ops.kinds), the module running it and
 the identity (id) and shape of the tensors it reads and writes. Every tensor seen is kept alive until
-the pass ends, so ids are unique within one trace. nn.MultiheadAttention runs as one
+the pass ends, so ids are unique within one trace (data_flow=False skips that: shapes-only traces). nn.MultiheadAttention runs as one
 F.multi_head_attention_forward call; it is expanded into its input projection, the two attention
 matmuls, the softmax and the output projection (Op.part says which).
 
@@ -106,6 +106,16 @@ class OpTrace:
 OnOp = Callable[[Op, Any, tuple, dict, Any], None]
 
 
+class _Discard(list):
+    """A keep-alive list that keeps nothing (shapes-only traces: memory as in a plain forward pass)."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
 class _Frame:
     __slots__ = ("path", "module", "leaf", "counts", "extra_counts", "call")
 
@@ -116,12 +126,13 @@ class _Frame:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, model: nn.Module, on_op: Optional[OnOp]):
+    def __init__(self, model: nn.Module, on_op: Optional[OnOp], keep_alive: bool):
         super().__init__()
         self.trace = OpTrace()
         self.on_op = on_op
         self.stack: List[_Frame] = []
-        self.keep: List[Any] = []              # every tensor seen, alive until the end: ids stay unique
+        # every tensor seen, alive until the end, so that ids stay unique (data_flow=True)
+        self.keep: List[Any] = [] if keep_alive else _Discard()
         self.names = LayerNamer()
         self.extra_names = LayerNamer()
         self.param_names: Dict[int, str] = {}
@@ -260,12 +271,16 @@ class _Tracer(TorchFunctionMode):
             self._emit(op, func, args, kwargs, None)
 
 
-def trace_ops(model: nn.Module, example: torch.Tensor, on_op: Optional[OnOp] = None) -> OpTrace:
+def trace_ops(model: nn.Module, example: torch.Tensor, on_op: Optional[OnOp] = None, *,
+              data_flow: bool = True) -> OpTrace:
     """Run model(example) once (eval mode, no grad; the train/eval mode is restored) and return its ops
     and module calls in execution order. on_op(op, func, args, kwargs, out) is called for each op
     while its tensors are alive (the cost tracer computes MACs there); for nn.MultiheadAttention's
-    parts, func/args are the F.multi_head_attention_forward call and out is None."""
-    tracer = _Tracer(model, on_op)
+    parts, func/args are the F.multi_head_attention_forward call and out is None.
+    data_flow=False: tensors are freed as in a plain forward pass, so an id may be reused and the
+    identities (inputs, outputs, uses, producers) are not to be compared; names, kinds and shapes are
+    the same."""
+    tracer = _Tracer(model, on_op, data_flow)
     handles = []
     for path, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(tracer.pre_hook(path)))
