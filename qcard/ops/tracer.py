@@ -4,14 +4,15 @@ How it works: forward pre/post hooks keep a stack of the modules being executed 
 module call with its input/output tensors), and a TorchFunctionMode sees every torch function call
 (F.conv2d, F.linear, `a + b`, torch.cat, `q @ k`, F.scaled_dot_product_attention, ...). That catches
 functional ops that module hooks miss (residual adds, attention matmuls) without torch.fx, so it works
-on models fx cannot trace, and it costs one ordinary forward pass. Calls made inside a recognised
-function are not seen again (the mode is off while it runs).
+on models fx cannot trace, and it costs one ordinary forward pass. Torch calls made inside another
+torch function (F.multi_head_attention_forward's own linear, ...) are not seen: the mode is off while
+a function it caught runs.
 
 Each op gets its layer name (qcard.ops.naming), its kind (qcard.ops.kinds), the module running it and
 the identity (id) and shape of the tensors it reads and writes. Every tensor seen is kept alive until
-the pass ends, so ids are unique within one trace (data_flow=False skips that: shapes-only traces). nn.MultiheadAttention runs as one
-F.multi_head_attention_forward call; it is expanded into its input projection, the two attention
-matmuls, the softmax and the output projection (Op.part says which).
+the pass ends, so ids are unique within one trace (data_flow=False skips that, for shapes-only
+traces). nn.MultiheadAttention runs as one F.multi_head_attention_forward call; it is expanded into
+its input projection, the two attention matmuls, the softmax and the output projection (Op.part).
 
 Users: qcard.cost.trace (shape records for the cost model), qcard.quant.eager (quantizer placement
 without a graph), qcard.quant.bn (which batch norms fold into which conv/linear), and methods that
