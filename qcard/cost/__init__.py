@@ -1,4 +1,5 @@
-"""Simulated hardware cost: torch-side layer tracing plus a pure-Python cost model and profiles.
+"""Simulated hardware cost: torch-side layer tracing (trace.py, on the op tracer qcard.ops), the merge
+of a method's records into the traced ones (merge.py), and a pure-Python cost model and profiles.
 
 `trace_layers` (imports torch) is loaded lazily so that `import qcard.cost` stays light.
 """
