@@ -1,7 +1,7 @@
 """The analytical cost model (pure Python: no torch import).
 
-`estimate(records, profile)` turns per-layer records into the card's cost block. Definitions
-(specs/cost.md), for a layer with MACs multiply-accumulates, b_w weight bits, b_a activation bits
+`estimate(records, profile)` turns per-layer records into the card's cost block. Definitions,
+for a layer with MACs multiply-accumulates, b_w weight bits, b_a activation bits
 (None = FP32 = 32 bits):
 
 - effective MACs = MACs · (1 − weight sparsity) when zero weights are skipped, else MACs
@@ -288,14 +288,24 @@ def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
     sparsity = prof.skips_zero_weights if weight_sparsity_aware is None else bool(weight_sparsity_aware)
     records = list(records)
     rows = [_layer(r, prof, sparsity, None) for r in records]
+    total = _totals(records, rows, prof, sparsity, total_params)
+    notes: List[str] = list(prof.notes)
+    if prof.energy is not None:
+        _energy(total, records, rows, prof, notes)
+    _latency_and_speedups(total, records, rows, prof, sparsity)
+    total["notes"] = notes + _notes(total, rows, prof.latency)
+    _round(total, rows)
+    total["layers"] = rows
+    return total
+
+
+def _totals(records: List[LayerRecord], rows: List[Dict[str, Any]], prof: Profile, sparsity: bool,
+            total_params: Optional[int]) -> Dict[str, Any]:
     rec_params = sum(r.params for r in records)
     params = int(total_params) if total_params is not None else rec_params
     outside = max(0, params - rec_params)
     size = sum(r["size_bits"] for r in rows) + outside * FP32
-    lat = prof.latency
-    notes: List[str] = list(prof.notes)
-
-    total: Dict[str, Any] = {
+    return {
         "profile": prof.name,
         "params": params,
         "size_bits": size,
@@ -317,22 +327,31 @@ def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
         "weight_sparsity_aware": sparsity,
         "expected_cost": any(r["expected_cost"] for r in rows),
     }
-    if prof.energy is not None:
-        energy = sum(r["energy"] for r in rows)
-        total["energy"] = energy
-        total["energy_unit"] = prof.energy.unit
-        if prof.energy.unit == "pJ":
-            total["energy_pj"] = energy
-        else:
-            notes.append(f"energy is in {prof.energy.unit} ({prof.energy.unit_description}), not pJ: "
-                         f"energy_pj is null and 'energy' holds the value")
-        for tag, (w, a) in (("fp32", (None, None)), ("int8", (8, 8))):
-            base = sum(_layer(r, prof, False, "fixed8" if isinstance(lat, SystolicWS) else None)["energy"]
-                       for r in _with_bits(records, w, a))
-            total[f"energy_ratio_vs_{tag}"] = base / energy if energy else None
 
-    baseline_text = {"fp32": "the same layers, dense, with FP32 (32-bit) weights and activations",
-                     "int8": "the same layers, dense, with 8-bit weights and activations"}
+
+def _energy(total: Dict[str, Any], records: List[LayerRecord], rows: List[Dict[str, Any]], prof: Profile,
+            notes: List[str]) -> None:
+    energy = sum(r["energy"] for r in rows)
+    total["energy"] = energy
+    total["energy_unit"] = prof.energy.unit
+    if prof.energy.unit == "pJ":
+        total["energy_pj"] = energy
+    else:
+        notes.append(f"energy is in {prof.energy.unit} ({prof.energy.unit_description}), not pJ: "
+                     f"energy_pj is null and 'energy' holds the value")
+    for tag, (w, a) in (("fp32", (None, None)), ("int8", (8, 8))):
+        base = sum(_layer(r, prof, False, "fixed8" if isinstance(prof.latency, SystolicWS) else None)["energy"]
+                   for r in _with_bits(records, w, a))
+        total[f"energy_ratio_vs_{tag}"] = base / energy if energy else None
+
+
+_BASELINE_TEXT = {"fp32": "the same layers, dense, with FP32 (32-bit) weights and activations",
+                  "int8": "the same layers, dense, with 8-bit weights and activations"}
+
+
+def _latency_and_speedups(total: Dict[str, Any], records: List[LayerRecord], rows: List[Dict[str, Any]],
+                          prof: Profile, sparsity: bool) -> None:
+    lat = prof.latency
     if lat is not None:
         cycles = _sum(rows, "cycles")
         total["latency_cycles"] = cycles
@@ -346,7 +365,7 @@ def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
             base = _total_latency(_with_bits(records, w, a), prof, base_mode)
             total[f"speedup_vs_{tag}"] = base / total["latency_cycles"] if total["latency_cycles"] else None
             where = f"{prof.name} (fixed 8-bit PE)" if base_mode else prof.name
-            baselines[tag] = {"profile": prof.name, "baseline": f"{baseline_text[tag]} on {where}",
+            baselines[tag] = {"profile": prof.name, "baseline": f"{_BASELINE_TEXT[tag]} on {where}",
                               "definition": "baseline latency_cycles / latency_cycles"}
     elif definition == "weight_bit_weighted_macs":
         # MARViN's inference speedup: Σ 32·MACs / Σ nz·b_w·MACs (b_w = activation bits for a
@@ -355,11 +374,14 @@ def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
         for tag, ref in (("fp32", FP32), ("int8", 8.0)):
             num = _bit_weighted(records, lambda r: ref, False)
             total[f"speedup_vs_{tag}"] = num / denom if denom else None
-            baselines[tag] = {"profile": prof.name, "baseline": baseline_text[tag],
+            baselines[tag] = {"profile": prof.name, "baseline": _BASELINE_TEXT[tag],
                               "definition": f"Σ {ref:g}·MACs / Σ (1 − weight sparsity if skipped)·b_w·MACs "
                                             f"(bit-weighted MACs, MARViN)"}
     total["speedup_baselines"] = baselines or None
 
+
+def _notes(total: Dict[str, Any], rows: List[Dict[str, Any]], lat) -> List[str]:
+    notes = []
     if isinstance(lat, Roofline) and lat.caution:
         notes.append(lat.caution)
     if total["expected_cost"]:
@@ -373,10 +395,14 @@ def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
     if isinstance(lat, Lookup):
         notes.append("lookup latency counts MAC layers only; operands wider than the table run in slices "
                      "of its widest entry (FP32 as 32-bit integers)")
+    outside = total["params_outside_layers"]
     if outside:
         notes.append(f"{outside} parameters outside the traced layers (BN, embeddings, ...) counted at 32 bits")
-    total["notes"] = notes
+    return notes
 
+
+def _round(total: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    """Whole-number sums as ints (_clean), in every row and in the totals."""
     for r in rows:
         for k in ("bops", "cycles", "energy_pj", "energy", "effective_macs", "bops_uniq", "size_bits",
                   "activation_in_bits", "activation_out_bits", "largest_activation_map_bits",
@@ -389,8 +415,6 @@ def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
               "largest_activation_map_bits", "compulsory_traffic_bits", "energy"):
         if total.get(k) is not None:
             total[k] = _clean(total[k])
-    total["layers"] = rows
-    return total
 
 
 def apply_bits(records: Sequence[LayerRecord], weight_bits: Optional[float], activation_bits: Optional[float],

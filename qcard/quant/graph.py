@@ -1,6 +1,7 @@
-"""Place quantizers where integer hardware needs them, on a torch.fx graph (eager fallback in eager.py).
+"""Place quantizers where integer hardware needs them, on a torch.fx graph (eager fallback: quant/eager.py).
 
-Rules (specs/ptq-qat.md):
+Nodes are classified with the op tables of qcard.ops.kinds and named by the layer-naming rules of
+qcard.ops.naming, so records match the cost tracer's. Rules:
   - weights are quantized inside each conv/linear (QConv2d, QLinear, ...), after BN folding;
   - an activation is quantized once, at its producer, after the fused activation (ReLU/ReLU6 are
     absorbed into the quantizer when the grid makes them redundant), and that quantized tensor
@@ -28,8 +29,14 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import QcardError
-from .bn import can_fold, bn_affine, fold_bn
-from .modules import is_quant_layer, to_quant_module, weight_channel_axis
+from ..ops.kinds import (AVGPOOL_FUNCS, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS, FUNCTIONAL_GEMM, MATMUL_FUNCS,
+                         MATMUL_METHODS, MAXPOOL_FUNCS, NONLINEAR_FUNCS, NONLINEAR_METHODS, PASS_FUNCS, PASS_METHODS,
+                         RELU_FUNCS, RELU_METHODS, module_kind)
+from ..ops.naming import LayerNamer
+from .bn import bn_affine, fold_bn, fold_reason
+from .cle import pair_supported
+from .eager import build_eager
+from .modules import to_quant_module, weight_channel_axis
 from .quantizer import FakeQuantize, fake_quantize
 from .scheme import SimScheme
 from .sim import LayerInfo, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
@@ -37,66 +44,7 @@ from .sim import LayerInfo, SimInfo, make_act_quantizer, make_weight_quantizer, 
 __all__ = ["build_simulated", "classify_node"]
 
 # --------------------------------------------------------------------------------------------
-# node classification
-
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_NONLINEAR_MODULES = {
-    nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softmax: "softmax",
-    nn.LogSoftmax: "log_softmax", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish",
-    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.SELU: "selu", nn.CELU: "celu", nn.Softplus: "softplus",
-    nn.PReLU: "prelu", nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm", nn.Softsign: "softsign",
-    nn.InstanceNorm1d: "instancenorm", nn.InstanceNorm2d: "instancenorm", nn.InstanceNorm3d: "instancenorm",
-    nn.LocalResponseNorm: "lrn", nn.Hardtanh: "hardtanh",
-}
-_AVGPOOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                    nn.AdaptiveAvgPool3d)
-_MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                    nn.AdaptiveMaxPool3d)
-_PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                 nn.AlphaDropout, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
-
-_RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6"}
-_NONLINEAR_FUNCS = {
-    F.gelu: "gelu", F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
-    F.tanh: "tanh", F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
-    F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish", F.leaky_relu: "leaky_relu",
-    F.elu: "elu", F.layer_norm: "layernorm", F.group_norm: "groupnorm", F.normalize: "normalize",
-    torch.exp: "exp", F.softplus: "softplus",
-}
-_NONLINEAR_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax", "log_softmax": "log_softmax",
-                      "exp": "exp"}
-_RELU_METHODS = {"relu": "relu", "relu_": "relu"}
-_ADD_FUNCS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub",
-              operator.isub: "sub", torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
-              operator.truediv: "div", torch.div: "div"}
-_ADD_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
-                "div": "div", "div_": "div"}
-_CAT_FUNCS = {torch.cat: "concat", torch.concat: "concat", torch.stack: "stack"}
-_MATMUL_FUNCS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul"}
-_MATMUL_METHODS = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul"}
-_AVGPOOL_FUNCS = {F.avg_pool1d: "avgpool", F.avg_pool2d: "avgpool", F.avg_pool3d: "avgpool",
-                  F.adaptive_avg_pool1d: "avgpool", F.adaptive_avg_pool2d: "avgpool",
-                  F.adaptive_avg_pool3d: "avgpool", torch.mean: "mean"}
-_MAXPOOL_FUNCS = {F.max_pool1d: "maxpool", F.max_pool2d: "maxpool", F.max_pool3d: "maxpool",
-                  F.adaptive_max_pool1d: "maxpool", F.adaptive_max_pool2d: "maxpool",
-                  F.adaptive_max_pool3d: "maxpool", torch.max_pool2d: "maxpool", torch.max_pool1d: "maxpool"}
-_PASS_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-               operator.getitem, torch.narrow, torch.chunk, torch.split, torch.unbind, torch.t, F.dropout,
-               F.dropout1d, F.dropout2d, torch.select, torch.movedim, torch.swapaxes, F.pixel_shuffle,
-               torch.clone, torch.squeeze, torch.flip, torch.roll, torch.repeat_interleave}
-_PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                 "expand", "expand_as", "t", "narrow", "chunk", "split", "unbind", "select", "clone", "detach",
-                 "to", "float", "type_as", "view_as", "reshape_as", "flip", "roll", "repeat", "movedim",
-                 "swapaxes", "unflatten", "cpu", "cuda"}
-_FUNCTIONAL_GEMM = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
-_UNSIMULATED_PARAM_MODULES = (nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN,
-                              nn.Bilinear, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-_GEMM_OP = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.ConvTranspose1d: "conv_transpose1d",
-            nn.ConvTranspose2d: "conv_transpose2d", nn.ConvTranspose3d: "conv_transpose3d", nn.Linear: "linear"}
-# ops the cost tracer records (qcard.cost.trace): their names must follow its counting rules
-_TRACED_OPS = {"add", "mul", "concat", "avgpool", "maxpool", "matmul", "attention", "layernorm", "softmax"}
-
+# node classification (op tables: qcard.ops.kinds)
 
 def _tm(node: Any):
     return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -134,13 +82,6 @@ def _real_users(node: fx.Node) -> List[fx.Node]:
     return out
 
 
-def _gemm_type(m: nn.Module):
-    for base in _GEMM_OP:
-        if type(m) is base or (is_quant_layer(m) and isinstance(m, base)):
-            return base
-    return None
-
-
 def classify_node(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[str, str]:
     """(kind, op) of a graph node. Kinds: input output get_attr gemm bn relu nonlinear add mul concat
     avgpool maxpool matmul attention pass scalar fgemm unsimulated other nontensor."""
@@ -150,85 +91,70 @@ def classify_node(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[str, st
         return "output", "output"
     if node.op == "get_attr":
         return ("get_attr", "constant") if _is_float_tensor(node) else ("nontensor", "constant")
-    float_out = _is_float_tensor(node)
-    tm = _tm(node)
-    if not float_out and not isinstance(tm, (tuple, list)):
+    if not _is_float_tensor(node) and not isinstance(_tm(node), (tuple, list)):
         return "nontensor", str(node.target)
     if node.op == "call_module":
-        m = modules[node.target]
-        gt = _gemm_type(m)
-        if gt is not None:
-            return "gemm", _GEMM_OP[gt]
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return "bn", "batchnorm"
-        if isinstance(m, nn.ReLU):
-            return "relu", "relu"
-        if isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
-            return "relu", "relu6"
-        if type(m) in _NONLINEAR_MODULES:
-            return "nonlinear", _NONLINEAR_MODULES[type(m)]
-        if isinstance(m, _AVGPOOL_MODULES):
-            return "avgpool", "avgpool"
-        if isinstance(m, _MAXPOOL_MODULES):
-            return "maxpool", "maxpool"
-        if isinstance(m, _PASS_MODULES):
-            return "pass", type(m).__name__.lower()
-        if isinstance(m, nn.Upsample) and m.mode == "nearest":
-            return "pass", "upsample_nearest"
-        if isinstance(m, _UNSIMULATED_PARAM_MODULES) or any(True for _ in m.parameters(recurse=True)):
-            return "unsimulated", type(m).__name__
-        return "other", type(m).__name__
-    target = node.target
+        return module_kind(modules[node.target])
     if node.op == "call_function":
-        if target is F.batch_norm:
-            return "bn", "batchnorm"
-        if target in _RELU_FUNCS:
-            return "relu", _RELU_FUNCS[target]
-        if target is F.hardtanh and _hardtanh_is_relu6(node):
-            return "relu", "relu6"
-        if target in _NONLINEAR_FUNCS:
-            return "nonlinear", _NONLINEAR_FUNCS[target]
-        if target in _ADD_FUNCS:
-            return _binary_kind(node, _ADD_FUNCS[target])
-        if target in _CAT_FUNCS:
-            return "concat", _CAT_FUNCS[target]
-        if target in _MATMUL_FUNCS:
-            return _matmul_kind(node, modules)
-        if target is F.scaled_dot_product_attention:
-            return "attention", "attention"
-        if target in _AVGPOOL_FUNCS:
-            return "avgpool", _AVGPOOL_FUNCS[target]
-        if target in _MAXPOOL_FUNCS:
-            return "maxpool", "maxpool"
-        if target in _PASS_FUNCS:
-            return "pass", getattr(target, "__name__", str(target))
-        if target in _FUNCTIONAL_GEMM:
-            return "fgemm", _FUNCTIONAL_GEMM[target]
-        if target is torch.clamp or target is torch.clip:
-            return _clamp_kind(node)
-        if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant" \
-                and not (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)):
-            return "pass", "pad"                 # zero padding keeps the grid (zero is on it)
-        if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") \
-                == "nearest":
-            return "pass", "upsample_nearest"
-        return "other", getattr(target, "__name__", str(target))
+        return _function_kind(node)
     if node.op == "call_method":
-        if target in _RELU_METHODS:
-            return "relu", "relu"
-        if target in _NONLINEAR_METHODS:
-            return "nonlinear", _NONLINEAR_METHODS[target]
-        if target in _ADD_METHODS:
-            return _binary_kind(node, _ADD_METHODS[target])
-        if target in _MATMUL_METHODS:
-            return _matmul_kind(node, modules)
-        if target == "mean":
-            return "avgpool", "mean"
-        if target in _PASS_METHODS:
-            return "pass", target
-        if target in ("clamp", "clip", "clamp_"):
-            return _clamp_kind(node)
-        return "other", str(target)
+        return _method_kind(node)
+    return "other", str(node.target)
+
+
+def _function_kind(node: fx.Node) -> Tuple[str, str]:
+    target = node.target
+    if target is F.batch_norm:
+        return "bn", "batchnorm"
+    if target in RELU_FUNCS:
+        return "relu", RELU_FUNCS[target]
+    if target is F.hardtanh and _hardtanh_is_relu6(node):
+        return "relu", "relu6"
+    if target in NONLINEAR_FUNCS:
+        return "nonlinear", NONLINEAR_FUNCS[target]
+    if target in BINARY_FUNCS:
+        return _binary_kind(node, BINARY_FUNCS[target])
+    if target in CAT_FUNCS:
+        return "concat", CAT_FUNCS[target]
+    if target in MATMUL_FUNCS:
+        return _matmul_kind(node)
+    if target is F.scaled_dot_product_attention:
+        return "attention", "attention"
+    if target in AVGPOOL_FUNCS:
+        return "avgpool", AVGPOOL_FUNCS[target]
+    if target in MAXPOOL_FUNCS:
+        return "maxpool", "maxpool"
+    if target in PASS_FUNCS:
+        return "pass", getattr(target, "__name__", str(target))
+    if target in FUNCTIONAL_GEMM:
+        return "fgemm", FUNCTIONAL_GEMM[target]
+    if target is torch.clamp or target is torch.clip:
+        return _clamp_kind(node)
+    if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant" \
+            and not (node.kwargs.get("value") or (node.args[3] if len(node.args) > 3 else 0)):
+        return "pass", "pad"                 # zero padding keeps the grid (zero is on it)
+    if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") \
+            == "nearest":
+        return "pass", "upsample_nearest"
+    return "other", getattr(target, "__name__", str(target))
+
+
+def _method_kind(node: fx.Node) -> Tuple[str, str]:
+    target = node.target
+    if target in RELU_METHODS:
+        return "relu", "relu"
+    if target in NONLINEAR_METHODS:
+        return "nonlinear", NONLINEAR_METHODS[target]
+    if target in BINARY_METHODS:
+        return _binary_kind(node, BINARY_METHODS[target])
+    if target in MATMUL_METHODS:
+        return _matmul_kind(node)
+    if target == "mean":
+        return "avgpool", "mean"
+    if target in PASS_METHODS:
+        return "pass", target
+    if target in ("clamp", "clip", "clamp_"):
+        return _clamp_kind(node)
     return "other", str(target)
 
 
@@ -256,7 +182,7 @@ def _binary_kind(node: fx.Node, op: str) -> Tuple[str, str]:
     return "scalar", op
 
 
-def _matmul_kind(node: fx.Node, modules) -> Tuple[str, str]:
+def _matmul_kind(node: fx.Node) -> Tuple[str, str]:
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if any(a.op == "get_attr" for a in args):
         return "fgemm", "matmul"
@@ -266,28 +192,14 @@ def _matmul_kind(node: fx.Node, modules) -> Tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 # the builder
 
-def _parent_and_attr(root: nn.Module, path: str):
-    parts = path.split(".")
-    parent = root
-    for p in parts[:-1]:
-        parent = getattr(parent, p)
-    return parent, parts[-1]
-
-
-def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, attr = _parent_and_attr(root, path)
-    setattr(parent, attr, new)
-
-
 def _sanitize(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name) or "q"
 
 
 class _FxBuilder:
-    def __init__(self, gm: fx.GraphModule, cfg: SimScheme, log):
+    def __init__(self, gm: fx.GraphModule, cfg: SimScheme):
         self.gm = gm
         self.cfg = cfg
-        self.log = log
         self.graph = gm.graph
         self.modules = dict(gm.named_modules())
         self.info = SimInfo(config=cfg, graph_mode="fx", residual_add=cfg.residual_add)
@@ -309,21 +221,17 @@ class _FxBuilder:
 
     # -- step 1: classify and name ----------------------------------------------------------
     def classify(self) -> None:
-        counters: Dict[Tuple[str, str], int] = {}
-        used: Dict[str, int] = {}
-
-        def unique(name: str) -> str:
-            n = used.get(name)
-            used[name] = 0 if n is None else n + 1
-            return name if n is None else f"{name}_{n + 1}"
-
+        """Kind and op of every node, and its layer name by the tracer's rules (qcard.ops.naming):
+        modules by path, functional ops "<innermost module>.<op>" counted per module."""
+        counters: Dict[str, Dict[str, int]] = {}
+        names = LayerNamer()
         for node in self.graph.nodes:
             kind, op = classify_node(node, self.modules)
             self.kind[node], self.opname[node] = kind, op
             if node.op == "call_module":
-                self.rname[node] = unique(str(node.target))
+                self.rname[node] = names.unique(str(node.target))
             elif node.op in ("call_function", "call_method") and kind not in ("pass", "nontensor"):
-                if kind == "scalar":      # x * c: not a layer; its own counter keeps tracer names aligned
+                if kind == "scalar":      # x * c: not a layer (the tracer skips it); counted apart
                     op = f"scalar_{op}"
                 stack = node.meta.get("nn_module_stack") or {}
                 key, path = "", ""
@@ -331,10 +239,7 @@ class _FxBuilder:
                     key = list(stack.keys())[-1]
                     val = stack[key]
                     path = val[0] if isinstance(val, tuple) else str(val)
-                n = counters.get((key, op), 0)
-                counters[(key, op)] = n + 1
-                base = f"{path}.{op}" if path else op
-                self.rname[node] = unique(base if n == 0 else f"{base}_{n}")
+                self.rname[node] = names.unique(names.scoped(counters.setdefault(key, {}), path, op))
             else:
                 self.rname[node] = node.name
 
@@ -347,15 +252,9 @@ class _FxBuilder:
             has_bn = True
             bn, why = self._bn_module(node)
             src = node.args[0] if node.args else None
-            reason = why
-            if reason is not None:
-                pass
-            elif not (isinstance(src, fx.Node) and self.kind.get(src) == "gemm"):
-                reason = "batch norm not directly after a conv/linear: cannot be folded, runs in FP32"
-            elif len(_real_users(src)) != 1:
-                reason = "the conv/linear output feeding this batch norm is also used elsewhere: not folded"
-            else:
-                reason = can_fold(self.modules[src.target], bn)
+            gemm = isinstance(src, fx.Node) and self.kind.get(src) == "gemm"
+            reason = why or fold_reason(self.modules[src.target] if gemm else None, bn,
+                                        gemm and len(_real_users(src)) == 1)
             if reason is not None:
                 self.info.unquantized.append({"name": self.rname[node], "op": "batchnorm", "reason": reason})
                 continue
@@ -424,7 +323,7 @@ class _FxBuilder:
                 q.qcard_bn = pending
                 done[id(m)] = q
             q = done[id(m)]
-            _set_module(self.gm, node.target, q)
+            self.gm.set_submodule(node.target, q)
             self.modules[node.target] = q
 
     # -- step 4: groups (producer + BN kept + fused activation) -------------------------------
@@ -459,7 +358,7 @@ class _FxBuilder:
             return True
         return k == "relu" and self.cfg.quant_point == "before_activation"
 
-    def _data_source(self, node: Any, seen=None) -> Any:
+    def _data_source(self, node: Any) -> Any:
         """Walk back through grid-keeping ops to the node that produced the values."""
         while isinstance(node, fx.Node) and self._passthrough(node) and node.args:
             node = node.args[0]
@@ -529,10 +428,9 @@ class _FxBuilder:
         return seen
 
     def find_pairs_and_producers(self) -> None:
-        from .cle import pair_supported
         acts = {head: a for a, head in self.fused.items() if self.kind.get(a) == "relu"}
         for g1 in self.graph.nodes:
-            if self.kind[g1] != "gemm" or self.cfg.bn == "kept" and self.info.batch_norm == "kept":
+            if self.kind[g1] != "gemm" or self.info.batch_norm == "kept":
                 continue
             act = acts.get(g1)
             end = act if act is not None else g1
@@ -836,12 +734,8 @@ class _FxBuilder:
                     if k == "nonlinear":
                         ins = ins[:1]
                     li.input_quantizers = [self._edge_quantizer(a) for a in ins]
-                    if k == "relu":
-                        li.fused_act = self.opname[node]
                 out = self.group_out.get(node, node)
                 rq = self.root_q.get(out) or self.root_q.get(node)
-                if rq is None and out in self.fused:   # the fused ReLU was absorbed: its quantizer is the root's
-                    rq = None
                 li.output_quantizer = rq[1] if rq is not None else self._absorbed_output(node)
                 if k == "maxpool":
                     li.output_quantizer = li.input_quantizers[0] if li.input_quantizers else None
@@ -950,7 +844,6 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
     if cfg.graph_mode not in ("auto", "fx", "eager"):
         raise QcardError(f"graph_mode must be auto, fx or eager, not '{cfg.graph_mode}'")
     if cfg.graph_mode == "eager":
-        from .eager import build_eager
         return build_eager(model, cfg, example_input, "graph_mode: eager was requested", log)
     try:
         gm = fx.symbolic_trace(model)
@@ -962,6 +855,5 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
         if cfg.graph_mode == "fx":
             raise QcardError(f"graph_mode: fx was requested but {reason}; use graph_mode: auto or eager") from exc
         log(f"qcard: {reason}; falling back to eager (module-level) quantizer placement")
-        from .eager import build_eager
         return build_eager(model, cfg, example_input, reason, log)
-    return _FxBuilder(gm, cfg, log).build()
+    return _FxBuilder(gm, cfg).build()
