@@ -346,8 +346,10 @@ class _PointRun:
             method_stats["per_seed"] = figures
         info, data = self.info, self.data
         input_shape = tuple(point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
-        cost, cost_profiles = self.timed("cost", compute_cost, point, self.res, self.base_model, input_shape,
-                                         result.layers, info)
+        cost, cost_profiles, cost_warnings = self.timed("cost", compute_cost, point, self.res, self.base_model,
+                                                        input_shape, result.layers, info)
+        for w in cost_warnings:
+            self.log(f"    warning: {w}")
         prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
                                   config_sha256=self.exp.config_sha256)
         prov.update(started_at=started_at, finished_at=provenance.now_iso(),
@@ -367,7 +369,7 @@ class _PointRun:
             "cost_profiles": cost_profiles,
             "method_stats": method_stats,
             "sections": card_sections_of(method, method_stats),
-            "warnings": list(result.warnings) + _data_warnings(self.evaluation, result.calibration),
+            "warnings": list(result.warnings) + cost_warnings + _data_warnings(self.evaluation, result.calibration),
             "provenance": prov,
             "reproduce": reproduce_command(self.exp, point),
         }
@@ -407,29 +409,18 @@ def _scalar_figures(stats: dict) -> dict:
 
 
 def compute_cost(point: Point, res: Resources, model, input_shape, method_layers, info):
-    from .cost import estimate, load_profile
+    """(cost block of the first profile, the other profiles' totals, warnings): the traced layers with the
+    method's bits merged in by name; a method record that matches no traced layer is reported, not added."""
+    from .cost import estimate, load_profile, merge_layer_records
     records = res.trace(point, model, input_shape)
-    by_name = {r.name: r for r in records}
-    quant_fields = ("weight_bits", "activation_bits", "output_bits", "weight_granularity", "weight_symmetric",
-                    "activation_granularity", "activation_symmetric", "weight_sparsity",
-                    "activation_bits_distribution", "weight_bits_distribution", "quantized", "reason", "extra")
-    for layer in method_layers or []:
-        target = by_name.get(layer.name)
-        if target is None:
-            records.append(layer)
-            continue
-        for f in quant_fields:
-            if f == "extra":  # keep the tracer's extras; the method's own keys win
-                target.extra = {**target.extra, **layer.extra}
-            else:
-                setattr(target, f, getattr(layer, f))
+    warnings = merge_layer_records(records, method_layers)
     total_params = info.params if getattr(info, "params", None) else None
     blocks = {}
     for name in point.cost.profiles:
         blocks[name] = estimate(records, load_profile(name), total_params=total_params)
     first = point.cost.profiles[0]
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in blocks.items() if k != first}
-    return blocks[first], extra
+    return blocks[first], extra, warnings
 
 
 def _data_warnings(evaluation, calibration) -> List[str]:

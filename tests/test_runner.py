@@ -231,3 +231,16 @@ def test_a_card_that_cannot_be_rendered_keeps_its_results(write_config, tmp_path
     assert json.loads((folder / "card.json").read_text())["status"] == "ok"
     assert "Rendering failed (ValueError: template exploded)" in (folder / "card.md").read_text()
     assert any("could not be rendered" in l for l in lines)
+
+
+def test_method_records_merge_by_name_and_unmatched_ones_are_reported(write_config, tmp_path):
+    """A method's per-layer record joins the traced layer of the same name; one whose name matches no traced
+    op is never appended to the cost (it has no shapes) and the card says so."""
+    cfg = make(write_config, tmp_path, "  - {name: user_methods:ScaleWeights, params: {records: [[conv1, conv9]]}}\n")
+    summary = qcard.run(cfg, progress=False)
+    assert summary.ok
+    card = load_card(cards_of(summary.out_dir)[0])
+    layers = {layer.name: layer for layer in card.cost.layers}
+    assert layers["conv1"].weight_bits == 8 and layers["conv2"].weight_bits == 32     # FP32 where not reported
+    assert "conv9" not in layers
+    assert any("conv9 (conv2d)" in w and "match no traced layer" in w for w in card.warnings)

@@ -9,6 +9,7 @@ from typing import List
 import torch
 
 from qcard.methods.base import Method, MethodParams, QuantResult
+from qcard.records import LayerRecord
 
 
 def not_quantized() -> dict:
@@ -30,6 +31,7 @@ class ScaleWeights(Method):
         fail: bool = False
         nan: bool = False
         tags: List[str] = []        # a list-typed field: a list here is a value, not a sweep
+        records: List[str] = []     # conv layer names to report 8-bit weights for (names the tracer may not know)
 
     def apply(self, model, data, params, ctx):
         if params.delay:
@@ -44,7 +46,8 @@ class ScaleWeights(Method):
                         p.add_(torch.randn_like(p) * params.noise)
                     if params.nan:
                         p.fill_(float("nan"))
-        return QuantResult(model=model, quantization=not_quantized(), pipeline=["scale"],
+        layers = [LayerRecord(name=n, op="conv2d", weight_bits=8) for n in params.records]
+        return QuantResult(model=model, quantization=not_quantized(), pipeline=["scale"], layers=layers,
                            stats={"tags": list(params.tags)})
 
     def card_sections(self, stats):
