@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from pydantic import ValidationError
 
 from ..errors import QcardError
+from ..quant.qspec import value_text
 from .render import environment, fmt_bits_size, fmt_energy, fmt_si
 from .schema import Card, card_from_dict
 
@@ -151,16 +152,12 @@ def _edge(layer) -> str:
     return f"W{_bits(w)}/A{_bits(a)}"
 
 
-_HYPHEN = {"per_tensor": "per-tensor", "per_channel": "per-channel", "per_group": "per-group",
-           "power_of_two": "power-of-two"}
-
-
 def _words(v: Any) -> str:
     if v is None:
         return "none"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    return _HYPHEN.get(v, str(v).replace("_", " ")) if isinstance(v, str) else str(v)
+    return value_text(v) if isinstance(v, str) else str(v)
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import jinja2
 
 from ..errors import QcardError
+from ..quant.qspec import value_text
 from .method_tables import method_tables
 from .schema import Card, card_from_dict
 
@@ -109,7 +110,7 @@ def fmt_value(v: Any) -> str:
         return ", ".join(fmt_value(x) for x in v) if v else "none"
     if isinstance(v, dict):
         return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items()) if v else DASH
-    return str(v).replace("_", " ")
+    return value_text(str(v))
 
 
 def fmt_pct(v: Any) -> str:

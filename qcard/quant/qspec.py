@@ -16,12 +16,19 @@ ScaleFormat = Literal["float", "power_of_two"]
 Rounding = Literal["nearest", "stochastic"]
 
 
-_TEXT = {"per_tensor": "per-tensor", "per_channel": "per-channel", "per_group": "per-group"}
+# how the enum values read in prose and tables (cards, compare, messages); JSON keeps the values themselves
+_TEXT = {"per_tensor": "per-tensor", "per_channel": "per-channel", "per_group": "per-group",
+         "power_of_two": "power-of-two"}
+
+
+def value_text(value: str) -> str:
+    """The one human spelling of a scheme value: 'per_channel' -> 'per-channel', other underscores -> spaces."""
+    return _TEXT.get(value, value.replace("_", " "))
 
 
 def granularity_text(value: Optional[str]) -> str:
     """The one human spelling of a granularity ('per-channel'); JSON keeps the enum value."""
-    return _TEXT.get(value, str(value)) if value is not None else "none"
+    return value_text(value) if value is not None else "none"
 
 
 def group_size_problem(granularity: str, group_size: Optional[int], granularity_key: str = "granularity",
