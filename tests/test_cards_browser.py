@@ -84,7 +84,7 @@ def test_html_card_in_headless_chromium(chromium, tmp_path):
     text = re.sub(r"\s+", " ", text).replace("&amp;", "&")
     for needle in ("69.76", "68.42 ± 0.09", "-1.33", "175.6 G", "937.4 µJ", "1,814,073,344",
                    "Hardware-unfriendly choices", "first and last layers in FP32 (conv1, fc)",
-                   "per channel", "folded", "1,024 images from train"):
+                   "per-channel", "folded", "1,024 images from train"):
         assert needle in text, f"{needle!r} is not in the page text"
     assert len(re.findall(r'<img src="data:image/png;base64,', dom.stdout)) == 2
 
