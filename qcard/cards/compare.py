@@ -7,7 +7,7 @@ above it, the accuracy/cost Pareto front, exports (Markdown, CSV, LaTeX, JSON).
     cmp.table            # pandas DataFrame, one row per card (failed cards included, status "failed")
     cmp.pareto           # row indices on the accuracy/cost front
 
-What counts as a confounder (specs/card.md): every setting on the card other than the method's own
+What counts as a confounder (Garg et al., Confounding Tradeoffs for Neural Network Quantization, 2021): every setting on the card other than the method's own
 choice. The method's own choices are its name, family, label, params and pipeline, and what those
 decide inside the quantizer: rounding (nearest/AdaRound/...), weight and activation range setting,
 cross-layer equalization, bias correction and the mixed-precision policy (allowed bits). Those are

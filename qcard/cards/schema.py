@@ -1,4 +1,4 @@
-"""card.json, schema version 1 (specs/card.md). Key names are a public format: change with care.
+"""card.json, schema version 1 (its JSON Schema: qcard/schemas/card.schema.json). Key names are a public format: change with care.
 
 Required blocks are typed; blocks that methods extend (method_stats, per-layer rows) accept extra keys.
 `load_card` accepts every schema version qcard has written and upgrades it to the current one.

@@ -2,7 +2,7 @@
 
 A method gets the FP32 model, the point's data and its validated Params, and returns a QuantResult:
 the simulated (fake-quantized) model to evaluate, the per-layer records for the cost model, and
-what it did, in the card's vocabulary (specs/card.md), read from the simulated model. The
+what it did, in the card's vocabulary (qcard/cards/schema.py), read from the simulated model. The
 quantization block is checked against the card schema when the QuantResult is built.
 
 A method also owns its part of the card: `card_sections(stats)` turns its method_stats into tables

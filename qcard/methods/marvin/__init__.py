@@ -1,4 +1,5 @@
-"""MARViN / AdaPT: adaptive per-layer fixed-point precision during training (shared/specs/marvin.md).
+"""MARViN / AdaPT: adaptive per-layer fixed-point precision during training (Kummer et al., MARViN,
+arXiv 2107.13490; AdaPT, SDM 2023; and the authors' code).
 
 One job per file:
   rules.py        the pure rules (gradient diversity, lookback, push-up/down, KL tests, strategy, cost)

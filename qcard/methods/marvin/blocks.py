@@ -1,5 +1,5 @@
 """The card's blocks for a MARViN run, read from a finished MarvinController: method_stats.marvin,
-the per-layer records and the quantization block, in the card's vocabulary (specs/card.md)."""
+the per-layer records and the quantization block, in the card's vocabulary (qcard/cards/schema.py)."""
 from __future__ import annotations
 
 import math

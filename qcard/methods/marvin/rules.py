@@ -1,4 +1,4 @@
-"""MARViN rules (pure functions): adaptive per-layer fixed-point precision during training (shared/specs/marvin.md).
+"""MARViN rules (pure functions): adaptive per-layer fixed-point precision during training.
 
 Kummer, Sidak, Reichmann, Gansterer: "MARViN" (arXiv 2107.13490, 2021), extended as "AdaPT: Adaptive
 Precision Training" (SDM 2023); rules read from the authors' code (lorenz0890/AdaPT).
@@ -33,7 +33,7 @@ previous ⌊mean lb⌋ step losses and returns to min otherwise (the reference d
 ⌊mean lb⌋ + 1 losses by ⌊mean lb⌋; this mean is a plain one).
 
 Cost (bit-width-weighted multiply-accumulates; standard MACs of conv/linear layers from
-qcard.cost.trace, batch 1). The reference's analytics (utils/analytics.py) count every conv twice,
+qcard.cost.trace, batch 1). The reference code's analytics count every conv twice,
 use their own "madds" formula (about 2 per MAC) and also charge batch norm and pooling; that changes
 how layers are weighted against each other, not the figures of a uniform precision:
     training speedup  = 2·ΣF / (ΣQ + ΣF), summed over training steps (forward charged at the word

@@ -1,5 +1,5 @@
 """The card's blocks for a SPARQ run: method_stats.sparq and the quantization block, in the card's
-vocabulary (specs/card.md)."""
+vocabulary (qcard/cards/schema.py)."""
 from __future__ import annotations
 
 from typing import Dict, Optional

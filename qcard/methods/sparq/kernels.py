@@ -1,6 +1,6 @@
 """SPARQ kernels: sparsity-aware post-training activation quantization (Shomron et al., NeurIPS 2021).
 
-Rules (shared/specs/sparq.md, read from the authors' code). All kernels take 8-bit unsigned
+Rules (Shomron et al., Post-Training Sparsity-Aware Quantization, NeurIPS 2021, and the authors' code). All kernels take 8-bit unsigned
 activation codes q in [0, 255] and return codes on the same 8-bit scale and dtype.
 
 bSPARQ (one code, window of n bits whose top bit sits at a position t of the set T):

@@ -1,7 +1,7 @@
 """The sparq method: SPARQ on a model (swap conv/linear layers for their SPARQ twins, calibrate the
 8-bit base model, convert, recalibrate BN, measure) and the card's blocks and sections.
 
-What runs (base "paper", the authors' code as read in shared/specs/sparq.md):
+What runs (base "paper", the authors' code):
   * quantized layers: every nn.Conv2d and nn.Linear except the first and the last MAC layer
     (first conv and final FC stay FP32). Hidden Linear layers (not in the paper's CNNs) are
     treated like convs by default (a choice: hidden_linear="fp32" keeps them FP32).
