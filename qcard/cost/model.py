@@ -37,7 +37,6 @@ from .profile import Lookup, Profile, Roofline, SystolicWS, load_profile
 FP32 = 32.0
 BIAS_BITS = 32.0
 META_BITS = 64          # a 32-bit scale and a 32-bit zero-point
-_MAC_OPS = ("conv", "linear", "matmul", "attention")
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -600,8 +600,6 @@ class _FxBuilder:
                 if o.a_bits is not None:
                     bits = o.a_bits
             target, fq = self._new_quantizer(display, bits, node, rs)
-            if rs:
-                self.info.logits_quantizers.append(fq.qname)
             if node.op == "placeholder":
                 self.info.input_quantizer = fq
             head = self._head_of(node)

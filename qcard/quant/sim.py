@@ -45,7 +45,6 @@ class SimInfo:
     layers: List[LayerInfo] = field(default_factory=list)
     act_quantizers: Dict[str, FakeQuantize] = field(default_factory=dict)
     input_quantizer: Optional[FakeQuantize] = None
-    logits_quantizers: List[str] = field(default_factory=list)
     bn_sources: Dict[str, Tuple[nn.Module, Optional[str]]] = field(default_factory=dict)
     # layer name -> (conv/linear whose output, after `act`, is this layer's input) for analytic bias correction
     input_producers: Dict[str, Tuple[nn.Module, Optional[str]]] = field(default_factory=dict)

@@ -9,7 +9,7 @@ from ...errors import QcardError
 from ..base import MethodParams
 from .kernels import DEFAULT_OPTIONS, resolve_setting
 
-VARIANTS = ("sparq", "bsparq", "vsparq", "a2", "a3", "a4", "a8")
+Variant = Literal["sparq", "bsparq", "vsparq", "a2", "a3", "a4", "a8"]
 PLAIN_BITS = {"a2": 2, "a3": 3, "a4": 4, "a8": 8}
 WINDOW_VARIANTS = ("sparq", "bsparq", "vsparq")
 PAPER_CAL_BATCH = 128          # the reference code: 17 batches of 128 (~2,048 images)
@@ -21,7 +21,7 @@ class SparqError(QcardError):
 
 class SparqParams(MethodParams):
     """Parameters of the sparq method (plain scalars, so a config can sweep any of them)."""
-    variant: Literal["sparq", "bsparq", "vsparq", "a2", "a3", "a4", "a8"] = Field(
+    variant: Variant = Field(
         "sparq", description="sparq: vSPARQ pairs + bSPARQ windows (the paper); bsparq: windows only; "
                              "vsparq: the vSPARQ-only ablation (fixed 7:4 window); a4 (a3, a2): plain "
                              "4-bit (3-, 2-bit) activations on the grid 2^(8-n)*dx, the baseline with the "
