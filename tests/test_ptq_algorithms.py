@@ -121,6 +121,65 @@ def test_empirical_bias_correction_removes_the_mean_shift():
     assert fc.bias is not None and sim_info(sim).bias_correction == "empirical"
 
 
+def _layer_by_layer_bias_correction(sim, batches):
+    """The definition, run the slow way: for each layer in order, rerun the model up to it."""
+    from qcard.quant.layerwise import capture_inputs, fp_weight, layer_forward
+    seen = set()
+    with quant_state(sim, activations=False), torch.no_grad():
+        for li in sim_info(sim).gemm_layers():
+            m = li.module
+            if li.weight_quantizer is None or id(m) in seen:
+                continue
+            seen.add(id(m))
+            xs = capture_inputs(sim, m, batches)
+            dw = m.quantized_weight().detach() - fp_weight(m)
+            bias, m.bias = m.bias, None
+            eps = [layer_forward(m, x, dw) for x in xs]
+            m.bias = bias
+            eps = sum((e.reshape(-1, e.shape[-1]).mean(0) if isinstance(m, nn.Linear) else
+                       e.transpose(0, 1).reshape(e.shape[1], -1).mean(1)) * x.shape[0] for e, x in zip(eps, xs))
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros_like(eps))
+            m.bias.sub_(eps / sum(x.shape[0] for x in xs))
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_tiny"])
+def test_one_pass_bias_correction_equals_layer_by_layer(name):
+    """Issue 16 item 5: the whole model is corrected in one pass over the calibration batches (not one
+    pass per layer), with the same biases as the layer-by-layer definition and the same outputs."""
+    from test_quant_support import bundled
+    model = bundled(name)
+    torch.manual_seed(0)
+    shape = (1, 28, 28)          # both read mnist-sized images
+    batches = [torch.rand(8, *shape) for _ in range(3)]
+    sims = []
+    for _ in range(2):
+        sim = build_simulated(model, SimScheme(w_bits=4, a_bits=8), batches[0][:1])
+        equalize(sim)
+        absorb_high_bias(sim)
+        set_weight_ranges(sim)
+        sims.append(sim)
+    first = sim_info(sims[0]).gemm_layers()[0].module
+    calls = []
+    h = first.register_forward_hook(lambda *a: calls.append(1))
+    out = empirical_bias_correction(sims[0], batches)
+    h.remove()
+    assert len(calls) == len(batches)          # one pass, not one per layer
+    _layer_by_layer_bias_correction(sims[1], batches)
+    layers = [li.name for li in sim_info(sims[1]).gemm_layers() if li.weight_quantizer is not None]
+    assert out["corrected_layers"] == list(dict.fromkeys(layers))
+    b0 = {k: v for k, v in sims[0].state_dict().items() if k.endswith("bias")}
+    b1 = {k: v for k, v in sims[1].state_dict().items() if k.endswith("bias")}
+    assert b0.keys() == b1.keys() and len(b0) >= len(out["corrected_layers"])
+    for k in b0:
+        torch.testing.assert_close(b0[k], b1[k], rtol=1e-5, atol=1e-6)
+    for sim in sims:
+        calibrate_activations(sim, batches)
+    with torch.no_grad():
+        x = torch.rand(16, *shape)
+        assert torch.equal(sims[0](x).argmax(-1), sims[1](x).argmax(-1))
+
+
 def test_analytic_bias_correction_formula():
     beta = torch.tensor([-1.0, 0.0, 0.5, 2.0])
     gamma = torch.tensor([1.0, 2.0, 0.5, 1.5])

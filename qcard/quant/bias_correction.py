@@ -14,10 +14,11 @@ import math
 from typing import Any, Dict, List, Sequence
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .calibrate import quant_state, sim_info
-from .layerwise import capture_inputs, fp_weight, layer_forward
+from .layerwise import capture_inputs, fp_weight, layer_forward, run_by_node
 
 __all__ = ["empirical_bias_correction", "analytic_bias_correction"]
 
@@ -38,44 +39,66 @@ def _channel_mean(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def empirical_bias_correction(model: nn.Module, batches: Sequence[torch.Tensor], device: str = "cpu",
                               progress: bool = False) -> Dict[str, Any]:
+    """On an fx graph, all layers are corrected in one node-by-node pass over the batches (each layer
+    sees its input after every layer before it was corrected, as layer by layer); the eager fallback
+    reruns the model up to each layer."""
     info = sim_info(model)
     layers = [li for li in info.gemm_layers() if li.weight_quantizer is not None]
-    seen, corrected = set(), []
-    it = layers
+    todo = {}
+    for li in layers:
+        todo.setdefault(id(li.module), li)
+    corrected: List[str] = []
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(layers, desc="bias correction", leave=False)
-    with quant_state(model, activations=False):
-        for li in it:
-            m = li.module
-            if id(m) in seen:
-                continue
-            seen.add(id(m))
-            xs = capture_inputs(model, m, batches, device)
-            w_fp = fp_weight(m)
-            w_q = m.quantized_weight().detach()
-            dw = w_q - w_fp
-            if m.bias is not None:
-                bias, m.bias = m.bias, None
-            else:
-                bias = None
-            try:
-                total, n = None, 0
-                for x in xs:
-                    eps = _channel_mean(layer_forward(m, x, dw), m)
-                    k = x.shape[0]
-                    total = eps * k if total is None else total + eps * k
-                    n += k
-            finally:
-                if bias is not None:
-                    m.bias = bias
-            if total is None:
-                continue
-            _ensure_bias(m)
-            m.bias.sub_((total / n).to(m.bias.dtype))
+        bar = tqdm(total=len(todo), desc="bias correction", leave=False)
+
+    def correct(m: nn.Module, xs: List[torch.Tensor]) -> None:
+        li = todo.pop(id(m), None)
+        if li is None:
+            return
+        if _correct_layer(m, xs):
             corrected.append(li.name)
+        if bar is not None:
+            bar.update(1)
+
+    with quant_state(model, activations=False):
+        if isinstance(model, fx.GraphModule):
+            run_by_node(model, batches, device, correct)
+        for li in list(todo.values()):     # eager models (and any layer the graph did not call)
+            if id(li.module) in todo:
+                correct(li.module, capture_inputs(model, li.module, batches, device))
+    if bar is not None:
+        bar.close()
+    order = {li.name: i for i, li in enumerate(layers)}
+    corrected.sort(key=lambda n: order.get(n, 0))
     info.bias_correction = "empirical"
     return {"corrected_layers": corrected}
+
+
+def _correct_layer(m: nn.Module, xs: List[torch.Tensor]) -> bool:
+    """b <- b - mean over xs of (W_q - W) x, per output channel; False when there is no input."""
+    w_fp = fp_weight(m)
+    dw = m.quantized_weight().detach() - w_fp
+    if m.bias is not None:
+        bias, m.bias = m.bias, None
+    else:
+        bias = None
+    try:
+        total, n = None, 0
+        for x in xs:
+            eps = _channel_mean(layer_forward(m, x, dw), m)
+            k = x.shape[0]
+            total = eps * k if total is None else total + eps * k
+            n += k
+    finally:
+        if bias is not None:
+            m.bias = bias
+    if total is None:
+        return False
+    _ensure_bias(m)
+    m.bias.sub_((total / n).to(m.bias.dtype))
+    return True
 
 
 def _relu_gauss_mean(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

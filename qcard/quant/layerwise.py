@@ -1,15 +1,16 @@
 """Helpers for layer-by-layer algorithms: capture a layer's inputs, run a layer with a given weight."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .quantizer import group_rows
 
-__all__ = ["capture_inputs", "layer_forward", "weight_rows", "fp_weight"]
+__all__ = ["capture_inputs", "run_by_node", "layer_forward", "weight_rows", "fp_weight"]
 
 
 class _Stop(Exception):
@@ -37,6 +38,59 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: Sequence[torch.T
     finally:
         h.remove()
     return out
+
+
+@torch.no_grad()
+def run_by_node(gm: fx.GraphModule, batches: Sequence[torch.Tensor], device: str,
+                before: Callable[[nn.Module, List[torch.Tensor]], None]) -> None:
+    """Run every batch through gm's graph node by node, all batches in step, and call
+    before(module, its input for every batch) the first time each called module is about to run.
+
+    What `before` changes (a corrected bias) is seen by every later node, so a layer-by-layer
+    algorithm costs one pass instead of one pass per layer; each batch runs the same ops on the same
+    shapes as gm(x) does, so the values are the same as there. Memory: the live tensors of all
+    batches at once (a value is dropped after its last reader)."""
+    nodes = list(gm.graph.nodes)
+    last_use: Dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        for a in node.all_input_nodes:
+            last_use[a] = i
+    envs: List[Dict[fx.Node, Any]] = [{} for _ in batches]
+    first_input = next((n for n in nodes if n.op == "placeholder"), None)
+    seen = set()
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        if node.op == "placeholder":          # the batch; any further input keeps its default
+            for env, x in zip(envs, batches):
+                env[node] = x.to(device) if node is first_input else (node.args[0] if node.args else None)
+            continue
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if mod is not None and id(mod) not in seen:
+            seen.add(id(mod))
+            firsts = [fx.node.map_arg(node.args[0], lambda n, e=env: e[n]) for env in envs] if node.args else []
+            before(mod, firsts)
+        for env in envs:
+            env[node] = _run_node(gm, node, env, mod)
+        for a in node.all_input_nodes:
+            if last_use.get(a) == i:
+                for env in envs:
+                    env.pop(a, None)
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any], mod) -> Any:
+    if node.op == "get_attr":
+        obj: Any = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_module":
+        return mod(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def layer_forward(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
