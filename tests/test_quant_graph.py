@@ -204,24 +204,103 @@ def test_eager_fallback_records_why_and_what():
         build_simulated(model, SimScheme(graph_mode="fx"), x[:1], log=lambda m: None)
 
 
+class WithAttention(nn.Module):
+    def __init__(self, masked=False):
+        super().__init__()
+        self.proj = nn.Linear(28, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("mask", torch.triu(torch.ones(28, 28, dtype=torch.bool), 1) if masked else None)
+
+    def forward(self, x):
+        t = self.proj(x[:, 0])
+        t = self.mha(t, t, t, need_weights=False, attn_mask=self.mask)[0]
+        return self.head(t.mean(1))
+
+
 def test_unsimulated_modules_are_listed():
-    class WithAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(28, 16)
-            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.head = nn.Linear(16, 10)
-
-        def forward(self, x):
-            t = self.proj(x[:, 0])
-            t = self.mha(t, t, t, need_weights=False)[0]
-            return self.head(t.mean(1))
-
-    sim, x = _sim(WithAttention().eval())
+    """A masked nn.MultiheadAttention is not rewritten: listed as FP32, and the warning says how to swap it."""
+    sim, x = _sim(WithAttention(masked=True).eval())
     unq = {u["name"]: u["reason"] for u in sim_info(sim).unquantized}
     assert "mha" in unq and "not simulated" in unq["mha"]
     assert sim_info(sim).layer("proj").weight_quantizer is not None
     assert any(r.name == "mha" and not r.quantized for r in layer_records(sim))
+    assert any("'mha' stays FP32" in w and "mask" in w and "SplitMultiheadAttention" in w
+               for w in sim_info(sim).warnings)
+
+
+def _attention_layers(info, path):
+    return {li.name[len(path) + 1:]: li for li in info.layers if li.name.startswith(path + ".")}
+
+
+def test_multihead_attention_is_quantized_like_timm_attention():
+    """Issue 16 item 3: nn.MultiheadAttention's projections and both attention matmuls are quantized."""
+    model = WithAttention().eval()
+    sim, x = _sim(model)
+    with quant_state(sim, weights=False, activations=False), torch.no_grad():
+        torch.testing.assert_close(sim(x), model(x), rtol=1e-4, atol=1e-5)
+    info = sim_info(sim)
+    parts = _attention_layers(info, "mha")
+    assert sorted(parts) == ["in_proj", "matmul", "matmul_1", "out_proj", "softmax"]
+    assert parts["in_proj"].weight_quantizer is not None and parts["out_proj"].weight_quantizer is not None
+    assert all(q is not None for p in ("matmul", "matmul_1") for q in parts[p].input_quantizers)
+    assert not [u for u in info.unquantized if u["name"].startswith("mha")] and not info.warnings
+    assert model.mha.in_proj_weight is not None          # the user's model is not changed
+
+
+@pytest.mark.parametrize("batch_first,kdim,cross", [(False, None, False), (True, None, True), (True, 12, True)])
+def test_split_attention_equals_multihead_attention(batch_first, kdim, cross):
+    from qcard.quant.modules import SplitMultiheadAttention
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+    split = SplitMultiheadAttention(mha).eval()
+    q = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    kv = torch.randn(2, 7, kdim or 16) if batch_first else torch.randn(7, 2, 16)
+    k, v = (kv, kv.flip(1)) if cross else (q, q)
+    with torch.no_grad():
+        for avg in (True, False):
+            out, w = mha(q, k, v, average_attn_weights=avg)
+            out2, w2 = split(q, k, v, average_attn_weights=avg)
+            torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(w2, w, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_vit_attention_is_quantized():
+    """torchvision vit_b_16 (random weights, 32x32 input): its nn.MultiheadAttention modules are rewritten,
+    exact before quantization; after W8A8 the projections have weight quantizers and the matmuls
+    quantized inputs, under the cost tracer's layer names."""
+    torchvision = pytest.importorskip("torchvision")
+    from qcard.cost.trace import trace_layers
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(image_size=32).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)      # zero-initialised: the outputs would all be 0
+    x = torch.rand(2, 3, 32, 32)
+    sim = build_simulated(model, SimScheme(w_bits=8, a_bits=8), x[:1], log=lambda m: None)
+    with quant_state(sim, weights=False, activations=False), torch.no_grad():
+        torch.testing.assert_close(sim(x), model(x), rtol=1e-4, atol=1e-4)
+    info = sim_info(sim)
+    traced = {r.name for r in trace_layers(model, (3, 32, 32))}
+    for i in (0, 11):
+        path = f"encoder.layers.encoder_layer_{i}.self_attention"
+        parts = _attention_layers(info, path)
+        assert parts["in_proj"].weight_quantizer is not None and parts["out_proj"].weight_quantizer is not None
+        assert all(q is not None for p in ("matmul", "matmul_1") for q in parts[p].input_quantizers)
+        assert {f"{path}.{p}" for p in ("in_proj", "matmul", "matmul_1", "out_proj")} <= traced
+    assert not [u for u in info.unquantized if "self_attention" in u["name"]]
+
+
+def test_timm_linear_subclass_is_quantized():
+    """timm mobilenetv3_small_100's classifier (timm's Linear, which calls F.linear itself) is quantized."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    sim = build_simulated(model, SimScheme(w_bits=8, a_bits=8), x[:1], log=lambda m: None)
+    info = sim_info(sim)
+    assert not info.unquantized
+    assert info.layer("classifier").weight_quantizer is not None and info.gemm_layers()[-1].name == "classifier"
+    with quant_state(sim, weights=False, activations=False), torch.no_grad():
+        torch.testing.assert_close(sim(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def _bundled(name):

@@ -29,14 +29,14 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import QcardError
-from ..ops.kinds import (AVGPOOL_FUNCS, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS, FUNCTIONAL_GEMM, MATMUL_FUNCS,
+from ..ops.kinds import (GEMM_OP, AVGPOOL_FUNCS, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS, FUNCTIONAL_GEMM, MATMUL_FUNCS,
                          MATMUL_METHODS, MAXPOOL_FUNCS, NONLINEAR_FUNCS, NONLINEAR_METHODS, PASS_FUNCS, PASS_METHODS,
                          RELU_FUNCS, RELU_METHODS, module_kind)
 from ..ops.naming import LayerNamer
 from .bn import bn_affine, fold_bn, fold_reason
 from .cle import pair_supported
 from .eager import build_eager
-from .modules import to_quant_module, weight_channel_axis
+from .modules import SplitMultiheadAttention, split_attention_reason, to_quant_module, weight_channel_axis
 from .quantizer import FakeQuantize, fake_quantize
 from .scheme import SimScheme
 from .sim import LayerInfo, SimInfo, make_act_quantizer, make_weight_quantizer, match_override
@@ -834,6 +834,83 @@ def _flat_args(args) -> List[Any]:
 # --------------------------------------------------------------------------------------------
 # entry point
 
+def _leaves(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _leaves(o)]
+    return []
+
+
+def _gemm_subclass_base(m: nn.Module) -> Optional[type]:
+    """The conv/linear class m subclasses without being it (timm's Linear, ...), else None."""
+    for base in GEMM_OP:
+        if isinstance(m, base) and type(m) is not base and not hasattr(type(m), "quantized_weight"):
+            return base
+    return None
+
+
+@torch.no_grad()
+def _make_traceable(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, nn.Module], List[str]]:
+    """Rewrite, in place, the modules fx would otherwise leave in FP32, when they compute the same thing:
+      - nn.MultiheadAttention -> SplitMultiheadAttention (linear projections + matmuls + softmax);
+      - a subclass of nn.Linear/nn.Conv (timm's Linear calls F.linear itself, which fx sees as a
+        functional op on a parameter) -> the plain class, sharing its parameters, when the plain
+        class's forward gives the same output on the example.
+    One forward pass on the example finds the calls; the rewritten model's output must equal the
+    original's to float tolerance, or nothing is rewritten. Returns ({rewritten path: its original
+    module}, warnings: the attention modules kept as they are, why, and how to swap them by hand)."""
+    cands = {n: m for n, m in model.named_modules() if n and (isinstance(m, nn.MultiheadAttention)
+                                                             or _gemm_subclass_base(m) is not None)}
+    if not cands:
+        return {}, []
+    calls: Dict[str, List[Any]] = {n: [] for n in cands}
+    hooks = [m.register_forward_hook(lambda mod, a, kw, out, n=n: calls[n].append((a, kw, out)), with_kwargs=True)
+             for n, m in cands.items()]
+    try:
+        ref = _leaves(model(example))
+    finally:
+        for h in hooks:
+            h.remove()
+    swaps, kept = {}, []
+    for name, m in cands.items():
+        if not calls[name]:
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            why = next((r for r in (split_attention_reason(m, a, kw) for a, kw, _ in calls[name]) if r), None)
+            if why is None:
+                swaps[name] = SplitMultiheadAttention(m).train(m.training)
+            else:
+                kept.append(f"nn.MultiheadAttention '{name}' stays FP32 (its projections and attention matmuls): "
+                            f"{why}; to quantize it, replace it with nn.Linear projections + torch.matmul + "
+                            "softmax (qcard.quant.modules.SplitMultiheadAttention does this for the unmasked case)")
+            continue
+        base = _gemm_subclass_base(m)
+        plain = base.__new__(base)
+        plain.__dict__.update(m.__dict__)
+        if all(torch.equal(base.forward(plain, *a, **kw), out) for a, kw, out in calls[name]
+               if isinstance(out, torch.Tensor)):
+            swaps[name] = plain
+    if not swaps:
+        return {}, kept
+    originals = {n: model.get_submodule(n) for n in swaps}
+    for n, new in swaps.items():
+        model.set_submodule(n, new)
+    try:
+        out = _leaves(model(example))
+    except Exception:  # noqa: BLE001 - a rewrite that does not run is undone like one that differs
+        out = []
+    if len(out) != len(ref) or not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (
+            1.0 + float(b.abs().max()) if b.numel() else 1.0)) for a, b in zip(out, ref)):
+        for n, m in originals.items():
+            model.set_submodule(n, m)
+        return {}, kept + [f"rewriting {', '.join(sorted(swaps))} for quantization changed the outputs: "
+                           "left as they are"]
+    return originals, kept
+
+
 def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tensor, log=print) -> nn.Module:
     """A simulated copy of `model` (the original is not changed), with quantizers placed but not yet
     calibrated. The result carries `qcard_sim` (SimInfo). Tries torch.fx first; if the model does not
@@ -844,6 +921,10 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
     if cfg.graph_mode == "eager":
         return build_eager(model, cfg, example_input, "graph_mode: eager was requested", log)
     try:
+        originals, kept = _make_traceable(model, example_input)
+    except Exception:  # noqa: BLE001 - a model that does not run on the example fails below, with the reason
+        originals, kept = {}, []
+    try:
         gm = fx.symbolic_trace(model)
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
@@ -852,6 +933,10 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
         reason = f"torch.fx could not trace the model ({type(exc).__name__}: {msg[:200]})"
         if cfg.graph_mode == "fx":
             raise QcardError(f"graph_mode: fx was requested but {reason}; use graph_mode: auto or eager") from exc
+        for path, m in originals.items():       # the eager builder works on the modules as they were
+            model.set_submodule(path, m)
         log(f"qcard: {reason}; falling back to eager (module-level) quantizer placement")
         return build_eager(model, cfg, example_input, reason, log)
-    return _FxBuilder(gm, cfg).build()
+    sim = _FxBuilder(gm, cfg).build()
+    sim.__dict__["qcard_sim"].warnings.extend(kept)
+    return sim

@@ -19,7 +19,7 @@ from .quantizer import FakeQuantize
 
 __all__ = ["QuantLayerMixin", "QConv1d", "QConv2d", "QConv3d", "QConvTranspose1d", "QConvTranspose2d",
            "QConvTranspose3d", "QLinear", "to_quant_module", "QUANT_CLASSES", "is_quant_layer",
-           "weight_channel_axis"]
+           "weight_channel_axis", "SplitMultiheadAttention", "split_attention_reason"]
 
 
 class QuantLayerMixin:
@@ -148,3 +148,78 @@ def to_quant_module(m: nn.Module) -> nn.Module:
             q.__dict__[key] = copy.copy(m.__dict__[key])
     q._init_quant()
     return q
+
+
+def _linear_sharing(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """A plain nn.Linear computing with these parameters (shared when they are nn.Parameters)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        lin.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+    return lin
+
+
+class SplitMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention computed as timm's attention is: nn.Linear projections, q·kᵀ, softmax, ·v,
+    so torch.fx sees (and the builder quantizes) the projections and both attention matmuls. Same
+    parameters (`in_proj` holds the packed q/k/v weight, as `in_proj_weight` did), same outputs to float
+    tolerance. Supports what nn.MultiheadAttention does without masks, bias_k/bias_v or add_zero_attn
+    (the fx builder checks the calls before it swaps; see split_attention_reason)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e, h = mha.embed_dim, mha.num_heads
+        self.num_heads, self.head_dim, self.batch_first = h, e // h, mha.batch_first
+        self.scale = float(self.head_dim) ** -0.5
+        if mha._qkv_same_embed_dim:
+            self.in_proj = _linear_sharing(mha.in_proj_weight, mha.in_proj_bias)
+        else:
+            b = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+            self.q_proj = _linear_sharing(mha.q_proj_weight, b[0])
+            self.k_proj = _linear_sharing(mha.k_proj_weight, b[1])
+            self.v_proj = _linear_sharing(mha.v_proj_weight, b[2])
+        self.out_proj = _linear_sharing(mha.out_proj.weight, mha.out_proj.bias)
+        self.attn_drop = nn.Dropout(mha.dropout)
+
+    def _project(self, query, key, value):
+        if not hasattr(self, "in_proj"):
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if query is key and key is value:             # self-attention: one packed projection
+            return self.in_proj(query).chunk(3, dim=-1)
+        return (self.in_proj(query).chunk(3, dim=-1)[0], self.in_proj(key).chunk(3, dim=-1)[1],
+                self.in_proj(value).chunk(3, dim=-1)[2])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        q, k, v = self._project(query, key, value)
+        if not self.batch_first:                      # (L, N, E) -> (N, L, E)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)   # (N, heads, L, head_dim)
+        k = k.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        # scaled after the matmul (as the fused kernel does): q, k and v then reach a matmul straight from
+        # the projection, whose output is quantized once, as for timm's attention
+        attn = (torch.matmul(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        out = self.out_proj(torch.matmul(attn, v).transpose(1, 2).flatten(2))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+        return out, weights
+
+
+def split_attention_reason(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why a call of `mha` cannot run as SplitMultiheadAttention (None: it can)."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
+        return "it has bias_k/bias_v or add_zero_attn"
+    if a.get("key_padding_mask") is not None or a.get("attn_mask") is not None or a.get("is_causal"):
+        return "it is called with an attention or padding mask"
+    if any(not isinstance(a.get(k), torch.Tensor) or a[k].dim() != 3 for k in ("query", "key", "value")):
+        return "it is called on unbatched (2-D) inputs"
+    return None
