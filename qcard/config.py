@@ -207,7 +207,9 @@ class Point:
     device: str
     deterministic: bool
     id: str = ""
-    index: int = 0
+    index: int = 0                # position in the config's order (models × methods × sweeps)
+    given: Tuple[str, ...] = ()   # the param keys the config sets, in its order
+    swept: Tuple[str, ...] = ()   # the keys with several values in the config (calibration.size/seed too)
 
     def canonical(self) -> Dict[str, Any]:
         """Everything that determines the results, defaults expanded, in a stable form."""
@@ -226,11 +228,18 @@ class Point:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model.short}__{self.method_label}")
         return f"{safe}__{self.id[:10]}"
 
-    def describe(self) -> str:
-        params = self.params.model_dump(mode="json", exclude_defaults=True)
-        p = ", ".join(f"{k}={v}" for k, v in params.items())
+    def values(self, keys) -> str:
+        """'k=v, ...' for these keys as this point runs them (a default-valued key is shown too)."""
+        params = self.params.model_dump(mode="json")
         cal = self.dataset.calibration
-        return f"{self.id[:10]}  {self.model.ref:<28} {self.method_label:<14} {p}  (calibration {cal.size}/seed {cal.seed})"
+        known = {**params, "calibration.size": cal.size, "calibration.seed": cal.seed}
+        return ", ".join(f"{k}={known[k]}" for k in keys if k in known)
+
+    def describe(self) -> str:
+        # the keys the config sets, not the values the method derives from them (e.g. a pipeline's steps)
+        cal = self.dataset.calibration
+        return (f"{self.id[:10]}  {self.model.ref:<28} {self.method_label:<14} {self.values(self.given)}  "
+                f"(calibration {cal.size}/seed {cal.seed})")
 
 
 def canonical_hash(obj: Any) -> str:
@@ -342,6 +351,8 @@ def expand(exp: Experiment) -> List[Point]:
             raise exp.error(("methods", mi, "name"), str(exc)) from None
         axes = _sweep_axes(method_cls.Params, mspec.params)
         keys = [k for k, _ in axes]
+        swept = tuple(k for k, vals in axes if len(vals) > 1) + tuple(
+            f"calibration.{k}" for k in ("size", "seed") if len(_as_list(getattr(cal, k))) > 1)
         for combo in itertools.product(*[vals for _, vals in axes]):
             raw = dict(zip(keys, combo))
             loose = _loose_scalars(method_cls.Params, raw, ("methods", mi, "params"))
@@ -358,7 +369,8 @@ def expand(exp: Experiment) -> List[Point]:
                     label = mspec.label or (method_cls.name or mspec.name.split(":")[-1])
                     point = Point(experiment=cfg.experiment, model=model, dataset=dataset, method=mspec.name,
                                   method_label=label, params=params, seeds=list(cfg.seeds), cost=cfg.cost,
-                                  device=cfg.device, deterministic=cfg.deterministic)
+                                  device=cfg.device, deterministic=cfg.deterministic,
+                                  given=tuple(keys), swept=swept)
                     point.id = canonical_hash(point.canonical())
                     if point.id in seen:
                         # the same point listed twice (e.g. a sweep value repeated) runs once
@@ -578,6 +590,8 @@ def _check_references(exp: Experiment) -> None:
                                                       f"(or say 'random' / 'bundled')")
         if m.weights and m.pretrained:
             raise exp.error(("models", i), "give either 'weights' or 'pretrained: true', not both")
+        if m.ref.startswith("python:") and m.kwargs:
+            _check_constructor_kwargs(exp, i, m)
     ref = cfg.dataset.ref
     if ref.startswith("imagefolder:"):
         folder = Path(os.path.expanduser(ref[len("imagefolder:"):]))
@@ -592,12 +606,61 @@ def _check_references(exp: Experiment) -> None:
         for key in ("input_shape", "num_classes", "size"):
             if getattr(cfg.dataset, key) is not None:
                 raise exp.error(("dataset", key), f"'{key}' applies to the synthetic dataset only")
+    _check_data_sizes(exp)
     from .cost.profile import load_profile
     for i, name in enumerate(cfg.cost.profiles):
         try:
             load_profile(name)  # validates options and user files now, before anything runs
         except QcardError as exc:
             raise exp.error(("cost", "profiles", i), str(exc)) from None
+
+
+def _check_constructor_kwargs(exp: Experiment, i: int, m: ModelSpec) -> None:
+    """A misspelled keyword of a python: model's constructor fails now, not when the run builds it."""
+    import inspect
+    from .registry import import_object
+    obj = import_object(m.ref[len("python:"):], "model constructor")
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):          # builtins and some C callables have no signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in m.kwargs:
+        if key not in allowed:
+            raise exp.error(("models", i, "kwargs", key),
+                            f"{m.ref} takes no argument '{key}'{did_you_mean(key, allowed)}; "
+                            f"its arguments: {', '.join(allowed) or 'none'}")
+
+
+def _check_data_sizes(exp: Experiment) -> None:
+    """Cheap data checks before anything runs: eval_size is not larger than the evaluated split (known
+    sizes of the fixed datasets; an image folder's files counted), and an image folder holds images in
+    each split it serves. Lists files; decodes no image."""
+    from .data.catalog import SPLIT_SIZES
+    ds = exp.config.dataset
+    if ds.ref in SPLIT_SIZES:
+        n = SPLIT_SIZES[ds.ref].get(ds.eval_split)
+        if ds.eval_size is not None and n is not None and ds.eval_size > n:
+            raise exp.error(("dataset", "eval_size"), _too_large(ds, n))
+    if not ds.ref.startswith("imagefolder:"):
+        return
+    from .data import load_dataset
+    for split in dict.fromkeys([ds.eval_split, "train"]):
+        try:
+            data = load_dataset(ds.ref, split)
+        except QcardError as exc:
+            raise exp.error(("dataset", "ref"), str(exc)) from None
+        if len(data) == 0:
+            raise exp.error(("dataset", "ref"), f"{ds.ref}: split '{split}' holds no images")
+        if split == ds.eval_split and ds.eval_size is not None and ds.eval_size > len(data):
+            raise exp.error(("dataset", "eval_size"), _too_large(ds, len(data)))
+
+
+def _too_large(ds: DatasetSpec, n: int) -> str:
+    return (f"eval_size {ds.eval_size} is larger than the '{ds.eval_split}' split of {ds.ref} ({n} images); "
+            f"use at most {n}, or leave eval_size out to evaluate on all of them")
 
 
 def config_json_schema() -> Dict[str, Any]:

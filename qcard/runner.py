@@ -161,13 +161,15 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
 
 
 def _prefix(i: int, n: int, point: Point) -> str:
-    return f"[{i}/{n}] {point.model.short} · {point.method_label} ({point.id[:10]})"
+    swept = point.values(point.swept)      # what tells this point from its neighbours in a sweep
+    return f"[{i}/{n}] {point.model.short} · {point.method_label}{' ' + swept if swept else ''} ({point.id[:10]})"
 
 
 def _execute(point: Point, exp: Experiment, store: RunStore, resources: "Resources", device: str,
              progress: bool, log: Callable[[str], None]) -> PointOutcome:
     """Run one point and write its folder (card.json, card.md, error.log for a failure)."""
-    store.write_point_config(point.folder, point.canonical())
+    # index: the point's place in the config's order, for tools that list cards in that order
+    store.write_point_config(point.folder, {**point.canonical(), "index": point.index})
     started = time.time()
     try:
         card = run_point(point, exp, resources, device=device, progress=progress, log=log)

@@ -48,7 +48,8 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 class RunStore:
-    """OUT/EXPERIMENT/<point folder>/{point.yaml, card.json, card.md, error.log}; OUT/.cache/ for baselines."""
+    """OUT/EXPERIMENT/<point folder>/{point.yaml, card.json, card.md, error.log}; OUT/.cache/ for baselines.
+    point.yaml: the point's canonical config (what its id hashes) and `index`, its place in the config's order."""
 
     def __init__(self, root: Path, cache_root: Optional[Path] = None):
         self.root = Path(root)

@@ -223,3 +223,76 @@ def test_method_params_are_strictly_typed(write_config, tmp_path, params, fragme
     cfg = make(write_config, tmp_path, f"  - {{name: ptq, params: {params}}}\n")
     code, out = cli("validate", cfg)
     assert code == 2 and fragment in out and "methods[0].params" in out, out
+
+
+# ------------------------------------------------------------------ item 5: cheap checks at validate time
+
+SMALL = """\
+experiment: v
+models: [{model}]
+dataset: {dataset}
+methods: [fp32]
+"""
+
+
+def validate(write_config, model="qcard:lenet5", dataset="{ref: qcard:mnist5k}"):
+    return cli("validate", write_config(SMALL.format(model=model, dataset=dataset), "v.yaml"))
+
+
+def test_a_misspelled_constructor_kwarg_of_a_python_model_fails_at_validate(write_config):
+    code, out = validate(write_config, model="{ref: 'python:user_models:tiny_net', kwargs: {hiden: 8}}")
+    assert code == 2 and "models[0].kwargs.hiden" in out and "did you mean 'hidden'" in out, out
+    assert validate(write_config, model="{ref: 'python:user_models:tiny_net', kwargs: {hidden: 8}}")[0] == 0
+
+
+@pytest.mark.parametrize("ref,split,n", [("qcard:mnist5k", "test", 1000), ("qcard:digits", "test", 360)])
+def test_eval_size_larger_than_the_split_fails_at_validate(write_config, ref, split, n):
+    code, out = validate(write_config, dataset=f"{{ref: '{ref}', eval_size: {n + 1}}}")
+    assert code == 2 and "dataset.eval_size" in out and f"({n} images)" in out, out
+    assert validate(write_config, dataset=f"{{ref: '{ref}', eval_size: {n}}}")[0] == 0
+
+
+def test_known_split_sizes_match_the_loaded_datasets():
+    from qcard.data import load_dataset
+    from qcard.data.catalog import SPLIT_SIZES
+    for ref in ("qcard:mnist5k", "qcard:digits"):
+        for split, n in SPLIT_SIZES[ref].items():
+            assert len(load_dataset(ref, split)) == n
+
+
+def test_image_folders_empty_or_without_images_or_too_small_fail_at_validate(write_config, tmp_path):
+    from PIL import Image
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    texts = tmp_path / "texts"
+    (texts / "cat").mkdir(parents=True)
+    (texts / "cat" / "notes.txt").write_text("not an image")
+    for folder in (empty, texts):
+        code, out = validate(write_config, dataset=f"{{ref: 'imagefolder:{folder}'}}")
+        assert code == 2 and "dataset.ref" in out and "Traceback" not in out, out
+    good = tmp_path / "good"
+    (good / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(good / "cat" / f"{i}.png")
+    assert validate(write_config, dataset=f"{{ref: 'imagefolder:{good}', eval_split: val}}")[0] == 0
+    code, out = validate(write_config, dataset=f"{{ref: 'imagefolder:{good}', eval_split: val, eval_size: 4}}")
+    assert code == 2 and "(3 images)" in out, out
+
+
+# ------------------------------------------------------------------ item 7: points show their swept values
+
+def test_dry_run_and_progress_show_each_swept_value_and_point_yaml_keeps_the_config_order(write_config, tmp_path):
+    import yaml
+    from qcard.runner import run
+    cfg = make(write_config, tmp_path, "  - {name: ptq, params: {w_bits: [8, 4], a_bits: 8, pipeline: minmax}}\n")
+    code, out = cli("run", cfg, "--dry-run")
+    assert code == 0, out
+    lines = [l for l in out.splitlines() if "ptq" in l]
+    assert "w_bits=8, a_bits=8, pipeline=minmax" in lines[0] and "w_bits=4" in lines[1], out  # default 8 shown
+    assert "steps=" not in out and "weight_range" not in out          # derived, not set by the config
+    log = []
+    summary = run(cfg, progress=False, log=log.append)
+    assert summary.ok
+    assert any("ptq w_bits=8 (" in l for l in log) and any("ptq w_bits=4 (" in l for l in log), log
+    for k, o in enumerate(summary.outcomes):
+        assert yaml.safe_load((o.folder / "point.yaml").read_text())["index"] == k
