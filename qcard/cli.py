@@ -72,6 +72,7 @@ def run(config, out, force, dry_run, only, progress, workers):
     from .config import load_config
     exp = load_config(config)
     if dry_run:
+        _echo_warnings(exp)
         points = exp.points()
         if only:
             points = [p for p in points if any(p.id.startswith(o) for o in only)]
@@ -93,7 +94,13 @@ def validate(config):
     """Check CONFIG (keys, types, names, files) without running anything."""
     from .config import load_config
     exp = load_config(config)
+    _echo_warnings(exp)
     click.echo(f"{config}: ok — experiment '{exp.name}', {len(exp.points())} point(s)")
+
+
+def _echo_warnings(exp) -> None:
+    for w in exp.warnings:
+        click.echo(f"warning: {w}", err=True)
 
 
 @main.command()
@@ -150,7 +157,7 @@ def zoo_list():
 
 @zoo.command("train")
 @click.argument("name")
-@click.option("--epochs", type=int, default=None, help="override the recipe's epoch count")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="override the recipe's epoch count")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="folder for the weights (default: the package's bundled weights folder)")

@@ -32,6 +32,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_NAME = 100     # experiment names and labels become folder names; file systems allow 255 bytes
+
+
+def _check_label(label: Optional[str]) -> Optional[str]:
+    """Labels name point folders (LABEL__id): not empty, no leading '-' (read as an option by shell
+    tools), short enough for a file name."""
+    if label is None:
+        return label
+    if not label.strip():
+        raise ValueError("a label must not be empty; leave the key out for the default")
+    if label.startswith("-"):
+        raise ValueError(f"label '{label}' starts with '-', which command-line tools read as an option "
+                         "in its folder name; start it with a letter or digit")
+    if len(label) > MAX_NAME:
+        raise ValueError(f"label is {len(label)} characters long; at most {MAX_NAME} (it is part of a folder name)")
+    return label
+
+
 class ModelSpec(Strict):
     ref: str = Field(description="qcard:NAME | torchvision:NAME | timm:NAME | python:pkg.module:callable")
     weights: Optional[str] = Field(None, description="local .safetensors/.pth file (loaded with weights_only=True); "
@@ -42,6 +61,11 @@ class ModelSpec(Strict):
     num_classes: Optional[int] = Field(None, ge=1)
     kwargs: Dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the constructor")
     label: Optional[str] = Field(None, description="short display name on cards")
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, label: Optional[str]) -> Optional[str]:
+        return _check_label(label)
 
     @field_validator("ref")
     @classmethod
@@ -109,6 +133,11 @@ class MethodSpec(Strict):
     label: Optional[str] = None
     params: Dict[str, Any] = Field(default_factory=dict, description="the method's Params; a list sweeps a scalar field")
 
+    @field_validator("label")
+    @classmethod
+    def _label(cls, label: Optional[str]) -> Optional[str]:
+        return _check_label(label)
+
 
 class CostSpec(Strict):
     profiles: List[str] = Field(default_factory=lambda: ["bitops", "asic45"])
@@ -116,7 +145,8 @@ class CostSpec(Strict):
 
 
 class ExperimentConfig(Strict):
-    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="name; also the output folder")
+    experiment: str = Field(description="name; also the output folder",
+                            json_schema_extra={"pattern": NAME_PATTERN, "maxLength": MAX_NAME})
     description: str = ""
     seeds: List[int] = Field(default_factory=lambda: [0], min_length=1,
                              description="each point runs once per seed; cards show mean ± std")
@@ -127,6 +157,21 @@ class ExperimentConfig(Strict):
     dataset: DatasetSpec
     methods: List[MethodSpec] = Field(min_length=1)
     cost: CostSpec = Field(default_factory=CostSpec)
+
+    @field_validator("experiment")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not re.match(NAME_PATTERN, name):
+            bad = sorted(set(c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-"))))
+            why = (f"it contains {', '.join(repr(c) for c in bad)}" if bad else
+                   "it must start with a letter or digit" if name else "it is empty")
+            raise ValueError(f"experiment name '{name}' is not allowed: {why}. The name is also the output "
+                             "folder, so use letters, digits, '_', '.' and '-', starting with a letter or digit "
+                             "(e.g. 'resnet8-w4a8')")
+        if len(name) > MAX_NAME:
+            raise ValueError(f"experiment name is {len(name)} characters long; at most {MAX_NAME} "
+                             "(it is also the output folder's name)")
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -162,7 +207,9 @@ class Point:
     device: str
     deterministic: bool
     id: str = ""
-    index: int = 0
+    index: int = 0                # position in the config's order (models × methods × sweeps)
+    given: Tuple[str, ...] = ()   # the param keys the config sets, in its order
+    swept: Tuple[str, ...] = ()   # the keys with several values in the config (calibration.size/seed too)
 
     def canonical(self) -> Dict[str, Any]:
         """Everything that determines the results, defaults expanded, in a stable form."""
@@ -181,11 +228,18 @@ class Point:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model.short}__{self.method_label}")
         return f"{safe}__{self.id[:10]}"
 
-    def describe(self) -> str:
-        params = self.params.model_dump(mode="json", exclude_defaults=True)
-        p = ", ".join(f"{k}={v}" for k, v in params.items())
+    def values(self, keys) -> str:
+        """'k=v, ...' for these keys as this point runs them (a default-valued key is shown too)."""
+        params = self.params.model_dump(mode="json")
         cal = self.dataset.calibration
-        return f"{self.id[:10]}  {self.model.ref:<28} {self.method_label:<14} {p}  (calibration {cal.size}/seed {cal.seed})"
+        known = {**params, "calibration.size": cal.size, "calibration.seed": cal.seed}
+        return ", ".join(f"{k}={known[k]}" for k in keys if k in known)
+
+    def describe(self) -> str:
+        # the keys the config sets, not the values the method derives from them (e.g. a pipeline's steps)
+        cal = self.dataset.calibration
+        return (f"{self.id[:10]}  {self.model.ref:<28} {self.method_label:<14} {self.values(self.given)}  "
+                f"(calibration {cal.size}/seed {cal.seed})")
 
 
 def canonical_hash(obj: Any) -> str:
@@ -199,6 +253,7 @@ class Experiment:
     path: Optional[Path] = None
     config_sha256: str = ""
     lines: Dict[KeyPath, int] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)   # found at load time; the CLI and the runner print them
     _points: Optional[List[Point]] = None
 
     @property
@@ -216,10 +271,12 @@ class Experiment:
             self._points = expand(self)
         return self._points
 
-    def error(self, path: KeyPath, message: str) -> ConfigError:
+    def where(self, path: KeyPath) -> str:
         line = _nearest_line(self.lines, path)
-        where = f"{self.source}:{line}" if line else self.source
-        return ConfigError(f"{where}: {format_path(path)}: {message}")
+        return f"{self.source}:{line}" if line else self.source
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(path)}: {format_path(path)}: {message}")
 
 
 def _nearest_line(lines: Dict[KeyPath, int], path: KeyPath) -> Optional[int]:
@@ -294,8 +351,13 @@ def expand(exp: Experiment) -> List[Point]:
             raise exp.error(("methods", mi, "name"), str(exc)) from None
         axes = _sweep_axes(method_cls.Params, mspec.params)
         keys = [k for k, _ in axes]
+        swept = tuple(k for k, vals in axes if len(vals) > 1) + tuple(
+            f"calibration.{k}" for k in ("size", "seed") if len(_as_list(getattr(cal, k))) > 1)
         for combo in itertools.product(*[vals for _, vals in axes]):
             raw = dict(zip(keys, combo))
+            loose = _loose_scalars(method_cls.Params, raw, ("methods", mi, "params"))
+            if loose:
+                raise ConfigError("\n".join(f"{exp.where(path)}: {format_path(path)}: {msg}" for path, msg in loose))
             try:
                 params = method_cls.Params.model_validate(raw)
             except ValidationError as exc:
@@ -307,14 +369,73 @@ def expand(exp: Experiment) -> List[Point]:
                     label = mspec.label or (method_cls.name or mspec.name.split(":")[-1])
                     point = Point(experiment=cfg.experiment, model=model, dataset=dataset, method=mspec.name,
                                   method_label=label, params=params, seeds=list(cfg.seeds), cost=cfg.cost,
-                                  device=cfg.device, deterministic=cfg.deterministic)
+                                  device=cfg.device, deterministic=cfg.deterministic,
+                                  given=tuple(keys), swept=swept)
                     point.id = canonical_hash(point.canonical())
                     if point.id in seen:
-                        continue  # the same point listed twice (e.g. a sweep value repeated) runs once
+                        # the same point listed twice (e.g. a sweep value repeated) runs once
+                        first = seen[point.id]
+                        if first.method_label != label:
+                            exp.warnings.append(
+                                f"{exp.where(('methods', mi))}: methods '{first.method_label}' and '{label}' have "
+                                f"the same settings, so they are one point ({point.id[:10]}) with one card, "
+                                f"labelled '{first.method_label}'; change a param or remove one of them")
+                        continue
+                    if len(point.folder) > MAX_FOLDER:
+                        raise exp.error(("methods", mi, "label"), f"the point folder '{point.folder}' is "
+                                        f"{len(point.folder)} characters long; at most {MAX_FOLDER}: shorten "
+                                        f"the model or method label")
                     seen[point.id] = point
                     point.index = len(points)
                     points.append(point)
     return points
+
+
+MAX_FOLDER = 240    # a point folder: MODEL__LABEL__id, below the 255 bytes of a file name
+
+_SCALARS = (bool, int, float)
+
+
+def _scalar_types(annotation: Any) -> Optional[set]:
+    """The scalar types (bool, int, float) a field takes when it takes nothing but those and None;
+    None for any other field (strings, literals, lists, models), which pydantic checks as it is."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    found = set()
+    for a in args:
+        if typing.get_origin(a) is typing.Annotated:
+            a = typing.get_args(a)[0]
+        if a is type(None):
+            continue
+        if a not in _SCALARS:
+            return None
+        found.add(a)
+    return found or None
+
+
+def _loose_scalars(params_cls, raw: Dict[str, Any], base: KeyPath) -> List[Tuple[KeyPath, str]]:
+    """(path, message) for values pydantic's lax mode would coerce: 'yes' or 1 for a bool, true or
+    '4' for a number. YAML gives real booleans and numbers, so these are mistakes, not spellings."""
+    problems = []
+    for key, value in raw.items():
+        info = params_cls.model_fields.get(key)
+        if info is None:
+            continue
+        nested = _nested_model(info.annotation)
+        if nested is not None and isinstance(value, dict):
+            problems += _loose_scalars(nested, value, base + (key,))
+            continue
+        kinds = _scalar_types(info.annotation)
+        if kinds is None or value is None:
+            continue
+        if bool in kinds and not isinstance(value, bool):
+            if kinds == {bool}:
+                problems.append((base + (key,), f"expects true or false, got {value!r}"))
+        elif bool not in kinds and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            want = "an integer" if kinds == {int} else "a number"
+            hint = " (a YAML true/false is not a number)" if isinstance(value, bool) else \
+                " (write it without quotes)" if isinstance(value, str) else ""
+            problems.append((base + (key,), f"expects {want}, got {value!r}{hint}"))
+    return problems
 
 
 def _params_error(exp: Experiment, exc: ValidationError, base: KeyPath, method_cls) -> ConfigError:
@@ -469,6 +590,8 @@ def _check_references(exp: Experiment) -> None:
                                                       f"(or say 'random' / 'bundled')")
         if m.weights and m.pretrained:
             raise exp.error(("models", i), "give either 'weights' or 'pretrained: true', not both")
+        if m.ref.startswith("python:") and m.kwargs:
+            _check_constructor_kwargs(exp, i, m)
     ref = cfg.dataset.ref
     if ref.startswith("imagefolder:"):
         folder = Path(os.path.expanduser(ref[len("imagefolder:"):]))
@@ -483,12 +606,61 @@ def _check_references(exp: Experiment) -> None:
         for key in ("input_shape", "num_classes", "size"):
             if getattr(cfg.dataset, key) is not None:
                 raise exp.error(("dataset", key), f"'{key}' applies to the synthetic dataset only")
+    _check_data_sizes(exp)
     from .cost.profile import load_profile
     for i, name in enumerate(cfg.cost.profiles):
         try:
             load_profile(name)  # validates options and user files now, before anything runs
         except QcardError as exc:
             raise exp.error(("cost", "profiles", i), str(exc)) from None
+
+
+def _check_constructor_kwargs(exp: Experiment, i: int, m: ModelSpec) -> None:
+    """A misspelled keyword of a python: model's constructor fails now, not when the run builds it."""
+    import inspect
+    from .registry import import_object
+    obj = import_object(m.ref[len("python:"):], "model constructor")
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):          # builtins and some C callables have no signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in m.kwargs:
+        if key not in allowed:
+            raise exp.error(("models", i, "kwargs", key),
+                            f"{m.ref} takes no argument '{key}'{did_you_mean(key, allowed)}; "
+                            f"its arguments: {', '.join(allowed) or 'none'}")
+
+
+def _check_data_sizes(exp: Experiment) -> None:
+    """Cheap data checks before anything runs: eval_size is not larger than the evaluated split (known
+    sizes of the fixed datasets; an image folder's files counted), and an image folder holds images in
+    each split it serves. Lists files; decodes no image."""
+    from .data.catalog import SPLIT_SIZES
+    ds = exp.config.dataset
+    if ds.ref in SPLIT_SIZES:
+        n = SPLIT_SIZES[ds.ref].get(ds.eval_split)
+        if ds.eval_size is not None and n is not None and ds.eval_size > n:
+            raise exp.error(("dataset", "eval_size"), _too_large(ds, n))
+    if not ds.ref.startswith("imagefolder:"):
+        return
+    from .data import load_dataset
+    for split in dict.fromkeys([ds.eval_split, "train"]):
+        try:
+            data = load_dataset(ds.ref, split)
+        except QcardError as exc:
+            raise exp.error(("dataset", "ref"), str(exc)) from None
+        if len(data) == 0:
+            raise exp.error(("dataset", "ref"), f"{ds.ref}: split '{split}' holds no images")
+        if split == ds.eval_split and ds.eval_size is not None and ds.eval_size > len(data):
+            raise exp.error(("dataset", "eval_size"), _too_large(ds, len(data)))
+
+
+def _too_large(ds: DatasetSpec, n: int) -> str:
+    return (f"eval_size {ds.eval_size} is larger than the '{ds.eval_split}' split of {ds.ref} ({n} images); "
+            f"use at most {n}, or leave eval_size out to evaluate on all of them")
 
 
 def config_json_schema() -> Dict[str, Any]:

@@ -40,3 +40,12 @@ class ModelLoadError(QcardError):
 
 class DatasetError(QcardError):
     """A dataset reference could not be loaded."""
+
+
+class RunInterrupted(BaseException):
+    """A run stopped by a signal (SIGTERM from timeout, Slurm, kill). A BaseException like
+    KeyboardInterrupt, so that no `except Exception` records it as a failed point."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum

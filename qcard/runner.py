@@ -5,11 +5,13 @@ seed -> evaluate -> cost -> card. A point that fails becomes a failed card; the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from .config import Experiment, Point, canonical_hash, load_config
-from .errors import QcardError
+from .errors import QcardError, RunInterrupted
 from .store import RunStore
 
 
@@ -125,25 +127,31 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
     device = _resolve_device(exp.config.device)
     summary = RunSummary(exp.name, store.root)
     log(f"qcard: experiment '{exp.name}': {len(points)} point(s) -> {store.root}")
+    for w in exp.warnings:
+        log(f"warning: {w}")
     todo = []
     for i, point in enumerate(points, 1):
         folder = store.point_dir(point.folder)
         removed = store.clean_partial(point.folder)
         if removed:
             log(f"  removed {removed} partial file(s) left by an interrupted run in {folder}")
-        if not force and store.finished_card(point.folder, point.id):
+        finished, why_not = store.card_state(point.folder, point.id)
+        if not force and finished:
             log(f"{_prefix(i, len(points), point)}: already done, skipped (use --force to rerun)")
             summary.outcomes.append(PointOutcome(point, "skipped", folder))
             continue
+        if why_not:
+            log(f"{_prefix(i, len(points), point)}: the card there is not a finished card, rerunning ({why_not})")
         todo.append((i, point))
     workers = min(int(workers), len(todo)) or 1
-    if workers == 1:
-        resources = Resources(exp, store, device, log)
-        for i, point in todo:
-            summary.outcomes.append(_report(_execute(point, exp, store, resources, device, progress, log),
-                                            i, len(points), store, log))
-    else:
-        _run_pool(exp, store, device, todo, len(points), workers, summary, log)
+    with _sigterm_interrupts():
+        if workers == 1:
+            resources = Resources(exp, store, device, log)
+            for i, point in todo:
+                summary.outcomes.append(_report(_execute(point, exp, store, resources, device, progress, log),
+                                                i, len(points), store, log))
+        else:
+            _run_pool(exp, store, device, todo, len(points), workers, summary, log)
     order = {p.id: k for k, p in enumerate(points)}
     summary.outcomes.sort(key=lambda o: order[o.point.id])
     n_ok = sum(o.status == "ok" for o in summary.outcomes)
@@ -153,13 +161,15 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
 
 
 def _prefix(i: int, n: int, point: Point) -> str:
-    return f"[{i}/{n}] {point.model.short} · {point.method_label} ({point.id[:10]})"
+    swept = point.values(point.swept)      # what tells this point from its neighbours in a sweep
+    return f"[{i}/{n}] {point.model.short} · {point.method_label}{' ' + swept if swept else ''} ({point.id[:10]})"
 
 
 def _execute(point: Point, exp: Experiment, store: RunStore, resources: "Resources", device: str,
              progress: bool, log: Callable[[str], None]) -> PointOutcome:
     """Run one point and write its folder (card.json, card.md, error.log for a failure)."""
-    store.write_point_config(point.folder, point.canonical())
+    # index: the point's place in the config's order, for tools that list cards in that order
+    store.write_point_config(point.folder, {**point.canonical(), "index": point.index})
     started = time.time()
     try:
         card = run_point(point, exp, resources, device=device, progress=progress, log=log)
@@ -201,10 +211,26 @@ def _report(outcome: PointOutcome, i: int, n: int, store: RunStore, log: Callabl
 # ------------------------------------------------------------------ process pool
 
 _WORKER: Dict[str, Any] = {}
+PARENT_POLL_S = 0.5     # how often a worker checks that the driver is still alive
 
 
-def _worker_init(exp: Experiment, root: str, device: str, threads: int) -> None:
+def _exit_when_orphaned(parent: int) -> None:
+    """A worker whose driver died (SIGKILL, OOM killer) is re-parented; it exits at once instead of
+    finishing its point and idling forever. Files it leaves half-written are cleaned by the next run."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _worker_init(exp: Experiment, root: str, device: str, threads: int, parent: int) -> None:
+    import signal
+    import threading
     import torch
+    # Ctrl-C reaches the whole process group: the driver alone handles it and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="qcard-parent-watch").start()
     torch.set_num_threads(threads)
     store = RunStore(Path(root))
     log = lambda m: print(m, flush=True)
@@ -219,6 +245,39 @@ def _worker_point(point: Point) -> PointOutcome:
     return _execute(point, w["exp"], w["store"], w["resources"], w["device"], False, tagged)
 
 
+def _raise_interrupted(signum, frame):
+    raise RunInterrupted(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (timeout, Slurm, kill) stops the driver the way Ctrl-C does, so it can stop its workers."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(pool) -> None:
+    """Cancel the queued points and end the worker processes now (not after their current point)."""
+    import multiprocessing
+    pool.shutdown(wait=False, cancel_futures=True)
+    children = multiprocessing.active_children()
+    for proc in children:
+        proc.terminate()
+    for proc in children:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    pool.shutdown(wait=True)
+
+
 def _run_pool(exp: Experiment, store: RunStore, device: str, todo, n: int, workers: int,
               summary: RunSummary, log: Callable[[str], None]) -> None:
     import multiprocessing
@@ -227,26 +286,28 @@ def _run_pool(exp: Experiment, store: RunStore, device: str, todo, n: int, worke
     threads = max(1, cores // workers)
     log(f"qcard: {workers} worker processes, {threads} torch thread(s) each")
     ctx = multiprocessing.get_context("spawn")       # fork is unsafe once torch has started threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(exp, str(store.root), device, threads)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(exp, str(store.root), device, threads, os.getpid()))
+    try:
         futures = {pool.submit(_worker_point, point): (i, point) for i, point in todo}
-        try:
-            for fut in as_completed(futures):
-                i, point = futures[fut]
-                try:
-                    outcome = fut.result()
-                except Exception as exc:     # the worker process itself died (e.g. out of memory)
-                    error = f"worker process failed: {type(exc).__name__}: {exc}"
-                    store.write_text(point.folder, "error.log", traceback.format_exc())
-                    card = failed_card(point, exp, error, time.time())
-                    _write_card(store, point, card, log)
-                    outcome = PointOutcome(point, "failed", store.point_dir(point.folder),
-                                           card.model_dump(mode="json"), error)
-                summary.outcomes.append(_report(outcome, i, n, store, log))
-        except KeyboardInterrupt:
-            # finished points are on disk; partial files of the running ones are cleaned on the next run
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        for fut in as_completed(futures):
+            i, point = futures[fut]
+            try:
+                outcome = fut.result()
+            except Exception as exc:     # the worker process itself died (e.g. out of memory)
+                error = f"worker process failed: {type(exc).__name__}: {exc}"
+                store.write_text(point.folder, "error.log", traceback.format_exc())
+                card = failed_card(point, exp, error, time.time())
+                _write_card(store, point, card, log)
+                outcome = PointOutcome(point, "failed", store.point_dir(point.folder),
+                                       card.model_dump(mode="json"), error)
+            summary.outcomes.append(_report(outcome, i, n, store, log))
+    except BaseException:
+        # Ctrl-C, SIGTERM or an error here: finished points are on disk, the partial files of the
+        # running ones are cleaned on the next run; no worker may outlive the driver
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _resolve_device(device: str) -> str:

@@ -1,7 +1,7 @@
 """Point folders and caches on disk. Every write is atomic: a temporary file, then os.replace.
 
 A run killed at any moment leaves each file either absent or complete; a rerun skips points whose
-card.json says "ok" and redoes the rest.
+card.json validates against the card schema and says "ok", and redoes the rest.
 """
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
+
+from .errors import QcardError
 
 CARD_FILE = "card.json"
 POINT_FILE = "point.yaml"
@@ -46,7 +48,8 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 class RunStore:
-    """OUT/EXPERIMENT/<point folder>/{point.yaml, card.json, card.md, error.log}; OUT/.cache/ for baselines."""
+    """OUT/EXPERIMENT/<point folder>/{point.yaml, card.json, card.md, error.log}; OUT/.cache/ for baselines.
+    point.yaml: the point's canonical config (what its id hashes) and `index`, its place in the config's order."""
 
     def __init__(self, root: Path, cache_root: Optional[Path] = None):
         self.root = Path(root)
@@ -66,10 +69,26 @@ class RunStore:
         return n
 
     def finished_card(self, folder: str, point_id: str) -> Optional[Dict[str, Any]]:
-        card = read_json(self.point_dir(folder) / CARD_FILE)
-        if card and card.get("id") == point_id and card.get("status") == "ok":
-            return card
-        return None
+        return self.card_state(folder, point_id)[0]
+
+    def card_state(self, folder: str, point_id: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+        """(card, None) for a finished point; (None, why) when a card is there but cannot count as
+        finished (unreadable, not a valid card, another point's); (None, None) for no card or a failed one.
+        Only a card that validates marks a point finished: compare and render reject the others."""
+        from .cards.schema import card_from_dict
+        path = self.point_dir(folder) / CARD_FILE
+        if not path.exists():
+            return None, None
+        card = read_json(path)
+        if card is None:
+            return None, f"{path} is not readable JSON"
+        try:
+            card_from_dict(card, str(path))
+        except QcardError as exc:
+            return None, str(exc)
+        if card.get("id") != point_id:
+            return None, f"{path} holds another point's card (id {str(card.get('id'))[:10]})"
+        return (card, None) if card.get("status") == "ok" else (None, None)
 
     def write_point_config(self, folder: str, canonical: Dict[str, Any]) -> None:
         atomic_write_text(self.point_dir(folder) / POINT_FILE, yaml.safe_dump(canonical, sort_keys=True))

