@@ -311,3 +311,37 @@ def test_fp32_baseline_card_has_no_quantizer_details_to_differ():
     assert cmp.differences == ["FP32 vs 4-bit weights", "FP32 vs 8-bit activations"]
     assert cmp.method_differences == ["method fp32 vs ptq"]
     assert "| A | torchvision:resnet18 | fp32 | fp32 | FP32 |" in cmp.to_markdown()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_energy_plot_reads_the_profile_that_has_energy(tmp_path):
+    """Issue 15 item 6: the README's `qcard compare cards/quickstart --plot p --x energy` failed, as the
+    published cards' main profile (bitops) has no energy; their asic45 profile has it."""
+    r = CliRunner().invoke(main, ["compare", str(ROOT / "cards" / "quickstart"), "--plot",
+                                                   str(tmp_path / "p"), "--x", "energy", "--format", "json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "cost from profile asic45" in r.stderr and (tmp_path / "p.png").is_file()
+    data = json.loads(r.stdout)
+    assert data["profile"] == "asic45" and all(c["profile"] == "asic45" for c in data["cards"])
+    assert all(c["energy_pj"] > 0 for c in data["cards"])
+    r = CliRunner().invoke(main, ["compare", str(ROOT / "cards" / "quickstart"), "--x", "bops",
+                                                   "--profile", "nope"])
+    assert r.exit_code == 2 and "profiles on these cards: asic45, bitops" in r.stderr
+
+
+def test_named_profile_and_fallback_in_the_api():
+    a = ptq()
+    b = the_same_run_with(a, **{"quantization.weights.bits": 8})
+    hw = {"profile": "npu", "energy_pj": 5.0, "latency_cycles": 10.0, "bops": 1.0}
+    for c in (a, b):
+        c["cost_profiles"] = {"npu": dict(hw)}
+    main_energy = compare_cards([a, b], x="energy")       # the main profile has energy: kept
+    assert main_energy.profile is None and main_energy.rows[0]["energy_pj"] == a["cost"]["energy_pj"]
+    named = compare_cards([a, b], x="energy", profile="npu")
+    assert named.profile == "npu" and [r["energy_pj"] for r in named.rows] == [5.0, 5.0]
+    for c in (a, b):
+        c["cost"]["energy_pj"] = None
+    auto = compare_cards([a, b], x="energy")
+    assert auto.profile == "npu" and "choose with --profile" in auto.profile_note

@@ -504,6 +504,8 @@ class Comparison:
     reference_rows: Optional[List[Dict[str, Any]]] = None    # published rows ("reported"), None when not asked
     reference_note: str = ""
     cards: List[LoadedCard] = field(default_factory=list)
+    profile: Optional[str] = None                # cost profile the cost columns come from (None: each card's main)
+    profile_note: str = ""                       # why that profile, when not the main one
     _table: Any = field(default=None, repr=False)
     _reference: Any = field(default=None, repr=False)
 
@@ -546,7 +548,7 @@ class Comparison:
 
     def to_json(self) -> str:
         clean = lambda rows: [{k: _clean(v) for k, v in r.items()} for r in rows]
-        data = {"x": self.x, "differences": self.differences, "difference_details": self.difference_details,
+        data = {"x": self.x, "profile": self.profile, "differences": self.differences, "difference_details": self.difference_details,
                 "method_differences": self.method_differences,
                 "pareto": [self.rows[i]["card"] for i in self.pareto],
                 "cards": clean(self.rows), "failed": self.failed,
@@ -566,7 +568,8 @@ class Comparison:
         ok = [i for i, r in enumerate(self.rows) if r["status"] == "ok" and _num(r[key]) and _num(r["quantized"])]
         if not ok:
             raise QcardError(f"no card has both an accuracy and cost.{key}; nothing to plot against --x {self.x}"
-                             + (" (profiles without a hardware model give no energy or latency; try --x bops or size)"
+                             + (" (profiles without a hardware model give no energy or latency; name one that has "
+                                "them with --profile NAME, or try --x bops or size)"
                                 if needs_hw else ""))
         points = [{"label": f"{self.rows[i]['card']} {self.rows[i]['label']}", "x": float(self.rows[i][key]),
                    "y": float(self.rows[i]["quantized"]),
@@ -708,14 +711,60 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
     }
 
 
-def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False) -> Comparison:
+def _cost_in(card: Card, profile: str) -> Optional[Any]:
+    """The card's cost block under `profile` (its main one or one of cost_profiles), or None."""
+    if card.cost.profile == profile:
+        return card.cost
+    return card.cost_profiles.get(profile)
+
+
+def choose_profile(cards: Sequence[Card], x: str, profile: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """(profile to read the cost from, a note saying why), None meaning each card's main cost block.
+    A named profile must be on every card that ran. Otherwise an axis that needs a hardware model
+    (energy, latency) is read from the first profile every card has it in, when the main one lacks it."""
+    ran = [c for c in cards if c.status == "ok"]
+    if profile is not None:
+        lacking = [c for c in ran if _cost_in(c, profile) is None]
+        if lacking:
+            have = sorted({n for c in ran for n in [c.cost.profile, *c.cost_profiles] if n})
+            raise QcardError(f"cost profile '{profile}' is not on {len(lacking)} of {len(ran)} cards "
+                             f"(e.g. {lacking[0].id[:10]}); profiles on these cards: {', '.join(have) or 'none'}")
+        return profile, f"cost from profile {profile} (--profile)"
+    key, _, needs_hw = X_AXES[x]
+    if not needs_hw or not ran or all(_num(getattr(c.cost, key)) for c in ran):
+        return None, ""
+    names: List[str] = []
+    for c in ran:
+        names += [n for n in [c.cost.profile, *c.cost_profiles] if n and n not in names]
+    for name in names:
+        blocks = [_cost_in(c, name) for c in ran]
+        if all(b is not None and _num(getattr(b, key)) for b in blocks):
+            main = sorted({str(c.cost.profile) for c in ran})
+            return name, (f"cost from profile {name}: the cards' main profile ({', '.join(main)}) "
+                          f"gives no {X_AXES[x][1].split(' (')[0]} (choose with --profile NAME)")
+    return None, ""
+
+
+def _with_profile(lc: LoadedCard, profile: Optional[str]) -> LoadedCard:
+    """The card with its cost block read from `profile` (failed cards keep theirs)."""
+    if profile is None or lc.card.status != "ok":
+        return lc
+    return LoadedCard(lc.path, lc.card.model_copy(update={"cost": _cost_in(lc.card, profile)}))
+
+
+def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False,
+                  profile: Optional[str] = None) -> Comparison:
     """Compare cards (Card, dict, LoadedCard or paths). x: the Pareto cost axis (bops|size|energy|latency).
-    reference: False, "matching" (or True: published rows for the models among the cards) or "all"."""
+    reference: False, "matching" (or True: published rows for the models among the cards) or "all".
+    profile: the cost profile to read cost from (default: each card's main one, or for energy and
+    latency the first profile that has them; `Comparison.profile_note` says which)."""
     if x not in X_AXES:
         raise QcardError(f"unknown cost axis '{x}'; allowed: {', '.join(X_AXES)}")
-    loaded = _as_loaded(cards)
-    if not loaded:
+    originals = _as_loaded(cards)
+    if not originals:
         raise QcardError("no cards to compare")
+    profile, profile_note = choose_profile([lc.card for lc in originals], x, profile)
+    loaded = [_with_profile(lc, profile) for lc in originals]
     letters = [card_letter(i) for i in range(len(loaded))]
     rows = [_row(l, lc) for l, lc in zip(letters, loaded)]
     key = X_AXES[x][0]
@@ -748,4 +797,5 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
             note = ("no published rows for " + ", ".join(sorted({model_key(m) for m in models}))
                     + "; `--reference-all` shows every published row")
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
-                      difference_details=details, failed=failed, reference_rows=ref, reference_note=note, cards=loaded)
+                      difference_details=details, failed=failed, reference_rows=ref, reference_note=note,
+                      cards=originals, profile=profile, profile_note=profile_note)
