@@ -345,3 +345,36 @@ def test_named_profile_and_fallback_in_the_api():
         c["cost"]["energy_pj"] = None
     auto = compare_cards([a, b], x="energy")
     assert auto.profile == "npu" and "choose with --profile" in auto.profile_note
+
+
+def test_environment_differences_are_confounders():
+    """Issue 15 item 7: the same config run on another CPU, commit, dirty tree and thread count differs
+    by 0.4 points; compare must not say the cards share every setting."""
+    a = ptq()
+    a["provenance"].update(cpu="Intel(R) Xeon(R) Processor", git_commit="e49515180bb1a03c", git_dirty=False,
+                           torch_threads=2)
+    b = the_same_run_with(a, **{"provenance.cpu": "AMD EPYC 7B13", "provenance.git_commit": "99c67ca0aa11bb22",
+                                "provenance.git_dirty": True, "provenance.torch_threads": 1})
+    cmp = compare_cards([a, b])
+    assert cmp.differences == ["different qcard commits (e49515180b vs 99c67ca0aa)",
+                               "qcard source tree clean vs with uncommitted changes",
+                               "different CPUs (Intel(R) Xeon(R) Processor vs AMD EPYC 7B13)",
+                               "torch threads 2 vs 1"]
+    assert "share every setting" not in cmp.to_markdown()
+    c = the_same_run_with(a, **{"provenance.torch": "2.13.0"})
+    (soft,) = compare_cards([a, c]).differences
+    assert soft.startswith("different software (") and "torch 2.13.0" in soft
+
+
+def test_provenance_records_torch_threads():
+    import torch
+    from qcard import provenance
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        prov = provenance.collect(seed=0, deterministic=True, config_sha256=None)
+    finally:
+        torch.set_num_threads(before)
+    assert prov["torch_threads"] == 1
+    from qcard.cards.schema import Provenance
+    assert Provenance(**prov).torch_threads == 1

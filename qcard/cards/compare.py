@@ -13,7 +13,8 @@ decide inside the quantizer: rounding (nearest/AdaRound/...), weight and activat
 cross-layer equalization, bias correction and the mixed-precision policy (allowed bits). Those are
 reported separately as `method_differences`. Everything else that differs — bit widths, granularity,
 symmetry, first/last layers, BN, residuals, calibration data, FP32 baseline, weights, evaluation data,
-preprocessing, cost profile, software versions, ... — is a confounding difference.
+preprocessing, cost profile, software versions, and the environment (CPU, GPU, torch threads, qcard
+commit, uncommitted changes) ... — is a confounding difference.
 
 pandas is imported on first use of Comparison.table (or CSV export), once per process: Markdown,
 LaTeX and JSON exports of 1,000 cards don't need it.
@@ -337,6 +338,15 @@ CONFOUNDERS: List[Field] = [
     Field("cost.profile", lambda c: c.cost.profile, _words, "different cost profile ({vs})"),
     Field("provenance.libraries", _soft, _soft_text, "different software ({vs})"),
     Field("provenance.qcard_version", lambda c: c.provenance.qcard_version, str, "different qcard versions ({vs})"),
+    # the environment: the same config gives other last digits on another CPU, thread count or source tree
+    Field("provenance.git_commit", lambda c: c.provenance.git_commit, lambda v: v[:10] if v else "unknown",
+          "different qcard commits ({vs})"),
+    Field("provenance.git_dirty", lambda c: c.provenance.git_dirty,
+          lambda v: {True: "with uncommitted changes", False: "clean"}.get(v, "unknown"), "qcard source tree {vs}"),
+    Field("provenance.cpu", lambda c: c.provenance.cpu, lambda v: v or "unknown", "different CPUs ({vs})"),
+    Field("provenance.gpu", lambda c: c.provenance.gpu, lambda v: v or "none", "different GPUs ({vs})"),
+    Field("provenance.torch_threads", lambda c: c.provenance.torch_threads,
+          lambda v: "unknown" if v is None else str(v), "torch threads {vs}"),
 ]
 
 

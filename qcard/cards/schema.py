@@ -180,6 +180,7 @@ class Provenance(Closed):
     platform: str
     cpu: Optional[str] = None
     gpu: Optional[str] = None
+    torch_threads: Optional[int] = None        # intra-op threads (None on cards written before it was recorded)
     seed: Optional[int] = None
     deterministic: Optional[bool] = None
     config_sha256: Optional[str] = None
