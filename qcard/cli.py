@@ -168,14 +168,35 @@ def card():
 
 
 @card.command("validate")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @user_errors
-def card_validate(files):
-    """Check that each FILE is a valid qcard card."""
+def card_validate(paths):
+    """Check each card FILE, and every card.json under each FOLDER, against the card schema.
+
+    Every bad file is reported (not only the first); exit code 2 when any is bad."""
+    from .cards.compare import find_card_files
     from .cards.schema import load_card
-    for path in files:
-        c = load_card(path)
-        click.echo(f"{path}: ok (schema v{c.schema_version}, status {c.status})")
+    from .errors import QcardError
+    checked, bad = 0, 0
+    for path in paths:
+        try:
+            files = find_card_files([path])
+        except QcardError as exc:
+            bad += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
+        for f in files:
+            checked += 1
+            try:
+                c = load_card(f)
+            except QcardError as exc:
+                bad += 1
+                click.echo(f"error: {exc}", err=True)
+                continue
+            click.echo(f"{f}: ok (schema v{c.schema_version}, status {c.status})")
+    if bad:
+        click.echo(f"{bad} problem(s) among {len(paths)} path(s), {checked} card file(s) checked", err=True)
+        sys.exit(2)
 
 
 @main.command()
