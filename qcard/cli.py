@@ -100,10 +100,15 @@ def validate(config):
 def methods():
     """List the registered quantization methods."""
     from .methods import METHODS
-    for name in METHODS.names():
-        click.echo(f"{name:<10} {METHODS.doc(name)}")
-    click.echo("\nA method of your own: `method: {name: \"my_pkg.my_module:MyMethod\"}` "
-               "(a subclass of qcard.methods.base.Method).")
+    names = METHODS.names()
+    width = max(map(len, names), default=0) + 2
+    for name in names:
+        click.echo(f"{name:<{width}}{METHODS.doc(name)}")
+    # plain text for the terminal (no Markdown), in the config's own syntax: an entry of its `methods:` list
+    click.echo("\nA method of your own (a subclass of qcard.methods.base.Method, importable from PYTHONPATH)\n"
+               "is an entry of the config's methods: list, named by module and class:\n"
+               "  methods:\n"
+               "    - {name: \"my_pkg.my_module:MyMethod\", params: {alpha: 0.1}}")
 
 
 @main.command()

@@ -378,3 +378,16 @@ def test_provenance_records_torch_threads():
     assert prov["torch_threads"] == 1
     from qcard.cards.schema import Provenance
     assert Provenance(**prov).torch_threads == 1
+
+
+def test_csv_cells_are_guarded_against_formulas():
+    """Issue 15 item 17: labels and paths come from users' files; a spreadsheet must not run them."""
+    a = ptq()
+    b = the_same_run_with(a, **{"method.label": "=HYPERLINK(\"http://x\")", "model.ref": "@SUM(A1)",
+                                "quantization.weights.bits": 8})
+    c = the_same_run_with(a, **{"method.label": "+cmd", "model.ref": "-2+3"})
+    import csv
+    rows = list(csv.DictReader(io.StringIO(compare_cards([a, b, c]).to_csv())))
+    assert [r["label"] for r in rows] == [a["method"]["label"], "'=HYPERLINK(\"http://x\")", "'+cmd"]
+    assert [r["model"] for r in rows][1:] == ["'@SUM(A1)", "'-2+3"]
+    assert float(rows[1]["delta"]) < 0 and not rows[1]["delta"].startswith("'")   # numbers stay numbers

@@ -617,8 +617,19 @@ def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow(["" if _missing(r.get(c)) else r.get(c) for c in columns])
+        w.writerow(["" if _missing(r.get(c)) else _csv_cell(r.get(c)) for c in columns])
     return buf.getvalue()
+
+
+# a text cell a spreadsheet would run as a formula (labels, paths and errors come from users' files)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(v: Any) -> Any:
+    """Numbers as they are; text that starts like a formula gets a leading ' so it stays text."""
+    if isinstance(v, str) and v.startswith(_FORMULA_STARTS):
+        return "'" + v
+    return v
 
 
 def _clean(v: Any) -> Any:
