@@ -583,7 +583,8 @@ class Comparison:
                                 if needs_hw else ""))
         points = [{"label": f"{self.rows[i]['card']} {self.rows[i]['label']}", "x": float(self.rows[i][key]),
                    "y": float(self.rows[i]["quantized"]),
-                   "err": float(self.rows[i]["std"]) if _num(self.rows[i]["std"]) else None} for i in ok]
+                   "err": float(self.rows[i]["std"]) if _num(self.rows[i]["std"]) else None,
+                   "model": self.rows[i]["model"]} for i in ok]
         pos = {i: n for n, i in enumerate(ok)}
         front = [pos[i] for i in self.pareto if i in pos]
         profiles = sorted({str(self.rows[i]["profile"]) for i in ok if self.rows[i]["profile"]})
