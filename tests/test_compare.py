@@ -345,6 +345,8 @@ def test_named_profile_and_fallback_in_the_api():
         c["cost"]["energy_pj"] = None
     auto = compare_cards([a, b], x="energy")
     assert auto.profile == "npu" and "choose with --profile" in auto.profile_note
+    assert "Cost columns: cost from profile npu" in auto.to_markdown()
+    assert "Cost columns" not in main_energy.to_markdown()
 
 
 def test_environment_differences_are_confounders():

@@ -609,7 +609,8 @@ class Comparison:
                 "columns": [(h, a) for _, h, a in cols], "rows": rows,
                 "pareto_cards": [self.rows[i]["card"] for i in self.pareto], "x_label": xlabel, "x": self.x,
                 "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
-                "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note}
+                "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note,
+                "profile_note": self.profile_note}
 
 
 def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
