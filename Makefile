@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to releases that run on CPU-only machines and admit the local wheel cache
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-fast cards bench schema clean acceptance
+.PHONY: install run test test-deps test-fast cards bench schema clean acceptance
 
 $(BIN)/qcard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,28 @@ run: install
 	$(BIN)/qcard run configs/quickstart.yaml
 	@echo "Cards written under runs/quickstart/ (open any */card.md)"
 
-test: install
-	$(BIN)/python -m pytest -q
+# the slowest tests are printed at the end (--durations): a test that grows shows up there
+test: install test-deps
+	$(BIN)/python -m pytest -q --durations=15
+
+# pdflatex for the tests that compile the LaTeX outputs, from Debian's packages (~30 s, ~100 MB): installed
+# when it is missing and we may (root, or CI with passwordless sudo; QCARD_NO_APT=1 forbids it). Elsewhere
+# those tests skip and say why; in CI (CI=true) a skip is a failure (tests/conftest.py).
+LATEX_PACKAGES ?= texlive-latex-base texlive-latex-recommended
+test-deps:
+	@command -v pdflatex >/dev/null 2>&1 || { \
+	  if [ "$${QCARD_NO_APT:-}" = 1 ] || ! command -v apt-get >/dev/null 2>&1; then sudo=none; \
+	  elif [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif [ "$${CI:-}" = true ] && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	  if [ "$$sudo" = none ]; then \
+	    echo "note: pdflatex is missing and not installed here; the LaTeX compile tests will skip" \
+	         "(install: apt-get install --no-install-recommends $(LATEX_PACKAGES))"; \
+	  else \
+	    echo "installing pdflatex: $(LATEX_PACKAGES)"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(LATEX_PACKAGES) >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        --no-install-recommends $(LATEX_PACKAGES) >/dev/null; } || exit 1; \
+	  fi; }
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -107,10 +107,15 @@ def _echo_warnings(exp) -> None:
 def methods():
     """List the registered quantization methods."""
     from .methods import METHODS
-    for name in METHODS.names():
-        click.echo(f"{name:<10} {METHODS.doc(name)}")
-    click.echo("\nA method of your own: `method: {name: \"my_pkg.my_module:MyMethod\"}` "
-               "(a subclass of qcard.methods.base.Method).")
+    names = METHODS.names()
+    width = max(map(len, names), default=0) + 2
+    for name in names:
+        click.echo(f"{name:<{width}}{METHODS.doc(name)}")
+    # plain text for the terminal (no Markdown), in the config's own syntax: an entry of its `methods:` list
+    click.echo("\nA method of your own (a subclass of qcard.methods.base.Method, importable from PYTHONPATH)\n"
+               "is an entry of the config's methods: list, named by module and class:\n"
+               "  methods:\n"
+               "    - {name: \"my_pkg.my_module:MyMethod\", params: {alpha: 0.1}}")
 
 
 @main.command()
@@ -175,14 +180,35 @@ def card():
 
 
 @card.command("validate")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @user_errors
-def card_validate(files):
-    """Check that each FILE is a valid qcard card."""
+def card_validate(paths):
+    """Check each card FILE, and every card.json under each FOLDER, against the card schema.
+
+    Every bad file is reported (not only the first); exit code 2 when any is bad."""
+    from .cards.compare import find_card_files
     from .cards.schema import load_card
-    for path in files:
-        c = load_card(path)
-        click.echo(f"{path}: ok (schema v{c.schema_version}, status {c.status})")
+    from .errors import QcardError
+    checked, bad = 0, 0
+    for path in paths:
+        try:
+            files = find_card_files([path])
+        except QcardError as exc:
+            bad += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
+        for f in files:
+            checked += 1
+            try:
+                c = load_card(f)
+            except QcardError as exc:
+                bad += 1
+                click.echo(f"error: {exc}", err=True)
+                continue
+            click.echo(f"{f}: ok (schema v{c.schema_version}, status {c.status})")
+    if bad:
+        click.echo(f"{bad} problem(s) among {len(paths)} path(s), {checked} card file(s) checked", err=True)
+        sys.exit(2)
 
 
 @main.command()

@@ -61,6 +61,15 @@ def gpu_name() -> Optional[str]:
     return None
 
 
+def torch_threads() -> Optional[int]:
+    """The intra-op thread count torch runs with: CPU reductions (and so the last digits of a
+    result) depend on it. None when torch was not used."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+    return int(torch.get_num_threads())
+
+
 def command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(("qcard", "__main__.py")):
@@ -81,6 +90,7 @@ def collect(*, seed: Optional[int], deterministic: bool, config_sha256: Optional
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "gpu": gpu_name(),
+        "torch_threads": torch_threads(),
         "seed": seed,
         "deterministic": deterministic,
         "config_sha256": config_sha256,

@@ -311,3 +311,85 @@ def test_fp32_baseline_card_has_no_quantizer_details_to_differ():
     assert cmp.differences == ["FP32 vs 4-bit weights", "FP32 vs 8-bit activations"]
     assert cmp.method_differences == ["method fp32 vs ptq"]
     assert "| A | torchvision:resnet18 | fp32 | fp32 | FP32 |" in cmp.to_markdown()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_energy_plot_reads_the_profile_that_has_energy(tmp_path):
+    """Issue 15 item 6: the README's `qcard compare cards/quickstart --plot p --x energy` failed, as the
+    published cards' main profile (bitops) has no energy; their asic45 profile has it."""
+    r = CliRunner().invoke(main, ["compare", str(ROOT / "cards" / "quickstart"), "--plot",
+                                                   str(tmp_path / "p"), "--x", "energy", "--format", "json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "cost from profile asic45" in r.stderr and (tmp_path / "p.png").is_file()
+    data = json.loads(r.stdout)
+    assert data["profile"] == "asic45" and all(c["profile"] == "asic45" for c in data["cards"])
+    assert all(c["energy_pj"] > 0 for c in data["cards"])
+    r = CliRunner().invoke(main, ["compare", str(ROOT / "cards" / "quickstart"), "--x", "bops",
+                                                   "--profile", "nope"])
+    assert r.exit_code == 2 and "profiles on these cards: asic45, bitops" in r.stderr
+
+
+def test_named_profile_and_fallback_in_the_api():
+    a = ptq()
+    b = the_same_run_with(a, **{"quantization.weights.bits": 8})
+    hw = {"profile": "npu", "energy_pj": 5.0, "latency_cycles": 10.0, "bops": 1.0}
+    for c in (a, b):
+        c["cost_profiles"] = {"npu": dict(hw)}
+    main_energy = compare_cards([a, b], x="energy")       # the main profile has energy: kept
+    assert main_energy.profile is None and main_energy.rows[0]["energy_pj"] == a["cost"]["energy_pj"]
+    named = compare_cards([a, b], x="energy", profile="npu")
+    assert named.profile == "npu" and [r["energy_pj"] for r in named.rows] == [5.0, 5.0]
+    for c in (a, b):
+        c["cost"]["energy_pj"] = None
+    auto = compare_cards([a, b], x="energy")
+    assert auto.profile == "npu" and "choose with --profile" in auto.profile_note
+    assert "Cost columns: cost from profile npu" in auto.to_markdown()
+    assert "Cost columns" not in main_energy.to_markdown()
+
+
+def test_environment_differences_are_confounders():
+    """Issue 15 item 7: the same config run on another CPU, commit, dirty tree and thread count differs
+    by 0.4 points; compare must not say the cards share every setting."""
+    a = ptq()
+    a["provenance"].update(cpu="Intel(R) Xeon(R) Processor", git_commit="e49515180bb1a03c", git_dirty=False,
+                           torch_threads=2)
+    b = the_same_run_with(a, **{"provenance.cpu": "AMD EPYC 7B13", "provenance.git_commit": "99c67ca0aa11bb22",
+                                "provenance.git_dirty": True, "provenance.torch_threads": 1})
+    cmp = compare_cards([a, b])
+    assert cmp.differences == ["different qcard commits (e49515180b vs 99c67ca0aa)",
+                               "qcard source tree clean vs with uncommitted changes",
+                               "different CPUs (Intel(R) Xeon(R) Processor vs AMD EPYC 7B13)",
+                               "torch threads 2 vs 1"]
+    assert "share every setting" not in cmp.to_markdown()
+    c = the_same_run_with(a, **{"provenance.torch": "2.13.0"})
+    (soft,) = compare_cards([a, c]).differences
+    assert soft.startswith("different software (") and "torch 2.13.0" in soft
+
+
+def test_provenance_records_torch_threads():
+    import torch
+    from qcard import provenance
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        prov = provenance.collect(seed=0, deterministic=True, config_sha256=None)
+    finally:
+        torch.set_num_threads(before)
+    assert prov["torch_threads"] == 1
+    from qcard.cards.schema import Provenance
+    assert Provenance(**prov).torch_threads == 1
+
+
+def test_csv_cells_are_guarded_against_formulas():
+    """Issue 15 item 17: labels and paths come from users' files; a spreadsheet must not run them."""
+    a = ptq()
+    b = the_same_run_with(a, **{"method.label": "=HYPERLINK(\"http://x\")", "model.ref": "@SUM(A1)",
+                                "quantization.weights.bits": 8})
+    c = the_same_run_with(a, **{"method.label": "+cmd", "model.ref": "-2+3"})
+    import csv
+    rows = list(csv.DictReader(io.StringIO(compare_cards([a, b, c]).to_csv())))
+    assert [r["label"] for r in rows] == [a["method"]["label"], "'=HYPERLINK(\"http://x\")", "'+cmd"]
+    assert [r["model"] for r in rows][1:] == ["'@SUM(A1)", "'-2+3"]
+    assert float(rows[1]["delta"]) < 0 and not rows[1]["delta"].startswith("'")   # numbers stay numbers

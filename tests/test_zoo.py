@@ -211,6 +211,7 @@ def test_train_model_runs_the_shared_training_loop(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.ci_skip_ok(reason="a CI machine's CPU need not be the one the weights were trained on")
 def test_train_model_reproduces_bundled_weights():
     from qcard.zoo.train import _cpu_model
     rec = bundled_record("lenet5")

@@ -13,7 +13,8 @@ decide inside the quantizer: rounding (nearest/AdaRound/...), weight and activat
 cross-layer equalization, bias correction and the mixed-precision policy (allowed bits). Those are
 reported separately as `method_differences`. Everything else that differs — bit widths, granularity,
 symmetry, first/last layers, BN, residuals, calibration data, FP32 baseline, weights, evaluation data,
-preprocessing, cost profile, software versions, ... — is a confounding difference.
+preprocessing, cost profile, software versions, and the environment (CPU, GPU, torch threads, qcard
+commit, uncommitted changes) ... — is a confounding difference.
 
 pandas is imported on first use of Comparison.table (or CSV export), once per process: Markdown,
 LaTeX and JSON exports of 1,000 cards don't need it.
@@ -337,6 +338,15 @@ CONFOUNDERS: List[Field] = [
     Field("cost.profile", lambda c: c.cost.profile, _words, "different cost profile ({vs})"),
     Field("provenance.libraries", _soft, _soft_text, "different software ({vs})"),
     Field("provenance.qcard_version", lambda c: c.provenance.qcard_version, str, "different qcard versions ({vs})"),
+    # the environment: the same config gives other last digits on another CPU, thread count or source tree
+    Field("provenance.git_commit", lambda c: c.provenance.git_commit, lambda v: v[:10] if v else "unknown",
+          "different qcard commits ({vs})"),
+    Field("provenance.git_dirty", lambda c: c.provenance.git_dirty,
+          lambda v: {True: "with uncommitted changes", False: "clean"}.get(v, "unknown"), "qcard source tree {vs}"),
+    Field("provenance.cpu", lambda c: c.provenance.cpu, lambda v: v or "unknown", "different CPUs ({vs})"),
+    Field("provenance.gpu", lambda c: c.provenance.gpu, lambda v: v or "none", "different GPUs ({vs})"),
+    Field("provenance.torch_threads", lambda c: c.provenance.torch_threads,
+          lambda v: "unknown" if v is None else str(v), "torch threads {vs}"),
 ]
 
 
@@ -504,6 +514,8 @@ class Comparison:
     reference_rows: Optional[List[Dict[str, Any]]] = None    # published rows ("reported"), None when not asked
     reference_note: str = ""
     cards: List[LoadedCard] = field(default_factory=list)
+    profile: Optional[str] = None                # cost profile the cost columns come from (None: each card's main)
+    profile_note: str = ""                       # why that profile, when not the main one
     _table: Any = field(default=None, repr=False)
     _reference: Any = field(default=None, repr=False)
 
@@ -546,7 +558,7 @@ class Comparison:
 
     def to_json(self) -> str:
         clean = lambda rows: [{k: _clean(v) for k, v in r.items()} for r in rows]
-        data = {"x": self.x, "differences": self.differences, "difference_details": self.difference_details,
+        data = {"x": self.x, "profile": self.profile, "differences": self.differences, "difference_details": self.difference_details,
                 "method_differences": self.method_differences,
                 "pareto": [self.rows[i]["card"] for i in self.pareto],
                 "cards": clean(self.rows), "failed": self.failed,
@@ -566,11 +578,13 @@ class Comparison:
         ok = [i for i, r in enumerate(self.rows) if r["status"] == "ok" and _num(r[key]) and _num(r["quantized"])]
         if not ok:
             raise QcardError(f"no card has both an accuracy and cost.{key}; nothing to plot against --x {self.x}"
-                             + (" (profiles without a hardware model give no energy or latency; try --x bops or size)"
+                             + (" (profiles without a hardware model give no energy or latency; name one that has "
+                                "them with --profile NAME, or try --x bops or size)"
                                 if needs_hw else ""))
         points = [{"label": f"{self.rows[i]['card']} {self.rows[i]['label']}", "x": float(self.rows[i][key]),
                    "y": float(self.rows[i]["quantized"]),
-                   "err": float(self.rows[i]["std"]) if _num(self.rows[i]["std"]) else None} for i in ok]
+                   "err": float(self.rows[i]["std"]) if _num(self.rows[i]["std"]) else None,
+                   "model": self.rows[i]["model"]} for i in ok]
         pos = {i: n for n, i in enumerate(ok)}
         front = [pos[i] for i in self.pareto if i in pos]
         profiles = sorted({str(self.rows[i]["profile"]) for i in ok if self.rows[i]["profile"]})
@@ -595,7 +609,8 @@ class Comparison:
                 "columns": [(h, a) for _, h, a in cols], "rows": rows,
                 "pareto_cards": [self.rows[i]["card"] for i in self.pareto], "x_label": xlabel, "x": self.x,
                 "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
-                "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note}
+                "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note,
+                "profile_note": self.profile_note}
 
 
 def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -604,8 +619,19 @@ def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow(["" if _missing(r.get(c)) else r.get(c) for c in columns])
+        w.writerow(["" if _missing(r.get(c)) else _csv_cell(r.get(c)) for c in columns])
     return buf.getvalue()
+
+
+# a text cell a spreadsheet would run as a formula (labels, paths and errors come from users' files)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(v: Any) -> Any:
+    """Numbers as they are; text that starts like a formula gets a leading ' so it stays text."""
+    if isinstance(v, str) and v.startswith(_FORMULA_STARTS):
+        return "'" + v
+    return v
 
 
 def _clean(v: Any) -> Any:
@@ -708,14 +734,60 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
     }
 
 
-def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False) -> Comparison:
+def _cost_in(card: Card, profile: str) -> Optional[Any]:
+    """The card's cost block under `profile` (its main one or one of cost_profiles), or None."""
+    if card.cost.profile == profile:
+        return card.cost
+    return card.cost_profiles.get(profile)
+
+
+def choose_profile(cards: Sequence[Card], x: str, profile: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """(profile to read the cost from, a note saying why), None meaning each card's main cost block.
+    A named profile must be on every card that ran. Otherwise an axis that needs a hardware model
+    (energy, latency) is read from the first profile every card has it in, when the main one lacks it."""
+    ran = [c for c in cards if c.status == "ok"]
+    if profile is not None:
+        lacking = [c for c in ran if _cost_in(c, profile) is None]
+        if lacking:
+            have = sorted({n for c in ran for n in [c.cost.profile, *c.cost_profiles] if n})
+            raise QcardError(f"cost profile '{profile}' is not on {len(lacking)} of {len(ran)} cards "
+                             f"(e.g. {lacking[0].id[:10]}); profiles on these cards: {', '.join(have) or 'none'}")
+        return profile, f"cost from profile {profile} (--profile)"
+    key, _, needs_hw = X_AXES[x]
+    if not needs_hw or not ran or all(_num(getattr(c.cost, key)) for c in ran):
+        return None, ""
+    names: List[str] = []
+    for c in ran:
+        names += [n for n in [c.cost.profile, *c.cost_profiles] if n and n not in names]
+    for name in names:
+        blocks = [_cost_in(c, name) for c in ran]
+        if all(b is not None and _num(getattr(b, key)) for b in blocks):
+            main = sorted({str(c.cost.profile) for c in ran})
+            return name, (f"cost from profile {name}: the cards' main profile ({', '.join(main)}) "
+                          f"gives no {X_AXES[x][1].split(' (')[0]} (choose with --profile NAME)")
+    return None, ""
+
+
+def _with_profile(lc: LoadedCard, profile: Optional[str]) -> LoadedCard:
+    """The card with its cost block read from `profile` (failed cards keep theirs)."""
+    if profile is None or lc.card.status != "ok":
+        return lc
+    return LoadedCard(lc.path, lc.card.model_copy(update={"cost": _cost_in(lc.card, profile)}))
+
+
+def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False,
+                  profile: Optional[str] = None) -> Comparison:
     """Compare cards (Card, dict, LoadedCard or paths). x: the Pareto cost axis (bops|size|energy|latency).
-    reference: False, "matching" (or True: published rows for the models among the cards) or "all"."""
+    reference: False, "matching" (or True: published rows for the models among the cards) or "all".
+    profile: the cost profile to read cost from (default: each card's main one, or for energy and
+    latency the first profile that has them; `Comparison.profile_note` says which)."""
     if x not in X_AXES:
         raise QcardError(f"unknown cost axis '{x}'; allowed: {', '.join(X_AXES)}")
-    loaded = _as_loaded(cards)
-    if not loaded:
+    originals = _as_loaded(cards)
+    if not originals:
         raise QcardError("no cards to compare")
+    profile, profile_note = choose_profile([lc.card for lc in originals], x, profile)
+    loaded = [_with_profile(lc, profile) for lc in originals]
     letters = [card_letter(i) for i in range(len(loaded))]
     rows = [_row(l, lc) for l, lc in zip(letters, loaded)]
     key = X_AXES[x][0]
@@ -748,4 +820,5 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
             note = ("no published rows for " + ", ".join(sorted({model_key(m) for m in models}))
                     + "; `--reference-all` shows every published row")
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
-                      difference_details=details, failed=failed, reference_rows=ref, reference_note=note, cards=loaded)
+                      difference_details=details, failed=failed, reference_rows=ref, reference_note=note,
+                      cards=originals, profile=profile, profile_note=profile_note)

@@ -55,6 +55,35 @@ def _bits_color(bits: Optional[float]):
     return matplotlib.colormaps["viridis"](0.1 + 0.8 * pos)
 
 
+MAX_DISCRETE = 16     # at most this many distinct values get a colour each; more: a continuous scale
+
+
+def _discrete_colors(values: Iterable[Optional[float]]) -> Optional[Dict[Optional[float], Any]]:
+    """{value: colour}, one clearly different colour per distinct value (FP32/None red), ordered
+    (fewer bits darker): 15 and 16 bits must not look alike, as they do on a log2 scale. None when
+    there are too many distinct values to tell apart."""
+    distinct = sorted({v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+    if len(distinct) > MAX_DISCRETE:
+        return None
+    import matplotlib
+    cmap = matplotlib.colormaps["viridis" if len(distinct) <= 5 else "turbo"]
+    n = len(distinct)
+    colors: Dict[Optional[float], Any] = {v: cmap(0.1 + 0.8 * (i / (n - 1) if n > 1 else 0.5))
+                                          for i, v in enumerate(distinct)}
+    colors[None] = FP32_COLOR
+    return colors
+
+
+def _text_color(rgba) -> str:
+    """Black or white, whichever reads better on a cell of this colour."""
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 # ---------------------------------------------------------------------------
 # single-card plots
 # ---------------------------------------------------------------------------
@@ -100,7 +129,9 @@ def layer_cost_plot(card: Dict[str, Any]):
     axes = fig.subplots(1, 2, sharey=True) if has_energy else [fig.add_subplot()]
     names = [f"{l['name']} (W{_b(l.get('weight_bits'))}/A{_b(l.get('activation_bits'))})" for l in layers]
     y = list(range(len(layers)))
-    colors = [_bits_color(l.get("weight_bits")) for l in layers]
+    palette = _discrete_colors(l.get("weight_bits") for l in layers)
+    color_of = (lambda b: palette[b]) if palette else _bits_color
+    colors = [color_of(l.get("weight_bits")) for l in layers]
     axes[0].barh(y, [l["bops"] for l in layers], color=colors)
     axes[0].set_xlabel("BOPs")
     axes[0].set_xscale("log")
@@ -111,7 +142,7 @@ def layer_cost_plot(card: Dict[str, Any]):
         axes[1].set_xlabel(f"energy (µJ, profile {card['cost'].get('profile')})")
     from matplotlib.patches import Patch
     bits = sorted({l.get("weight_bits") for l in layers}, key=lambda b: (b is not None, b or 0))
-    fig.legend(handles=[Patch(color=_bits_color(b), label="FP32" if b is None else f"W{_b(b)}") for b in bits],
+    fig.legend(handles=[Patch(color=color_of(b), label="FP32" if b is None else f"W{_b(b)}") for b in bits],
                loc="outside lower center", ncol=min(8, len(bits)), frameon=False)
     return fig, note, has_energy
 
@@ -174,20 +205,33 @@ def step_heatmap(spec: Dict[str, Any]):
         rows.append(row)
     fig = _figure(min(9.0, 2.6 + 0.32 * len(grid)), min(12.0, 1.2 + 0.28 * len(series)))
     ax = fig.add_subplot()
-    im = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
+    values = sorted({v for r in rows for v in r if not math.isnan(v)})
+    palette = _discrete_colors(values)
+    if palette:
+        # one colour per value (e.g. each word length), a colour bar with one band per value
+        # cells hold the value's rank, so each value has an equal band on the colour bar
+        from matplotlib.colors import BoundaryNorm, ListedColormap
+        cmap = ListedColormap([palette[v] for v in values])
+        rank = {v: k for k, v in enumerate(values)}
+        ranked = [[math.nan if math.isnan(v) else rank[v] for v in r] for r in rows]
+        im = ax.imshow(ranked, aspect="auto", cmap=cmap, norm=BoundaryNorm([k - 0.5 for k in range(len(values) + 1)],
+                                                                           cmap.N), interpolation="nearest")
+    else:
+        im = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(series)), [n for n, _, _ in series])
     step = max(1, len(grid) // 12)
     ax.set_xticks(range(0, len(grid), step), [f"{grid[i]:g}" for i in range(0, len(grid), step)])
     ax.set_xlabel(spec.get("x_label") or "")
     if len(grid) * len(series) <= 500:
-        lo = min(v for r in rows for v in r if not math.isnan(v))
-        hi = max(v for r in rows for v in r if not math.isnan(v))
         for i, r in enumerate(rows):
             for j, v in enumerate(r):
                 if not math.isnan(v):
-                    ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7,
-                            color="white" if hi == lo or (v - lo) / (hi - lo) < 0.6 else "black")
-    fig.colorbar(im, ax=ax, label=spec.get("value_label") or "", shrink=0.9)
+                    cell = palette[v] if palette else im.cmap(im.norm(v))
+                    ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7, color=_text_color(cell))
+    bar = fig.colorbar(im, ax=ax, label=spec.get("value_label") or "", shrink=0.9)
+    if palette:
+        bar.set_ticks(range(len(values)), labels=[f"{v:g}" for v in values])
+        bar.minorticks_off()
     return fig
 
 
@@ -198,8 +242,9 @@ def lines(spec: Dict[str, Any]):
         return None
     fig = _figure(5.6, 2.9)
     ax = fig.add_subplot()
-    for s in series:
-        ax.plot(s["x"], s["y"], marker="o", markersize=2.5, label=s["name"])
+    for k, s in enumerate(series):   # a marker and a line style each: series stay apart in grey print too
+        ax.plot(s["x"], s["y"], marker=MARKERS[k % len(MARKERS)], linestyle=LINESTYLES[k % len(LINESTYLES)],
+                markersize=3.5, markevery=max(1, len(s["x"]) // 25), label=s["name"])
     ax.set_xlabel(spec.get("x_label") or "")
     ax.set_ylabel(spec.get("y_label") or "")
     if len(series) > 1:
@@ -258,9 +303,11 @@ def training_plot(card: Dict[str, Any]):
     fig = _figure(3.0 * len(panels) + 0.6, 2.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, keys) in zip(axes, panels.items()):
-        for k in keys:
+        for n, k in enumerate(keys):
             pts = [(x, p.get(k)) for x, p in zip(xs, curve) if isinstance(p.get(k), (int, float))]
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", markersize=2.5, label=k)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker=MARKERS[n % len(MARKERS)],
+                    linestyle=LINESTYLES[n % len(LINESTYLES)], markersize=3, markevery=max(1, len(pts) // 25),
+                    label=k)
         ax.set_xlabel(xkey or "point")
         ax.set_title(title)
         if len(keys) > 1 or title != keys[0]:
@@ -304,43 +351,117 @@ def card_plots(card: Dict[str, Any]) -> List[Dict[str, str]]:
 # comparison plot
 # ---------------------------------------------------------------------------
 
+def pareto_figure(points: Sequence[Dict[str, Any]], front: Iterable[int], x_label: str, title: str = ""):
+    """(figure, label artists) of accuracy against one cost axis, the Pareto front as a staircase.
+    points: [{"label", "x", "y", "err" (optional), "model" (optional: one marker shape per model)}];
+    front: indices into points. Labels are placed where they overlap no other label or point."""
+    front = sorted(set(front), key=lambda i: points[i]["x"])
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    on = set(front)
+    models = list(dict.fromkeys(str(p.get("model") or "") for p in points))
+    marker = {m: MARKERS[k % len(MARKERS)] for k, m in enumerate(models)}
+    for i, p in enumerate(points):
+        ax.errorbar(p["x"], p["y"], yerr=p.get("err") or None, fmt=marker[str(p.get("model") or "")],
+                    color="#1f77b4" if i in on else "#9e9e9e", markersize=6.5 if i in on else 5.5, capsize=2,
+                    zorder=3 if i in on else 2)
+    handles = []
+    if front:
+        # the front as a staircase: each point holds its accuracy until the next cheaper-is-worse point
+        (line,) = ax.step([points[i]["x"] for i in front], [points[i]["y"] for i in front], where="post",
+                          color="#1f77b4", linewidth=1.2, zorder=1, label=f"Pareto front ({len(front)} of {len(points)})")
+        handles.append(line)
+    if len(models) > 1:
+        from matplotlib.lines import Line2D
+        handles += [Line2D([], [], linestyle="", marker=marker[m], color="#555555", label=m) for m in models]
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize=7)
+    xs = [p["x"] for p in points]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    else:
+        from matplotlib.ticker import EngFormatter
+        ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("accuracy (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    labels = _place_labels(fig, ax, points) if len(points) <= 40 else []
+    return fig, labels
+
+
+# label offsets tried in turn (points from the marker): beside it first, then further away with a leader line
+_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (0, 8), (0, -15)] + \
+    [(dx * r, dy * r) for r in (2, 3, 4, 5) for dx, dy in ((6, 4), (6, -6), (-6, 4), (-6, -6), (0, 6), (0, -7))]
+
+
+def _place_labels(fig, ax, points: Sequence[Dict[str, Any]]) -> List[Any]:
+    """Annotate each point where its label overlaps no label placed before it, no marker and stays inside
+    the axes (greedy, most accurate points first). The layout is fixed first, so the positions hold."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)                           # a renderer to measure the labels with
+    fig.canvas.draw()                              # the constrained layout settles the axes here
+    fig.set_layout_engine("none")                  # ... and labels placed now do not move it again
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    scale = fig.dpi / 72.0
+    marker_boxes = []
+    for p in points:
+        px, py = to_px((p["x"], p["y"]))
+        # a label keeps clear of other markers by about a marker's width, so it reads as its own point's
+        marker_boxes.append((px - 8 * scale, py - 8 * scale, px + 8 * scale, py + 8 * scale))
+    frame = ax.get_window_extent(renderer)
+    taken: List[Tuple[float, float, float, float]] = []
+    legend = ax.get_legend()
+    if legend is not None:
+        lb = legend.get_window_extent(renderer)
+        taken.append((lb.x0, lb.y0, lb.x1, lb.y1))
+    out = []
+    for i in sorted(range(len(points)), key=lambda i: (-points[i]["y"], points[i]["x"])):
+        p = points[i]
+        best = None
+        for dx, dy in _OFFSETS:
+            far = (dx, dy) != _OFFSETS[0]      # away from the usual place: a leader line says whose it is
+            ann = ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(dx, dy),
+                              fontsize=7, ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+                              arrowprops={"arrowstyle": "-", "color": "#757575", "lw": 0.6, "shrinkA": 1,
+                                          "shrinkB": 4} if far else None)
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
+            inside = bb.x0 >= frame.x0 and bb.x1 <= frame.x1 and bb.y0 >= frame.y0 and bb.y1 <= frame.y1
+            clash = any(_overlap(box, t) for t in taken) or any(
+                _overlap(box, m) for j, m in enumerate(marker_boxes) if j != i)
+            if inside and not clash:
+                best = (ann, box)
+                break
+            ann.remove()
+        if best is None:    # nowhere free: the first place beside the point (a crowded plot)
+            dx, dy = _OFFSETS[0]
+            ann = ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(dx, dy), fontsize=7)
+            bb = ann.get_window_extent(renderer)
+            best = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
+        taken.append(best[1])
+        out.append(best[0])
+    return out
+
+
+def _overlap(a: Tuple[float, float, float, float], b: Tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def pareto_plot(points: Sequence[Dict[str, Any]], front: Iterable[int], x_label: str, path: Path,
                 title: str = "") -> List[Path]:
     """Accuracy against one cost axis; the Pareto front joined by a line. Writes PATH.png and PATH.pdf
-    (TrueType fonts embedded: pdf.fonttype 42) and returns both paths.
-    points: [{"label", "x", "y", "err" (optional)}]; front: indices into points."""
+    (TrueType fonts embedded: pdf.fonttype 42) and returns both paths. Arguments as pareto_figure."""
     import matplotlib
     path = Path(path)
     stem = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf") else path
     outputs = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
-    front = sorted(set(front), key=lambda i: points[i]["x"])
     with matplotlib.rc_context(STYLE):
-        fig = _figure(6.0, 4.0)
-        ax = fig.add_subplot()
-        on = set(front)
-        for i, p in enumerate(points):
-            ax.errorbar(p["x"], p["y"], yerr=p.get("err") or None, fmt="o",
-                        color="#1f77b4" if i in on else "#9e9e9e", markersize=6 if i in on else 5, capsize=2,
-                        zorder=3 if i in on else 2)
-            if len(points) <= 40:
-                ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if front:
-            # the front as a staircase: each point holds its accuracy until the next cheaper-is-worse point
-            ax.step([points[i]["x"] for i in front], [points[i]["y"] for i in front], where="post", color="#1f77b4",
-                    linewidth=1.2, marker="o", markersize=6, label=f"Pareto front ({len(front)} of {len(points)})")
-            ax.legend(loc="best")
-        xs = [p["x"] for p in points]
-        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
-            ax.set_xscale("log")
-        else:
-            from matplotlib.ticker import EngFormatter
-            ax.xaxis.set_major_formatter(EngFormatter())
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("accuracy (%)")
-        if title:
-            ax.set_title(title)
-        ax.grid(True, alpha=0.3)
+        fig, _ = pareto_figure(points, front, x_label, title)
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(outputs[0], dpi=150, metadata={"Software": None})
+        # the PNG at the figure's own dpi: labels were placed in its pixels (the PDF scales as a whole)
+        fig.savefig(outputs[0], dpi=DPI * 1.5, metadata={"Software": None})
         fig.savefig(outputs[1], metadata={"Creator": "qcard", "Producer": None, "CreationDate": None})
     return outputs

@@ -126,16 +126,21 @@ def unquantized_block() -> Dict[str, Any]:
     }
 
 
+# accuracies are percentages: 250.0 (or a gap of 180 points) is a broken card, not a result
+Percent = Annotated[float, Field(ge=0, le=100)]
+PercentGap = Annotated[float, Field(ge=-100, le=100)]
+
+
 class Results(Closed):
     metric: str = "top1"
-    fp32: Optional[float] = None
-    quantized: Optional[float] = None
-    delta: Optional[float] = None
-    top5_fp32: Optional[float] = None
-    top5: Optional[float] = None
-    n_runs: int = 0
+    fp32: Optional[Percent] = None
+    quantized: Optional[Percent] = None
+    delta: Optional[PercentGap] = None
+    top5_fp32: Optional[Percent] = None
+    top5: Optional[Percent] = None
+    n_runs: int = Field(default=0, ge=0)
     seeds: List[int] = Field(default_factory=list)
-    std: Optional[float] = None
+    std: Optional[Annotated[float, Field(ge=0, le=100)]] = None
     per_seed: List[Dict[str, Any]] = Field(default_factory=list)
 
 
@@ -180,6 +185,7 @@ class Provenance(Closed):
     platform: str
     cpu: Optional[str] = None
     gpu: Optional[str] = None
+    torch_threads: Optional[int] = None        # intra-op threads (None on cards written before it was recorded)
     seed: Optional[int] = None
     deterministic: Optional[bool] = None
     config_sha256: Optional[str] = None
@@ -299,7 +305,9 @@ def load_card(path: Union[str, Path]) -> Card:
         raise QcardError(f"card file not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise QcardError(f"cannot read card {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QcardError(f"{path}: not valid JSON ({exc})") from None
     return card_from_dict(data, str(path))
 

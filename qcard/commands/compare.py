@@ -21,11 +21,14 @@ from . import user_errors
               help="draw accuracy against --x with the Pareto front: FILE.png and FILE.pdf")
 @click.option("--x", "x_axis", type=click.Choice(["bops", "size", "energy", "latency"]), default="bops",
               show_default=True, help="cost axis of the Pareto front")
+@click.option("--profile", "profile", metavar="NAME",
+              help="cost profile to read the cost from (default: each card's main one; for --x energy or "
+                   "latency the first profile on the cards that has them)")
 @click.option("--reference", is_flag=True,
               help="add published rows (marked 'reported', with their source) for the models among the cards")
 @click.option("--reference-all", is_flag=True, help="add every published row, whatever the models")
 @user_errors
-def compare(paths, fmt, output, plot_path, x_axis, reference, reference_all):
+def compare(paths, fmt, output, plot_path, x_axis, profile, reference, reference_all):
     """Compare cards: PATH is a card.json or a run folder (searched recursively).
 
     The settings that differ between the cards, other than the method's own choices, are named above
@@ -41,7 +44,9 @@ def compare(paths, fmt, output, plot_path, x_axis, reference, reference_all):
     from ..cards.compare import compare_cards, load_cards
 
     ref = "all" if reference_all else ("matching" if reference else False)
-    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref)
+    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref, profile=profile)
+    if cmp.profile_note:
+        click.echo(f"note: {cmp.profile_note}", err=True)
     text = cmp.export(fmt)
     if output:
         target = Path(output)
