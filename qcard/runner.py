@@ -93,8 +93,10 @@ class Resources:
                           num_classes=ds.num_classes or (point.model.num_classes if ds.ref == "synthetic" else None),
                           size=ds.size, seed=point.seeds[0], class_map=ds.class_map)
             train = load_dataset(ds.ref, "train", **kwargs)
-            check_fits_model(train, info, point.model.ref)     # before any image is scored
             evaluation = eval_subset(load_dataset(ds.ref, ds.eval_split, **kwargs), ds.eval_size, ds.eval_subset)
+            model = self.model(point)[0]
+            for split in (train, evaluation):        # before any image is scored
+                check_fits_model(split, info, point.model.ref, model)
             self._data[key] = (train, evaluation)
         return self._data[key]
 

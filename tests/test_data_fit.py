@@ -167,3 +167,22 @@ def test_pretrained_weights_offline_fail_fast_and_suggest_a_file(tmp_path, monke
     monkeypatch.setattr(loader, "_reachable", lambda *a: pytest.fail("probed although offline"))
     with pytest.raises(ModelLoadError, match="offline mode"):
         loader.load_model_with_info("timm:resnet10t", pretrained=True)
+
+
+def test_output_width_is_measured_and_unreadable_images_are_named(tmp_path):
+    """The class count is the model's real output width (not a guess from its last Linear); a model
+    that cannot take the images fails with their shape, not a raw torch error mid-method."""
+    from torch import nn
+    from qcard.zoo import load_model_with_info
+    root = _folder(tmp_path / "imgs", ["a", "b", "c"], per_class=1, size=(32, 32))
+    model, info = load_model_with_info("python:user_models:tiny_net", num_classes=3)
+    ds = load_dataset(f"imagefolder:{root}", "test", model_info=info, input_shape=(1, 28, 28))
+    check_fits_model(ds, info, "python:user_models:tiny_net", model)
+    # a head that is not the last Linear registered: 3 outputs really, though the last Linear has 7
+    odd = nn.Sequential(nn.Flatten(1), nn.Linear(784, 3))
+    odd.add_module("unused", nn.Linear(3, 7))
+    odd.forward = lambda x: odd[1](odd[0](x))
+    check_fits_model(ds, {"num_classes": 7}, "python:odd", odd)
+    big = load_dataset(f"imagefolder:{root}", "test", model_info=info, input_shape=(1, 32, 32))
+    with pytest.raises(DatasetError, match=r"cannot read the images .* 1x32x32"):
+        check_fits_model(big, info, "python:user_models:tiny_net", model)

@@ -54,15 +54,34 @@ def load_dataset(ref: str, split: str, *, root: Optional[str] = None, download: 
     return SyntheticQDataset(split, tuple(shape), int(classes), n, int(seed))
 
 
-def check_fits_model(dataset: Any, model_info: Any, model_ref: str) -> None:
+def model_outputs(model: Any, dataset: Any, model_ref: str) -> Optional[int]:
+    """How many scores the model gives for one image of `dataset` (None when its output is not [N, classes]).
+
+    Measured, not guessed from the last Linear layer; a model that cannot read the images at all fails here,
+    with the shapes named, instead of in the middle of a method."""
+    import torch
+    x, _ = dataset[0]
+    param = next(iter(model.parameters()), None)
+    try:
+        with torch.no_grad():
+            out = model(x.unsqueeze(0).to(param.device if param is not None else "cpu"))
+    except Exception as exc:  # any shape or dtype mismatch inside the user's model
+        raise DatasetError(f"{model_ref} cannot read the images of {dataset.ref} (one image is "
+                           f"{'x'.join(map(str, x.shape))}): {type(exc).__name__}: {exc}") from exc
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+
+
+def check_fits_model(dataset: Any, model_info: Any, model_ref: str, model: Any = None) -> None:
     """Refuse data the model cannot read right: a channel count or a class count that differs from the
-    model's (a 1000-class model on a 10-class folder scores 0 % without any other sign)."""
+    model's (a 1000-class model on a 10-class folder scores 0 % without any other sign). With `model`, the
+    class count is the width of its output on one image, else the one its ModelInfo records."""
     shape = _model_attr(model_info, "input_shape")
     if shape is not None and int(shape[0]) != int(dataset.input_shape[0]):
         raise DatasetError(f"{model_ref} takes {shape[0]}-channel images but {dataset.ref} gives "
                            f"{dataset.input_shape[0]}-channel ones ({'x'.join(map(str, dataset.input_shape))}); use "
                            f"a model with in_chans: {dataset.input_shape[0]} (and weights that fit) or another dataset")
-    n_model = _model_attr(model_info, "num_classes")
+    n_model = model_outputs(model, dataset, model_ref) if model is not None and len(dataset) else None
+    n_model = n_model if n_model is not None else _model_attr(model_info, "num_classes")
     if n_model is None or int(n_model) == int(dataset.num_classes):
         return
     fix = f"set the model's `num_classes: {dataset.num_classes}` (a new classifier: train it or give weights: PATH)"
