@@ -109,7 +109,12 @@ class CalibrationSpec(Strict):
 class DatasetSpec(Strict):
     ref: str = Field(description=" | ".join(DATASET_SOURCES))
     eval_split: str = "test"
-    eval_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N images (default: all)")
+    eval_size: Optional[int] = Field(None, ge=1, description="evaluate on N images (default: all)")
+    eval_subset: Optional[Literal["first", "stratified"]] = Field(
+        None, description="which N images: first, or a seeded class-stratified sample (default: stratified for "
+                          "imagefolder, whose files are sorted by class; first for the others)")
+    class_map: Optional[Literal["imagenet"]] = Field(
+        None, description="imagefolder only: folder names are ImageNet wnids, scored as ImageNet-1k classes")
     batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
     root: Optional[str] = None
@@ -216,7 +221,10 @@ class Point:
         return {
             "experiment": self.experiment,
             "model": self.model.model_dump(mode="json", exclude={"label"}),
-            "dataset": self.dataset.model_dump(mode="json", exclude={"num_workers", "batch_size"}),
+            # keys added later count only when set, so the points of older configs keep their ids
+            "dataset": self.dataset.model_dump(mode="json", exclude={"num_workers", "batch_size"}
+                                               | {k for k in ("eval_subset", "class_map")
+                                                  if getattr(self.dataset, k) is None}),
             "method": {"name": self.method, "params": self.params.model_dump(mode="json")},
             "seeds": list(self.seeds),
             "cost": self.cost.model_dump(mode="json"),

@@ -84,7 +84,7 @@ class Resources:
         return self._models[key]
 
     def datasets(self, point: Point, info):
-        from .data import eval_subset, load_dataset
+        from .data import check_fits_model, eval_subset, load_dataset
         ds = point.dataset
         input_shape = ds.input_shape or point.model.input_shape
         key = canonical_hash({"ds": ds.model_dump(mode="json", exclude={"calibration"}),
@@ -93,9 +93,12 @@ class Resources:
         if key not in self._data:
             kwargs = dict(root=ds.root, download=ds.download, model_info=info, input_shape=input_shape,
                           num_classes=ds.num_classes or (point.model.num_classes if ds.ref == "synthetic" else None),
-                          size=ds.size, seed=point.seeds[0])
+                          size=ds.size, seed=point.seeds[0], class_map=ds.class_map)
             train = load_dataset(ds.ref, "train", **kwargs)
-            evaluation = eval_subset(load_dataset(ds.ref, ds.eval_split, **kwargs), ds.eval_size)
+            evaluation = eval_subset(load_dataset(ds.ref, ds.eval_split, **kwargs), ds.eval_size, ds.eval_subset)
+            model = self.model(point)[0]
+            for split in (train, evaluation):        # before any image is scored
+                check_fits_model(split, info, point.model.ref, model)
             self._data[key] = (train, evaluation)
         return self._data[key]
 
@@ -484,11 +487,15 @@ def compute_cost(point: Point, res: Resources, model, input_shape, method_layers
     return blocks[first], extra, warnings
 
 
+SHARED_IMAGES = "the evaluated images (single image folder: no train/ subfolder)"
+
+
 def _data_warnings(evaluation, calibration) -> List[str]:
     info = getattr(evaluation, "split_info", None) or {}
     if info.get("shared_with_other_splits") and calibration:
-        return ["the image folder has no train/val subfolders: calibration or training images were drawn "
-                "from the same images that were evaluated"]
+        return ["calibration/training images were drawn from the evaluated images: the image folder has no "
+                "train/ and val/ subfolders, so the accuracy is measured on data the method has seen; "
+                "add PATH/train and PATH/val for an honest figure"]
     return []
 
 
@@ -499,6 +506,8 @@ def _model_block(point: Point, info, input_shape) -> Dict[str, Any]:
 
 
 def _dataset_block(point: Point, evaluation, calibration) -> Dict[str, Any]:
+    if calibration and (getattr(evaluation, "split_info", None) or {}).get("shared_with_other_splits"):
+        calibration = {**calibration, "split": SHARED_IMAGES}   # the method says "train"; the folder had none
     return {"ref": point.dataset.ref, "eval_split": point.dataset.eval_split, "eval_size": len(evaluation),
             "fingerprint": evaluation.fingerprint, "calibration": calibration,
             "preprocessing": getattr(evaluation, "preprocessing", None),

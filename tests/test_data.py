@@ -131,7 +131,7 @@ def test_imagefolder_single_folder(tmp_path):
     x, y = ds[4]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
     assert ds.input_shape == (3, 32, 32)
-    assert ds.preprocessing["resize"] == 36 and ds.preprocessing["origin"] == "model data_config"
+    assert ds.preprocessing["resize"] == 36 and ds.preprocessing["origin"].startswith("data config of")
     assert ds.split_info["shared_with_other_splits"] is True
     # the same files elsewhere give the same fingerprint; other preprocessing gives another
     shutil.copytree(tmp_path / "imgs", tmp_path / "copy")

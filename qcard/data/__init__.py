@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_dataset": ".loader", "list_datasets": ".catalog", "DATASETS": ".catalog",
+    "load_dataset": ".loader", "check_fits_model": ".loader", "list_datasets": ".catalog", "DATASETS": ".catalog",
     "QDataset": ".base", "TensorQDataset": ".base", "SubsetQDataset": ".base",
     "calibration_subset": ".base", "eval_subset": ".base",
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,31 @@ def make_fingerprint(ref: str, split: str, items: Any, preprocessing: Dict[str, 
     return sha256_json({"ref": ref, "split": split, "items": items, "preprocessing": preprocessing})
 
 
+def stratified_split(labels: np.ndarray, n_test: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train_indices, test_indices), stratified by label, each in a seeded random order.
+
+    Per-class test counts use largest-remainder rounding so they sum to exactly n_test. The order is
+    shuffled (not sorted by index) so that the first N test items are a fair sample of every class.
+    Uses numpy's legacy RandomState, whose streams are stable across numpy versions.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n_test / len(labels))
+    take = np.floor(exact).astype(int)
+    remainder_order = np.argsort(-(exact - take), kind="stable")
+    take[remainder_order[: n_test - int(take.sum())]] += 1
+    train, test = [], []
+    for cls, k in zip(classes, take):
+        members = np.flatnonzero(labels == cls)
+        members = members[rng.permutation(len(members))]
+        test.append(members[:k])
+        train.append(members[k:])
+    train_idx = np.concatenate(train)
+    test_idx = np.concatenate(test)
+    return train_idx[rng.permutation(len(train_idx))], test_idx[rng.permutation(len(test_idx))]
+
+
 class QDataset(Dataset):
     """Base class: subclasses set the attributes below and implement __len__/__getitem__."""
 
@@ -57,6 +82,10 @@ class QDataset(Dataset):
             return torch.empty((0, *self.input_shape)), torch.empty((0,), dtype=torch.long)
         xs, ys = zip(*(self[i] for i in range(len(self))))
         return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+    def targets(self) -> List[int]:
+        """Every item's label, in order (subclasses that hold labels answer without decoding images)."""
+        return [int(self[i][1]) for i in range(len(self))]
 
     def describe(self) -> Dict[str, Any]:
         """What a card records about this dataset."""
@@ -93,6 +122,9 @@ class TensorQDataset(QDataset):
     def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.images, self.labels
 
+    def targets(self) -> List[int]:
+        return self.labels.tolist()
+
 
 class SubsetQDataset(QDataset):
     """Selected items of another QDataset; same split, its own fingerprint."""
@@ -113,6 +145,10 @@ class SubsetQDataset(QDataset):
 
     def __getitem__(self, index: int):
         return self.base[self.indices[index]]
+
+    def targets(self) -> List[int]:
+        labels = self.base.targets()
+        return [labels[i] for i in self.indices]
 
     def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.base, TensorQDataset):
@@ -141,8 +177,22 @@ def calibration_subset(dataset: QDataset, size: int, seed: int = 0, *, allow_non
     return SubsetQDataset(dataset, perm, {"kind": "random", "seed": int(seed), "method": "torch.randperm"})
 
 
-def eval_subset(dataset: QDataset, size: Optional[int]) -> QDataset:
-    """The first `size` items (deterministic), or the whole dataset when size is None."""
+# How `eval_size: N` picks N items when the config does not say (eval_subset: auto). Files read from class
+# folders come sorted by class, so their first N would be a few classes only: take a seeded, class-stratified
+# subset. The builtin sets' test splits are already a seeded stratified shuffle (and CIFAR's and synthetic
+# data's orders are not by class), so their first N stay the subset, as on every card made so far.
+EVAL_SUBSETS = ("first", "stratified")
+EVAL_SUBSET_SEED = 0     # fixed, not the run's seed: every seed of a point is evaluated on the same images
+
+
+def default_eval_subset(dataset: QDataset) -> str:
+    return "stratified" if dataset.ref.startswith("imagefolder:") else "first"
+
+
+def eval_subset(dataset: QDataset, size: Optional[int], how: Optional[str] = None) -> QDataset:
+    """The whole dataset when size is None, else `size` items: the first ones (`how="first"`) or a seeded
+    class-stratified sample (`"stratified"`); None picks default_eval_subset. The choice and the reason are
+    recorded in split_info["subset"]."""
     if size is None:
         return dataset
     size = int(size)
@@ -151,4 +201,15 @@ def eval_subset(dataset: QDataset, size: Optional[int]) -> QDataset:
                            f"({dataset.ref} split '{dataset.split}' has {len(dataset)} items)")
     if size == len(dataset):
         return dataset
-    return SubsetQDataset(dataset, range(size), {"kind": "first", "size": size})
+    chosen = how or default_eval_subset(dataset)
+    if chosen not in EVAL_SUBSETS:
+        raise DatasetError(f"unknown eval_subset '{chosen}'; allowed: {', '.join(EVAL_SUBSETS)}")
+    if chosen == "first":
+        subset = SubsetQDataset(dataset, range(size), {"kind": "first", "size": size})
+    else:
+        _, picked = stratified_split(np.asarray(dataset.targets()), size, EVAL_SUBSET_SEED)
+        subset = SubsetQDataset(dataset, picked.tolist(), {"kind": "stratified", "size": size, "seed": EVAL_SUBSET_SEED,
+                                                           "method": "per-class share, numpy RandomState"})
+    # recorded, not fingerprinted: the same items chosen either way are the same evaluation set
+    subset.split_info["subset"]["chosen_by"] = "config (eval_subset)" if how else "default for this dataset"
+    return subset

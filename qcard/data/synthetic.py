@@ -33,6 +33,9 @@ class SyntheticQDataset(QDataset):
     def __len__(self) -> int:
         return self.size
 
+    def targets(self):
+        return self.labels.tolist()
+
     def __getitem__(self, index: int):
         if not 0 <= index < self.size:
             if -self.size <= index < 0:

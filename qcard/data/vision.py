@@ -20,29 +20,41 @@ DEFAULT_CROP_PCT = 0.875   # 224 / 256, the classic ImageNet evaluation recipe
 
 # --------------------------------------------------------------------------- imagefolder
 
-def _data_config_of(model_info: Any) -> Optional[Dict[str, Any]]:
+def _model_attr(model_info: Any, name: str) -> Any:
     if model_info is None:
         return None
     if isinstance(model_info, dict):
-        return model_info.get("data_config")
-    return getattr(model_info, "data_config", None)
+        return model_info.get(name)
+    return getattr(model_info, name, None)
 
 
 def resolve_image_preprocessing(model_info: Any = None, input_shape: Optional[Tuple[int, ...]] = None) -> Dict[str, Any]:
-    """The eval transform, as data: from the model's data_config, else ImageNet defaults."""
-    cfg = _data_config_of(model_info)
+    """The eval transform, as data: the model's own data config (timm, torchvision, the bundled models'
+    recorded preprocessing), else ImageNet defaults at the model's or the config's input shape.
+
+    A config input_shape changes the image size only; its channel count must be the model's."""
+    cfg = _model_attr(model_info, "data_config")
+    ref = _model_attr(model_info, "ref") or "the model"
     if cfg:
         c, h, w = (int(s) for s in cfg.get("input_size", (3, 224, 224)))
         crop_pct = float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
         mean = [float(m) for m in cfg.get("mean", IMAGENET_MEAN)]
         std = [float(s) for s in cfg.get("std", IMAGENET_STD)]
         interpolation = str(cfg.get("interpolation") or "bilinear")
-        origin = "model data_config"
+        origin = f"data config of {ref}"
+        if input_shape is not None:
+            if int(input_shape[0]) != c:
+                raise DatasetError(f"input_shape {list(input_shape)} has {input_shape[0]} channel(s) but {ref} takes "
+                                   f"{c} (its data config: {c}x{h}x{w}); drop input_shape or give [{c}, H, W]")
+            if (int(input_shape[1]), int(input_shape[2])) != (h, w):
+                h, w = int(input_shape[1]), int(input_shape[2])
+                origin += f", size {h}x{w} from the config's input_shape"
     else:
-        c, h, w = (int(s) for s in (input_shape or (3, 224, 224)))
+        shape = input_shape or _model_attr(model_info, "input_shape") or (3, 224, 224)
+        c, h, w = (int(s) for s in shape)
         crop_pct, interpolation = DEFAULT_CROP_PCT, "bilinear"
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-        origin = "imagenet defaults"
+        origin = "imagenet defaults (the model records no data config)"
     if c not in (1, 3):
         raise DatasetError(f"imagefolder images can be loaded with 1 or 3 channels, not {c}")
     if len(mean) != c:   # e.g. a grayscale model with RGB statistics: use their average
@@ -51,6 +63,22 @@ def resolve_image_preprocessing(model_info: Any = None, input_shape: Optional[Tu
     resize = int(math.floor(min(h, w) / crop_pct))
     return {"origin": origin, "resize": resize, "crop": [h, w], "crop_pct": crop_pct,
             "interpolation": interpolation, "mean": mean, "std": std, "channels": c}
+
+
+CLASS_MAPS = ("imagenet",)
+
+
+def imagenet_class_targets(classes, ref: str) -> list:
+    """ImageNet-1k class index of each folder class: the folder names must be ImageNet wnids (n01440764...)."""
+    from timm.data import ImageNetInfo
+    wnids = list(ImageNetInfo().label_names())     # sorted wnids, in the 1000-class index order
+    index = {w: i for i, w in enumerate(wnids)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise DatasetError(f"{ref}: class_map: imagenet needs ImageNet wnid folder names (e.g. n01440764), but "
+                           f"{len(unknown)} of {len(classes)} are not, e.g. {', '.join(unknown[:3])}; drop class_map "
+                           f"and give the model num_classes: {len(classes)}")
+    return [index[c] for c in classes]
 
 
 def _build_transform(pre: Dict[str, Any]):
@@ -66,7 +94,8 @@ def _build_transform(pre: Dict[str, Any]):
 
 
 class ImageFolderQDataset(QDataset):
-    def __init__(self, ref: str, split: str, folder: Path, split_info: Dict[str, Any], pre: Dict[str, Any]):
+    def __init__(self, ref: str, split: str, folder: Path, split_info: Dict[str, Any], pre: Dict[str, Any],
+                 class_map: Optional[str] = None):
         from torchvision.datasets import ImageFolder
         try:
             self.folder = ImageFolder(str(folder), transform=_build_transform(pre))
@@ -84,6 +113,16 @@ class ImageFolderQDataset(QDataset):
         files_sha = hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
         self.split_info = {**split_info, "size": len(files), "num_classes": self.num_classes, "files_sha256": files_sha}
         items = {"files_sha256": files_sha, "classes": self.classes}
+        self.target_map = None
+        if class_map is not None:
+            if class_map not in CLASS_MAPS:
+                raise DatasetError(f"unknown class_map '{class_map}'; allowed: {', '.join(CLASS_MAPS)}")
+            self.target_map = imagenet_class_targets(self.classes, ref)
+            self.num_classes = 1000
+            self.split_info["class_map"] = {"kind": class_map, "folder_classes": len(self.classes),
+                                            "model_classes": 1000,
+                                            "rule": "folder name (ImageNet wnid) -> ImageNet-1k class index"}
+            items["class_map"] = class_map
         self.fingerprint = make_fingerprint("imagefolder", split_info["folder_role"], items, pre)
 
     def __len__(self) -> int:
@@ -91,11 +130,17 @@ class ImageFolderQDataset(QDataset):
 
     def __getitem__(self, index: int):
         image, label = self.folder[index]
-        return image, int(label)
+        return image, self._target(label)
+
+    def _target(self, label: int) -> int:
+        return int(label) if self.target_map is None else self.target_map[label]
+
+    def targets(self):
+        return [self._target(t) for t in self.folder.targets]
 
 
 def load_imagefolder(ref: str, path: str, split: str, model_info: Any = None,
-                     input_shape: Optional[Tuple[int, ...]] = None) -> ImageFolderQDataset:
+                     input_shape: Optional[Tuple[int, ...]] = None, class_map: Optional[str] = None) -> ImageFolderQDataset:
     root = Path(path).expanduser()
     if not path or not root.is_dir():
         raise DatasetError(f"image folder '{path}' (from {ref}) does not exist or is not a directory")
@@ -115,7 +160,7 @@ def load_imagefolder(ref: str, path: str, split: str, model_info: Any = None,
         info = {"method": "single folder", "folder": ".", "folder_role": "single",
                 "shared_with_other_splits": True}
     pre = resolve_image_preprocessing(model_info, input_shape)
-    return ImageFolderQDataset(ref, split, folder, info, pre)
+    return ImageFolderQDataset(ref, split, folder, info, pre, class_map)
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -135,24 +180,27 @@ class CifarQDataset(QDataset):
         spec = CIFAR[name]
         self.ref, self.split = f"torchvision:{name}", split
         self.data = data
-        self.targets = np.asarray(targets, dtype=np.int64)
+        self.labels = np.asarray(targets, dtype=np.int64)
         self.num_classes = spec["num_classes"]
         self.input_shape = (3, 32, 32)
         self.preprocessing = {"to_tensor": "x / 255", "mean": list(spec["mean"]), "std": list(spec["std"]),
                               "resize": None, "crop": None, "augmentation": None}
-        self.split_info = {"method": "official split", "size": int(len(self.targets)), "root": root,
+        self.split_info = {"method": "official split", "size": int(len(self.labels)), "root": root,
                            "files_md5": files}
         self._mean = torch.tensor(spec["mean"]).view(3, 1, 1)
         self._std = torch.tensor(spec["std"]).view(3, 1, 1)
-        self.fingerprint = make_fingerprint(self.ref, split, {"files_md5": files, "size": int(len(self.targets))},
+        self.fingerprint = make_fingerprint(self.ref, split, {"files_md5": files, "size": int(len(self.labels))},
                                             self.preprocessing)
 
     def __len__(self) -> int:
-        return int(len(self.targets))
+        return int(len(self.labels))
+
+    def targets(self):
+        return self.labels.tolist()
 
     def __getitem__(self, index: int):
         x = torch.from_numpy(np.ascontiguousarray(self.data[index])).permute(2, 0, 1).float().div_(255.0)
-        return (x - self._mean) / self._std, int(self.targets[index])
+        return (x - self._mean) / self._std, int(self.labels[index])
 
 
 def load_cifar(name: str, split: str, root: Optional[str], download: bool) -> CifarQDataset:

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..data.catalog import MNIST_MEAN, MNIST_STD
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 BUNDLED: Dict[str, Dict[str, Any]] = {
@@ -41,6 +43,11 @@ BUNDLED: Dict[str, Dict[str, Any]] = {
 
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
+# The preprocessing the bundled weights were trained with (qcard:mnist5k: x / 255, MNIST mean/std, 28x28, no
+# resize), in timm's data-config form: an image folder is read this way for a bundled model, as it is read
+# with timm's or torchvision's own config for theirs. crop_pct 1.0: resize to 28, crop 28 (nothing cut off).
+DATA_CONFIG: Dict[str, Any] = {"input_size": INPUT_SHAPE, "mean": (MNIST_MEAN,), "std": (MNIST_STD,),
+                               "crop_pct": 1.0, "interpolation": "bilinear", "trained_on": "qcard:mnist5k"}
 
 # qcard models shipped as architectures only (no bundled weights): they need data that cannot ship in
 # the package. They build with seeded random weights; train them from scratch or give weights: PATH.

@@ -12,6 +12,7 @@ seeded (init_seed) inside a forked RNG, so it is reproducible and leaves the cal
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, QcardError, UnknownNameError
 from ..registry import import_object
-from .catalog import ARCHITECTURES, BUNDLED, INPUT_SHAPE, NUM_CLASSES, bundled_weights_path
+from .catalog import ARCHITECTURES, BUNDLED, DATA_CONFIG, INPUT_SHAPE, NUM_CLASSES, bundled_weights_path
 from .refs import is_timm_model, parse_ref, timm_names, torchvision_names, unknown_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -168,6 +169,76 @@ def _with_channels(cfg: Optional[Dict[str, Any]], in_chans: Optional[int]) -> Op
             "mean": (sum(mean) / len(mean),) * c, "std": (sum(std) / len(std),) * c}
 
 
+# --------------------------------------------------------------------------- offline: fail fast
+
+HUB_PROBE_TIMEOUT = 5.0   # seconds to open one connection to the weights' host before any download starts
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` (DNS included: run in a thread,
+    because name lookup has no timeout of its own)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+    if not host:
+        return False
+    result: Dict[str, bool] = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result["ok"] = True
+        except OSError:
+            result["ok"] = False
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result.get("ok", False)
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "QCARD_OFFLINE"))
+
+
+def require_download(ref: str, url: str, cached: bool, where: str) -> None:
+    """Before a library downloads pretrained weights: nothing to do when they are cached; otherwise check once,
+    quickly, that their host answers, instead of letting the hub client retry for a minute and fail anyway."""
+    if cached:
+        return
+    if _offline_env() or not _reachable(url, HUB_PROBE_TIMEOUT):
+        why = "offline mode is set (HF_HUB_OFFLINE)" if _offline_env() else f"{url} cannot be reached (no network?)"
+        raise ModelLoadError(f"{ref}: pretrained weights are not in the local cache ({where}) and {why}. Give "
+                             f"`weights: PATH` to a local .safetensors/.pth file instead of `pretrained: true`, or "
+                             f"run once where the network is available to fill the cache")
+
+
+def _timm_weights_cached(name: str) -> Tuple[str, bool, str]:
+    """(URL of the weights' host, whether they are in the local cache, the cache folder) for a timm model."""
+    import timm.models
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+        files = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else \
+            ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        hit = any(isinstance(try_to_load_from_cache(hub_id.split("@")[0], f, cache_dir=cache), str) for f in files)
+        return endpoint, hit, cache
+    url = getattr(cfg, "url", None) if cfg is not None else None
+    if not url:
+        return "", True, ""       # nothing to download that we know of: leave it to timm
+    return url, _torch_hub_cached(url), str(Path(torch.hub.get_dir()) / "checkpoints")
+
+
+def _torch_hub_cached(url: str) -> bool:
+    from urllib.parse import urlsplit
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(url).path).name).is_file()
+
+
 # --------------------------------------------------------------------------- sources
 
 def _build_qcard_architecture(name, pretrained, num_classes, in_chans, kwargs, weights):
@@ -208,7 +279,7 @@ def _build_qcard(name, pretrained, num_classes, in_chans, kwargs, use_bundled):
                                  f"recreate them with `qcard zoo train {name}`")
         apply_state_dict(model, load_state_file(str(path)), f"'{path}'", f"qcard:{name}")
         weights = f"bundled:{path.name}"
-    return model, weights, (ic, *INPUT_SHAPE[1:]), nc, None
+    return model, weights, (ic, *INPUT_SHAPE[1:]), nc, _with_channels(DATA_CONFIG, ic)
 
 
 def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
@@ -220,6 +291,9 @@ def _build_torchvision(name, pretrained, num_classes, in_chans, kwargs):
     if num_classes is not None:
         kw["num_classes"] = int(num_classes)
     enum = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    if enum is not None:
+        require_download(f"torchvision:{name}", enum.url, _torch_hub_cached(enum.url),
+                         str(Path(torch.hub.get_dir()) / "checkpoints"))
     try:
         model = torchvision.models.get_model(name, weights=enum, **kw)
     except (TypeError, ValueError) as exc:
@@ -245,6 +319,9 @@ def _build_timm(name, pretrained, num_classes, in_chans, kwargs):
         kw["num_classes"] = int(num_classes)
     if in_chans is not None:
         kw["in_chans"] = int(in_chans)
+    if pretrained:
+        url, cached, cache = _timm_weights_cached(name)
+        require_download(f"timm:{name}", url, cached, cache)
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), **kw)
     except (TypeError, ValueError) as exc:
