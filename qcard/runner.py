@@ -98,10 +98,11 @@ class Resources:
         return self._data[key]
 
     def trace(self, point: Point, model, input_shape):
-        from .cost import trace_layers
+        """The model's ModelTrace at input_shape (qcard.cost.trace), a copy the caller may change."""
+        from .cost.trace import trace_model
         key = canonical_hash({"m": point.model.model_dump(mode="json", exclude={"label"}), "s": list(input_shape)})
         if key not in self._traces:
-            self._traces[key] = trace_layers(model, tuple(input_shape))
+            self._traces[key] = trace_model(model, tuple(input_shape))
         return copy.deepcopy(self._traces[key])
 
 
@@ -345,7 +346,10 @@ class _PointRun:
             method_stats["stats_seed"] = point.seeds[-1]
             method_stats["per_seed"] = figures
         info, data = self.info, self.data
-        input_shape = tuple(point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
+        # the shape that was evaluated (the eval data's), unless the config asks for another explicitly:
+        # a model's default size (timm's pretrained_cfg) may differ from the data it ran on
+        input_shape = tuple(point.cost.input_shape or getattr(self.evaluation, "input_shape", None)
+                            or data.input_shape or point.model.input_shape or info.input_shape)
         cost, cost_profiles, cost_warnings = self.timed("cost", compute_cost, point, self.res, self.base_model,
                                                         input_shape, result.layers, info)
         for w in cost_warnings:
@@ -358,7 +362,8 @@ class _PointRun:
                              ("load", "fp32_baseline", "method", "evaluate", "cost")})
         card = {
             "schema_version": "1", "id": point.id, "experiment": self.exp.name, "status": "ok", "error": None,
-            "model": _model_block(point, info, input_shape),
+            # params as the cost counts them: those that ran in the eval pass (not_run reported in the cost)
+            "model": {**_model_block(point, info, input_shape), "params": cost["params"]},
             "dataset": _dataset_block(point, self.evaluation, result.calibration),
             "method": {"name": method_cls.name or point.method, "family": method_cls.family,
                        "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
@@ -412,12 +417,12 @@ def compute_cost(point: Point, res: Resources, model, input_shape, method_layers
     """(cost block of the first profile, the other profiles' totals, warnings): the traced layers with the
     method's bits merged in by name; a method record that matches no traced layer is reported, not added."""
     from .cost import estimate, load_profile, merge_layer_records
-    records = res.trace(point, model, input_shape)
+    traced = res.trace(point, model, input_shape)
+    records = traced.records
     warnings = merge_layer_records(records, method_layers)
-    total_params = info.params if getattr(info, "params", None) else None
     blocks = {}
-    for name in point.cost.profiles:
-        blocks[name] = estimate(records, load_profile(name), total_params=total_params)
+    for name in point.cost.profiles:    # params: what ran in the eval pass; the rest is reported apart
+        blocks[name] = estimate(records, load_profile(name), total_params=traced.params, not_run=traced.not_run)
     first = point.cost.profiles[0]
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in blocks.items() if k != first}
     return blocks[first], extra, warnings
