@@ -350,8 +350,10 @@ class _PointRun:
         # a model's default size (timm's pretrained_cfg) may differ from the data it ran on
         input_shape = tuple(point.cost.input_shape or getattr(self.evaluation, "input_shape", None)
                             or data.input_shape or point.model.input_shape or info.input_shape)
-        cost, cost_profiles, cost_warnings = self.timed("cost", compute_cost, point, self.res, self.base_model,
-                                                        input_shape, result.layers, info)
+        cost, cost_profiles, cost_warnings, layers = self.timed("cost", compute_cost, point, self.res,
+                                                                self.base_model, input_shape, result.layers, info)
+        quantization, layer_warnings = _headline(method_cls, result.quantization, layers)
+        cost_warnings += layer_warnings
         for w in cost_warnings:
             self.log(f"    warning: {w}")
         prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
@@ -368,7 +370,7 @@ class _PointRun:
             "method": {"name": method_cls.name or point.method, "family": method_cls.family,
                        "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
                        "label": point.method_label},
-            "quantization": result.quantization,
+            "quantization": quantization,
             "results": _results_block(self.fp32, per_seed, point.seeds),
             "cost": cost,
             "cost_profiles": cost_profiles,
@@ -425,7 +427,17 @@ def compute_cost(point: Point, res: Resources, model, input_shape, method_layers
         blocks[name] = estimate(records, load_profile(name), total_params=traced.params, not_run=traced.not_run)
     first = point.cost.profiles[0]
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in blocks.items() if k != first}
-    return blocks[first], extra, warnings
+    return blocks[first], extra, warnings, records
+
+
+def _headline(method_cls, quantization, layers):
+    """(the quantization block, warnings): for PTQ and QAT (blocks read from the simulated model), the
+    headline bits, first/last layer and FP32 flags re-read from the card's per-layer records, so
+    that layers the simulation left alone count as FP32. Other methods write their own block."""
+    if method_cls.family not in ("ptq", "qat"):
+        return quantization, []
+    from .quant.report import reconcile_with_layers
+    return reconcile_with_layers(quantization, layers)
 
 
 def _data_warnings(evaluation, calibration) -> List[str]:

@@ -192,7 +192,7 @@ def _mixed_precision(mp: Dict[str, Any]) -> str:
     if mp.get("mean_activation_bits") is not None:
         acc.append(f"mean A bits {mp['mean_activation_bits']:g}")
     if acc:
-        base += "; " + ", ".join(acc) + " (element-weighted)"
+        base += "; " + ", ".join(acc) + " (element-weighted over every layer, FP32 ones as 32)"
     if mp.get("max_activation_map_bits") is not None:
         base += f"; largest activation map {fmt_si(mp['max_activation_map_bits'], 'bit')}"
     return base
