@@ -351,7 +351,7 @@ class _PointRun:
         input_shape = tuple(point.cost.input_shape or getattr(self.evaluation, "input_shape", None)
                             or data.input_shape or point.model.input_shape or info.input_shape)
         cost, cost_profiles, cost_warnings, layers = self.timed("cost", compute_cost, point, self.res,
-                                                                self.base_model, input_shape, result.layers, info)
+                                                                self.base_model, input_shape, result.layers)
         quantization, layer_warnings = _headline(method_cls, result.quantization, layers)
         cost_warnings += layer_warnings
         for w in cost_warnings:
@@ -415,9 +415,10 @@ def _scalar_figures(stats: dict) -> dict:
     return out
 
 
-def compute_cost(point: Point, res: Resources, model, input_shape, method_layers, info):
-    """(cost block of the first profile, the other profiles' totals, warnings): the traced layers with the
-    method's bits merged in by name; a method record that matches no traced layer is reported, not added."""
+def compute_cost(point: Point, res: Resources, model, input_shape, method_layers):
+    """(cost block of the first profile, the other profiles' totals, warnings, the per-layer records):
+    the traced layers with the method's bits merged in by name; a method record that matches no traced
+    layer is reported, not added."""
     from .cost import estimate, load_profile, merge_layer_records
     traced = res.trace(point, model, input_shape)
     records = traced.records
