@@ -1,4 +1,9 @@
-"""Accuracy of a model on a dataset (top-1 / top-5 in points, 0-100)."""
+"""Accuracy of a model on a dataset (top-1 / top-5 in points, 0-100).
+
+Ties between logits (8-bit logits tie often) break toward the lowest class index, for top-1 and
+top-5 alike (top-1 is the first of the top-5 and equals `argmax`): `topk` does not promise an
+order among equal values, so the top classes come from a stable descending sort instead.
+"""
 from __future__ import annotations
 
 from typing import Dict
@@ -13,6 +18,12 @@ class NonFiniteOutputError(QcardError):
     """The model produced NaN or infinite outputs."""
 
 
+def top_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest logits per row, largest first; equal logits in class-index order."""
+    k = min(int(k), logits.shape[1])
+    return torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
+
+
 @torch.no_grad()  # not inference_mode: methods may cache tensors whose version counter they read later
 def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str = "cpu",
              progress: bool = False, desc: str = "evaluate", num_workers: int = 0) -> Dict[str, float]:
@@ -25,8 +36,7 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: 
         if not torch.isfinite(logits).all():
             raise NonFiniteOutputError(f"{desc}: the model produced NaN or infinite outputs on batch {i} "
                                        f"(images {i * batch_size}..{i * batch_size + len(x) - 1})")
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
+        top = top_classes(logits, 5)
         hits = top.eq(y.view(-1, 1))
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()

@@ -103,10 +103,11 @@ class Resources:
         return self._data[key]
 
     def trace(self, point: Point, model, input_shape):
-        from .cost import trace_layers
+        """The model's ModelTrace at input_shape (qcard.cost.trace), a copy the caller may change."""
+        from .cost.trace import trace_model
         key = canonical_hash({"m": point.model.model_dump(mode="json", exclude={"label"}), "s": list(input_shape)})
         if key not in self._traces:
-            self._traces[key] = trace_layers(model, tuple(input_shape))
+            self._traces[key] = trace_model(model, tuple(input_shape))
         return copy.deepcopy(self._traces[key])
 
 
@@ -409,9 +410,14 @@ class _PointRun:
             method_stats["stats_seed"] = point.seeds[-1]
             method_stats["per_seed"] = figures
         info, data = self.info, self.data
-        input_shape = tuple(point.cost.input_shape or point.model.input_shape or info.input_shape or data.input_shape)
-        cost, cost_profiles, cost_warnings = self.timed("cost", compute_cost, point, self.res, self.base_model,
-                                                        input_shape, result.layers, info)
+        # the shape that was evaluated (the eval data's), unless the config asks for another explicitly:
+        # a model's default size (timm's pretrained_cfg) may differ from the data it ran on
+        input_shape = tuple(point.cost.input_shape or getattr(self.evaluation, "input_shape", None)
+                            or data.input_shape or point.model.input_shape or info.input_shape)
+        cost, cost_profiles, cost_warnings, layers = self.timed("cost", compute_cost, point, self.res,
+                                                                self.base_model, input_shape, result.layers)
+        quantization, layer_warnings = _headline(method_cls, result.quantization, layers)
+        cost_warnings += layer_warnings
         for w in cost_warnings:
             self.log(f"    warning: {w}")
         prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
@@ -422,12 +428,13 @@ class _PointRun:
                              ("load", "fp32_baseline", "method", "evaluate", "cost")})
         card = {
             "schema_version": "1", "id": point.id, "experiment": self.exp.name, "status": "ok", "error": None,
-            "model": _model_block(point, info, input_shape),
+            # params as the cost counts them: those that ran in the eval pass (not_run reported in the cost)
+            "model": {**_model_block(point, info, input_shape), "params": cost["params"]},
             "dataset": _dataset_block(point, self.evaluation, result.calibration),
             "method": {"name": method_cls.name or point.method, "family": method_cls.family,
                        "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
                        "label": point.method_label},
-            "quantization": result.quantization,
+            "quantization": quantization,
             "results": _results_block(self.fp32, per_seed, point.seeds),
             "cost": cost,
             "cost_profiles": cost_profiles,
@@ -472,19 +479,30 @@ def _scalar_figures(stats: dict) -> dict:
     return out
 
 
-def compute_cost(point: Point, res: Resources, model, input_shape, method_layers, info):
-    """(cost block of the first profile, the other profiles' totals, warnings): the traced layers with the
-    method's bits merged in by name; a method record that matches no traced layer is reported, not added."""
+def compute_cost(point: Point, res: Resources, model, input_shape, method_layers):
+    """(cost block of the first profile, the other profiles' totals, warnings, the per-layer records):
+    the traced layers with the method's bits merged in by name; a method record that matches no traced
+    layer is reported, not added."""
     from .cost import estimate, load_profile, merge_layer_records
-    records = res.trace(point, model, input_shape)
+    traced = res.trace(point, model, input_shape)
+    records = traced.records
     warnings = merge_layer_records(records, method_layers)
-    total_params = info.params if getattr(info, "params", None) else None
     blocks = {}
-    for name in point.cost.profiles:
-        blocks[name] = estimate(records, load_profile(name), total_params=total_params)
+    for name in point.cost.profiles:    # params: what ran in the eval pass; the rest is reported apart
+        blocks[name] = estimate(records, load_profile(name), total_params=traced.params, not_run=traced.not_run)
     first = point.cost.profiles[0]
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in blocks.items() if k != first}
-    return blocks[first], extra, warnings
+    return blocks[first], extra, warnings, records
+
+
+def _headline(method_cls, quantization, layers):
+    """(the quantization block, warnings): for PTQ and QAT (blocks read from the simulated model), the
+    headline bits, first/last layer and FP32 flags re-read from the card's per-layer records, so
+    that layers the simulation left alone count as FP32. Other methods write their own block."""
+    if method_cls.family not in ("ptq", "qat"):
+        return quantization, []
+    from .quant.report import reconcile_with_layers
+    return reconcile_with_layers(quantization, layers)
 
 
 SHARED_IMAGES = "the evaluated images (single image folder: no train/ subfolder)"

@@ -369,3 +369,21 @@ def test_cli_render_fills_sections_of_older_cards_from_the_method():
     assert r.output == render_card(with_sections(fixture("sparq_resnet18")), "md")
     # cards/ alone renders what the card holds: no sections, no method tables
     assert "SPARQ per-layer statistics" not in render_card(fixture("sparq_resnet18"), "md")
+
+
+def test_synthetic_data_and_warnings_are_in_the_top_banner_of_every_format():
+    card = fixture("ptq_w4a8_resnet18")
+    card["dataset"]["ref"] = "synthetic"
+    card["warnings"] = ["12 attention block(s) left in FP32"]
+    md = render_card(card, "md")
+    banner = md.split("## Results")[0]
+    assert "**⚠ Read first:**" in banner and "accuracy is meaningless" in banner and "12 attention" in banner
+    html = render_card(card, "html").split("<h2>Results</h2>")[0]
+    assert 'id="read-first"' in html and "accuracy is meaningless" in html and "12 attention" in html
+    tex = render_card(card, "tex").split("Results (accuracy")[0]
+    assert r"\textbf{Read first}" in tex and "accuracy is meaningless" in tex
+    # the tie rule of top-1/top-5 is stated beside the results
+    assert "lowest class index" in md
+    plain = fixture("ptq_w4a8_resnet18")
+    plain["warnings"] = []
+    assert "Read first" not in render_card(plain, "md")

@@ -192,7 +192,7 @@ def _mixed_precision(mp: Dict[str, Any]) -> str:
     if mp.get("mean_activation_bits") is not None:
         acc.append(f"mean A bits {mp['mean_activation_bits']:g}")
     if acc:
-        base += "; " + ", ".join(acc) + " (element-weighted)"
+        base += "; " + ", ".join(acc) + " (element-weighted over every layer, FP32 ones as 32)"
     if mp.get("max_activation_map_bits") is not None:
         base += f"; largest activation map {fmt_si(mp['max_activation_map_bits'], 'bit')}"
     return base
@@ -398,6 +398,17 @@ def _environment(p: Dict[str, Any]) -> str:
     return "; ".join(env)
 
 
+SYNTHETIC_NOTE = ("evaluated on synthetic data (random images and random labels): the accuracy is meaningless "
+                  "(chance level at best); only the cost and the quantization settings carry information")
+TIE_NOTE = "ties between logits break toward the lowest class index (top-1 = argmax)"
+
+
+def _banner(c: Dict[str, Any]) -> List[str]:
+    """What a reader must see before the numbers: synthetic data, then the card's warnings."""
+    out = [SYNTHETIC_NOTE] if (c.get("dataset") or {}).get("ref") == "synthetic" else []
+    return out + list(c.get("warnings") or [])
+
+
 def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
     """The rows every rendering shows, formatted as plain text (no escaping yet)."""
     q, m, cost = c["quantization"], c["method"], c["cost"]
@@ -417,6 +428,7 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         "method_stats": _flat_scalars(c.get("method_stats") or {}),
         "method_tables": method_tables(c),
         "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()],
+        "banner": _banner(c), "tie_note": TIE_NOTE,
         "warnings": list(c.get("warnings") or []), "provenance": _environment(c["provenance"]), "reproduce": c["reproduce"],
     }
 

@@ -54,14 +54,31 @@ def _build(model_ref: str):
 
 
 def _trace(model, shape, device):
-    from ..cost.trace import trace_layers
+    from ..cost.trace import trace_model
     if device == "meta":
         try:
-            return trace_layers(model, shape, device="meta")
+            return trace_model(model, shape, device="meta")
         except QcardError:
             pass    # data-dependent control flow needs real values: the caller rebuilds on CPU
         return None
-    return trace_layers(model, shape, device=device)
+    return trace_model(model, shape, device=device)
+
+
+_SHAPE_SOURCES = {
+    "timm": "timm's pretrained_cfg input_size (timm.data.resolve_data_config)",
+    "torchvision": "the eval crop size of torchvision's default weights for this architecture",
+    "qcard": "the qcard zoo's input shape for this model",
+    "python": "the model's input_shape attribute",
+}
+
+
+def _input_shape(shape_arg, info) -> Tuple[Tuple[int, ...], str]:
+    """(the shape to trace at, where it came from): the flag, else the model's own default."""
+    if shape_arg is not None:
+        return shape_arg, "--input-shape"
+    if info.input_shape:
+        return tuple(info.input_shape), _SHAPE_SOURCES.get(info.source, "the model's default")
+    return DEFAULT_SHAPE, f"no model default known: {','.join(map(str, DEFAULT_SHAPE))}"
 
 
 def _fmt(x: Any) -> str:
@@ -94,7 +111,7 @@ def _table(report: Dict[str, Any]) -> str:
 
 def _totals(report: Dict[str, Any]) -> List[str]:
     out = []
-    keys = ["params", "size_bits", "size_bits_with_metadata", "macs", "effective_macs", "bops", "bops_uniq",
+    keys = ["params", "params_not_run", "size_bits", "size_bits_with_metadata", "macs", "effective_macs", "bops", "bops_uniq",
             "activation_peak_bits", "largest_activation_map_bits", "memory_traffic_bits", "energy_pj", "energy",
             "energy_ratio_vs_fp32", "energy_ratio_vs_int8", "latency_cycles", "latency_s",
             "speedup_vs_fp32", "speedup_vs_int8"]
@@ -130,7 +147,8 @@ def _totals(report: Dict[str, Any]) -> List[str]:
               help="hardware profile name or YAML path, repeatable (default: bitops); "
                    "options as NAME:key=value, e.g. systolic-ws:pe_mode=sparq")
 @click.option("--input-shape", default=None, metavar="C,H,W",
-              help="input shape without the batch (default: the model's own, else 3,224,224)")
+              help="input shape without the batch (default: the model's own, e.g. timm's pretrained_cfg "
+                   "input_size; else 3,224,224); the output says which it took")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
 @user_errors
 def cost(model, w_bits, a_bits, profiles, input_shape, as_json):
@@ -150,7 +168,7 @@ def cost(model, w_bits, a_bits, profiles, input_shape, as_json):
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        reports, info, shape, wb, ab = _run(model, w_bits, a_bits, profiles, input_shape)
+        reports, info, (shape, shape_source), wb, ab = _run(model, w_bits, a_bits, profiles, input_shape)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -158,7 +176,7 @@ def cost(model, w_bits, a_bits, profiles, input_shape, as_json):
     if as_json:
         first = reports[0]
         out: Dict[str, Any] = {
-            "model": info.ref, "input_shape": list(shape), "w_bits": wb, "a_bits": ab,
+            "model": info.ref, "input_shape": list(shape), "input_shape_source": shape_source, "w_bits": wb, "a_bits": ab,
             "profile": first["profile"],
             "total": {k: v for k, v in first.items() if k != "layers"},
             "layers": first["layers"],
@@ -169,7 +187,7 @@ def cost(model, w_bits, a_bits, profiles, input_shape, as_json):
         click.echo(json.dumps(out, allow_nan=False, default=_json_default))
         return
 
-    click.echo(f"model {info.ref}  input {','.join(map(str, shape))}  "
+    click.echo(f"model {info.ref}  input {','.join(map(str, shape))} (from {shape_source})  "
                f"weights {wb if wb is not None else 'FP32'}  activations {ab if ab is not None else 'FP32'}")
     for rep in reports:
         click.echo(f"\nprofile {rep['profile']}")
@@ -188,14 +206,16 @@ def _run(model: str, w_bits, a_bits, profiles, input_shape):
     import torch
     torch.set_num_threads(min(2, torch.get_num_threads()))
     built, info, device = _build(model)
-    shape = shape_arg or (tuple(info.input_shape) if info.input_shape else DEFAULT_SHAPE)
-    records = _trace(built, shape, device)
-    if records is None:                     # meta tracing failed: real tensors on CPU
+    shape, shape_source = _input_shape(shape_arg, info)
+    traced = _trace(built, shape, device)
+    if traced is None:                      # meta tracing failed: real tensors on CPU
         from ..zoo import load_model_with_info
         built, info = load_model_with_info(model, weights="random")
-        records = _trace(built, shape, "cpu")
-    records = apply_bits(records, wb, ab)
-    return [estimate(records, prof, total_params=info.params) for prof in loaded], info, shape, wb, ab
+        traced = _trace(built, shape, "cpu")
+    records = apply_bits(traced.records, wb, ab)
+    # params: what ran in the eval pass (the card counts the same); the rest is reported apart
+    reports = [estimate(records, prof, total_params=traced.params, not_run=traced.not_run) for prof in loaded]
+    return reports, info, (shape, shape_source), wb, ab
 
 
 def _json_default(o: Any) -> Any:

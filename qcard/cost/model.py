@@ -276,23 +276,27 @@ def _clean(x: float) -> Union[int, float]:
 
 
 def estimate(records: Sequence[LayerRecord], profile: Union[str, Profile], *,
-             total_params: Optional[int] = None,
+             total_params: Optional[int] = None, not_run: Optional[Dict[str, int]] = None,
              weight_sparsity_aware: Optional[bool] = None) -> Dict[str, Any]:
     """The card's cost block for these layer records on one hardware profile.
 
     total_params: every parameter of the model (BN included); parameters not in any record are
-    counted at 32 bits in the model size. weight_sparsity_aware: skip zero weights in MACs, BOPs,
+    counted at 32 bits in the model size. not_run: {module: parameters} that never ran in the traced
+    pass (qcard.cost.trace.ModelTrace.not_run), left out of total_params and reported apart
+    (`params_not_run` and a note). weight_sparsity_aware: skip zero weights in MACs, BOPs,
     energy and latency (default: the profile's `skips_zero_weights`)."""
     prof = load_profile(profile)
     sparsity = prof.skips_zero_weights if weight_sparsity_aware is None else bool(weight_sparsity_aware)
     records = list(records)
     rows = [_layer(r, prof, sparsity, None) for r in records]
     total = _totals(records, rows, prof, sparsity, total_params)
+    if not_run:     # only when there are some: cards of models that run every parameter keep their keys
+        total["params_not_run"] = int(sum(not_run.values()))
     notes: List[str] = list(prof.notes)
     if prof.energy is not None:
         _energy(total, records, rows, prof, notes)
     _latency_and_speedups(total, records, rows, prof, sparsity)
-    total["notes"] = notes + _notes(total, rows, prof.latency)
+    total["notes"] = notes + _notes(total, rows, prof.latency) + _not_run_note(not_run)
     _round(total, rows)
     total["layers"] = rows
     return total
@@ -398,6 +402,14 @@ def _notes(total: Dict[str, Any], rows: List[Dict[str, Any]], lat) -> List[str]:
     if outside:
         notes.append(f"{outside} parameters outside the traced layers (BN, embeddings, ...) counted at 32 bits")
     return notes
+
+
+def _not_run_note(not_run: Optional[Dict[str, int]]) -> List[str]:
+    if not not_run:
+        return []
+    where = ", ".join(f"{name} {n:,}" for name, n in not_run.items())
+    return [f"{sum(not_run.values()):,} parameters never ran in the traced eval pass and are not counted in "
+            f"params, size or cost ({where}; e.g. training-only auxiliary heads)"]
 
 
 def _round(total: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,20 @@ from ..errors import QcardError
 from ..ops.tracer import CONV_ARGS, CONVT_ARGS, Op, bind_args, trace_ops
 from ..records import LayerRecord
 
-__all__ = ["trace_layers", "count_params"]
+__all__ = ["trace_layers", "trace_model", "ModelTrace", "count_params"]
+
+
+@dataclass
+class ModelTrace:
+    """The layer records of one traced eval pass and the parameters that took part in it."""
+    records: List[LayerRecord]
+    params: int                     # parameters of the modules called and of the ops run in the pass
+    # parameters that never ran, by outermost module (e.g. googlenet's auxiliary classifiers: training only)
+    not_run: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def params_not_run(self) -> int:
+        return sum(self.not_run.values())
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -50,6 +64,7 @@ class _Recorder:
         self.counted: set = set()        # ids of weight tensors already counted in params
         self.params_by_name = dict(model.named_parameters())
         self.param_ids = {id(p) for p in self.params_by_name.values()}
+        self.used: set = set()           # ids of parameters read by any traced op
 
     def _params(self, *tensors: Any) -> int:
         total = 0
@@ -61,6 +76,9 @@ class _Recorder:
         return total
 
     def __call__(self, op: Op, func, args: tuple, kwargs: dict, out: Any) -> None:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and id(a) in self.param_ids:
+                self.used.add(id(a))
         if not op.cost_op:
             return
         if op.part is not None:
@@ -183,6 +201,12 @@ def trace_layers(model: torch.nn.Module, input_shape: Tuple[int, ...], *, device
     LayerRecord for every conv, linear, matmul/attention, add, mul, concat, pool, layernorm and
     softmax, in execution order. The model must already be on `device`; device="meta" traces
     shapes only (no arithmetic, no memory for weights). The model's train/eval mode is restored."""
+    return trace_model(model, input_shape, device=device).records
+
+
+def trace_model(model: torch.nn.Module, input_shape: Tuple[int, ...], *, device: str = "cpu") -> ModelTrace:
+    """trace_layers' records, with the parameters that ran in that eval pass counted apart from the
+    ones that did not (modules never called, such as training-only auxiliary heads)."""
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s <= 0 for s in shape):
         raise QcardError(f"input shape must be positive sizes such as (3, 224, 224), got {input_shape!r}")
@@ -191,10 +215,33 @@ def trace_layers(model: torch.nn.Module, input_shape: Tuple[int, ...], *, device
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     try:
         x = torch.zeros((1, *shape), dtype=dtype, device=device)
-        trace_ops(model, x, on_op=recorder, data_flow=False)
+        ops = trace_ops(model, x, on_op=recorder, data_flow=False)
     except QcardError:
         raise
     except Exception as exc:
         raise QcardError(f"could not trace the model with input shape {shape} on {device}: "
                          f"{type(exc).__name__}: {exc}") from exc
-    return recorder.records
+    called = {id(c.module) for c in ops.calls} | {id(model)}
+    ran = set(recorder.used) | recorder.counted
+    for m in model.modules():
+        if id(m) in called:
+            ran.update(id(p) for p in m.parameters(recurse=False))
+    return ModelTrace(records=recorder.records, params=sum(p.numel() for p in model.parameters() if id(p) in ran),
+                      not_run=_not_run(model, ran))
+
+
+def _not_run(model: torch.nn.Module, ran: set) -> Dict[str, int]:
+    """{outermost module path: its parameters that never ran}, for modules none of whose parameters ran."""
+    out: Dict[str, int] = {}
+    for path, m in model.named_modules():
+        ps = list(m.parameters())
+        if not path or not ps or any(id(p) in ran for p in ps):
+            continue
+        if any(path.startswith(prefix + ".") for prefix in out):
+            continue        # inside a module already listed
+        out[path] = sum(p.numel() for p in ps)
+    counted = sum(out.values())
+    loose = sum(p.numel() for p in model.parameters() if id(p) not in ran) - counted
+    if loose > 0:           # parameters that did not run inside modules that partly did
+        out["(other)"] = loose
+    return out

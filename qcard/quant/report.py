@@ -5,15 +5,17 @@ the settings that were asked for: a setting that could not be honoured shows up 
 """
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..records import LayerRecord
 from .calibrate import sim_info
 from .quantizer import FakeQuantize
 from .sim import LayerInfo, SimInfo
 
-__all__ = ["quantization_block", "layer_records", "bit_accounting"]
+__all__ = ["quantization_block", "layer_records", "bit_accounting", "layer_accounting", "reconcile_with_layers"]
 
 _BITS_HW = {2, 4, 8, 16}
 
@@ -258,3 +260,112 @@ def _op_reason(info: SimInfo, li: LayerInfo) -> str:
     if info.residual_add != "quant_all" and li.kind in ("add", "mul", "concat", "avgpool", "nonlinear"):
         return f"residual_add: {info.residual_add} leaves this op's inputs in FP32"
     return "inputs and output stay FP32 in this configuration"
+
+
+# ---------------------------------------------------------------------------- the card's per-layer records
+
+FP32 = 32
+# flags quantization_block derives from the simulated model's own layer list; reconcile_with_layers
+# recomputes them from the card's per-layer records (every traced layer, not only those the sim saw)
+_EDGE_FLAGS = re.compile(r"^(FP32 first layer|FP32 last layer|\d+ conv/linear layer\(s\) left in FP32)$")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(math.prod(shape)) if shape else 0
+
+
+def _weight_numel(r: LayerRecord) -> int:
+    """Weights of a record, a shared weight counted at its first use only (the tracer's params)."""
+    return min(_numel(r.weight_shape), r.params) if r.weight_shape else 0
+
+
+def _activation_numel(r: LayerRecord) -> int:
+    shapes = [r.input_shape] if (r.weight_shape or not (r.extra or {}).get("input_shapes")) \
+        else list(r.extra["input_shapes"])
+    return sum(_numel(s) for s in shapes if s)
+
+
+def _b(bits: Optional[float]) -> float:
+    return FP32 if bits is None else float(bits)
+
+
+def _deliberate(r: LayerRecord) -> bool:
+    """FP32 by the configuration (first_last / an override), which the card states elsewhere."""
+    return bool(r.reason) and ("_layer: fp32" in r.reason or r.reason.startswith("override"))
+
+
+def layer_accounting(records: Sequence[LayerRecord]) -> Dict[str, Any]:
+    """The headline figures, from the card's per-layer records (the cost table: every traced layer,
+    the method's bits merged in; bits None = FP32, counted as 32):
+    mean W bits weighted by weight count over every layer with weights; mean A bits weighted by
+    input elements over every layer with MACs; the first and last layers with weights; the layers
+    with weights or MACs left in FP32."""
+    weighted = [r for r in records if _weight_numel(r) > 0]
+    macs = [r for r in records if r.macs > 0]
+    wn = sum(_weight_numel(r) for r in weighted)
+    an = sum(_activation_numel(r) for r in macs)
+    edge = lambda r: ({"weight_bits": r.weight_bits, "activation_bits": r.activation_bits, "name": r.name}
+                      if r is not None else {"weight_bits": None, "activation_bits": None})
+    return {
+        "mean_weight_bits": round(sum(_weight_numel(r) * _b(r.weight_bits) for r in weighted) / wn, 4) if wn else None,
+        "mean_activation_bits": round(sum(_activation_numel(r) * _b(r.activation_bits) for r in macs) / an, 4)
+        if an else None,
+        "first_layer": edge(weighted[0] if weighted else None),
+        "last_layer": edge(weighted[-1] if weighted else None),
+        "fp32_weighted": [r for r in weighted if r.weight_bits is None],
+        # attention matmuls in FP32 while other layers' inputs are quantized (not weight-only)
+        "fp32_matmuls": [r for r in macs if not r.weight_shape and r.activation_bits is None]
+        if any(r.activation_bits is not None for r in macs) else [],
+        "weights_total": wn, "macs_total": sum(r.macs for r in macs),
+    }
+
+
+def reconcile_with_layers(block: Dict[str, Any], records: Sequence[LayerRecord]) -> Tuple[Dict[str, Any], List[str]]:
+    """(the quantization block with its headline figures read from the card's per-layer records,
+    warnings for the banner). The simulated model only knows the layers it wrapped: a layer it left
+    alone (nn.MultiheadAttention, a functional classifier) is FP32 in the table and must be so in the
+    headline. Mean bits, first/last layer and the FP32 flags all come from layer_accounting."""
+    acc = layer_accounting(records)
+    if not any(r.weight_bits is not None or r.activation_bits is not None for r in records):
+        return block, []            # nothing quantized: an FP32 card keeps its block
+    out = dict(block)
+    mp = dict(out.get("mixed_precision") or {})
+    mp.update(mean_weight_bits=acc["mean_weight_bits"], mean_activation_bits=acc["mean_activation_bits"])
+    out["mixed_precision"] = mp
+    out["first_layer"], out["last_layer"] = acc["first_layer"], acc["last_layer"]
+    flags = [f for f in out.get("hardware_unfriendly") or [] if not _EDGE_FLAGS.match(f)]
+    fp32 = acc["fp32_weighted"]
+    first, last = acc["first_layer"].get("name"), acc["last_layer"].get("name")
+    if acc["first_layer"]["weight_bits"] is None and first is not None:
+        flags.append("FP32 first layer")
+    if acc["last_layer"]["weight_bits"] is None and last is not None:
+        flags.append("FP32 last layer")
+    inner = [r for r in fp32 if r.name not in (first, last)]
+    if inner:
+        flags.append(f"{len(inner)} conv/linear layer(s) left in FP32")
+    out["hardware_unfriendly"] = flags
+    return out, _fp32_warnings(acc)
+
+
+def _grouped(names: List[str], listed: int = 4) -> str:
+    """Layer names summarised by their parent module (12 attention blocks, not 48 projections)."""
+    parents = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in names))
+    more = f" and {len(parents) - listed} more" if len(parents) > listed else ""
+    return f"{len(parents)} module(s): {', '.join(parents[:listed])}{more}"
+
+
+def _fp32_warnings(acc: Dict[str, Any]) -> List[str]:
+    out = []
+    surprise = [r for r in acc["fp32_weighted"] if not _deliberate(r)]
+    if surprise:
+        w = sum(_weight_numel(r) for r in surprise) / acc["weights_total"] * 100
+        m = sum(r.macs for r in surprise) / acc["macs_total"] * 100 if acc["macs_total"] else 0.0
+        out.append(f"{len(surprise)} layer(s) with weights left in FP32 that the method did not quantize "
+                   f"({w:.1f} % of the weights, {m:.1f} % of the MACs; counted as 32 bits in the mean bits), "
+                   f"in {_grouped([r.name for r in surprise])}")
+    if acc["fp32_matmuls"]:
+        mm = acc["fp32_matmuls"]
+        m = sum(r.macs for r in mm) / acc["macs_total"] * 100 if acc["macs_total"] else 0.0
+        out.append(f"{len(mm)} matmul(s) of two activations (attention) left in FP32 ({m:.1f} % of the MACs), "
+                   f"in {_grouped([r.name for r in mm])}")
+    return out
