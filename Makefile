@@ -47,9 +47,12 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # the published example cards: card.json + card.md + card.html per point, a comparison and a Pareto plot
+# The run writes into build/ first: the tree stays clean while it runs, so the cards' provenance says
+# git_dirty: false when `make cards` starts from a committed tree; then they replace cards/quickstart whole.
 cards: install
-	rm -rf cards/quickstart   # published cards are exactly this run's: no stale points
-	$(BIN)/qcard run configs/quickstart.yaml --out cards --force --no-progress
+	rm -rf build/cards
+	$(BIN)/qcard run configs/quickstart.yaml --out build/cards --force --no-progress
+	rm -rf cards/quickstart && mv build/cards/quickstart cards/quickstart
 	$(BIN)/qcard render cards/quickstart --format html --out cards/quickstart
 	$(BIN)/qcard compare cards/quickstart --format md -o cards/quickstart/comparison.md --plot cards/quickstart/pareto
 
