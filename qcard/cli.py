@@ -165,7 +165,8 @@ def zoo_list():
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="override the recipe's epoch count")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="folder for the weights (default: the package's bundled weights folder)")
+              help="folder to write NAME.safetensors and NAME.json into (default: write nothing; the "
+                   "record is printed, and the installed bundled weights are never overwritten)")
 @user_errors
 def zoo_train(name, epochs, seed, out_dir):
     """Retrain bundled model NAME deterministically on qcard:mnist5k."""

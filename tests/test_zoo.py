@@ -219,3 +219,16 @@ def test_train_model_reproduces_bundled_weights():
         pytest.skip("bit-exact reproduction is promised on the recorded CPU model and torch version only")
     result = train_model("lenet5", progress=False)
     assert result["reproduces_bundled"] is True and result["sha256"] == rec["sha256"]
+
+
+def test_zoo_train_without_out_writes_nothing(tmp_path, monkeypatch):
+    """`qcard zoo train NAME` without --out prints the record and never overwrites the bundled weights."""
+    from click.testing import CliRunner
+    from qcard.cli import main
+    before = {p.name: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["zoo", "train", "mlp", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert '"tensors_sha256"' in r.output
+    assert {p.name: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()} == before
+    assert list(tmp_path.iterdir()) == []
