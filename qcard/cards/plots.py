@@ -393,7 +393,15 @@ def pareto_figure(points: Sequence[Dict[str, Any]], front: Iterable[int], x_labe
 
 # label offsets tried in turn (points from the marker): beside it first, then further away with a leader line
 _OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (0, 8), (0, -15)] + \
-    [(dx * r, dy * r) for r in (2, 3, 4, 5) for dx, dy in ((6, 4), (6, -6), (-6, 4), (-6, -6), (0, 6), (0, -7))]
+    [(dx * r, dy * r) for r in (2, 3, 4, 5, 6, 8) for dx, dy in ((6, 4), (6, -6), (-6, 4), (-6, -6), (0, 6), (0, -7))]
+
+
+def _annotate(ax, p: Dict[str, Any], dx: float, dy: float, leader: bool):
+    """The point's label at (dx, dy) points from its marker; a leader line when it sits away from it."""
+    return ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                       ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+                       arrowprops={"arrowstyle": "-", "color": "#757575", "lw": 0.6, "shrinkA": 1,
+                                   "shrinkB": 4} if leader else None)
 
 
 def _place_labels(fig, ax, points: Sequence[Dict[str, Any]]) -> List[Any]:
@@ -420,25 +428,27 @@ def _place_labels(fig, ax, points: Sequence[Dict[str, Any]]) -> List[Any]:
     out = []
     for i in sorted(range(len(points)), key=lambda i: (-points[i]["y"], points[i]["x"])):
         p = points[i]
-        best = None
+        best, fallback = None, None          # fallback: inside the axes and clear of every label, near a marker
         for dx, dy in _OFFSETS:
-            far = (dx, dy) != _OFFSETS[0]      # away from the usual place: a leader line says whose it is
-            ann = ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(dx, dy),
-                              fontsize=7, ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
-                              arrowprops={"arrowstyle": "-", "color": "#757575", "lw": 0.6, "shrinkA": 1,
-                                          "shrinkB": 4} if far else None)
+            # away from the usual place: a leader line says whose it is
+            ann = _annotate(ax, p, dx, dy, leader=(dx, dy) != _OFFSETS[0])
             bb = ann.get_window_extent(renderer)
             box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
             inside = bb.x0 >= frame.x0 and bb.x1 <= frame.x1 and bb.y0 >= frame.y0 and bb.y1 <= frame.y1
-            clash = any(_overlap(box, t) for t in taken) or any(
-                _overlap(box, m) for j, m in enumerate(marker_boxes) if j != i)
+            on_label = any(_overlap(box, t) for t in taken)
+            clash = on_label or any(_overlap(box, m) for j, m in enumerate(marker_boxes) if j != i)
             if inside and not clash:
                 best = (ann, box)
                 break
+            if inside and not on_label and fallback is None:
+                fallback = (dx, dy)
             ann.remove()
+        if best is None and fallback is not None:     # labels never overlap; a marker may be covered
+            ann = _annotate(ax, p, *fallback, leader=True)
+            bb = ann.get_window_extent(renderer)
+            best = (ann, (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1))
         if best is None:    # nowhere free: the first place beside the point (a crowded plot)
-            dx, dy = _OFFSETS[0]
-            ann = ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(dx, dy), fontsize=7)
+            ann = _annotate(ax, p, *_OFFSETS[0], leader=False)
             bb = ann.get_window_extent(renderer)
             best = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
         taken.append(best[1])
