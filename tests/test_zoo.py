@@ -213,9 +213,9 @@ def test_train_model_runs_the_shared_training_loop(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.ci_skip_ok(reason="a CI machine's CPU need not be the one the weights were trained on")
 def test_train_model_reproduces_bundled_weights():
-    from qcard.zoo.train import _cpu_model
+    from qcard.provenance import cpu_name
     rec = bundled_record("lenet5")
-    if rec["determinism"]["cpu"] != _cpu_model() or rec["determinism"]["torch"] != torch.__version__:
+    if rec["determinism"]["cpu"] != cpu_name() or rec["determinism"]["torch"] != torch.__version__:
         pytest.skip("bit-exact reproduction is promised on the recorded CPU model and torch version only")
     result = train_model("lenet5", progress=False)
     assert result["reproduces_bundled"] is True and result["sha256"] == rec["sha256"]

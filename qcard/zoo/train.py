@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QcardError, UnknownNameError
+from ..provenance import cpu_name
 from ..registry import import_object
 from .catalog import ARCHITECTURES, BUNDLED, bundled_record
 from .loader import state_dict_sha256
@@ -78,17 +79,6 @@ def serialize_weights(state: Dict[str, torch.Tensor]) -> bytes:
     in hash-map order, so several entries would make the bytes (and the file's sha256) vary by run."""
     from safetensors.torch import save
     return save(state, metadata={"format": "pt"})
-
-
-def _cpu_model() -> Optional[str]:
-    """CPU model name: float results can differ between instruction sets, so the record keeps it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 class _ShuffledAugmented:
@@ -191,7 +181,7 @@ def train_model(name: str, *, epochs: Optional[int] = None, seed: int = 0, out_d
                     "train_size": len(train), "test_size": len(test)},
         "determinism": {"threads": THREADS, "deterministic_algorithms": True, "torch": torch.__version__,
                         "numpy": np.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "cpu": _cpu_model()},
+                        "machine": platform.machine(), "cpu": cpu_name()},
         "train_seconds": round(seconds, 1),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": f"qcard zoo train {name}" + (f" --epochs {epochs}" if epochs else "") + (f" --seed {seed}" if seed else ""),
