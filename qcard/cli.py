@@ -16,6 +16,8 @@ LAZY_COMMANDS = {
     "cost": "qcard.commands.cost:cost",
     "render": "qcard.commands.render:render",
     "compare": "qcard.commands.compare:compare",
+    "export": "qcard.commands.export:export",
+    "verify": "qcard.commands.verify:verify",
 }
 
 

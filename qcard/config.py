@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -133,10 +133,28 @@ class DatasetSpec(Strict):
         raise ValueError(f"unknown dataset '{ref}'{did_you_mean(ref, known)}; allowed: {', '.join(DATASET_SOURCES)}")
 
 
+class DeploySpec(Strict):
+    """After the simulation, export the quantized model (ONNX QDQ) and run it on a real integer runtime."""
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    threads: int = Field(1, ge=1, description="intra-op threads of the runtime (latency is measured with them)")
+    batch_sizes: List[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 32], min_length=1,
+                                                           description="latency is measured at each")
+    latency_runs: int = Field(20, ge=1, description="timed runs per batch size (the median is reported)")
+    opset: Optional[int] = Field(None, ge=13, le=23, description="ONNX opset (default: 13; 21 for 4-bit weights)")
+
+
+class ResourcesSpec(Strict):
+    """What one point needs from an executor that places points on machines (--executor ray)."""
+    cpus_per_point: float = Field(1.0, gt=0)
+    gpus_per_point: float = Field(0.0, ge=0, description="> 0: the point runs with device cuda where it is placed")
+
+
 class MethodSpec(Strict):
     name: str = Field(description="a registered method (qcard methods) or a user's 'pkg.module:Class'")
     label: Optional[str] = None
     params: Dict[str, Any] = Field(default_factory=dict, description="the method's Params; a list sweeps a scalar field")
+    deploy: Optional[DeploySpec] = Field(None, description="deploy check for this method's points "
+                                                           "(overrides the experiment's deploy block)")
 
     @field_validator("label")
     @classmethod
@@ -162,6 +180,8 @@ class ExperimentConfig(Strict):
     dataset: DatasetSpec
     methods: List[MethodSpec] = Field(min_length=1)
     cost: CostSpec = Field(default_factory=CostSpec)
+    deploy: Optional[DeploySpec] = Field(None, description="deploy check for every point (a method may override it)")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @field_validator("experiment")
     @classmethod
@@ -215,9 +235,31 @@ class Point:
     index: int = 0                # position in the config's order (models × methods × sweeps)
     given: Tuple[str, ...] = ()   # the param keys the config sets, in its order
     swept: Tuple[str, ...] = ()   # the keys with several values in the config (calibration.size/seed too)
+    raw_params: Dict[str, Any] = field(default_factory=dict)   # this point's params as the config gives them
+    deploy: Optional[DeploySpec] = None
+    description: str = ""
 
     def canonical(self) -> Dict[str, Any]:
         """Everything that determines the results, defaults expanded, in a stable form."""
+        # the deploy check adds to the card, so it counts, but only when asked (older ids stay)
+        deploy = {"deploy": self.deploy.model_dump(mode="json")} if self.deploy is not None else {}
+        return {**deploy, **self._canonical()}
+
+    def as_config(self) -> Dict[str, Any]:
+        """A config of this point alone: loading it gives one point with this id (what `qcard verify` reruns).
+        Paths are as resolved when the config was loaded (absolute where the config gave relative ones)."""
+        method = {"name": self.method, "label": self.method_label, "params": dict(self.raw_params)}
+        if self.deploy is not None:
+            method["deploy"] = self.deploy.model_dump(mode="json")
+        return {
+            "experiment": self.experiment, "description": self.description, "seeds": list(self.seeds),
+            "device": self.device, "deterministic": self.deterministic,
+            "models": [self.model.model_dump(mode="json", exclude_none=True)],
+            "dataset": self.dataset.model_dump(mode="json", exclude_none=True),
+            "methods": [method], "cost": self.cost.model_dump(mode="json", exclude_none=True),
+        }
+
+    def _canonical(self) -> Dict[str, Any]:
         return {
             "experiment": self.experiment,
             "model": self.model.model_dump(mode="json", exclude={"label"}),
@@ -378,7 +420,9 @@ def expand(exp: Experiment) -> List[Point]:
                     point = Point(experiment=cfg.experiment, model=model, dataset=dataset, method=mspec.name,
                                   method_label=label, params=params, seeds=list(cfg.seeds), cost=cfg.cost,
                                   device=cfg.device, deterministic=cfg.deterministic,
-                                  given=tuple(keys), swept=swept)
+                                  given=tuple(keys), swept=swept, raw_params=raw,
+                                  deploy=mspec.deploy if mspec.deploy is not None else cfg.deploy,
+                                  description=cfg.description)
                     point.id = canonical_hash(point.canonical())
                     if point.id in seen:
                         # the same point listed twice (e.g. a sweep value repeated) runs once

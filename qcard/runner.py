@@ -390,7 +390,7 @@ class _PointRun:
 
     def card(self):
         from . import provenance
-        from .cards.schema import card_from_dict
+        from .cards.schema import CARD_SCHEMA_VERSION, card_from_dict
         from .methods import resolve_method
         from .methods.base import card_sections_of
         point, started_at, t_start = self.point, provenance.now_iso(), time.time()
@@ -427,7 +427,8 @@ class _PointRun:
                     timings={k: round(self.timings[k], 3) for k in
                              ("load", "fp32_baseline", "method", "evaluate", "cost")})
         card = {
-            "schema_version": "1", "id": point.id, "experiment": self.exp.name, "status": "ok", "error": None,
+            "schema_version": CARD_SCHEMA_VERSION, "id": point.id, "experiment": self.exp.name,
+            "description": point.description or None, "status": "ok", "error": None,
             # params as the cost counts them: those that ran in the eval pass (not_run reported in the cost)
             "model": {**_model_block(point, info, input_shape), "params": cost["params"]},
             "dataset": _dataset_block(point, self.evaluation, result.calibration),
@@ -443,6 +444,7 @@ class _PointRun:
             "warnings": list(result.warnings) + cost_warnings + _data_warnings(self.evaluation, result.calibration),
             "provenance": prov,
             "reproduce": reproduce_command(self.exp, point),
+            "point": point_block(point),
         }
         return card_from_dict(card, f"card of point {point.id[:10]}")
 
@@ -518,7 +520,7 @@ def _data_warnings(evaluation, calibration) -> List[str]:
 
 
 def _model_block(point: Point, info, input_shape) -> Dict[str, Any]:
-    return {"ref": point.model.ref, "source": info.source, "weights": info.weights,
+    return {"ref": point.model.ref, "source": info.source, "weights": info.weights, "label": point.model.label,
             "weights_sha256": info.weights_sha256, "params": info.params,
             "input_shape": list(input_shape) if input_shape else None}
 
@@ -543,8 +545,7 @@ def reproduce_command(exp: Experiment, point: Point) -> str:
 
 def failed_card(point: Point, exp: Experiment, error: str, started: float):
     from . import provenance
-    from .cards.schema import card_from_dict
-    from .cards.schema import unquantized_block
+    from .cards.schema import CARD_SCHEMA_VERSION, card_from_dict, unquantized_block
     try:
         from .methods import resolve_method
         cls = resolve_method(point.method)
@@ -554,11 +555,17 @@ def failed_card(point: Point, exp: Experiment, error: str, started: float):
     prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic, config_sha256=exp.config_sha256)
     prov.update(started_at=None, finished_at=provenance.now_iso(), wall_seconds=round(time.time() - started, 3))
     return card_from_dict({
-        "schema_version": "1", "id": point.id, "experiment": exp.name, "status": "failed", "error": error,
-        "model": {"ref": point.model.ref, "source": point.model.ref.split(":")[0]},
+        "schema_version": CARD_SCHEMA_VERSION, "id": point.id, "experiment": exp.name,
+        "description": point.description or None, "status": "failed", "error": error,
+        "model": {"ref": point.model.ref, "source": point.model.ref.split(":")[0], "label": point.model.label},
         "dataset": {"ref": point.dataset.ref, "eval_split": point.dataset.eval_split},
         "method": {"name": name, "family": family, "params": point.params.model_dump(mode="json"),
                    "label": point.method_label},
         "quantization": unquantized_block(), "results": {"metric": "top1", "seeds": list(point.seeds)},
-        "cost": {}, "provenance": prov, "reproduce": reproduce_command(exp, point),
+        "cost": {}, "provenance": prov, "reproduce": reproduce_command(exp, point), "point": point_block(point),
     })
+
+
+def point_block(point: Point) -> Dict[str, Any]:
+    """The card's `point`: this point's place in its config and a config of it alone (qcard verify)."""
+    return {"index": point.index, "config": point.as_config()}

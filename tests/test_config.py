@@ -246,3 +246,50 @@ def test_architecture_only_models_refuse_bundled_or_pretrained_weights(write_con
     for extra in ("weights: bundled", "pretrained: true"):
         text = GOOD.replace("models: [qcard:lenet5]", f"models: [{{ref: qcard:resnet20_cifar, {extra}}}]")
         assert_config_error(write_config(text, f"{extra[:4]}.yaml"), "models[0]", "architecture only")
+
+
+POINTS_SWEEP = """\
+experiment: t
+description: a sweep
+models: [qcard:lenet5, {ref: qcard:mlp, label: M}]
+dataset: {ref: qcard:mnist5k, eval_size: 100, calibration: {size: [32, 64]}}
+methods:
+  - {name: ptq, label: w4, params: {w_bits: [4, 8], w_granularity: per_channel}}
+  - {name: ptq, params: {preset: tensorrt}, deploy: {threads: 2}}
+"""
+
+
+def test_a_point_as_config_loads_back_to_the_same_point(tmp_path, write_config):
+    """card.point.config is what `qcard verify` reruns: alone, it must give exactly the same point."""
+    import yaml
+    from qcard.config import config_from_dict
+    exp = load_config(write_config(POINTS_SWEEP))
+    points = exp.points()
+    assert len(points) == 2 * 2 * 3
+    for point in points:
+        again = config_from_dict(json.loads(json.dumps(point.as_config()))).points()
+        assert [p.id for p in again] == [point.id]
+        assert again[0].method_label == point.method_label and again[0].model.label == point.model.label
+        assert again[0].description == "a sweep"
+        assert yaml.safe_dump(point.as_config())          # plain data
+
+
+def test_deploy_block_counts_in_the_id_only_when_asked(write_config):
+    plain = load_config(write_config(GOOD)).points()[0]
+    asked = load_config(write_config(GOOD + "deploy: {batch_sizes: [1]}\n")).points()[0]
+    assert plain.deploy is None and asked.deploy.batch_sizes == [1] and asked.deploy.runtime == "onnxruntime"
+    assert plain.id != asked.id
+    # a method's own block wins over the experiment's
+    exp = load_config(write_config(POINTS_SWEEP + "deploy: {threads: 4}\n"))
+    by_label = {p.method_label: p.deploy.threads for p in exp.points()}
+    assert by_label == {"w4": 4, "ptq": 2}
+
+
+@pytest.mark.parametrize("block, fragments", [
+    ("deploy: {runtime: tensorrt}", ["deploy.runtime", "onnxruntime"]),
+    ("deploy: {batch_sizes: [0]}", ["deploy.batch_sizes"]),
+    ("deploy: {threds: 1}", ["deploy", "threds"]),
+    ("resources: {gpus_per_point: -1}", ["resources.gpus_per_point"]),
+])
+def test_deploy_and_resources_blocks_are_checked(write_config, block, fragments):
+    assert_config_error(write_config(GOOD + block + "\n"), *fragments)

@@ -1,4 +1,4 @@
-"""card.json, schema version 1 (its JSON Schema: qcard/schemas/card.schema.json). Key names are a public format: change with care.
+"""card.json, schema version 2 (its JSON Schema: qcard/schemas/card.schema.json). Key names are a public format: change with care.
 
 Required blocks are typed; blocks that methods extend (method_stats, per-layer rows) accept extra keys.
 `load_card` accepts every schema version qcard has written and upgrades it to the current one.
@@ -15,7 +15,8 @@ from ..errors import QcardError
 from ..quant.scheme import (BatchNormOnCard, BiasCorrection, BuiltGraphMode, Granularity, GridSharing, QuantPoint,
                             ResidualAdd, RoundingLabel, ScaleFormat)
 
-CARD_SCHEMA_VERSION = "1"
+CARD_SCHEMA_VERSION = "2"
+KNOWN_SCHEMA_VERSIONS = ("1", "2")
 
 
 class Closed(BaseModel):
@@ -33,6 +34,7 @@ class ModelBlock(Closed):
     weights_sha256: Optional[str] = None
     params: Optional[int] = None
     input_shape: Optional[List[int]] = None
+    label: Optional[str] = None          # the config's display name for the model (v2)
 
 
 class CalibrationBlock(Closed):
@@ -131,6 +133,20 @@ Percent = Annotated[float, Field(ge=0, le=100)]
 PercentGap = Annotated[float, Field(ge=-100, le=100)]
 
 
+class Outcomes(Closed):
+    """Which eval images were classified correctly (top-1), in eval order, per seed and for FP32: the paired
+    data behind the intervals and compare's significance test. Bits are numpy.packbits (big-endian bit
+    order, zero-padded to a byte) in base64: 125 bytes of bits for 1,000 images."""
+    encoding: Literal["packbits-base64"] = "packbits-base64"
+    n: int = Field(ge=0)                   # images the bits cover
+    fingerprint: Optional[str] = None      # the eval set they refer to (dataset.fingerprint)
+    fp32: Optional[str] = None
+    seeds: Dict[str, str] = Field(default_factory=dict)   # str(seed) -> bits
+
+
+Interval = Tuple[float, float]
+
+
 class Results(Closed):
     metric: str = "top1"
     fp32: Optional[Percent] = None
@@ -142,6 +158,12 @@ class Results(Closed):
     seeds: List[int] = Field(default_factory=list)
     std: Optional[Annotated[float, Field(ge=0, le=100)]] = None
     per_seed: List[Dict[str, Any]] = Field(default_factory=list)
+    # 95 % intervals (v2; None on older cards and when no per-sample outcomes were recorded)
+    ci95: Optional[Interval] = None            # of `quantized`
+    fp32_ci95: Optional[Interval] = None       # of `fp32`
+    delta_ci95: Optional[Interval] = None      # of `delta`, from the paired outcomes on the same images
+    ci_method: Optional[str] = None            # how the intervals were computed, in words
+    outcomes: Optional[Outcomes] = None
 
 
 class CostLayer(Open):
@@ -250,15 +272,49 @@ class PlotSection(Closed):
 Section = Annotated[Union[TableSection, PlotSection], Field(discriminator="kind")]
 
 
+class DeployLatency(Closed):
+    batch_size: int = Field(ge=1)
+    runs: int = Field(ge=1)                   # timed runs after warm-up; the figures are their medians
+    int8_ms: Optional[float] = None           # the QDQ model, per batch
+    fp32_ms: Optional[float] = None           # the same model exported in FP32, same runtime and threads
+    speedup: Optional[float] = None           # fp32_ms / int8_ms: measured
+
+
+class Deployment(Open):
+    """The same quantized model exported (ONNX QDQ) and run on a real integer runtime (v2).
+    status: ok = it ran; not_deployable = the runtime cannot run this setting as integer (reason says
+    why; nothing was run as something else); failed = export or runtime error (reason)."""
+    status: Literal["ok", "not_deployable", "failed"]
+    reason: Optional[str] = None
+    runtime: str = "onnxruntime"
+    runtime_version: Optional[str] = None
+    execution_provider: Optional[str] = None
+    opset: Optional[int] = None
+    threads: Optional[int] = None
+    export: Dict[str, Any] = Field(default_factory=dict)       # how the graph was built; approximations made
+    integer_ops: Dict[str, int] = Field(default_factory=dict)  # op type -> count of integer kernels that ran
+    float_ops: Dict[str, int] = Field(default_factory=dict)    # compute ops left in float after fusion
+    eval_size: Optional[int] = None
+    top1: Optional[Percent] = None            # on the runtime, same images as the simulation
+    top1_simulated: Optional[Percent] = None  # the simulated model of the same seed on the same images
+    argmax_agreement: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    logit_diff_max_steps: Optional[float] = None    # |runtime - simulated| logits, in output quantization steps
+    logit_diff_mean_steps: Optional[float] = None
+    latency: List[DeployLatency] = Field(default_factory=list)
+    simulated_speedup: Optional[float] = None       # the card's cost.speedup_vs_fp32, for the side-by-side
+    notes: List[str] = Field(default_factory=list)
+
+
 def card_sections_adapter() -> TypeAdapter:
     """Validates a list of sections (what Method.card_sections returns)."""
     return TypeAdapter(List[Section])
 
 
 class Card(Closed):
-    schema_version: Literal["1"] = CARD_SCHEMA_VERSION
+    schema_version: Literal["2"] = CARD_SCHEMA_VERSION
     id: str
     experiment: str
+    description: Optional[str] = None      # the config's description (v2)
     status: Literal["ok", "failed"]
     error: Optional[str] = None
     model: ModelBlock
@@ -271,21 +327,29 @@ class Card(Closed):
     method_stats: Dict[str, Any] = Field(default_factory=dict)
     # the method's own tables and plots (Method.card_sections); None on cards written before them
     sections: Optional[List[Section]] = None
+    deployment: Optional[Deployment] = None     # None: no deploy check was asked for
     warnings: List[str] = Field(default_factory=list)
     provenance: Provenance
     reproduce: str
+    # the fully resolved point (config.Point.resolved()): what `qcard verify` reruns; None on v1 cards
+    point: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def _upgrade(data: Dict[str, Any]) -> Dict[str, Any]:
-    """Bring an older card up to the current schema. Version 1 is the first; later versions add steps here."""
+    """Bring an older card up to the current schema, one version at a time."""
     version = str(data.get("schema_version", ""))
+    if version == "1":
+        # 1 -> 2 only added optional blocks (outcomes and intervals, deployment, point, description, label):
+        # a v1 card reads as a v2 card without them
+        data = {**data, "schema_version": "2"}
+        version = "2"
     if version == CARD_SCHEMA_VERSION:
         return data
     raise QcardError(f"card schema version '{version}' is not known to this qcard (it reads versions: "
-                     f"{CARD_SCHEMA_VERSION}); upgrade qcard to read it")
+                     f"{', '.join(KNOWN_SCHEMA_VERSIONS)}); upgrade qcard to read it")
 
 
 def card_from_dict(data: Dict[str, Any], source: str = "<card>") -> Card:
@@ -315,5 +379,5 @@ def load_card(path: Union[str, Path]) -> Card:
 def card_json_schema() -> Dict[str, Any]:
     schema = Card.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "qcard quantization card, schema version 1"
+    schema["title"] = f"qcard quantization card, schema version {CARD_SCHEMA_VERSION}"
     return schema
