@@ -12,14 +12,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qcard"
 # Layers, lowest first. A module may import its own layer and the layers below it, never above.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("foundation", ("qcard.errors", "qcard.yamlio", "qcard.registry", "qcard.version", "qcard.records",
-                    "qcard.provenance", "qcard.scheme")),
+                    "qcard.provenance", "qcard.scheme", "qcard.stats")),
     ("sources", ("qcard.data", "qcard.zoo", "qcard.evaluate")),
     ("tracing", ("qcard.ops",)),
     # zoo.train retrains the bundled models through the shared training loop: it sits with the loop
-    ("engine", ("qcard.quant", "qcard.cost", "qcard.training", "qcard.zoo.train")),
+    # deploy exports a simulated model (quant's quantizers) and runs it on a real runtime
+    ("engine", ("qcard.quant", "qcard.cost", "qcard.training", "qcard.zoo.train", "qcard.deploy")),
     ("cards", ("qcard.cards",)),
     ("methods", ("qcard.methods",)),
-    ("orchestration", ("qcard.config", "qcard.store", "qcard.runner")),
+    ("orchestration", ("qcard.config", "qcard.store", "qcard.runner", "qcard.executors", "qcard.verify")),
     ("cli", ("qcard.cli", "qcard.commands", "qcard")),    # "qcard": the package's own __init__ only
 ]
 

@@ -1,0 +1,1 @@
+"""Statistics of accuracies (torch-free): per-sample outcomes, intervals, paired significance tests."""
