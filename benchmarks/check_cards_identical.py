@@ -4,6 +4,7 @@ Runs CONFIG into a fresh folder and compares each card's `results`, `cost` and `
 (and per-layer records inside them) with the cards of a reference folder: the published cards, or a run
 of the same config made on this machine before the change. Cards are matched by model and method label
 (a point id may change when a method's params change shape; that is reported, not an error).
+Keys that only the new cards have (fields added to the schema since the reference) are not differences.
 
     python benchmarks/check_cards_identical.py                          # vs cards/quickstart
     python benchmarks/check_cards_identical.py --reference /tmp/before  # vs a run made here before
@@ -56,8 +57,10 @@ def differences(a: Any, b: Any, where: str = "") -> Iterator[str]:
     """Paths where two JSON values differ (exact: numbers must be equal to the last bit)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
-            if k not in a or k not in b:
-                yield f"{where}.{k}: only in {'after' if k not in a else 'before'}"
+            if k not in b:
+                yield f"{where}.{k}: only in before"
+            elif k not in a:
+                continue        # a key the schema added since the reference: new information, no number moved
             else:
                 yield from differences(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, list) and isinstance(b, list):
