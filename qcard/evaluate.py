@@ -3,10 +3,15 @@
 Ties between logits (8-bit logits tie often) break toward the lowest class index, for top-1 and
 top-5 alike (top-1 is the first of the top-5 and equals `argmax`): `topk` does not promise an
 order among equal values, so the top classes come from a stable descending sort instead.
+
+Besides the two accuracies, `evaluate` returns which images were right at top-1 ("correct": a bool
+numpy array in eval order), the per-sample outcomes behind the card's intervals (qcard.stats).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
+
+import numpy as np
 
 import torch
 from tqdm.auto import tqdm
@@ -26,10 +31,12 @@ def top_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()  # not inference_mode: methods may cache tensors whose version counter they read later
 def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str = "cpu",
-             progress: bool = False, desc: str = "evaluate", num_workers: int = 0) -> Dict[str, float]:
+             progress: bool = False, desc: str = "evaluate", num_workers: int = 0) -> Dict[str, Any]:
+    """{"top1", "top5" (points, 0-100), "n" (images), "correct" (bool array, top-1 right, eval order)}."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     correct1 = correct5 = total = 0
+    outcomes = []
     for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch")):
         x, y = x.to(device), y.to(device)
         logits = model(x)
@@ -38,9 +45,11 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: 
                                        f"(images {i * batch_size}..{i * batch_size + len(x) - 1})")
         top = top_classes(logits, 5)
         hits = top.eq(y.view(-1, 1))
+        outcomes.append(hits[:, 0].cpu().numpy())
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         total += len(y)
     if total == 0:
         raise QcardError(f"{desc}: the evaluation set is empty")
-    return {"top1": round(100.0 * correct1 / total, 4), "top5": round(100.0 * correct5 / total, 4), "n": total}
+    return {"top1": round(100.0 * correct1 / total, 4), "top5": round(100.0 * correct5 / total, 4), "n": total,
+            "correct": np.concatenate(outcomes).astype(bool)}

@@ -338,6 +338,7 @@ class _PointRun:
                  log: Callable[[str], None]):
         self.point, self.exp, self.res, self.device, self.progress, self.log = point, exp, res, device, progress, log
         self.timings: Dict[str, float] = {}
+        self.seed_outcomes: Dict[int, str] = {}     # seed -> packed top-1 outcomes (qcard.stats.outcomes)
 
     def timed(self, key: str, fn, *args):
         t = time.time()
@@ -360,19 +361,24 @@ class _PointRun:
                         num_workers=ds.num_workers)
 
     def baseline(self) -> None:
-        """The FP32 accuracy, measured on this run's data and preprocessing, cached across points."""
+        """The FP32 accuracy and per-image outcomes, measured on this run's data and preprocessing, cached
+        across points. A cache entry without outcomes (written by an older qcard) is measured again."""
+        from .stats.outcomes import pack_outcomes
         res = self.res
         key = canonical_hash({"weights": self.info.weights_sha256, "eval": self.evaluation.fingerprint,
                               "device": self.device})
-        baseline = res.baselines.get(key) or res.store.baseline(key)
+        baseline = res.baselines.get(key) or _with_outcomes(res.store.baseline(key), len(self.evaluation))
         if baseline is None:
-            baseline = self.evaluate(self.base_model, desc=f"FP32 {self.point.model.short}")
+            metrics = self.evaluate(self.base_model, desc=f"FP32 {self.point.model.short}")
+            baseline = {"top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"],
+                        "outcomes": pack_outcomes(metrics["correct"])}
             res.store.save_baseline(key, baseline)
         res.baselines[key] = self.fp32 = baseline
 
     def one_seed(self, method, seed: int):
-        """(the method's result, {seed, top1, top5}) for one seed."""
+        """(the method's result, {seed, top1, top5}) for one seed; its per-image outcomes go to seed_outcomes."""
         from .methods.base import RunContext
+        from .stats.outcomes import pack_outcomes
         point = self.point
         set_seed(seed, point.deterministic)
         model = copy.deepcopy(self.base_model).to(self.device)
@@ -383,9 +389,11 @@ class _PointRun:
             self.log(f"    warning: {w}")
         if result.model is model and type(method).family == "none" and not result.pipeline:
             metrics = self.fp32  # the untouched FP32 model on the same data: evaluated once, above
+            self.seed_outcomes[seed] = self.fp32["outcomes"]
         else:
             metrics = self.timed("evaluate", self.evaluate, result.model,
                                  None, f"{point.method_label} {point.model.short} seed {seed}")
+            self.seed_outcomes[seed] = pack_outcomes(metrics["correct"])
         return result, {"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]}
 
     def card(self):
@@ -436,7 +444,8 @@ class _PointRun:
                        "params": point.params.model_dump(mode="json"), "pipeline": list(result.pipeline),
                        "label": point.method_label},
             "quantization": quantization,
-            "results": _results_block(self.fp32, per_seed, point.seeds),
+            "results": _results_block(self.fp32, per_seed, point.seeds, self.seed_outcomes,
+                                      self.evaluation.fingerprint),
             "cost": cost,
             "cost_profiles": cost_profiles,
             "method_stats": method_stats,
@@ -454,7 +463,8 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
     return _PointRun(point, exp, res, device, progress, log).card()
 
 
-def _results_block(fp32: Dict[str, float], per_seed: List[Dict[str, Any]], seeds) -> Dict[str, Any]:
+def _results_block(fp32: Dict[str, Any], per_seed: List[Dict[str, Any]], seeds,
+                   seed_outcomes: Optional[Dict[int, str]] = None, fingerprint: Optional[str] = None) -> Dict[str, Any]:
     top1s = [r["top1"] for r in per_seed]
     mean1 = round(statistics.fmean(top1s), 4)
     return {
@@ -463,7 +473,39 @@ def _results_block(fp32: Dict[str, float], per_seed: List[Dict[str, Any]], seeds
         "n_runs": len(per_seed), "seeds": list(seeds),
         "std": round(statistics.stdev(top1s), 4) if len(top1s) > 1 else None,
         "per_seed": per_seed,
+        **_intervals(fp32, [r["seed"] for r in per_seed], seed_outcomes or {}, fingerprint),
     }
+
+
+def _intervals(fp32: Dict[str, Any], seeds: List[int], seed_outcomes: Dict[int, str],
+               fingerprint: Optional[str]) -> Dict[str, Any]:
+    """The results' outcomes block and 95 % intervals (qcard.stats.intervals); none without outcomes."""
+    from .stats.intervals import accuracy_interval, method_text, paired_delta_interval
+    from .stats.outcomes import ENCODING, unpack_outcomes
+    n = fp32.get("n")
+    if not fp32.get("outcomes") or not n or not seeds or any(s not in seed_outcomes for s in seeds):
+        return {}
+    fp_bits = unpack_outcomes(fp32["outcomes"], n)
+    bits = [unpack_outcomes(seed_outcomes[s], n) for s in seeds]
+    rounded = lambda iv: None if iv is None else [round(iv[0], 4), round(iv[1], 4)]
+    return {
+        "ci95": rounded(accuracy_interval(bits)), "fp32_ci95": rounded(accuracy_interval([fp_bits])),
+        "delta_ci95": rounded(paired_delta_interval(bits, [fp_bits])), "ci_method": method_text(n, len(seeds)),
+        "outcomes": {"encoding": ENCODING, "n": n, "fingerprint": fingerprint, "fp32": fp32["outcomes"],
+                     "seeds": {str(s): seed_outcomes[s] for s in seeds}},
+    }
+
+
+def _with_outcomes(cached: Optional[Dict[str, Any]], n: int) -> Optional[Dict[str, Any]]:
+    """A cached FP32 baseline that carries valid outcomes for the n eval images, else None (measure again)."""
+    from .stats.outcomes import unpack_outcomes
+    if not cached or not isinstance(cached.get("outcomes"), str) or cached.get("n") != n:
+        return None
+    try:
+        unpack_outcomes(cached["outcomes"], n)
+    except QcardError:
+        return None
+    return cached
 
 
 def _scalar_figures(stats: dict) -> dict:

@@ -121,6 +121,17 @@ def fmt_delta(v: Any) -> str:
     return DASH if v is None else f"{v:+.2f}"
 
 
+MINUS = "−"   # U+2212, in intervals: [−0.3, +0.7]
+
+
+def fmt_interval(iv: Any, signed: bool = False) -> str:
+    """' [97.9, 99.3]' (with a leading space), or '' where the card has no interval (v1 cards)."""
+    if not iv:
+        return ""
+    one = (lambda v: f"{v:+.1f}".replace("-", MINUS)) if signed else (lambda v: f"{v:.1f}")
+    return f" [{one(iv[0])}, {one(iv[1])}]"
+
+
 # ---------------------------------------------------------------------------
 # escaping, one function per format
 # ---------------------------------------------------------------------------
@@ -238,8 +249,11 @@ def _flat_scalars(d: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, s
 def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
     r, ds, m = c["results"], c["dataset"], c["method"]
     weights = c["model"].get("weights") or "random initialization (no weights loaded)"
-    header = [
-        ("Model", f"{c['model']['ref']} ({fmt_num(c['model'].get('params'))} parameters)"),
+    label = c["model"].get("label")
+    shown = f"{c['model']['ref']} ({label})" if label and label != c["model"]["ref"] else c["model"]["ref"]
+    header = [("Description", c["description"])] if c.get("description") else []
+    header += [
+        ("Model", f"{shown} ({fmt_num(c['model'].get('params'))} parameters)"),
         ("Weights", weights + (f" (sha256 {c['model']['weights_sha256'][:12]}…)" if c["model"].get("weights_sha256") else "")),
         ("Dataset", f"{ds['ref']}, split {ds['eval_split']}, {fmt_num(ds.get('eval_size'))} images"),
     ]
@@ -247,7 +261,7 @@ def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
     if pre:
         header.append(("Preprocessing", pre))
     header += [
-        (f"FP32 {r['metric']} (this run)", f"{fmt_pct(r.get('fp32'))} %"),
+        (f"FP32 {r['metric']} (this run)", f"{fmt_pct(r.get('fp32'))} %{fmt_interval(r.get('fp32_ci95'))}"),
         ("Method", f"{m['name']} ({fmt_value(m['family'])}), {regime}"
                    + (f": {' → '.join(m['pipeline'])}" if m.get("pipeline") else "")),
         ("Card", f"id {c['id'][:16]}, experiment {c['experiment']}, schema v{c['schema_version']}"),
@@ -300,12 +314,22 @@ def _network_rows(q: Dict[str, Any], ds: Dict[str, Any]) -> List[Tuple[str, str]
 def _results_rows(r: Dict[str, Any]) -> List[Tuple[str, ...]]:
     std = f" ± {r['std']:.2f}" if r.get("std") is not None else ""
     seeds = ", ".join(str(s) for s in r.get("seeds") or [])
-    results_rows = [(r["metric"], fmt_pct(r.get("fp32")), fmt_pct(r.get("quantized")) + std, fmt_delta(r.get("delta")),
+    # the headline row carries the 95 % intervals where the card has them (v2 cards with outcomes)
+    results_rows = [(r["metric"], fmt_pct(r.get("fp32")) + fmt_interval(r.get("fp32_ci95")),
+                     fmt_pct(r.get("quantized")) + std + fmt_interval(r.get("ci95")),
+                     fmt_delta(r.get("delta")) + fmt_interval(r.get("delta_ci95"), signed=True),
                      f"{r.get('n_runs', 0)} ({seeds})" if seeds else str(r.get("n_runs", 0)))]
     if r.get("top5_fp32") is not None or r.get("top5") is not None:
         d5 = r["top5"] - r["top5_fp32"] if r.get("top5") is not None and r.get("top5_fp32") is not None else None
         results_rows.append(("top5", fmt_pct(r.get("top5_fp32")), fmt_pct(r.get("top5")), fmt_delta(d5), ""))
     return results_rows
+
+
+def _interval_note(r: Dict[str, Any]) -> Optional[str]:
+    """The legend under the results: what the bracketed intervals are (None where there are none)."""
+    if not (r.get("ci95") or r.get("delta_ci95")):
+        return None
+    return "In brackets: " + (r.get("ci_method") or "95 % intervals")
 
 
 def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
@@ -423,6 +447,7 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         "header": _header_rows(c, regime), "flags": list(q.get("hardware_unfriendly") or []),
         "wa_rows": _wa_rows(w, a), "network_rows": _network_rows(q, c["dataset"]), "unquantized": unquantized,
         "results_header": ("metric", "FP32", "quantized", "Δ", "runs (seeds)"), "results_rows": _results_rows(c["results"]),
+        "interval_note": _interval_note(c["results"]),
         "cost_profile": cost.get("profile"), "cost_rows": _cost_rows(c),
         "layer_cols": layer_cols, "layer_rows": layer_rows,
         "method_stats": _flat_scalars(c.get("method_stats") or {}),

@@ -1,0 +1,103 @@
+"""95 % intervals for accuracies and for paired accuracy differences, from per-sample outcomes.
+
+Every function here works in PERCENT (points, 0-100), like the card. Counts may be fractional: over
+several seeds a card's accuracy is the seeds' mean, and the intervals treat the n eval images (the same
+images for every seed) as the sample, with each image's outcome the fraction of seeds that got it right.
+
+- `wilson_interval(k, n)`: the Wilson score interval of k correct out of n. It stays inside [0, 100],
+  is sensible at k = 0 and k = n (where the Wald interval collapses to a point), and has close to
+  nominal coverage down to small n.
+- `paired_delta_interval(a, b)`: the interval of mean(a) - mean(b) for two sets of outcomes on the SAME
+  images: Newcombe's hybrid score interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635,
+  method 10), built from the two Wilson intervals and the correlation of the paired outcomes. Images
+  both models get right (or both wrong) do not widen it, so it is much narrower than an unpaired interval
+  when the outcomes are correlated, as a quantized model's and its FP32 model's are.
+
+Nothing random: the same outcomes always give the same interval. numpy only (no scipy at runtime).
+"""
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+Interval = Tuple[float, float]
+
+
+def _z(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def _wilson_fraction(k: float, n: float, z: float) -> Tuple[float, float]:
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
+    # exact at the edges (rounding can leave 1e-17 outside [0, 1])
+    lo = 0.0 if k <= 0 else max(0.0, centre - half)
+    hi = 1.0 if k >= n else min(1.0, centre + half)
+    return lo, hi
+
+
+def wilson_interval(k: float, n: float, confidence: float = 0.95) -> Optional[Interval]:
+    """The Wilson score interval of k successes in n trials, in percent; None when n is 0."""
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be between 0 and n={n}, got {k}")
+    lo, hi = _wilson_fraction(k, n, _z(confidence))
+    return 100.0 * lo, 100.0 * hi
+
+
+def per_image(outcomes: Sequence) -> np.ndarray:
+    """Per-image correctness in [0, 1] from one boolean vector or several (one per seed, same images):
+    the fraction of seeds that got each image right."""
+    arr = np.asarray(outcomes, dtype=float)
+    if arr.ndim == 2:
+        arr = arr.mean(axis=0)
+    if arr.ndim != 1:
+        raise ValueError(f"outcomes must be one vector or a list of vectors, got shape {arr.shape}")
+    return arr
+
+
+def accuracy_interval(outcomes: Sequence, confidence: float = 0.95) -> Optional[Interval]:
+    """The Wilson interval of the (seed-mean) accuracy over the images: k = the mean correct count, n =
+    the number of images (not seeds x images: the seeds see the same images, so pooling them as
+    independent trials would overstate the precision)."""
+    p = per_image(outcomes)
+    return wilson_interval(float(p.sum()), len(p), confidence)
+
+
+def paired_delta_interval(a: Sequence, b: Sequence, confidence: float = 0.95) -> Optional[Interval]:
+    """The interval of accuracy(a) - accuracy(b), in points, for outcomes on the same images in the same
+    order (each a boolean vector or one per seed): Newcombe's paired hybrid score interval."""
+    x, y = per_image(a), per_image(b)
+    if x.shape != y.shape:
+        raise ValueError(f"paired outcomes must cover the same images: {len(x)} vs {len(y)}")
+    n = len(x)
+    if n == 0:
+        return None
+    z = _z(confidence)
+    # the 2x2 table of the pairs (fractional over seeds): both right, only a, only b, neither
+    both, only_a = float((x * y).sum()), float((x * (1 - y)).sum())
+    only_b, neither = float(((1 - x) * y).sum()), float(((1 - x) * (1 - y)).sum())
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = _wilson_fraction(both + only_a, n, z)
+    l2, u2 = _wilson_fraction(both + only_b, n, z)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins > 0 else 0.0
+    d = p1 - p2
+    lower = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    upper = math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return 100.0 * max(-1.0, d - lower), 100.0 * min(1.0, d + upper)
+
+
+def method_text(n: int, n_seeds: int, confidence: float = 0.95) -> str:
+    """What the card's `ci_method` says: how its intervals were computed, short enough for a legend."""
+    seeds = f" ({n_seeds} seeds: their mean correct count on the same images)" if n_seeds > 1 else ""
+    return (f"{confidence * 100:g} % Wilson score intervals over the {n:,} eval images{seeds}; "
+            f"Δ: Newcombe's paired score interval against FP32 on the same {n:,} images")

@@ -1,0 +1,119 @@
+"""95 % intervals (qcard.stats.intervals): Wilson against scipy, shrinking as 1/sqrt(n), and the paired
+interval of a difference (covers the truth; narrower than unpaired when the outcomes are correlated)."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from qcard.stats.intervals import (accuracy_interval, method_text, paired_delta_interval, per_image,
+                                   wilson_interval)
+
+GRID = [(k, n) for n in (1, 2, 10, 37, 200, 1000, 50000) for k in sorted({0, 1, n // 3, n // 2, n - 1, n})]
+
+
+@pytest.mark.parametrize("k,n", GRID)
+@pytest.mark.parametrize("confidence", [0.95, 0.9])
+def test_wilson_agrees_with_scipy(k, n, confidence):
+    ref = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    lo, hi = wilson_interval(k, n, confidence)
+    assert lo == pytest.approx(100 * ref.low, abs=1e-9)
+    assert hi == pytest.approx(100 * ref.high, abs=1e-9)
+    assert 0.0 <= lo <= 100 * k / n <= hi <= 100.0
+
+
+def test_wilson_edges():
+    assert wilson_interval(0, 0) is None
+    lo, hi = wilson_interval(0, 1000)
+    assert lo == 0.0 and 0 < hi < 0.5            # nothing right: not a zero-width interval
+    lo, hi = wilson_interval(1000, 1000)
+    assert hi == 100.0 and 99.5 < lo < 100
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+    with pytest.raises(ValueError):
+        wilson_interval(1, 4, confidence=1.0)
+
+
+def test_intervals_shrink_as_one_over_sqrt_n():
+    # the same 98 % accuracy on 4x, 16x, 64x the images: the width halves each time (large n)
+    widths = []
+    for n in (1000, 4000, 16000, 64000):
+        lo, hi = wilson_interval(0.98 * n, n)
+        widths.append(hi - lo)
+    for a, b in zip(widths, widths[1:]):
+        assert a / b == pytest.approx(2.0, rel=0.02)
+    # and about 2 * 1.96 * the standard error 0.44 points the issue quotes for 1,000 images
+    assert widths[0] == pytest.approx(2 * 1.96 * 100 * math.sqrt(0.98 * 0.02 / 1000), rel=0.05)
+
+
+def test_paired_interval_of_identical_models_is_centred_and_of_a_fraction_from_seeds():
+    rng = np.random.default_rng(0)
+    a = rng.random(500) < 0.9
+    lo, hi = paired_delta_interval(a, a)
+    assert lo < 0 < hi and lo == pytest.approx(-hi, abs=1e-9)
+    # several seeds: each image counts as the fraction of seeds that got it right
+    seeds = [a, ~a]
+    assert per_image(seeds).tolist() == [0.5] * 500
+    assert accuracy_interval(seeds) == pytest.approx(wilson_interval(250, 500))
+
+
+def _correlated(rng, n, p_ref, flips):
+    """A reference model right with probability p_ref, and a second model that differs from it on a
+    `flips` fraction of the images (a quantized model and its FP32 model disagree on few images)."""
+    ref = rng.random(n) < p_ref
+    other = ref.copy()
+    change = rng.random(n) < flips
+    other[change] = rng.random(change.sum()) < 0.5     # a coin on the disagreeing images
+    return ref, other
+
+
+def _unpaired_width(a, b):
+    """Width of Newcombe's interval for two INDEPENDENT samples (the paired one with the correlation 0)."""
+    p1, p2 = 100 * a.mean(), 100 * b.mean()
+    (l1, u1), (l2, u2) = wilson_interval(a.sum(), len(a)), wilson_interval(b.sum(), len(b))
+    return math.hypot(p1 - l1, u2 - p2) + math.hypot(u1 - p1, p2 - l2)
+
+
+def test_paired_interval_covers_the_true_difference_and_beats_unpaired():
+    # a population of 200,000 images; the true difference is known there; draws of 1,000 images
+    rng = np.random.default_rng(1)
+    ref, other = _correlated(rng, 200_000, 0.98, 0.06)
+    true = 100 * (other.mean() - ref.mean())
+    covered, paired_w, unpaired_w, trials = 0, [], [], 400
+    for _ in range(trials):
+        idx = rng.integers(0, len(ref), 1000)
+        lo, hi = paired_delta_interval(other[idx], ref[idx])
+        covered += lo <= true <= hi
+        paired_w.append(hi - lo)
+        unpaired_w.append(_unpaired_width(other[idx], ref[idx]))
+    assert covered / trials >= 0.92                 # nominal 95 %
+    assert np.mean(paired_w) < 0.8 * np.mean(unpaired_w)
+
+
+def test_paired_interval_finds_a_real_gap():
+    # 5 points worse on 1,000 images: the interval excludes 0; 0.3 points: it does not
+    rng = np.random.default_rng(2)
+    ref = rng.random(1000) < 0.98
+    worse = ref.copy()
+    worse[np.flatnonzero(ref)[:50]] = False
+    lo, hi = paired_delta_interval(worse, ref)
+    assert hi < 0 and lo < -5 < hi
+    slightly = ref.copy()
+    slightly[np.flatnonzero(ref)[:3]] = False
+    lo, hi = paired_delta_interval(slightly, ref)
+    assert lo < -0.3 < 0 < hi
+
+
+def test_paired_interval_is_deterministic_and_checks_its_input():
+    rng = np.random.default_rng(3)
+    a, b = rng.random(300) < 0.7, rng.random(300) < 0.8
+    assert paired_delta_interval(a, b) == paired_delta_interval(a.copy(), b.copy())
+    assert paired_delta_interval([], []) is None
+    with pytest.raises(ValueError, match="same images"):
+        paired_delta_interval(a, b[:-1])
+
+
+def test_method_text_names_the_methods():
+    one, three = method_text(1000, 1), method_text(1000, 3)
+    assert "Wilson" in one and "Newcombe" in one and "1,000" in one and "seeds" not in one
+    assert "3 seeds" in three
