@@ -339,6 +339,7 @@ class _PointRun:
         self.point, self.exp, self.res, self.device, self.progress, self.log = point, exp, res, device, progress, log
         self.timings: Dict[str, float] = {}
         self.seed_outcomes: Dict[int, str] = {}     # seed -> packed top-1 outcomes (qcard.stats.outcomes)
+        self.is_baseline = False                     # the point's model is the FP32 baseline itself
 
     def timed(self, key: str, fn, *args):
         t = time.time()
@@ -390,6 +391,7 @@ class _PointRun:
         if result.model is model and type(method).family == "none" and not result.pipeline:
             metrics = self.fp32  # the untouched FP32 model on the same data: evaluated once, above
             self.seed_outcomes[seed] = self.fp32["outcomes"]
+            self.is_baseline = True
         else:
             metrics = self.timed("evaluate", self.evaluate, result.model,
                                  None, f"{point.method_label} {point.model.short} seed {seed}")
@@ -445,7 +447,7 @@ class _PointRun:
                        "label": point.method_label},
             "quantization": quantization,
             "results": _results_block(self.fp32, per_seed, point.seeds, self.seed_outcomes,
-                                      self.evaluation.fingerprint),
+                                      self.evaluation.fingerprint, self.is_baseline),
             "cost": cost,
             "cost_profiles": cost_profiles,
             "method_stats": method_stats,
@@ -464,7 +466,8 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
 
 
 def _results_block(fp32: Dict[str, Any], per_seed: List[Dict[str, Any]], seeds,
-                   seed_outcomes: Optional[Dict[int, str]] = None, fingerprint: Optional[str] = None) -> Dict[str, Any]:
+                   seed_outcomes: Optional[Dict[int, str]] = None, fingerprint: Optional[str] = None,
+                   is_baseline: bool = False) -> Dict[str, Any]:
     top1s = [r["top1"] for r in per_seed]
     mean1 = round(statistics.fmean(top1s), 4)
     return {
@@ -473,13 +476,14 @@ def _results_block(fp32: Dict[str, Any], per_seed: List[Dict[str, Any]], seeds,
         "n_runs": len(per_seed), "seeds": list(seeds),
         "std": round(statistics.stdev(top1s), 4) if len(top1s) > 1 else None,
         "per_seed": per_seed,
-        **_intervals(fp32, [r["seed"] for r in per_seed], seed_outcomes or {}, fingerprint),
+        **_intervals(fp32, [r["seed"] for r in per_seed], seed_outcomes or {}, fingerprint, is_baseline),
     }
 
 
 def _intervals(fp32: Dict[str, Any], seeds: List[int], seed_outcomes: Dict[int, str],
-               fingerprint: Optional[str]) -> Dict[str, Any]:
-    """The results' outcomes block and 95 % intervals (qcard.stats.intervals); none without outcomes."""
+               fingerprint: Optional[str], is_baseline: bool = False) -> Dict[str, Any]:
+    """The results' outcomes block and 95 % intervals (qcard.stats.intervals); none without outcomes.
+    The FP32 point is the baseline itself: its Δ is 0 by construction, with no interval."""
     from .stats.intervals import accuracy_interval, method_text, paired_delta_interval
     from .stats.outcomes import ENCODING, unpack_outcomes
     n = fp32.get("n")
@@ -490,7 +494,7 @@ def _intervals(fp32: Dict[str, Any], seeds: List[int], seed_outcomes: Dict[int, 
     rounded = lambda iv: None if iv is None else [round(iv[0], 4), round(iv[1], 4)]
     return {
         "ci95": rounded(accuracy_interval(bits)), "fp32_ci95": rounded(accuracy_interval([fp_bits])),
-        "delta_ci95": rounded(paired_delta_interval(bits, [fp_bits])), "ci_method": method_text(n, len(seeds)),
+        "delta_ci95": None if is_baseline else rounded(paired_delta_interval(bits, [fp_bits])), "ci_method": method_text(n, len(seeds)),
         "outcomes": {"encoding": ENCODING, "n": n, "fingerprint": fingerprint, "fp32": fp32["outcomes"],
                      "seeds": {str(s): seed_outcomes[s] for s in seeds}},
     }

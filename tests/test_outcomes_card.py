@@ -63,15 +63,17 @@ def test_cards_carry_outcomes_that_match_their_accuracies(ran):
         for row in r["per_seed"]:
             assert set(row) == {"seed", "top1", "top5"}          # per-seed rows as before
             assert _popcount(o["seeds"][str(row["seed"])], n) == round(row["top1"] * n / 100)
-        if name == "fp32":      # the FP32 point is the baseline itself: the same bits
-            assert set(o["seeds"].values()) == {o["fp32"]}
         bits = [unpack_outcomes(o["seeds"][s], n) for s in ("0", "1")]
         fp = unpack_outcomes(o["fp32"], n)
         assert r["ci95"] == pytest.approx(list(accuracy_interval(bits)), abs=1e-4)
         assert r["fp32_ci95"] == pytest.approx(list(accuracy_interval([fp])), abs=1e-4)
-        assert r["delta_ci95"] == pytest.approx(list(paired_delta_interval(bits, [fp])), abs=1e-4)
         assert r["ci95"][0] <= r["quantized"] <= r["ci95"][1]
         assert r["fp32_ci95"][0] <= r["fp32"] <= r["fp32_ci95"][1]
+        if name == "fp32":      # the FP32 point is the baseline itself: the same bits, Δ 0 with no interval
+            assert set(o["seeds"].values()) == {o["fp32"]}
+            assert r["delta"] == 0 and r["delta_ci95"] is None
+            continue
+        assert r["delta_ci95"] == pytest.approx(list(paired_delta_interval(bits, [fp])), abs=1e-4)
         assert r["delta_ci95"][0] <= r["delta"] <= r["delta_ci95"][1]
         assert "Wilson" in r["ci_method"] and "2 seeds" in r["ci_method"] and "200" in r["ci_method"]
     noisy = json.loads(paths["scale_weights"].read_text())["results"]
