@@ -2,6 +2,8 @@
 config's row order (issue 15 item 15). Cards are built from the fixture card with hand-made outcome bits
 whose discordant pairs give the gaps the tests need."""
 import copy
+import shutil
+import subprocess
 import json
 from pathlib import Path
 
@@ -234,3 +236,19 @@ def test_pareto_plot_gets_the_intervals(monkeypatch, tmp_path):
     monkeypatch.setattr(plots, "pareto_plot", lambda points, *a, **k: seen.setdefault("points", points) and [])
     compare_cards([b, c]).plot(tmp_path / "p")
     assert [p["ci"] for p in seen["points"]] == [(97.6, 99.0), None]
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed: `make test` installs it")
+def test_latex_with_marks_intervals_and_runtime_compiles(tmp_path):
+    ref = fp32_bits()
+    b = deployed(card({0: flipped(ref, 5, 2)}, name="w8a8 $&_%#{}~^\\ ≈", git_dirty=True), top1=98.2, sim=98.4)
+    b["results"].update(ci95=[97.6, 99.0], delta_ci95=[-0.7, 0.1])
+    c = card({0: flipped(ref, 55, 5)}, name="w4a4", fingerprint="sha256:other")
+    tex = compare_cards([fp32_card(), b, c, card({0: flipped(ref, 40, 0)}, name="w3a8")]).to_latex()
+    assert r"$\approx$" in tex and "within noise" in tex and "not reproducible from a commit" in tex
+    doc = ("\\documentclass{article}\n\\usepackage[margin=1cm,landscape]{geometry}\n\\usepackage{booktabs}\n"
+           "\\begin{document}\n\\tiny\n" + tex + "\n\\end{document}\n")
+    (tmp_path / "doc.tex").write_text(doc, encoding="utf-8")
+    r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -653,11 +653,14 @@ def _edge_text(c: Card) -> Tuple[str, str]:
 def _within_noise(cards: List[Card], letters: List[str], tests: Dict[int, Dict[str, Any]]) -> List[str]:
     """'within noise: B vs A (p = 0.41, BH-adjusted)' for each tested pair whose settings differ but
     whose accuracies do not, significantly."""
-    lines = [f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {_fmt_p(t['p_adjusted'])}, BH-adjusted)"
-             for i, t in tests.items() if not t["significant"] and _settings_differ(cards[i], cards[t["ref"]])]
-    if len(lines) > MAX_WITHIN_NOISE_LINES:
-        more = len(lines) - MAX_WITHIN_NOISE_LINES
-        lines = lines[:MAX_WITHIN_NOISE_LINES] + [f"within noise: {more} more pairs (marked ≈ in the table)"]
+    quiet = [(i, t) for i, t in tests.items() if not t["significant"]]
+    lines: List[str] = []
+    for k, (i, t) in enumerate(quiet):
+        if len(lines) == MAX_WITHIN_NOISE_LINES:    # the table's ≈ marks say the rest (no settings check: fast)
+            lines.append(f"within noise: {len(quiet) - k} more rows against their reference (marked ≈ in the table)")
+            break
+        if _settings_differ(cards[i], cards[t["ref"]]):
+            lines.append(f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {_fmt_p(t['p_adjusted'])}, BH-adjusted)")
     return lines
 
 
@@ -1080,7 +1083,8 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
     details[at:at] = [{"field": "quantization.first_layer/last_layer", "text": t, "values": []} for t in fl]
     mdiffs, _ = _differences(ok_cards, ok_letters, METHOD_FIELDS)
     mdiffs += _param_differences(ok_cards, ok_letters)
-    xs = [rows[i][key] if i in set(ok_idx) else None for i in range(len(rows))]
+    ran = set(ok_idx)
+    xs = [rows[i][key] if i in ran else None for i in range(len(rows))]
     front = pareto_front(xs, [r["quantized"] for r in rows])
     on = set(front)
     for i, r in enumerate(rows):

@@ -22,7 +22,8 @@ def discordant_counts(a: Sequence[bool], b: Sequence[bool]) -> Tuple[int, int]:
     if len(a) != len(b):
         raise ValueError(f"paired outcomes need the same images: {len(a)} vs {len(b)} outcomes")
     if hasattr(a, "dtype") and hasattr(b, "dtype"):    # numpy arrays: one vectorised pass each
-        return int((a & ~b).sum()), int((~a & b).sum())
+        import numpy as np
+        return int(np.count_nonzero(a & ~b)), int(np.count_nonzero(~a & b))
     only_a = sum(1 for x, y in zip(a, b) if x and not y)
     only_b = sum(1 for x, y in zip(a, b) if y and not x)
     return only_a, only_b
