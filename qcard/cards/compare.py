@@ -6,6 +6,12 @@ above it, the accuracy/cost Pareto front, exports (Markdown, CSV, LaTeX, JSON).
     cmp.differences      # ["per-channel vs per-tensor weights", "calibration 1024 vs 256 images", ...]
     cmp.table            # pandas DataFrame, one row per card (failed cards included, status "failed")
     cmp.pareto           # row indices on the accuracy/cost front
+    cmp.significance     # each row against its reference row (exact McNemar on paired outcomes, BH)
+
+Significance: cards with per-sample outcomes (results.outcomes) on the same eval set (fingerprint) are
+tested against a reference row (the FP32 card of the same model, or `baseline=` an id prefix); a
+difference that is not significant after Benjamini–Hochberg over all tests is marked "≈". Cards on
+different eval sets are never tested against each other; cards without outcomes are not tested.
 
 What counts as a confounder (Garg et al., Confounding Tradeoffs for Neural Network Quantization, 2021): every setting on the card other than the method's own
 choice. The method's own choices are its name, family, label, params and pipeline, and what those
