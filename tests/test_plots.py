@@ -71,3 +71,18 @@ def test_lines_differ_in_marker_and_style():
         fig = lines(spec)
     drawn = fig.axes[0].get_lines()
     assert len({(l.get_marker(), l.get_linestyle()) for l in drawn}) == 5
+
+
+def test_pareto_plot_draws_intervals_as_vertical_error_bars():
+    """Issue 13 item 3: results.ci95 drawn as an asymmetric error bar; a point without one has none."""
+    points = [{"label": "A", "x": 1.0, "y": 98.4, "ci": (97.6, 99.0)},
+              {"label": "B", "x": 2.0, "y": 99.0, "err": 0.2},
+              {"label": "C", "x": 3.0, "y": 99.2}]
+    with matplotlib.rc_context(STYLE):
+        fig, _ = pareto_figure(points, [0, 1, 2], "BOPs")
+    bars = fig.axes[0].containers
+    assert [c.has_yerr for c in bars] == [True, True, False]
+    (seg,) = bars[0].lines[2][0].get_segments()            # the vertical bar of A: from lo to hi
+    assert seg[0][1] == pytest.approx(97.6) and seg[1][1] == pytest.approx(99.0)
+    (seg,) = bars[1].lines[2][0].get_segments()            # B: ± std where there is no interval
+    assert seg[0][1] == pytest.approx(98.8) and seg[1][1] == pytest.approx(99.2)

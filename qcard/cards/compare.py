@@ -6,6 +6,12 @@ above it, the accuracy/cost Pareto front, exports (Markdown, CSV, LaTeX, JSON).
     cmp.differences      # ["per-channel vs per-tensor weights", "calibration 1024 vs 256 images", ...]
     cmp.table            # pandas DataFrame, one row per card (failed cards included, status "failed")
     cmp.pareto           # row indices on the accuracy/cost front
+    cmp.significance     # each row against its reference row (exact McNemar on paired outcomes, BH)
+
+Significance: cards with per-sample outcomes (results.outcomes) on the same eval set (fingerprint) are
+tested against a reference row (the FP32 card of the same model, or `baseline=` an id prefix); a
+difference that is not significant after Benjamini–Hochberg over all tests is marked "≈". Cards on
+different eval sets are never tested against each other; cards without outcomes are not tested.
 
 What counts as a confounder (Garg et al., Confounding Tradeoffs for Neural Network Quantization, 2021): every setting on the card other than the method's own
 choice. The method's own choices are its name, family, label, params and pipeline, and what those
@@ -491,6 +497,221 @@ def _num(v: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# row order (issue 15 item 15)
+# ---------------------------------------------------------------------------
+
+def _point_index(card: Card) -> Optional[int]:
+    idx = (card.point or {}).get("index")
+    return idx if isinstance(idx, int) and not isinstance(idx, bool) else None
+
+
+def config_order(loaded: Sequence[LoadedCard]) -> List[LoadedCard]:
+    """Rows in the config's order when the cards carry point.index: grouped by experiment (in the order
+    the experiments first appear), then by index; a card without an index follows the indexed cards of
+    its experiment, as given. Cards without any index keep the order given (file order)."""
+    indices = [_point_index(lc.card) for lc in loaded]
+    if all(i is None for i in indices):
+        return list(loaded)
+    rank: Dict[str, int] = {}
+    for lc in loaded:
+        rank.setdefault(lc.card.experiment, len(rank))
+    keys = sorted(range(len(loaded)), key=lambda k: (rank[loaded[k].card.experiment], indices[k] is None,
+                                                      indices[k] or 0, k))
+    return [loaded[k] for k in keys]
+
+
+# ---------------------------------------------------------------------------
+# significance: each row against its reference row, paired on the same images (issue 13 item 3)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Significance:
+    tests: Dict[int, Dict[str, Any]] = field(default_factory=dict)   # row -> {ref, b, c, n, p, p_adjusted, significant}
+    references: List[int] = field(default_factory=list)              # rows that others are tested against
+    legend: str = ""
+    notes: List[str] = field(default_factory=list)                   # why some rows were not tested
+    within_noise: List[str] = field(default_factory=list)
+
+
+MAX_WITHIN_NOISE_LINES = 12
+
+
+def _tested_bits(card: Card) -> Optional[Tuple[Optional[str], int, str, bool]]:
+    """(eval fingerprint, images, packed bits, several seeds?) the card is tested on, or None without
+    per-sample outcomes. A multi-seed card is tested on its first seed's outcomes (results.seeds order):
+    pooling seeds would count the same images several times as if they were independent. An FP32 card
+    without seed outcomes is tested on its FP32 outcomes."""
+    o = card.results.outcomes
+    if o is None or card.status != "ok":
+        return None
+    fingerprint = o.fingerprint or card.dataset.fingerprint
+    seeds = [str(s) for s in card.results.seeds if str(s) in o.seeds] or list(o.seeds)
+    if seeds:
+        return fingerprint, o.n, o.seeds[seeds[0]], len(o.seeds) > 1
+    if card.method.family == "none" and o.fp32:
+        return fingerprint, o.n, o.fp32, False
+    return None
+
+
+def _baseline_row(cards: List[Card], prefix: str) -> int:
+    matches = [i for i, c in enumerate(cards) if c.id.startswith(prefix)]
+    if not matches:
+        ids = ", ".join(sorted({c.id[:10] for c in cards})[:6])
+        raise QcardError(f"--baseline {prefix}: no card's id starts with it (ids among these cards: {ids}"
+                         f"{', ...' if len(cards) > 6 else ''}); give a prefix of the card's id")
+    if len({cards[i].id for i in matches}) > 1:
+        raise QcardError(f"--baseline {prefix} matches {len(matches)} cards "
+                         f"({', '.join(sorted({cards[i].id[:12] for i in matches})[:4])}); give more of the id")
+    if cards[matches[0]].status != "ok":
+        raise QcardError(f"--baseline {prefix}: that card is a failed point, with no result to test against")
+    return matches[0]
+
+
+def _references(cards: List[Card], ok: List[int], baseline: Optional[str]) -> Dict[int, int]:
+    """row -> its reference row: the --baseline card for every other row, or else the FP32 card (method
+    family none) of the same model, preferring one on the same eval set."""
+    if baseline:
+        ref = _baseline_row(cards, baseline)
+        return {i: ref for i in ok if i != ref}
+    fp32 = [i for i in ok if cards[i].method.family == "none"]
+    out: Dict[int, int] = {}
+    for i in ok:
+        same_model = [j for j in fp32 if cards[j].model.ref == cards[i].model.ref and j != i]
+        if cards[i].method.family == "none" or not same_model:
+            continue
+        same_data = [j for j in same_model if cards[j].dataset.fingerprint == cards[i].dataset.fingerprint]
+        out[i] = (same_data or same_model)[0]
+    return out
+
+
+def _fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else (f"{p:.3f}" if p < 0.01 else f"{p:.2f}")
+
+
+def significance(cards: List[Card], letters: List[str], ok: List[int], baseline: Optional[str] = None) -> Significance:
+    """Exact McNemar test of each row against its reference row on the paired per-sample outcomes, with
+    Benjamini–Hochberg over all the tests. Rows on a different eval set than their reference, or without
+    outcomes, are not tested (the notes say so)."""
+    refs = _references(cards, ok, baseline)
+    bits = {i: _tested_bits(cards[i]) for i in ok}
+    no_outcomes = [k for k in ok if bits[k] is None] if len(ok) > 1 else []
+    other_data = [(i, j) for i, j in refs.items() if bits[i] and bits[j] and
+                  (bits[i][0] is None or bits[i][0] != bits[j][0] or bits[i][1] != bits[j][1])]
+    pairs = [(i, j) for i, j in refs.items() if bits[i] and bits[j] and (i, j) not in other_data]
+    sig = Significance(references=sorted({j for _, j in pairs}))
+    if no_outcomes:
+        whose = "the cards" if len(no_outcomes) == len(ok) else _group_text([letters[k] for k in no_outcomes])
+        sig.notes.append(f"no per-sample outcomes on {whose} (written before card schema 2, or without them): "
+                         "their differences are not tested for significance")
+    if other_data:
+        sig.notes.append("not tested: " + ", ".join(f"{letters[i]} vs {letters[j]}" for i, j in other_data[:8])
+                         + (f" and {len(other_data) - 8} more" if len(other_data) > 8 else "")
+                         + " are on different eval sets (fingerprints differ): a paired test needs the same images")
+    unreferenced = [i for i in ok if bits[i] and i not in refs and i not in sig.references and not baseline
+                    and cards[i].method.family != "none"]
+    if unreferenced:
+        sig.notes.append(f"not tested: no FP32 card of the same model for {_group_text([letters[i] for i in unreferenced])}"
+                         " (name a reference with --baseline CARD_ID)")
+    if not pairs:
+        return sig
+    from ..stats.outcomes import unpack_outcomes
+    from ..stats.significance import FDR_Q, benjamini_hochberg, discordant_counts, mcnemar_exact
+    unpacked: Dict[int, Any] = {}
+
+    def outcome(k: int):
+        if k not in unpacked:
+            try:
+                unpacked[k] = unpack_outcomes(bits[k][2], bits[k][1])
+            except QcardError as exc:
+                raise QcardError(f"card {letters[k]} ({cards[k].id[:10]}): results.outcomes: {exc}") from None
+        return unpacked[k]
+
+    for i, j in pairs:
+        b, c = discordant_counts(outcome(i), outcome(j))
+        sig.tests[i] = {"ref": j, "b": b, "c": c, "n": bits[i][1], "p": mcnemar_exact(b, c)}
+    adjusted, rejected = benjamini_hochberg([t["p"] for t in sig.tests.values()], FDR_Q)
+    for t, a, r in zip(sig.tests.values(), adjusted, rejected):
+        t["p_adjusted"], t["significant"] = a, r
+    sig.legend = (f"≈: not significantly different from {_reference_words(sig.references, letters, baseline)} "
+                  f"(exact McNemar, Benjamini–Hochberg q={FDR_Q:g} over {len(pairs)} test{'s' if len(pairs) != 1 else ''})")
+    if any(bits[k][3] for pair in pairs for k in pair):
+        sig.legend += "; a card with several seeds is tested on its first seed's outcomes"
+    sig.within_noise = _within_noise(cards, letters, sig.tests)
+    return sig
+
+
+def _reference_words(refs: List[int], letters: List[str], baseline: Optional[str]) -> str:
+    if baseline:
+        return f"card {letters[refs[0]]} (--baseline)"
+    return f"the FP32 card of the same model ({_group_text([letters[j] for j in refs])})"
+
+
+def _settings_differ(a: Card, b: Card) -> bool:
+    pair = [a, b]
+    return bool(_differences(pair, ["A", "B"], CONFOUNDERS)[0] or _differences(pair, ["A", "B"], METHOD_FIELDS)[0]
+                or _param_differences(pair, ["A", "B"]) or _edge_text(a) != _edge_text(b))
+
+
+def _edge_text(c: Card) -> Tuple[str, str]:
+    return _edge(c.quantization.first_layer), _edge(c.quantization.last_layer)
+
+
+def _within_noise(cards: List[Card], letters: List[str], tests: Dict[int, Dict[str, Any]]) -> List[str]:
+    """'within noise: B vs A (p = 0.41, BH-adjusted)' for each tested pair whose settings differ but
+    whose accuracies do not, significantly."""
+    quiet = [(i, t) for i, t in tests.items() if not t["significant"]]
+    lines: List[str] = []
+    for k, (i, t) in enumerate(quiet):
+        if len(lines) == MAX_WITHIN_NOISE_LINES:    # the table's ≈ marks say the rest (no settings check: fast)
+            lines.append(f"within noise: {len(quiet) - k} more rows against their reference (marked ≈ in the table)")
+            break
+        if _settings_differ(cards[i], cards[t["ref"]]):
+            lines.append(f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {_fmt_p(t['p_adjusted'])}, BH-adjusted)")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# runtime (issue 12) and reproducibility (issue 13 item 4)
+# ---------------------------------------------------------------------------
+
+RUNTIME_SHORT = {"onnxruntime": "ORT"}
+
+
+def _runtime_cell(card: Card) -> Optional[str]:
+    d = card.deployment
+    if d is None or card.status != "ok":
+        return None
+    if d.status == "ok":
+        short = RUNTIME_SHORT.get(d.runtime, d.runtime)
+        return "—" if d.top1 is None else f"{d.top1:.2f} ({short})"
+    return {"not_deployable": "not deployable", "failed": "failed"}[d.status]
+
+
+def _runtime_gaps(cards: List[Card], letters: List[str]) -> List[str]:
+    """'simulated vs runtime accuracy: B 98.62 vs 98.40 (onnxruntime)' for cards whose top-1 on the real
+    runtime is not the simulated top-1 (at the table's two decimals)."""
+    gaps = []
+    for c, l in zip(cards, letters):
+        d = c.deployment
+        if c.status != "ok" or d is None or d.status != "ok" or d.top1 is None:
+            continue
+        sim = d.top1_simulated if d.top1_simulated is not None else c.results.quantized
+        if sim is not None and abs(d.top1 - sim) >= 0.005:
+            gaps.append(f"{l} {sim:.2f} vs {d.top1:.2f} ({d.runtime})")
+    if not gaps:
+        return []
+    return ["simulated vs runtime accuracy: " + ", ".join(gaps[:8]) + (f" and {len(gaps) - 8} more" if len(gaps) > 8 else "")]
+
+
+def _not_reproducible(cards: List[Card], letters: List[str]) -> List[str]:
+    bad = [l for c, l in zip(cards, letters) if c.provenance.git_dirty or not c.provenance.git_commit]
+    if not bad:
+        return []
+    return [f"not reproducible from a commit: {_group_text(bad)} (made from a source tree with uncommitted "
+            "changes, or no git commit on the card)"]
+
+
+# ---------------------------------------------------------------------------
 # the comparison
 # ---------------------------------------------------------------------------
 
@@ -516,6 +737,8 @@ class Comparison:
     cards: List[LoadedCard] = field(default_factory=list)
     profile: Optional[str] = None                # cost profile the cost columns come from (None: each card's main)
     profile_note: str = ""                       # why that profile, when not the main one
+    significance: Significance = field(default_factory=Significance)   # tests against reference rows
+    notes: List[str] = field(default_factory=list)                      # e.g. cards not reproducible from a commit
     _table: Any = field(default=None, repr=False)
     _reference: Any = field(default=None, repr=False)
 
@@ -562,8 +785,17 @@ class Comparison:
                 "method_differences": self.method_differences,
                 "pareto": [self.rows[i]["card"] for i in self.pareto],
                 "cards": clean(self.rows), "failed": self.failed,
+                "significance": self._significance_json(), "notes": self.notes,
                 "reference": clean(self.reference_rows) if self.reference_rows is not None else None}
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+    def _significance_json(self) -> Dict[str, Any]:
+        sig, card = self.significance, lambda i: self.rows[i]["card"]
+        return {"legend": sig.legend, "notes": sig.notes, "within_noise": sig.within_noise,
+                "references": [card(j) for j in sig.references],
+                "tests": [{"card": card(i), "ref": card(t["ref"]), "n": t["n"], "only_card_correct": t["b"],
+                           "only_ref_correct": t["c"], "p": t["p"], "p_adjusted": t["p_adjusted"],
+                           "significant": t["significant"]} for i, t in sig.tests.items()]}
 
     def export(self, fmt: str) -> str:
         makers = {"md": self.to_markdown, "csv": self.to_csv, "tex": self.to_latex, "json": self.to_json}
@@ -584,6 +816,8 @@ class Comparison:
         points = [{"label": f"{self.rows[i]['card']} {self.rows[i]['label']}", "x": float(self.rows[i][key]),
                    "y": float(self.rows[i]["quantized"]),
                    "err": float(self.rows[i]["std"]) if _num(self.rows[i]["std"]) else None,
+                   "ci": ((float(self.rows[i]["ci95_lo"]), float(self.rows[i]["ci95_hi"]))
+                          if _num(self.rows[i]["ci95_lo"]) and _num(self.rows[i]["ci95_hi"]) else None),
                    "model": self.rows[i]["model"]} for i in ok]
         pos = {i: n for n, i in enumerate(ok)}
         front = [pos[i] for i in self.pareto if i in pos]
@@ -610,7 +844,18 @@ class Comparison:
                 "pareto_cards": [self.rows[i]["card"] for i in self.pareto], "x_label": xlabel, "x": self.x,
                 "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
                 "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note,
-                "profile_note": self.profile_note}
+                "profile_note": self.profile_note, "within_noise": self.significance.within_noise,
+                "notes": self.significance.notes + self.notes, "legend": self._legend()}
+
+    def _legend(self) -> List[str]:
+        """Lines below the table that say what its marks mean."""
+        out = [self.significance.legend] if self.significance.legend else []
+        if any(r["ci95_lo"] is not None or r["delta_ci95_lo"] is not None for r in self.rows):
+            out.append("[lo, hi]: 95 % interval, as each card computed it (results.ci_method)")
+        if any(r["runtime_status"] == "ok" for r in self.rows):
+            out.append("runtime: top-1 of the same quantized model on a real integer runtime (ORT: onnxruntime), "
+                       "same images")
+        return out
 
 
 def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -649,7 +894,8 @@ _DISPLAY = [
     ("card", "card", "l"), ("model", "model", "l"), ("method", "method", "l"), ("label", "label", "l"),
     ("wa", "W/A bits", "l"), ("granularity", "W granularity", "l"), ("bn", "BN", "l"),
     ("first_last", "first/last", "l"), ("residual", "residual adds", "l"), ("calibration", "calibration", "r"),
-    ("fp32", "FP32", "r"), ("quantized", "quantized", "r"), ("delta", "Δ", "r"),
+    ("fp32", "FP32", "r"), ("quantized", "quantized", "r"), ("delta", "Δ", "r"), ("vs_ref", "vs ref (BH p)", "l"),
+    ("runtime_cell", "runtime", "r"),
     ("bops", "BOPs", "r"), ("size_bits", "size", "r"), ("energy_pj", "energy", "r"),
     ("latency_cycles", "latency (cycles)", "r"), ("speedup_vs_fp32", "speedup vs FP32", "r"), ("profile", "profile", "l"),
 ]
@@ -660,6 +906,10 @@ def _display_columns(rows: List[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
     cols = []
     for key, head, align in _DISPLAY:
         if key in ("energy_pj", "latency_cycles", "speedup_vs_fp32") and all(_missing(r.get(key)) for r in rows):
+            continue
+        if key == "runtime_cell" and not any(r.get("runtime_status") == "ok" for r in rows):
+            continue     # a runtime column only where a deploy check ran on some card
+        if key == "vs_ref" and all(r.get("p_adjusted") is None for r in rows):
             continue
         cols.append((key, head, align))
     return cols
@@ -685,14 +935,25 @@ def _display(r: Dict[str, Any], key: str) -> str:
             return "FAILED"
         if missing(r["quantized"]):
             return "—"
-        return f"{r['quantized']:.2f}" + (f" ± {r['std']:.2f}" if not missing(r["std"]) else "")
+        text = f"{r['quantized']:.2f}"
+        if r.get("ci95_lo") is not None:      # the interval says more than ± std over seeds
+            text += _interval_text(r, "ci95", "")
+        elif not missing(r["std"]):
+            text += f" ± {r['std']:.2f}"
+        return ("≈ " if r.get("significant") is False else "") + text
+    if key == "vs_ref":
+        if r.get("p_adjusted") is not None:
+            return f"{r['ref']}: {_fmt_p(r['p_adjusted'])}"
+        return "ref" if r.get("is_reference") else "—"
+    if key == "runtime_cell":
+        return r.get("runtime_cell") or "—"
     v = r[key]
     if missing(v):
         return "—"
     if key in ("fp32",):
-        return f"{v:.2f}"
+        return f"{v:.2f}" + _interval_text(r, "fp32_ci95", "")
     if key == "delta":
-        return f"{v:+.2f}"
+        return f"{v:+.2f}" + _interval_text(r, "delta_ci95", "+")
     if key == "bops":
         return fmt_si(float(v))
     if key == "size_bits":
@@ -706,6 +967,14 @@ def _display(r: Dict[str, Any], key: str) -> str:
     if key == "calibration":
         return f"{int(v):,}"
     return str(v)
+
+
+def _interval_text(r: Dict[str, Any], name: str, sign: str) -> str:
+    """' [97.9, 99.3]' (sign '+': ' [-0.3, +0.7]'), or '' when the card has no such interval."""
+    lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
+    if _missing(lo) or _missing(hi):
+        return ""
+    return f" [{lo:{sign}.1f}, {hi:{sign}.1f}]"
 
 
 def _nan_none(v: Any) -> Any:
@@ -731,7 +1000,22 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "latency_cycles": cost.latency_cycles, "speedup_vs_fp32": cost.speedup_vs_fp32, "profile": cost.profile,
         "dataset": c.dataset.ref, "eval_size": c.dataset.eval_size, "experiment": c.experiment, "id": c.id,
         "path": str(lc.path) if lc.path else None,
+        # 95 % intervals where the card has them (schema 2)
+        **_interval_keys("ci95", r.ci95), **_interval_keys("fp32_ci95", r.fp32_ci95),
+        **_interval_keys("delta_ci95", r.delta_ci95),
+        # the real runtime (card.deployment), where a deploy check ran
+        "runtime_status": c.deployment.status if c.deployment is not None else None,
+        "runtime_top1": c.deployment.top1 if c.deployment is not None else None,
+        "runtime_cell": _runtime_cell(c),
+        # significance against the reference row: filled by compare_cards
+        "ref": None, "p_value": None, "p_adjusted": None, "significant": None, "is_reference": False,
+        "reproducible": bool(c.provenance.git_commit) and not c.provenance.git_dirty,
+        "point_index": _point_index(c),
     }
+
+
+def _interval_keys(name: str, iv: Optional[Tuple[float, float]]) -> Dict[str, Optional[float]]:
+    return {f"{name}_lo": iv[0] if iv else None, f"{name}_hi": iv[1] if iv else None}
 
 
 def _cost_in(card: Card, profile: str) -> Optional[Any]:
@@ -776,14 +1060,16 @@ def _with_profile(lc: LoadedCard, profile: Optional[str]) -> LoadedCard:
 
 
 def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False,
-                  profile: Optional[str] = None) -> Comparison:
+                  profile: Optional[str] = None, baseline: Optional[str] = None) -> Comparison:
     """Compare cards (Card, dict, LoadedCard or paths). x: the Pareto cost axis (bops|size|energy|latency).
     reference: False, "matching" (or True: published rows for the models among the cards) or "all".
     profile: the cost profile to read cost from (default: each card's main one, or for energy and
-    latency the first profile that has them; `Comparison.profile_note` says which)."""
+    latency the first profile that has them; `Comparison.profile_note` says which).
+    baseline: an id prefix of the card every other row is tested against (default: the FP32 card of the
+    same model). Rows follow the config's order when the cards carry point.index (config_order)."""
     if x not in X_AXES:
         raise QcardError(f"unknown cost axis '{x}'; allowed: {', '.join(X_AXES)}")
-    originals = _as_loaded(cards)
+    originals = config_order(_as_loaded(cards))
     if not originals:
         raise QcardError("no cards to compare")
     profile, profile_note = choose_profile([lc.card for lc in originals], x, profile)
@@ -803,11 +1089,20 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
     details[at:at] = [{"field": "quantization.first_layer/last_layer", "text": t, "values": []} for t in fl]
     mdiffs, _ = _differences(ok_cards, ok_letters, METHOD_FIELDS)
     mdiffs += _param_differences(ok_cards, ok_letters)
-    xs = [rows[i][key] if i in set(ok_idx) else None for i in range(len(rows))]
+    ran = set(ok_idx)
+    xs = [rows[i][key] if i in ran else None for i in range(len(rows))]
     front = pareto_front(xs, [r["quantized"] for r in rows])
     on = set(front)
     for i, r in enumerate(rows):
         r["pareto"] = i in on
+    sig = significance([lc.card for lc in loaded], letters, ok_idx, baseline)
+    for i, t in sig.tests.items():
+        rows[i].update(ref=letters[t["ref"]], p_value=t["p"], p_adjusted=t["p_adjusted"], significant=t["significant"])
+    for j in sig.references:
+        rows[j]["is_reference"] = True
+    runtime = _runtime_gaps(ok_cards, ok_letters)
+    diffs += runtime
+    details += [{"field": "deployment.top1", "text": t, "values": []} for t in runtime]
     failed = [{"card": letters[i], "path": rows[i]["path"], "model": rows[i]["model"], "label": rows[i]["label"],
                "error": lc.card.error or "failed (no message recorded)"}
               for i, lc in enumerate(loaded) if lc.card.status != "ok"]
@@ -821,4 +1116,5 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
                     + "; `--reference-all` shows every published row")
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
                       difference_details=details, failed=failed, reference_rows=ref, reference_note=note,
-                      cards=originals, profile=profile, profile_note=profile_note)
+                      cards=originals, profile=profile, profile_note=profile_note, significance=sig,
+                      notes=_not_reproducible(ok_cards, ok_letters))

@@ -353,7 +353,8 @@ def card_plots(card: Dict[str, Any]) -> List[Dict[str, str]]:
 
 def pareto_figure(points: Sequence[Dict[str, Any]], front: Iterable[int], x_label: str, title: str = ""):
     """(figure, label artists) of accuracy against one cost axis, the Pareto front as a staircase.
-    points: [{"label", "x", "y", "err" (optional), "model" (optional: one marker shape per model)}];
+    points: [{"label", "x", "y", "ci" (optional: the 95 % interval (lo, hi), drawn as a vertical error bar),
+    "err" (optional: ± std, drawn where there is no interval), "model" (optional: one marker shape per model)}];
     front: indices into points. Labels are placed where they overlap no other label or point."""
     front = sorted(set(front), key=lambda i: points[i]["x"])
     fig = _figure(6.4, 4.4)
@@ -362,7 +363,7 @@ def pareto_figure(points: Sequence[Dict[str, Any]], front: Iterable[int], x_labe
     models = list(dict.fromkeys(str(p.get("model") or "") for p in points))
     marker = {m: MARKERS[k % len(MARKERS)] for k, m in enumerate(models)}
     for i, p in enumerate(points):
-        ax.errorbar(p["x"], p["y"], yerr=p.get("err") or None, fmt=marker[str(p.get("model") or "")],
+        ax.errorbar(p["x"], p["y"], yerr=_yerr(p), fmt=marker[str(p.get("model") or "")],
                     color="#1f77b4" if i in on else "#9e9e9e", markersize=6.5 if i in on else 5.5, capsize=2,
                     zorder=3 if i in on else 2)
     handles = []
@@ -389,6 +390,15 @@ def pareto_figure(points: Sequence[Dict[str, Any]], front: Iterable[int], x_labe
     ax.grid(True, alpha=0.3)
     labels = _place_labels(fig, ax, points) if len(points) <= 40 else []
     return fig, labels
+
+
+def _yerr(p: Dict[str, Any]):
+    """The interval (lo, hi) as asymmetric error-bar lengths around y (never negative: a mean over seeds may
+    sit outside a pooled interval), else ± err, else None."""
+    if p.get("ci"):
+        lo, hi = p["ci"]
+        return [[max(0.0, p["y"] - lo)], [max(0.0, hi - p["y"])]]
+    return p.get("err") or None
 
 
 # label offsets tried in turn (points from the marker): beside it first, then further away with a leader line

@@ -160,6 +160,7 @@ _TEX_MAP = {
     # non-ASCII the renderings use, so the fragment needs no unicode set-up in the paper
     "—": "---", "–": "--", "±": r"$\pm$", "→": r"$\rightarrow$", "×": r"$\times$", "Δ": r"$\Delta$",
     "≥": r"$\geq$", "≤": r"$\leq$", "µ": r"$\mu$", "⚠": r"\textbf{!}", "·": r"$\cdot$", "…": r"\ldots{}",
+    "≈": r"$\approx$",   # compare's mark for a difference within noise
 }
 _TEX_RE = re.compile("|".join(re.escape(k) for k in _TEX_MAP))
 

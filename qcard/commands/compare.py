@@ -24,15 +24,20 @@ from . import user_errors
 @click.option("--profile", "profile", metavar="NAME",
               help="cost profile to read the cost from (default: each card's main one; for --x energy or "
                    "latency the first profile on the cards that has them)")
+@click.option("--baseline", metavar="CARD_ID",
+              help="test every row against this card (a prefix of its id) instead of the FP32 card of the same "
+                   "model (exact McNemar on the per-sample outcomes, Benjamini-Hochberg over all tests)")
 @click.option("--reference", is_flag=True,
               help="add published rows (marked 'reported', with their source) for the models among the cards")
 @click.option("--reference-all", is_flag=True, help="add every published row, whatever the models")
 @user_errors
-def compare(paths, fmt, output, plot_path, x_axis, profile, reference, reference_all):
+def compare(paths, fmt, output, plot_path, x_axis, profile, baseline, reference, reference_all):
     """Compare cards: PATH is a card.json or a run folder (searched recursively).
 
     The settings that differ between the cards, other than the method's own choices, are named above
-    the table: a gap in accuracy may be due to them. Failed points are listed as failed.
+    the table: a gap in accuracy may be due to them. Failed points are listed as failed. Cards with
+    per-sample outcomes on the same eval set are tested against their reference row (the FP32 card of
+    the same model, or --baseline); "≈" marks a difference that is not significant.
 
     \b
     Examples:
@@ -40,11 +45,12 @@ def compare(paths, fmt, output, plot_path, x_axis, profile, reference, reference
       qcard compare runs/a/*/card.json runs/b --format tex -o table.tex
       qcard compare runs/sweep --plot pareto --x energy      # pareto.png + pareto.pdf
       qcard compare runs/imagenet --reference                # beside published figures
+      qcard compare runs/sweep --baseline 3f2a9c1d             # test every row against that card
     """
     from ..cards.compare import compare_cards, load_cards
 
     ref = "all" if reference_all else ("matching" if reference else False)
-    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref, profile=profile)
+    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref, profile=profile, baseline=baseline)
     if cmp.profile_note:
         click.echo(f"note: {cmp.profile_note}", err=True)
     text = cmp.export(fmt)
