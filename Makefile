@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to releases that run on CPU-only machines and admit the local wheel cache
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-deps test-fast cards bench schema clean acceptance
+.PHONY: install run test test-deps test-fast cards clean-tree bench schema clean acceptance
 
 $(BIN)/qcard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +49,22 @@ test-fast: install
 # the published example cards: card.json + card.md + card.html per point, a comparison and a Pareto plot
 # The run writes into build/ first: the tree stays clean while it runs, so the cards' provenance says
 # git_dirty: false when `make cards` starts from a committed tree; then they replace cards/quickstart whole.
-cards: install
+# A published card names the commit that reproduces it (`qcard verify`): refuse a tree with uncommitted
+# changes, untracked files included (a config may import one), before anything is installed or run.
+cards: clean-tree install
 	rm -rf build/cards
 	$(BIN)/qcard run configs/quickstart.yaml --out build/cards --force --no-progress
 	rm -rf cards/quickstart && mv build/cards/quickstart cards/quickstart
 	$(BIN)/qcard render cards/quickstart --format html --out cards/quickstart
 	$(BIN)/qcard compare cards/quickstart --format md -o cards/quickstart/comparison.md --plot cards/quickstart/pareto
+
+clean-tree:
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { \
+	  echo "make cards: not a git checkout: published cards must name the commit that reproduces them"; exit 1; }
+	@dirty="$$(git status --porcelain)"; if [ -n "$$dirty" ]; then \
+	  echo "make cards: refusing to publish from a git tree with uncommitted changes; commit or stash them" \
+	       "first, so the cards name a commit that reproduces them (qcard verify). What is uncommitted:"; \
+	  echo "$$dirty"; exit 1; fi
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

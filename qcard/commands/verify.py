@@ -1,0 +1,45 @@
+"""`qcard verify CARD.json|POINT_DIR|FOLDER...`: rerun each card's point from the card alone and judge it.
+
+torch and the runner are imported inside the command (through qcard.verify's rerun) only.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import user_errors
+
+
+@click.command()
+@click.argument("cards", nargs=-1, required=True, type=click.Path())
+@click.option("--keep", "keep", type=click.Path(file_okay=False), metavar="DIR",
+              help="keep the reruns under DIR/EXPERIMENT/<point folder> (default: a temporary folder, removed after)")
+@user_errors
+def verify(cards, keep):
+    """Rerun each card's point from the card alone and say whether its numbers hold on this machine.
+
+    CARDS are card.json files, point folders or run folders (every card.json below). Per card: each top-1
+    figure (headline, FP32, Δ, every seed) identical, within the card's 95 % interval, or outside;
+    cost totals and the quantization block identical or the fields that differ; and what differs
+    between the card's environment and this one (torch, CPU, threads, code). A figure may move within
+    its interval only where the environment differs; cost and quantization must be identical.
+
+    Exit code: 0 when every card verifies, 1 when some card does not, 2 when a card cannot be
+    verified at all (missing file, not a card, a failed card, a card without its point config).
+
+    \b
+    Examples:
+      qcard verify runs/quickstart                      # every card of a run
+      qcard verify cards/quickstart/*/card.json --keep /tmp/reruns
+    """
+    from ..verify import format_verdict, verify_cards
+
+    verdicts = verify_cards(cards, keep=keep, log=lambda m: click.echo(m, err=True),
+                            report=lambda v: click.echo(format_verdict(v) + "\n"))
+    bad = [v for v in verdicts if not v.ok]
+    click.echo(f"qcard verify: {len(verdicts) - len(bad)} of {len(verdicts)} card(s) verified"
+               + (f"; not verified: {', '.join(str(v.path) for v in bad)}" if bad else ""))
+    if keep:
+        click.echo(f"reruns kept under {keep}")
+    sys.exit(1 if bad else 0)
