@@ -215,8 +215,13 @@ def test_rule_an_edit_outside_the_cards_own_interval_fails(run_dir):
     assert "the card's own value lies outside its interval" in qcard.verify.format_verdict(v)
 
 
+def without_interval(c):
+    for key in ("ci95", "fp32_ci95", "delta_ci95"):
+        c["results"][key] = None
+
+
 def test_rule_no_interval_means_a_difference_fails(run_dir):
-    v = judged(run_dir, None, rerun_elsewhere(90.0))
+    v = judged(run_dir, without_interval, rerun_elsewhere(90.0))
     assert not v.ok and "the card has no interval for it" in qcard.verify.format_verdict(v)
 
 

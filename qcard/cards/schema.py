@@ -340,7 +340,10 @@ class Card(Closed):
 
 def _upgrade(data: Dict[str, Any]) -> Dict[str, Any]:
     """Bring an older card up to the current schema, one version at a time."""
-    version = str(data.get("schema_version", ""))
+    if "schema_version" not in data:
+        raise QcardError("not a qcard card: it has no 'schema_version' (card.json files written by "
+                         "`qcard run` have one)")
+    version = str(data["schema_version"])
     if version == "1":
         # 1 -> 2 only added optional blocks (outcomes and intervals, deployment, point, description, label):
         # a v1 card reads as a v2 card without them
@@ -355,7 +358,10 @@ def _upgrade(data: Dict[str, Any]) -> Dict[str, Any]:
 def card_from_dict(data: Dict[str, Any], source: str = "<card>") -> Card:
     if not isinstance(data, dict):
         raise QcardError(f"{source}: a card must be a JSON object")
-    data = _upgrade(data)
+    try:
+        data = _upgrade(data)
+    except QcardError as exc:
+        raise QcardError(f"{source}: {exc}") from None
     try:
         return Card.model_validate(data)
     except ValidationError as exc:
