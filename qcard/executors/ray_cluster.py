@@ -52,7 +52,6 @@ def connect(ray, address: Optional[str]) -> bool:
     """Connect to the cluster (or start a local Ray when address is None); True when this call did."""
     if ray.is_initialized():            # a library user (or a test) connected already
         return False
-    check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False if address is None else None,
                  logging_level="ERROR", configure_logging=True)
@@ -127,6 +126,7 @@ class RayExecutor(Executor):
 
     def __init__(self, address: Optional[str], max_retries: int, resources):
         import_ray()                      # before any work: without Ray, say how to install it
+        check_reachable(address)          # and a cluster that is not there, at once
         self.address, self.max_retries = address, max_retries
         self.cpus = float(getattr(resources, "cpus_per_point", 1.0))
         self.gpus = float(getattr(resources, "gpus_per_point", 0.0))
