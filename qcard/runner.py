@@ -150,10 +150,9 @@ class PointJob:
             pr = _PointRun(point, self.exp, resources, resources.device, False, resources.log)
             pr.load()
             pr.baseline()
+            return next((k, v) for k, v in resources.baselines.items() if v is pr.fp32)
         except Exception:
             return None
-        key = next(k for k, v in resources.baselines.items() if v is pr.fp32)
-        return key, pr.fp32
 
 
 def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = None, force: bool = False,

@@ -101,27 +101,42 @@ def test_a_dead_worker_is_retried_and_a_raising_point_is_a_failed_card(ray_clust
     assert sum("retrying (1/1)" in l for l in lines) == 3, lines      # once, always, raises: one retry each
 
 
-def test_a_killed_driver_and_a_rerun_run_every_point_exactly_once(ray_cluster, write_config, tmp_path,
-                                                                 subprocess_env):
+def start_driver(cfg, address, env):
+    return subprocess.Popen([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--no-progress", "--executor",
+                             "ray", "--address", address], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_cards(out, n, proc, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and len(list(out.glob("*/card.json"))) < n and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()
+
+
+def test_a_stopped_or_killed_driver_and_a_rerun_run_every_point_exactly_once(ray_cluster, write_config, tmp_path,
+                                                                             subprocess_env):
     factors = ", ".join(str(1 - k / 20) for k in range(8))
     methods = f"  - {{name: user_methods:ScaleWeights, params: {{delay: 1.5, factor: [{factors}]}}}}\n"
     cfg = config(write_config, tmp_path, methods, name="kill")
     out = tmp_path / "runs" / "kill"
-    address = ray_cluster.get_runtime_context().gcs_address       # the driver joins the session's cluster
-    proc = subprocess.Popen([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--no-progress", "--executor",
-                             "ray", "--address", address], env=subprocess_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("*/card.json"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read()
+    address = ray_cluster.get_runtime_context().gcs_address       # the drivers join the session's cluster
+    proc = start_driver(cfg, address, subprocess_env)
+    wait_for_cards(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)      # Ray's own SIGTERM handler would abort the driver with a core dump
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "Traceback" not in text and "interrupted by signal 15" in text and "rerun" in text, text
+
+    proc = start_driver(cfg, address, subprocess_env)
+    wait_for_cards(out, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     lines = []
     summary = run(cfg, progress=False, executor="ray", log=lines.append)
     assert summary.ok and len(summary.outcomes) == 8
     skipped = sum(o.status == "skipped" for o in summary.outcomes)
-    assert 2 <= skipped < 8 and f"{8 - skipped} ran, {skipped} skipped, 0 failed" in lines[-1], lines
+    assert 3 <= skipped < 8 and f"{8 - skipped} ran, {skipped} skipped, 0 failed" in lines[-1], lines
     folders = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(folders) == 8
     for folder in folders:

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from ..errors import QcardError
+from ..errors import QcardError, RunInterrupted
 from ..store import atomic_write_text
 from .base import Executor, Report, Tasks
 
@@ -23,6 +23,7 @@ DEFAULT_RETRIES = 1
 CONNECT_TIMEOUT_S = 5.0          # a cluster that does not answer within this is reported, not waited for
 INSTALL_HINT = "pip install 'qcard[ray]'"
 PROBE_PREFIX = ".qcard-driver-"
+WAIT_S = 0.5
 
 
 def import_ray():
@@ -52,6 +53,10 @@ def connect(ray, address: Optional[str]) -> bool:
     """Connect to the cluster (or start a local Ray when address is None); True when this call did."""
     if ray.is_initialized():            # a library user (or a test) connected already
         return False
+    import signal
+    import threading
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(address=address, include_dashboard=False if address is None else None,
                  logging_level="ERROR", configure_logging=True)
@@ -59,6 +64,10 @@ def connect(ray, address: Optional[str]) -> bool:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QcardError(f"cannot connect to the Ray cluster at --address {address or '(local)'}: {first}; "
                          "start one with `ray start --head` or check the address") from None
+    finally:
+        if main and on_term is not None:
+            # ray.init installs a SIGTERM handler that aborts the driver: SIGTERM must cancel the tasks
+            signal.signal(signal.SIGTERM, on_term)
     return True
 
 
@@ -187,8 +196,10 @@ class _Sweep:
                     baselines[group] = self.baseline_fn.remote(*self.common, point)
                 self._submit(i, point, 0, baselines[group])
             while self.pending:
-                ready, _ = self.ray.wait(list(self.pending), num_returns=1)
-                self._finished(ready[0])
+                # a short timeout: the driver's Python gets control back to handle Ctrl-C and SIGTERM
+                ready = self._wait()
+                if ready:
+                    self._finished(ready[0])
         except BaseException:
             # Ctrl-C, SIGTERM, a broken cluster: cancel what runs; finished cards are on disk and the
             # partial files of the cancelled points are cleaned by the next run
@@ -197,6 +208,15 @@ class _Sweep:
                     self.ray.cancel(task, force=True)
                 except Exception:
                     pass
+            raise
+
+    def _wait(self):
+        try:
+            return self.ray.wait(list(self.pending), num_returns=1, timeout=WAIT_S)[0]
+        except SystemError as exc:
+            # SIGTERM's handler raised inside Ray's wait, which wraps it: the interruption itself goes on
+            if isinstance(exc.__cause__, (RunInterrupted, KeyboardInterrupt)):
+                raise exc.__cause__ from None
             raise
 
     def _cluster(self) -> str:
