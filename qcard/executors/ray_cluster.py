@@ -24,6 +24,7 @@ CONNECT_TIMEOUT_S = 5.0          # a cluster that does not answer within this is
 INSTALL_HINT = "pip install 'qcard[ray]'"
 PROBE_PREFIX = ".qcard-driver-"
 WAIT_S = 0.5
+CANCEL_WAIT_S = 10.0
 
 
 def import_ray():
@@ -203,12 +204,21 @@ class _Sweep:
         except BaseException:
             # Ctrl-C, SIGTERM, a broken cluster: cancel what runs; finished cards are on disk and the
             # partial files of the cancelled points are cleaned by the next run
-            for task in list(self.pending) + list(baselines.values()):
-                try:
-                    self.ray.cancel(task, force=True)
-                except Exception:
-                    pass
+            self._cancel(list(self.pending) + list(baselines.values()))
             raise
+
+    def _cancel(self, tasks) -> None:
+        """End the tasks' workers now, and wait (briefly) until they are gone: no point may write its card
+        after the driver said it stopped."""
+        for task in tasks:
+            try:
+                self.ray.cancel(task, force=True)
+            except Exception:
+                pass
+        try:
+            self.ray.wait(tasks, num_returns=len(tasks), timeout=CANCEL_WAIT_S)
+        except BaseException:
+            pass
 
     def _wait(self):
         try:
