@@ -2,7 +2,8 @@
 
 Python API (heavy modules load on first use, so `import qcard` is cheap):
     qcard.load_config(path) -> Experiment
-    qcard.run(config_or_path, out=None, force=False, workers=1) -> RunSummary
+    qcard.run(config_or_path, out=None, force=False, workers=1, executor="local", address=None,
+              max_retries=None) -> RunSummary
     qcard.zoo.load_model(ref, ...), qcard.data.load_dataset(ref, split, ...)
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ def load_config(path):
     return _load(path)
 
 
-def run(config, *, out=None, force=False, only=None, progress=None, workers=1):
+def run(config, *, out=None, force=False, only=None, progress=None, workers=1, executor="local", address=None,
+        max_retries=None):
     from .runner import run as _run
-    return _run(config, out=out, force=force, only=only, progress=progress, workers=workers)
+    return _run(config, out=out, force=force, only=only, progress=progress, workers=workers,
+                executor=executor, address=address, max_retries=max_retries)
 
 
 def __getattr__(name):

@@ -61,8 +61,17 @@ def main():
 @click.option("--progress/--no-progress", default=None, help="progress bars (default: when stderr is a terminal)")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="points run in parallel processes, each with CPU threads / N torch threads (no progress bars)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="where points run: this machine (in-process, or --workers N processes), or tasks on a Ray "
+                   "cluster (needs qcard[ray]; resources per point from the config's resources: block)")
+@click.option("--address", metavar="ADDR", default=None,
+              help="with --executor ray: the cluster, auto | HOST:PORT | ray://HOST:PORT (default: start a "
+                   "local Ray)")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help="with --executor ray: retry a point whose task failed (worker died or raised) N times, then "
+                   "write its failed card  [default: 1]")
 @user_errors
-def run(config, out, force, dry_run, only, progress, workers):
+def run(config, out, force, dry_run, only, progress, workers, executor, address, max_retries):
     """Run every point of CONFIG and write one card per point.
 
     \b
@@ -84,7 +93,7 @@ def run(config, out, force, dry_run, only, progress, workers):
         return
     from .runner import run as run_experiment
     summary = run_experiment(exp, out=out, force=force, only=list(only) or None, progress=progress,
-                             workers=workers)
+                             workers=workers, executor=executor, address=address, max_retries=max_retries)
     if not summary.ok:
         sys.exit(1)
 

@@ -111,11 +111,59 @@ class Resources:
         return copy.deepcopy(self._traces[key])
 
 
+@dataclass
+class PointJob:
+    """What an executor runs: the points of one experiment, written under root. Picklable, so that a
+    worker process or a Ray task runs a point where it lands; models and data load once per process."""
+    exp: Experiment
+    root: str
+    device: str                  # as the executor resolved it; resolved again in the process that runs
+    progress: bool = False
+
+    def store(self) -> RunStore:
+        return RunStore(Path(self.root))
+
+    def resources(self, log: Callable[[str], None]) -> "Resources":
+        return Resources(self.exp, self.store(), _resolve_device(self.device), log)
+
+    def execute(self, point: Point, resources: "Resources", log: Callable[[str], None]) -> PointOutcome:
+        return _execute(point, self.exp, resources.store, resources, resources.device, self.progress, log)
+
+    def failed(self, point: Point, error: str, details: str, log: Callable[[str], None]) -> PointOutcome:
+        """The failed card of a point whose process died (or whose task could not run): written here."""
+        store = self.store()
+        store.write_text(point.folder, "error.log", details)
+        card = failed_card(point, self.exp, error, time.time())
+        _write_card(store, point, card, log)
+        return PointOutcome(point, "failed", store.point_dir(point.folder), card.model_dump(mode="json"), error)
+
+    def baseline_group(self, point: Point) -> str:
+        """Points of one group share one FP32 baseline (same model, eval data and device)."""
+        return canonical_hash({"m": point.model.model_dump(mode="json", exclude={"label"}),
+                               "d": point.dataset.model_dump(mode="json", exclude={"calibration"}),
+                               "device": self.device})
+
+    def baseline(self, point: Point, resources: "Resources"):
+        """(cache key, FP32 result) of the point's baseline, measured or read from the store's cache;
+        None when it cannot be had (the point itself then fails with the reason)."""
+        try:
+            pr = _PointRun(point, self.exp, resources, resources.device, False, resources.log)
+            pr.load()
+            pr.baseline()
+            return next((k, v) for k, v in resources.baselines.items() if v is pr.fp32)
+        except Exception:
+            return None
+
+
 def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = None, force: bool = False,
         only: Optional[List[str]] = None, progress: Optional[bool] = None, workers: int = 1,
+        executor: str = "local", address: Optional[str] = None, max_retries: Optional[int] = None,
         log: Callable[[str], None] = _echo) -> RunSummary:
-    """Run the points of an experiment. workers > 1: that many processes, each running whole points
-    with its share of the CPU threads (finished points are written as they finish, in any order)."""
+    """Run the points of an experiment. executor "local": in this process, or with workers > 1 in that
+    many processes; "ray": as tasks on a Ray cluster (address; a failed task is retried max_retries
+    times). Finished points are skipped; cards are written as points finish; the summary keeps the
+    config's order."""
+    from .executors import make_executor
     exp = config if isinstance(config, Experiment) else load_config(config)
     points = exp.points()
     if only:
@@ -123,16 +171,34 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
         if not points:
             raise QcardError(f"no point of experiment '{exp.name}' has an id starting with {', '.join(only)}; "
                              "see `qcard run CONFIG --dry-run` for the ids")
-    if int(workers) < 1:
-        raise QcardError(f"workers must be at least 1, got {workers}")
+    chosen = make_executor(executor, workers=workers, address=address, max_retries=max_retries,
+                           resources=exp.config.resources)
     if progress is None:
         progress = sys.stderr.isatty()
     store = RunStore(exp.out_dir(out))
-    device = _resolve_device(exp.config.device)
+    job = PointJob(exp, str(store.root), chosen.device(exp.config.device, _resolve_device), progress)
     summary = RunSummary(exp.name, store.root)
     log(f"qcard: experiment '{exp.name}': {len(points)} point(s) -> {store.root}")
     for w in exp.warnings:
         log(f"warning: {w}")
+    todo = _todo(points, store, force, summary, log)
+
+    def report(i: int, outcome: PointOutcome) -> None:
+        summary.outcomes.append(_report(outcome, i, len(points), store, log))
+
+    with _sigterm_interrupts():
+        chosen.run(job, todo, report, log)
+    order = {p.id: k for k, p in enumerate(points)}
+    summary.outcomes.sort(key=lambda o: order[o.point.id])
+    n_ok = sum(o.status == "ok" for o in summary.outcomes)
+    n_skip = sum(o.status == "skipped" for o in summary.outcomes)
+    log(f"qcard: {n_ok} ran, {n_skip} skipped, {len(summary.failed)} failed; cards in {store.root}")
+    return summary
+
+
+def _todo(points: List[Point], store: RunStore, force: bool, summary: RunSummary, log: Callable[[str], None]):
+    """[(place in the config, point)] of the points to run: finished ones are skipped (recorded in the
+    summary), partial files of an interrupted run are removed."""
     todo = []
     for i, point in enumerate(points, 1):
         folder = store.point_dir(point.folder)
@@ -147,21 +213,7 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
         if why_not:
             log(f"{_prefix(i, len(points), point)}: the card there is not a finished card, rerunning ({why_not})")
         todo.append((i, point))
-    workers = min(int(workers), len(todo)) or 1
-    with _sigterm_interrupts():
-        if workers == 1:
-            resources = Resources(exp, store, device, log)
-            for i, point in todo:
-                summary.outcomes.append(_report(_execute(point, exp, store, resources, device, progress, log),
-                                                i, len(points), store, log))
-        else:
-            _run_pool(exp, store, device, todo, len(points), workers, summary, log)
-    order = {p.id: k for k, p in enumerate(points)}
-    summary.outcomes.sort(key=lambda o: order[o.point.id])
-    n_ok = sum(o.status == "ok" for o in summary.outcomes)
-    n_skip = sum(o.status == "skipped" for o in summary.outcomes)
-    log(f"qcard: {n_ok} ran, {n_skip} skipped, {len(summary.failed)} failed; cards in {store.root}")
-    return summary
+    return todo
 
 
 def _prefix(i: int, n: int, point: Point) -> str:
@@ -212,42 +264,7 @@ def _report(outcome: PointOutcome, i: int, n: int, store: RunStore, log: Callabl
     return outcome
 
 
-# ------------------------------------------------------------------ process pool
-
-_WORKER: Dict[str, Any] = {}
-PARENT_POLL_S = 0.5     # how often a worker checks that the driver is still alive
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    """A worker whose driver died (SIGKILL, OOM killer) is re-parented; it exits at once instead of
-    finishing its point and idling forever. Files it leaves half-written are cleaned by the next run."""
-    while True:
-        time.sleep(PARENT_POLL_S)
-        if os.getppid() != parent:
-            os._exit(1)
-
-
-def _worker_init(exp: Experiment, root: str, device: str, threads: int, parent: int) -> None:
-    import signal
-    import threading
-    import torch
-    # Ctrl-C reaches the whole process group: the driver alone handles it and stops the workers
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="qcard-parent-watch").start()
-    torch.set_num_threads(threads)
-    store = RunStore(Path(root))
-    log = lambda m: print(m, flush=True)
-    _WORKER.update(exp=exp, store=store, device=device, resources=Resources(exp, store, device, log), log=log)
-
-
-def _worker_point(point: Point) -> PointOutcome:
-    w = _WORKER
-    log = w["log"]
-    tagged = lambda m: log(f"  ({point.id[:10]}) {m.strip()}")     # worker lines name their point
-    w["resources"].log = tagged
-    return _execute(point, w["exp"], w["store"], w["resources"], w["device"], False, tagged)
-
+# ------------------------------------------------------------------ signals
 
 def _raise_interrupted(signum, frame):
     raise RunInterrupted(signum)
@@ -265,53 +282,6 @@ def _sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_workers(pool) -> None:
-    """Cancel the queued points and end the worker processes now (not after their current point)."""
-    import multiprocessing
-    pool.shutdown(wait=False, cancel_futures=True)
-    children = multiprocessing.active_children()
-    for proc in children:
-        proc.terminate()
-    for proc in children:
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    pool.shutdown(wait=True)
-
-
-def _run_pool(exp: Experiment, store: RunStore, device: str, todo, n: int, workers: int,
-              summary: RunSummary, log: Callable[[str], None]) -> None:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
-    log(f"qcard: {workers} worker processes, {threads} torch thread(s) each")
-    ctx = multiprocessing.get_context("spawn")       # fork is unsafe once torch has started threads
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(exp, str(store.root), device, threads, os.getpid()))
-    try:
-        futures = {pool.submit(_worker_point, point): (i, point) for i, point in todo}
-        for fut in as_completed(futures):
-            i, point = futures[fut]
-            try:
-                outcome = fut.result()
-            except Exception as exc:     # the worker process itself died (e.g. out of memory)
-                error = f"worker process failed: {type(exc).__name__}: {exc}"
-                store.write_text(point.folder, "error.log", traceback.format_exc())
-                card = failed_card(point, exp, error, time.time())
-                _write_card(store, point, card, log)
-                outcome = PointOutcome(point, "failed", store.point_dir(point.folder),
-                                       card.model_dump(mode="json"), error)
-            summary.outcomes.append(_report(outcome, i, n, store, log))
-    except BaseException:
-        # Ctrl-C, SIGTERM or an error here: finished points are on disk, the partial files of the
-        # running ones are cleaned on the next run; no worker may outlive the driver
-        _stop_workers(pool)
-        raise
-    pool.shutdown(wait=True)
 
 
 def _resolve_device(device: str) -> str:

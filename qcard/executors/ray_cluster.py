@@ -1,0 +1,268 @@
+"""Points as Ray tasks (qcard run --executor ray): plain @ray.remote tasks driven by ray.wait.
+
+Each point is one task with the config's resources (cpus_per_point, gpus_per_point). The driver
+retries a failed task (its worker died, or the point raised) up to max_retries times, then writes the
+failed card exactly as a local run does. Points sharing a model and eval data wait for one FP32 baseline
+task. --out must be storage every node sees: each task first checks that it sees the driver's probe file.
+Ray is imported here only, when a sweep starts."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from ..errors import QcardError, RunInterrupted
+from ..store import atomic_write_text
+from .base import Executor, Report, Tasks
+
+DEFAULT_RETRIES = 1
+CONNECT_TIMEOUT_S = 5.0          # a cluster that does not answer within this is reported, not waited for
+INSTALL_HINT = "pip install 'qcard[ray]'"
+PROBE_PREFIX = ".qcard-driver-"
+WAIT_S = 0.5
+CANCEL_WAIT_S = 10.0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise QcardError(f"--executor ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def check_reachable(address: Optional[str]) -> None:
+    """A bad HOST:PORT fails here within CONNECT_TIMEOUT_S (ray.init alone waits minutes, then exits)."""
+    if address in (None, "auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise QcardError(f"--address '{address}' is not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise QcardError(f"cannot reach the Ray cluster at --address {address} ({exc.strerror or exc}); start "
+                         "one with `ray start --head` or check the address") from None
+
+
+def connect(ray, address: Optional[str]) -> bool:
+    """Connect to the cluster (or start a local Ray when address is None); True when this call did."""
+    if ray.is_initialized():            # a library user (or a test) connected already
+        return False
+    import signal
+    import threading
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(address=address, include_dashboard=False if address is None else None,
+                 logging_level="ERROR", configure_logging=True)
+    except (Exception, SystemExit) as exc:      # ray.init exits the process on some failures
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QcardError(f"cannot connect to the Ray cluster at --address {address or '(local)'}: {first}; "
+                         "start one with `ray start --head` or check the address") from None
+    finally:
+        if main and on_term is not None:
+            # ray.init installs a SIGTERM handler that aborts the driver: SIGTERM must cancel the tasks
+            signal.signal(signal.SIGTERM, on_term)
+    return True
+
+
+def worker_pythonpath() -> str:
+    """The driver's PYTHONPATH and working folder, so tasks import the user's methods and models as
+    the driver does (on a cluster these folders must exist on every node, like --out)."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [os.getcwd()]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+# ------------------------------------------------------------------ what runs in a Ray worker
+
+_HERE: Dict[str, Any] = {}         # token of the sweep -> its Resources in this worker process
+
+
+def _node() -> str:
+    import ray
+    return ray.util.get_node_ip_address()
+
+
+def _out_problem(root: str, probe: str) -> Optional[str]:
+    if not (Path(root) / probe).exists():
+        return (f"the Ray worker on node {_node()} does not see the driver's --out folder {root} "
+                f"(or cannot read it): --out must be storage every node sees (a shared file system)")
+    return None
+
+
+def _resources_here(job, token: str, threads: int, log):
+    import torch
+    torch.set_num_threads(threads)
+    if _HERE.get("token") != token:      # one sweep at a time per worker: drop an earlier sweep's models
+        _HERE.clear()
+        _HERE.update(token=token, resources=job.resources(log))
+    res = _HERE["resources"]
+    res.log = log
+    return res
+
+
+def _log(m: str) -> None:
+    print(m, flush=True)
+
+
+def baseline_task(job, token: str, threads: int, probe: str, point):
+    if _out_problem(job.root, probe):
+        return None                   # the points of the group report it
+    return job.baseline(point, _resources_here(job, token, threads, _log))
+
+
+def point_task(job, token: str, threads: int, probe: str, point, baseline) -> Dict[str, Any]:
+    """One point, run where Ray placed it; its folder is written here (the out folder is shared)."""
+    problem = _out_problem(job.root, probe)
+    if problem:
+        return {"node": _node(), "problem": problem}
+    tagged = lambda m: _log(f"  ({point.id[:10]}) {m.strip()}")
+    res = _resources_here(job, token, threads, tagged)
+    if baseline is not None:
+        res.baselines[baseline[0]] = baseline[1]
+    return {"node": _node(), "outcome": job.execute(point, res, tagged)}
+
+
+# ------------------------------------------------------------------ the driver
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def __init__(self, address: Optional[str], max_retries: int, resources):
+        import_ray()                      # before any work: without Ray, say how to install it
+        check_reachable(address)          # and a cluster that is not there, at once
+        self.address, self.max_retries = address, max_retries
+        self.cpus = float(getattr(resources, "cpus_per_point", 1.0))
+        self.gpus = float(getattr(resources, "gpus_per_point", 0.0))
+
+    def device(self, requested: str, resolve: Callable[[str], str]) -> str:
+        """Resolved in the task: a point with GPUs runs on the GPU Ray gives it; one without sees none."""
+        if self.gpus > 0:
+            return "cuda"
+        if requested == "cuda":
+            raise QcardError("the config asks for device: cuda but resources.gpus_per_point is 0: with "
+                             "--executor ray give each point a GPU (resources: {gpus_per_point: 1})")
+        return "cpu"
+
+    def run(self, job, tasks: Tasks, report: Report, log: Callable[[str], None]) -> None:
+        if not tasks:
+            return
+        import dataclasses
+        ray = import_ray()
+        job = dataclasses.replace(job, progress=False)
+        Path(job.root).mkdir(parents=True, exist_ok=True)
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        atomic_write_text(Path(job.root) / probe, "qcard driver: the workers check that they see this file\n")
+        started = False
+        try:
+            started = connect(ray, self.address)
+            _Sweep(ray, self, job, probe, report, log).run(tasks)
+        finally:
+            (Path(job.root) / probe).unlink(missing_ok=True)
+            if started:
+                ray.shutdown()
+
+
+class _Sweep:
+    """The driver's loop: submit, wait for the next finished task, retry or report, print progress."""
+
+    def __init__(self, ray, ex: RayExecutor, job, probe: str, report: Report, log: Callable[[str], None]):
+        self.ray, self.ex, self.job, self.report, self.log = ray, ex, job, report, log
+        self.threads = max(1, round(ex.cpus))     # torch threads: as an in-process run with that many
+        options = dict(num_cpus=ex.cpus, num_gpus=ex.gpus or None,
+                       runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+        self.point_fn = ray.remote(point_task).options(max_retries=0, **options)
+        self.baseline_fn = ray.remote(baseline_task).options(max_retries=ex.max_retries, **options)
+        self.common = (ray.put(job), uuid.uuid4().hex, self.threads, probe)
+        self.pending: Dict[Any, Tuple[int, Any, int]] = {}      # task -> (index, point, attempt)
+        self.done: Counter = Counter()
+        self.per_node: Dict[str, Counter] = {}
+
+    def run(self, tasks: Tasks) -> None:
+        self.log(f"qcard: Ray executor: {len(tasks)} point task(s), {self.ex.cpus:g} CPU(s)"
+                 f"{f', {self.ex.gpus:g} GPU(s)' if self.ex.gpus else ''} and {self.threads} torch thread(s) "
+                 f"each, up to {self.ex.max_retries} retr{'y' if self.ex.max_retries == 1 else 'ies'}; "
+                 f"cluster: {self._cluster()}")
+        baselines: Dict[str, Any] = {}
+        try:
+            for i, point in tasks:
+                group = self.job.baseline_group(point)
+                if group not in baselines:     # the first point of a group: one baseline task for all
+                    baselines[group] = self.baseline_fn.remote(*self.common, point)
+                self._submit(i, point, 0, baselines[group])
+            while self.pending:
+                # a short timeout: the driver's Python gets control back to handle Ctrl-C and SIGTERM
+                ready = self._wait()
+                if ready:
+                    self._finished(ready[0])
+        except BaseException:
+            # Ctrl-C, SIGTERM, a broken cluster: cancel what runs; finished cards are on disk and the
+            # partial files of the cancelled points are cleaned by the next run
+            self._cancel(list(self.pending) + list(baselines.values()))
+            raise
+
+    def _cancel(self, tasks) -> None:
+        """End the tasks' workers now, and wait (briefly) until they are gone: no point may write its card
+        after the driver said it stopped."""
+        for task in tasks:
+            try:
+                self.ray.cancel(task, force=True)
+            except Exception:
+                pass
+        try:
+            self.ray.wait(tasks, num_returns=len(tasks), timeout=CANCEL_WAIT_S)
+        except BaseException:
+            pass
+
+    def _wait(self):
+        try:
+            return self.ray.wait(list(self.pending), num_returns=1, timeout=WAIT_S)[0]
+        except SystemError as exc:
+            # SIGTERM's handler raised inside Ray's wait, which wraps it: the interruption itself goes on
+            if isinstance(exc.__cause__, (RunInterrupted, KeyboardInterrupt)):
+                raise exc.__cause__ from None
+            raise
+
+    def _cluster(self) -> str:
+        res = self.ray.cluster_resources()
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        return f"{len(nodes)} node(s), {res.get('CPU', 0):g} CPU(s), {res.get('GPU', 0):g} GPU(s)"
+
+    def _submit(self, i: int, point, attempt: int, baseline=None) -> None:
+        self.pending[self.point_fn.remote(*self.common, point, baseline)] = (i, point, attempt)
+
+    def _finished(self, task) -> None:
+        i, point, attempt = self.pending.pop(task)
+        try:
+            result = self.ray.get(task)
+        except self.ray.exceptions.RayError as exc:       # the worker died, or the task could not run
+            result = {"node": "?", "error": f"worker process failed: {type(exc).__name__}: "
+                                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                      "details": traceback.format_exc()}
+        if result.get("problem"):
+            raise QcardError(result["problem"])
+        outcome = result.get("outcome")
+        if outcome is None or outcome.status == "failed":
+            error = result.get("error") or outcome.error
+            if attempt < self.ex.max_retries:
+                self.log(f"  ({point.id[:10]}) attempt {attempt + 1} failed ({error}); retrying "
+                         f"({attempt + 1}/{self.ex.max_retries})")
+                self._submit(i, point, attempt + 1)
+                return
+            if outcome is None:
+                outcome = self.job.failed(point, error, result["details"], self.log)
+        self.report(i, outcome)
+        self._progress(result["node"], outcome.status)
+
+    def _progress(self, node: str, status: str) -> None:
+        self.done[status] += 1
+        self.per_node.setdefault(node, Counter())[status] += 1
+        nodes = "; ".join(f"{n}: {c['ok']} ok, {c['failed']} failed" for n, c in sorted(self.per_node.items()))
+        self.log(f"  progress: {self.done['ok']} done, {self.done['failed']} failed, {len(self.pending)} "
+                 f"running or queued ({nodes})")

@@ -1,0 +1,25 @@
+"""Methods that end their own process, for the Ray executor's retry tests (never run them in-process:
+they would end the test session)."""
+import os
+from pathlib import Path
+
+from qcard.methods.base import Method, MethodParams, QuantResult
+from user_methods import not_quantized
+
+
+class DieOnce(Method):
+    """Kills its worker process on the first attempt (a marker file remembers it), then leaves the
+    model as it is; always: kills it on every attempt."""
+    name = "die_once"
+    family = "other"
+
+    class Params(MethodParams):
+        marker: str = ""
+        always: bool = False
+
+    def apply(self, model, data, params, ctx):
+        marker = Path(params.marker)
+        if params.always or not marker.exists():
+            marker.touch()
+            os._exit(1)          # as the OOM killer or a lost node would end it: no exception, no card
+        return QuantResult(model=model, quantization=not_quantized(), pipeline=["keep"], layers=[], stats={})
