@@ -125,6 +125,8 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
                              "see `qcard run CONFIG --dry-run` for the ids")
     if int(workers) < 1:
         raise QcardError(f"workers must be at least 1, got {workers}")
+    from .deploy import check_extra
+    check_extra(any(p.deploy is not None for p in points))      # onnx/onnxruntime present, before any point
     if progress is None:
         progress = sys.stderr.isatty()
     store = RunStore(exp.out_dir(out))
@@ -417,6 +419,7 @@ class _PointRun:
         cost, cost_profiles, cost_warnings, layers = self.timed("cost", compute_cost, point, self.res,
                                                                 self.base_model, input_shape, result.layers)
         quantization, layer_warnings = _headline(method_cls, result.quantization, layers)
+        deployment = self.deploy(result.model, cost, method_cls.name or point.method)   # the last seed's model
         cost_warnings += layer_warnings
         for w in cost_warnings:
             self.log(f"    warning: {w}")
@@ -445,8 +448,23 @@ class _PointRun:
             "provenance": prov,
             "reproduce": reproduce_command(self.exp, point),
             "point": point_block(point),
+            "deployment": deployment,
         }
         return card_from_dict(card, f"card of point {point.id[:10]}")
+
+
+    def deploy(self, model, cost, method: str):
+        """The deploy check (qcard.deploy) of a simulated model on the eval images the simulation was
+        scored on; None when the point asks for none."""
+        spec = self.point.deploy
+        if spec is None:
+            return None
+        from .deploy import deploy_check
+        self.log(f"    deploy check on {spec.runtime} ({spec.threads} thread(s))")
+        return self.timed("deploy", deploy_check, model, self.evaluation, threads=spec.threads,
+                          batch_sizes=spec.batch_sizes, latency_runs=spec.latency_runs, opset=spec.opset,
+                          method=method, simulated_speedup=cost.get("speedup_vs_fp32"),
+                          eval_batch_size=self.point.dataset.batch_size)
 
 
 def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, progress: bool,
