@@ -461,10 +461,10 @@ class _PointRun:
             return None
         from .deploy import deploy_check
         self.log(f"    deploy check on {spec.runtime} ({spec.threads} thread(s))")
-        return self.timed("deploy", deploy_check, model, self.evaluation, threads=spec.threads,
-                          batch_sizes=spec.batch_sizes, latency_runs=spec.latency_runs, opset=spec.opset,
-                          method=method, simulated_speedup=cost.get("speedup_vs_fp32"),
-                          eval_batch_size=self.point.dataset.batch_size)
+        return self.timed("deploy", lambda: deploy_check(
+            model, self.evaluation, threads=spec.threads, batch_sizes=spec.batch_sizes,
+            latency_runs=spec.latency_runs, opset=spec.opset, method=method,
+            simulated_speedup=cost.get("speedup_vs_fp32"), eval_batch_size=self.point.dataset.batch_size))
 
 
 def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, progress: bool,

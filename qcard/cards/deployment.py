@@ -34,7 +34,7 @@ def _accuracy_rows(d: Dict[str, Any]) -> List[List[str]]:
     return [
         ["top-1 on the runtime", _n(rt) + (" %" if rt is not None else "")],
         ["top-1 simulated (same images)", _n(sim) + (" %" if sim is not None else "")],
-        ["runtime − simulated", DASH if delta is None else f"{delta:+.2f} points"
+        ["runtime - simulated", DASH if delta is None else f"{delta:+.2f} points"
          + (f" on {n:,} images" if n else "")],
         ["identical argmax", DASH if agree is None else f"{100.0 * agree:.2f} %"],
         ["|logit difference| max / mean", f"{_n(d.get('logit_diff_max_steps'))} / "
