@@ -28,7 +28,7 @@ def _check(sim, data, **kw):
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_tiny", "lenet5", "mlp"])
 def test_w8a8_bundled_models_hold_on_onnxruntime(name, granularity, mnist_test, tmp_path):
     with one_thread():
-        sim = run_ptq(bundled(name), w_bits=8, a_bits=8, w_granularity=granularity).model
+        sim = run_ptq(bundled(name), w_bits=8, a_bits=8, w_granularity=granularity, pipeline="minmax").model
         d = _check(sim, mnist_test)
     assert d["status"] == "ok", d.get("reason")
     assert d["eval_size"] == 1000
