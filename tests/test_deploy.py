@@ -149,8 +149,24 @@ def test_w4a4_and_method_settings_are_not_deployable(mnist_test, tmp_path):
         for method, words in (("sparq", "SPARQ"), ("marvin", "fixed-point")):
             d = _check(bundled("mlp"), mnist_test, method=method)
             assert d["status"] == "not_deployable" and words in d["reason"], d
-        d = _check(bundled("mlp"), mnist_test)                   # an FP32 model has no grids at all
+        d = _check(bundled("mlp"), mnist_test)                   # a model qcard.quant did not build
         assert d["status"] == "not_deployable" and "qcard.quant" in d["reason"]
+        d = _check(bundled("mlp"), mnist_test, method="fp32")
+        assert d["status"] == "not_deployable" and "nothing is quantized" in d["reason"]
+
+
+def test_eager_fallback_exports_its_quantizers_exactly(mnist_test):
+    """Eager placement quantizes layer inputs only (no output quantizers): the graph carries those Q/DQ
+    pairs, the runtime computes exactly what the simulation does, and the card says no integer kernel ran."""
+    from test_quant_support import Untraceable
+    with one_thread():
+        sim = run_ptq(Untraceable().eval(), w_bits=8, a_bits=8, pipeline="minmax").model
+        assert sim.qcard_sim.graph_mode == "eager"
+        d = _check(sim, torch.utils.data.Subset(mnist_test, range(200)))
+    assert d["status"] == "ok" and d["export"]["activation_qdq"] == 3 and d["export"]["weight_dq"] == 3
+    assert d["argmax_agreement"] == 1.0 and d["logit_diff_max_steps"] < 1e-3
+    assert d["integer_ops"] == {} and any("no integer kernel ran" in n for n in d["notes"])
+    assert any("not quantized" in n for n in d["notes"])
 
 
 def test_missing_runtime_names_the_extra(monkeypatch):

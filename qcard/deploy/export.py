@@ -37,6 +37,8 @@ INT4_OPSET = 21
 _METHOD_REASONS = {
     "sparq": "SPARQ's per-value 4-bit activation windows (dynamic bit-window selection) have no ONNX QDQ form "
              "and no onnxruntime integer kernel",
+    "fp32": "an FP32 point: nothing is quantized, so there is no integer model to run",
+    "fp32_train": "an FP32 point: nothing is quantized, so there is no integer model to run",
     "marvin": "MARViN's per-layer fixed-point word lengths (signed fixed-point with learned fraction bits, "
               "not 8-bit affine grids) have no onnxruntime integer kernel",
 }
