@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -69,7 +69,8 @@ class ExportInfo:
 
 # ------------------------------------------------------------------------------------------ checks
 
-def _is_weight(name: str, fq: FakeQuantize) -> bool:
+def _is_weight(name: str) -> bool:
+    """A conv/linear layer's weight quantizer (the builders name it so; activations have other names)."""
     return name.endswith("weight_quantizer")
 
 
@@ -84,7 +85,7 @@ def deploy_problem(sim: nn.Module, method: Optional[str] = None) -> Optional[str
     if not quantizers:
         return "nothing is quantized (FP32 model): there is nothing to run as integer"
     for name, fq in quantizers:
-        problem = _weight_problem(fq) if _is_weight(name, fq) else _act_problem(fq)
+        problem = _weight_problem(fq) if _is_weight(name) else _act_problem(fq)
         if problem:
             return f"{fq.qname or name}: {problem}"
     return None
@@ -122,6 +123,14 @@ def _weight_problem(fq: FakeQuantize) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------ markers
 
+def _activation(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu(x)
+    if act == "relu6":
+        return torch.nn.functional.relu6(x)
+    return x
+
+
 class _Grid:
     """One quantizer as the exported graph stores it (plain data handed to the symbolic)."""
 
@@ -140,16 +149,17 @@ class _Grid:
         self.dtype = torch.int8 if self.qmin < 0 else torch.uint8
         self.onnx_type = ("int4" if int4 and fq.bits <= 4 else "int8") if self.qmin < 0 else \
             ("uint4" if int4 and fq.bits <= 4 else "uint8")
-        self.pre_act = fq.pre_act if fq.pre_act and not fq._pre_act_absorbed() else None
+        # an absorbed ReLU/ReLU6 is written out unless the grid itself clips exactly there (z = q_min; 6 in range)
+        lo = float((self.qmin - self.zp) * self.scale) if self.axis is None else None
+        hi = float((self.qmax - self.zp) * self.scale) if self.axis is None else None
+        clips = lo == 0.0 and (fq.pre_act == "relu" or (hi is not None and hi <= 6.0))
+        self.pre_act = fq.pre_act if fq.pre_act and not clips else None
         self.qweight: Optional[torch.Tensor] = None
         self.fn: Any = None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The standard QDQ arithmetic on x (qcard's formula with this grid)."""
-        if self.pre_act == "relu":
-            x = torch.relu(x)
-        elif self.pre_act == "relu6":
-            x = torch.nn.functional.relu6(x)
+        x = _activation(x, self.pre_act)
         return fake_quantize(x.detach().clone(), self.scale, self.zp, self.qmin, self.qmax, self.axis)
 
     def integers(self, w: torch.Tensor) -> torch.Tensor:
@@ -203,7 +213,7 @@ class _Tracer:
             if isinstance(m, FakeQuantize):
                 m.inplace = False
                 m.prescaled_input = False
-                m.forward = types.MethodType(self._quant_forward(_is_weight(name, m)), m)
+                m.forward = types.MethodType(self._quant_forward(_is_weight(name)), m)
             elif isinstance(getattr(m, "source", None), FakeQuantize):      # a tied quantizer (pooling)
                 m.forward = types.MethodType(lambda mod, x: mod.source(x), m)
             if hasattr(m, "quantized_weight") and hasattr(m, "weight_quantizer"):
@@ -216,7 +226,7 @@ class _Tracer:
 
         def forward(fq, x):
             if tracer.fp32 or not fq.enabled:
-                return FakeQuantize._apply_pre_act(fq, x) if not weight else x
+                return _activation(x, fq.pre_act) if not weight else x
             grid = tracer.grids.get(id(fq))
             if not tracer.checking:                 # exporting: only the marker is traced
                 return grid.fn.apply(x)
@@ -258,7 +268,7 @@ def export_onnx(sim_model: nn.Module, example: torch.Tensor, path, *, opset: Opt
         problem = deploy_problem(sim_model, method)
         if problem:
             raise NotDeployable(problem)
-    bits = [m.bits for n, m in sim_model.named_modules() if isinstance(m, FakeQuantize) and _is_weight(n, m)]
+    bits = [m.bits for n, m in sim_model.named_modules() if isinstance(m, FakeQuantize) and _is_weight(n)]
     low = any(b < 8 for b in bits)
     opset = opset or (INT4_OPSET if low and all(b <= 4 for b in bits) else DEFAULT_OPSET)
     tr = _Tracer(sim_model, fp32, int4=opset >= INT4_OPSET)
@@ -304,13 +314,12 @@ def _finish(model, info: ExportInfo, tr: _Tracer) -> None:
             info.weight_dq += 1
         elif n.op_type == "QuantizeLinear":
             info.activation_qdq += 1
-    int4 = {g.name: g.onnx_type for g in tr.grids.values() if g.weight}
-    int4_types = {t for t in int4.values() if t.endswith("4")}
+    int4_types = {gr.onnx_type for gr in tr.grids.values() if gr.weight and gr.onnx_type.endswith("4")}
     for name, t in consts.items():
         if name in weight_inputs:
             arr = numpy_helper.to_array(t)
             kind = "int8" if arr.dtype.name == "int8" else "uint8"
-            if int4_types and _fits4(arr):
+            if int4_types and _fits4(arr):          # a 4-bit grid's values (exact in int4 as in int8)
                 kind = kind.replace("8", "4")
                 t = helper.make_tensor(name, TensorProto.INT4 if kind == "int4" else TensorProto.UINT4,
                                        arr.shape, arr.flatten().tolist())
@@ -325,7 +334,7 @@ def _finish(model, info: ExportInfo, tr: _Tracer) -> None:
     if out is not None and out.op_type == "DequantizeLinear" and out.input[1] in consts:
         s = numpy_helper.to_array(consts[out.input[1]])
         info.output_scale = float(s.reshape(-1)[0]) if s.size == 1 else None
-    if info.weight_types.get("int8") and any(g.weight and g.qmax - g.qmin < 255 for g in tr.grids.values()):
+    if info.weight_types.get("int8") and any(gr.weight and gr.qmax - gr.qmin < 255 for gr in tr.grids.values()):
         info.notes.append("weights of fewer than 8 bits are stored in int8 initializers (same integer values; "
                           "the runtime runs them with its 8-bit kernels)")
 
