@@ -6,7 +6,8 @@ speedup (issue 12).
 Two points run through the runner with a deploy block, so the figures are exactly the card's:
 torchvision resnet18 (random weights, synthetic 3x224x224 images) and the bundled qcard:resnet8 (mnist5k),
 PTQ W8A8 per-channel min-max. For each, the QDQ graph and the same graph in FP32 are timed side by side
-(same runtime, same threads, median of --runs after 3 warm-up runs) at batch 1 and 32.
+(same runtime, same threads, the two graphs called in turns, median of --runs after 3 warm-up runs) at
+batch 1 and 32.
 """
 from __future__ import annotations
 

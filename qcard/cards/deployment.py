@@ -63,8 +63,9 @@ def _latency_table(d: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     runs = sorted({r.get("runs") for r in lat if r.get("runs")})
     rows = [[str(r.get("batch_size")), _n(r.get("int8_ms"), 3), _n(r.get("fp32_ms"), 3),
              _n(r.get("speedup"), 2, "×"), _n(sim, 2, "×")] for r in lat]
-    note = (f"median of {', '.join(map(str, runs))} timed runs per batch; FP32 = the same graph without its "
-            "quantizers, same runtime and threads; simulated = the card's cost model (speedup_vs_fp32)")
+    note = (f"median of {', '.join(map(str, runs))} timed runs per batch, int8 and FP32 calls alternating; "
+            "FP32 = the same graph without its quantizers, same runtime and threads; simulated = the card's "
+            "cost model (speedup_vs_fp32)")
     return table("Runtime latency", [("batch", "l"), ("int8 ms", "r"), ("FP32 ms", "r"), ("measured speedup", "r"),
                                      ("simulated speedup", "r")], rows, note)
 

@@ -114,7 +114,6 @@ def deploy_check(sim_model: nn.Module, dataset, *, threads: int = 1, batch_sizes
 
 def _latency(session, ref_session, dataset, batch: int, runs: int) -> Dict[str, Any]:
     x = _example(dataset, batch).numpy()
-    int8 = latency_ms(session, x, runs)
-    fp = latency_ms(ref_session, x, runs)
+    int8, fp = latency_ms([session, ref_session], x, runs)
     return {"batch_size": int(batch), "runs": int(runs), "int8_ms": round(int8, 4), "fp32_ms": round(fp, 4),
             "speedup": round(fp / int8, 3) if int8 > 0 else None}

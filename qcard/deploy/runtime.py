@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -71,13 +71,16 @@ def run(session, x: np.ndarray) -> np.ndarray:
     return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def latency_ms(session, x: np.ndarray, runs: int, warmup: int = 3) -> float:
-    """Median wall time of one call on batch x, in milliseconds, after `warmup` untimed calls."""
+def latency_ms(sessions, x: np.ndarray, runs: int, warmup: int = 3) -> List[float]:
+    """Median wall time of one call on batch x, in milliseconds, per session, after `warmup` untimed calls.
+    The sessions take turns call by call, so load from other processes hits them alike."""
     for _ in range(warmup):
-        run(session, x)
-    times = []
+        for s in sessions:
+            run(s, x)
+    times: List[List[float]] = [[] for _ in sessions]
     for _ in range(int(runs)):
-        t = time.perf_counter()
-        run(session, x)
-        times.append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(times)
+        for i, s in enumerate(sessions):
+            t = time.perf_counter()
+            run(s, x)
+            times[i].append((time.perf_counter() - t) * 1000.0)
+    return [statistics.median(t) for t in times]
