@@ -8,6 +8,13 @@ torchvision resnet18 (random weights, synthetic 3x224x224 images) and the bundle
 PTQ W8A8 per-channel min-max. For each, the QDQ graph and the same graph in FP32 are timed side by side
 (same runtime, same threads, the two graphs called in turns, median of --runs after 3 warm-up runs) at
 batch 1 and 32.
+
+Measured on the shared 2-core machine (AMD EPYC, onnxruntime 1.32.0, 1 thread, --runs 10):
+  model     batch  int8 ms  FP32 ms  measured  simulated  top-1 rt / sim  identical argmax
+  resnet18      1    10.04    33.99     3.38x      4.00x  (random)        100 % of 32
+  resnet18     32   301.15  1031.50     3.42x      4.00x  (random)        100 % of 32
+  resnet8       1     0.11     0.18     1.68x      4.00x  98.60 / 98.60   99.8 % of 1,000
+  resnet8      32     2.84     5.37     1.89x      4.00x  98.60 / 98.60   99.8 % of 1,000
 """
 from __future__ import annotations
 
