@@ -163,6 +163,7 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
     many processes; "ray": as tasks on a Ray cluster (address; a failed task is retried max_retries
     times). Finished points are skipped; cards are written as points finish; the summary keeps the
     config's order."""
+    from .deploy import check_extra
     from .executors import make_executor
     exp = config if isinstance(config, Experiment) else load_config(config)
     points = exp.points()
@@ -173,6 +174,7 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
                              "see `qcard run CONFIG --dry-run` for the ids")
     chosen = make_executor(executor, workers=workers, address=address, max_retries=max_retries,
                            resources=exp.config.resources)
+    check_extra(any(p.deploy is not None for p in points))      # onnx/onnxruntime present, before any point
     if progress is None:
         progress = sys.stderr.isatty()
     store = RunStore(exp.out_dir(out))
@@ -397,6 +399,7 @@ class _PointRun:
         cost, cost_profiles, cost_warnings, layers = self.timed("cost", compute_cost, point, self.res,
                                                                 self.base_model, input_shape, result.layers)
         quantization, layer_warnings = _headline(method_cls, result.quantization, layers)
+        deployment = self.deploy(result.model, cost, method_cls.name or point.method)   # the last seed's model
         cost_warnings += layer_warnings
         for w in cost_warnings:
             self.log(f"    warning: {w}")
@@ -426,8 +429,23 @@ class _PointRun:
             "provenance": prov,
             "reproduce": reproduce_command(self.exp, point),
             "point": point_block(point),
+            "deployment": deployment,
         }
         return card_from_dict(card, f"card of point {point.id[:10]}")
+
+
+    def deploy(self, model, cost, method: str):
+        """The deploy check (qcard.deploy) of a simulated model on the eval images the simulation was
+        scored on; None when the point asks for none."""
+        spec = self.point.deploy
+        if spec is None:
+            return None
+        from .deploy import deploy_check
+        self.log(f"    deploy check on {spec.runtime} ({spec.threads} thread(s))")
+        return self.timed("deploy", lambda: deploy_check(
+            model, self.evaluation, threads=spec.threads, batch_sizes=spec.batch_sizes,
+            latency_runs=spec.latency_runs, opset=spec.opset, method=method,
+            simulated_speedup=cost.get("speedup_vs_fp32"), eval_batch_size=self.point.dataset.batch_size))
 
 
 def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, progress: bool,

@@ -23,6 +23,7 @@ import jinja2
 
 from ..errors import QcardError
 from ..quant.qspec import value_text
+from .deployment import deployment_tables
 from .method_tables import method_tables
 from .schema import Card, card_from_dict
 
@@ -452,7 +453,7 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         "cost_profile": cost.get("profile"), "cost_rows": _cost_rows(c),
         "layer_cols": layer_cols, "layer_rows": layer_rows,
         "method_stats": _flat_scalars(c.get("method_stats") or {}),
-        "method_tables": method_tables(c),
+        "method_tables": method_tables(c) + deployment_tables(c),
         "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()],
         "banner": _banner(c), "tie_note": TIE_NOTE,
         "warnings": list(c.get("warnings") or []), "provenance": _environment(c["provenance"]), "reproduce": c["reproduce"],
