@@ -16,8 +16,6 @@ from .state import LayerState
 class MarvinController:
     """Converts the model, then runs the switching loop as hooks of the shared training loop."""
 
-    draw_ahead = True     # stochastic rounding's numbers drawn ahead in a thread on the CPU (same numbers)
-
     def __init__(self, model, data, params, ctx):
         import torch
         self.model, self.data, self.p, self.ctx = model, data, params, ctx
@@ -71,13 +69,8 @@ class MarvinController:
 
     # -- hooks --------------------------------------------------------------------------------
     def on_train_start(self, state) -> None:
-        from ...quant.fixed_point import UniformStream
-        torch = self._torch
         dev = next(self.model.parameters()).device
-        gen = torch.Generator(device=dev).manual_seed(int(self.ctx.seed) * 1000003 + 17)
-        # on the CPU the draws are made ahead in a thread (same numbers): every tensor here is float32
-        plain_cpu = dev.type == "cpu" and all(t.dtype == torch.float32 for t in self.model.parameters())
-        self.source.generator = UniformStream(gen) if plain_cpu and self.draw_ahead else gen
+        self.source.generator = self._torch.Generator(device=dev).manual_seed(int(self.ctx.seed) * 1000003 + 17)
         self.batches_per_epoch = state.batches_per_epoch
         for st in self.owners.values():
             st.trajectory.append({"step": 0, "epoch": 1, "epoch_progress": 0.0, "wl": st.wl, "fl": st.fl})
@@ -151,7 +144,7 @@ class MarvinController:
 
     def on_train_end(self, state) -> None:
         """Freeze: the delivered model's parameters are the last fixed-point copies."""
-        self._drop_source()
+        self.source.generator = None
         with self._torch.no_grad():
             for st in self.owners.values():
                 for m in self.modules_of(st):
@@ -160,14 +153,9 @@ class MarvinController:
                         m._parameters[n].data.copy_(q)
                     fp.q = {}
 
-    def _drop_source(self) -> None:
-        gen, self.source.generator = self.source.generator, None
-        if hasattr(gen, "close"):
-            gen.close()
-
     def close(self) -> None:
         """After a failed training: masters back in place, the random source dropped."""
-        self._drop_source()
+        self.source.generator = None
         for st in self.owners.values():
             for m in self.modules_of(st):
                 state_of(m).restore(m)
