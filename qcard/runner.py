@@ -569,12 +569,37 @@ def _dataset_block(point: Point, evaluation, calibration) -> Dict[str, Any]:
 
 
 def reproduce_command(exp: Experiment, point: Point) -> str:
+    """The command that reruns this point. User code named by the point (a `python:pkg.module:callable`
+    model, a `pkg.module:Class` method) is imported from PYTHONPATH: the line names the folder each
+    top-level package was found in, unless it is installed (site-packages)."""
+    import importlib.util
+    import shlex
+    import site
+    import sysconfig
     from .version import __version__
     from .provenance import git_state
     config = str(exp.path) if exp.path else "CONFIG.yaml"
     commit, _ = git_state()
     pin = f"qcard {__version__}" + (f" (git {commit[:12]})" if commit else "")
-    return f"qcard run {config} --only {point.id[:10]} --force  # {pin}"
+    user_code = [point.model.ref[len("python:"):]] if point.model.ref.startswith("python:") else []
+    user_code += [point.method] if ":" in point.method else []
+    installed = {os.path.realpath(p) for p in [*sysconfig.get_paths().values(), *site.getsitepackages(),
+                                               site.getusersitepackages()]}
+    roots: List[str] = []
+    for target in user_code:
+        top = target.partition(":")[0].split(".")[0]
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or top == "qcard":
+            continue
+        where = list(spec.submodule_search_locations or []) or ([spec.origin] if spec.origin else [])
+        root = os.path.dirname(os.path.realpath(where[0])) if where else None
+        if root and root not in installed and root not in roots:
+            roots.append(root)
+    env = f"PYTHONPATH={shlex.quote(os.pathsep.join(roots))} " if roots else ""
+    return f"{env}qcard run {shlex.quote(config)} --only {point.id[:10]} --force  # {pin}"
 
 
 def failed_card(point: Point, exp: Experiment, error: str, started: float):

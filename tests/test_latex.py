@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from qcard.cards.compare import compare_cards
-from qcard.cards.render import render_card
+from qcard.cards.render import render_card, tex_escape
+from qcard.cards.tex_unicode import TEX_SYMBOLS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 SPECIALS = "\\ { } $ & # ^ _ ~ % < > | \" ' ` -- [x] {}"
-UNICODE = "Grüße façade naïve Ångström — ± Δ µ → ≤ ≥ × · …"
+UNICODE = "Grüße façade naïve Ångström — ± Δ µ → ≤ ≥ × · … 量化 ∑ ✓ ✗ 😀 ⚠️ α ą ǖ € \u00a0 \t \x07 \u200d"
 HOSTILE = f"{SPECIALS} {UNICODE}\n%\\end{{document}}"
 
 needs_pdflatex = pytest.mark.skipif(shutil.which("pdflatex") is None,
@@ -44,12 +45,12 @@ def hostile(card, i=0):
     return card
 
 
-def compile_doc(tmp_path, body: str) -> Path:
-    doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n\\scriptsize\n"
+def compile_doc(tmp_path, body: str, preamble: str = "") -> Path:
+    doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n" + preamble + "\\begin{document}\n\\scriptsize\n"
            + body + "\n\\end{document}\n")
     (tmp_path / "doc.tex").write_text(doc, encoding="utf-8")
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, errors="replace", timeout=120)
     assert r.returncode == 0, r.stdout[-3000:]
     pdf = tmp_path / "doc.pdf"
     assert pdf.stat().st_size > 1000
@@ -72,3 +73,32 @@ def test_comparison_with_hostile_labels_compiles(tmp_path):
     cmp = compare_cards([a, b, hostile(fixture("sparq_resnet18"), 2)], reference="all")
     assert any("Grüße" in d for d in cmp.differences)       # the hostile text reaches the comments too
     compile_doc(tmp_path, cmp.to_latex())
+
+
+def test_tex_escape_leaves_only_ascii_and_names_what_it_cannot_typeset():
+    out = tex_escape("量 ∑≤≥±×→✓ 😀 é ǖ ß a\u200db")
+    assert out.isascii()
+    assert "\\texttt{[U+91CF]}" in out and "\\texttt{[U+1F600]}" in out      # still says what it was
+    for sym in (r"$\sum$", r"$\leq$", r"$\geq$", r"$\pm$", r"$\times$", r"$\rightarrow$", r"$\surd$"):
+        assert sym in out
+    assert "\\'{e}" in out and '\\={\\"{u}}' in out and "\\ss{}" in out and "ab" in out   # zero-width joiner dropped
+
+
+def test_every_character_outside_ascii_is_escaped():
+    text = "".join(chr(c) for c in range(0x80, 0x3000)) + "".join(chr(c) for c in range(0x1F300, 0x1F320))
+    assert tex_escape(text).isascii()
+
+
+@needs_pdflatex
+@pytest.mark.parametrize("preamble", ["", "\\usepackage[T1]{fontenc}\n"], ids=["OT1", "T1"])
+def test_every_named_symbol_and_unknown_characters_compile(tmp_path, preamble):
+    accented = "àáâãäåçèéêëìíîïñòóôõöùúûüýÿÀÉÎÕÜčďěňřšťžőűĺŕśźżẹǖ"
+    body = tex_escape("".join(TEX_SYMBOLS) + " " + accented + " 量化 ✨ 😀 \x01 \U0010FFFF")
+    compile_doc(tmp_path, body, preamble)
+
+
+@needs_pdflatex
+def test_t1_document_compiles_card_with_cjk_labels(tmp_path):
+    card = hostile(fixture("ptq_w4a8_resnet18"))
+    card["model"]["label"] = "模型 ∑ ✓ 🚀"
+    compile_doc(tmp_path, render_card(card, "tex"), "\\usepackage[T1]{fontenc}\n")

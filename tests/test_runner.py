@@ -55,7 +55,7 @@ def test_run_writes_valid_cards_and_fp32_equals_baseline(write_config, tmp_path)
         assert c.status == "ok"
         assert c.dataset.eval_size == 200
         assert c.provenance.torch and c.provenance.python and c.provenance.wall_seconds is not None
-        assert c.reproduce.startswith("qcard run ") and c.id[:10] in c.reproduce
+        assert " qcard run " in f" {c.reproduce}" and c.id[:10] in c.reproduce   # after a PYTHONPATH for user code
         assert c.cost.profile == "bitops" and c.cost.macs > 0
         assert (paths[0].parent.parent / c.model.ref).name  # sanity
     md = (paths[0].parent / "card.md").read_text()

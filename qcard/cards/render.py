@@ -154,6 +154,14 @@ def md_code(v: Any) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+_MD_ESCAPED = re.compile(r"\\" + _MD_SPECIAL.pattern)
+
+
+def md_plain(text: str) -> str:
+    """Markdown made by md_cell/md_code as a terminal should show it: the backslash escapes undone."""
+    return _MD_ESCAPED.sub(r"\1", text)
+
+
 _TEX_MAP = {
     "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "_": r"\_",
     "%": r"\%", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
@@ -171,11 +179,15 @@ class TexRaw(str):
 
 
 def tex_escape(v: Any) -> str:
+    """Text as LaTeX that pdflatex compiles with no unicode set-up: the specials escaped, every other
+    non-ASCII character named (accent commands, math symbols) or shown as its code point, [U+91CF]."""
+    from .tex_unicode import tex_unicode      # the unicode table, kept beside this module
     if isinstance(v, TexRaw):
         return v
     if v is None:
         return "---"
-    return _TEX_RE.sub(lambda m: _TEX_MAP[m.group(0)], str(v)).replace("\r", " ").replace("\n", " ")
+    text = str(v).replace("\r", " ").replace("\n", " ")
+    return tex_unicode(_TEX_RE.sub(lambda m: _TEX_MAP[m.group(0)], text))
 
 
 # ---------------------------------------------------------------------------

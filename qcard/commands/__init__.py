@@ -50,3 +50,16 @@ def user_errors(fn):
             click.echo(f"{exc}: finished results are kept; rerun the same command to do the rest", err=True)
             sys.exit(128 + exc.signum)
     return wrapper
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def echo_document(text: str, markdown: bool) -> None:
+    """A document on stdout. Markdown shown on a terminal loses its backslash escapes (`\\|`, `\\*`): a
+    person reads it there; piped or redirected to a file it stays Markdown, as `-o`/`--out` write it."""
+    if markdown and stdout_is_terminal():
+        from ..cards.render import md_plain
+        text = md_plain(text)
+    click.echo(text, nl=False)

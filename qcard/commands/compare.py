@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import user_errors
+from . import echo_document, user_errors
 
 
 @click.command()
@@ -62,7 +62,7 @@ def compare(paths, fmt, output, plot_path, x_axis, profile, baseline, reference,
         os.replace(tmp, target)
         click.echo(f"wrote {target}", err=True)
     else:
-        click.echo(text, nl=False)
+        echo_document(text, fmt == "md")
     if plot_path:
         for p in cmp.plot(plot_path):
             click.echo(f"wrote {p}", err=True)

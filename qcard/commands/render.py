@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import user_errors
+from . import echo_document, user_errors
 from ..errors import QcardError
 
 
@@ -42,7 +42,7 @@ def render(cards, fmt, out_dir):
         if fmt == "html" and len(files) > 1:
             raise QcardError(f"{len(files)} cards as HTML make {len(files)} pages: give --out DIR to write them")
         texts = [render_card(with_sections(load_card(f)), fmt) for f in files]
-        click.echo(("\n" if fmt == "md" else "\n\n").join(t.rstrip("\n") + "\n" for t in texts), nl=False)
+        echo_document(("\n" if fmt == "md" else "\n\n").join(t.rstrip("\n") + "\n" for t in texts), fmt == "md")
         return
     out = Path(out_dir)
     # mirror the folders below the inputs' common parent, so point folders keep their names

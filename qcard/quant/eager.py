@@ -39,6 +39,7 @@ class _Flow:
     bn_of: Dict[str, Dict[str, Any]] = field(default_factory=dict)    # layer path -> its batch norm
     bn_source: Dict[int, str] = field(default_factory=dict)           # id(bn call) -> its layer's path
     act_of: Dict[str, str] = field(default_factory=dict)              # layer path -> fused relu/relu6
+    gemm_of: Dict[str, type] = field(default_factory=dict)            # layer path -> the conv/linear class it runs as
 
     def source(self, c: ModuleCall) -> Optional[ModuleCall]:
         """The leaf call that produced c's first input (None: the input or a functional op)."""
@@ -46,6 +47,50 @@ class _Flow:
 
     def single_use(self, tensor: int) -> bool:
         return self.trace.uses.get(tensor, 0) == 1
+
+    def gemm(self, c: Optional[ModuleCall]) -> Optional[type]:
+        return self.gemm_of.get(c.path) if c is not None else None
+
+
+def _gemm_classes(trace: OpTrace) -> Dict[str, type]:
+    """The conv/linear class each leaf module runs as: its own (gemm_type), or the base class of a
+    subclass whose forward is the base's (timm's Linear: F.linear(x, self.weight, self.bias)). Such a
+    subclass is recognised from the traced pass: every call ran one op of the base's kind, on the call's
+    input, with the module's own weight, and returned its result. Its quantized twin then stands in for
+    it under its own path, the name the cost tracer gives it. Padding or weight-computing subclasses
+    (Conv2dSame, StdConv2d) fail the test and stay listed as unquantized."""
+    ops: Dict[str, List[Any]] = {}
+    for op in trace.ops:
+        if op.in_leaf:
+            ops.setdefault(op.path, []).append(op)
+    out: Dict[str, type] = {}
+    subclass: Dict[str, type] = {}
+    plain: Dict[str, bool] = {}
+    for c in trace.leaf_calls():
+        base = gemm_type(c.module)
+        if base is not None:
+            out[c.path] = base
+            continue
+        base = next((b for b in GEMM_OP if isinstance(c.module, b)), None)
+        if base is None:
+            continue
+        mine = ops.get(c.path, [])
+        weight = f"{c.path}.weight" if c.path else "weight"
+        same = (all(o.op == GEMM_OP[base] and o.weight == weight for o in mine)
+                and any(o.output == c.output and o.inputs[:1] == c.inputs[:1] for o in mine))
+        subclass[c.path] = base
+        plain[c.path] = plain.get(c.path, True) and same
+    out.update({path: subclass[path] for path, ok in plain.items() if ok})
+    return out
+
+
+def _quant_twin(m: nn.Module, base: type) -> nn.Module:
+    """The quantized twin of m, also for a subclass of `base` whose forward is base's (see _gemm_classes)."""
+    if type(m) is not base and gemm_type(m) is None:
+        plain = base.__new__(base)
+        plain.__dict__.update(m.__dict__)
+        m = plain
+    return to_quant_module(m)
 
 
 def _relu_name(m: nn.Module) -> str:
@@ -63,7 +108,7 @@ def build_eager(model: nn.Module, cfg: SimScheme, example: torch.Tensor, reason:
     """Place quantizers on `model` in place (module swaps and hooks) and attach its SimInfo."""
     info = SimInfo(config=cfg, graph_mode="eager", graph_mode_reason=reason)
     trace = trace_ops(model, example)
-    flow = _Flow(trace=trace, calls=trace.leaf_calls(), producer=trace.producers())
+    flow = _Flow(trace=trace, calls=trace.leaf_calls(), producer=trace.producers(), gemm_of=_gemm_classes(trace))
     _batch_norms(model, cfg, flow, info)
     _fused_activations(flow)
     model.qcard_eager = nn.ModuleDict()
@@ -107,13 +152,13 @@ def _fused_activations(flow: _Flow) -> None:
         src = flow.source(c)
         if src is not None and id(src) in flow.bn_source:
             flow.act_of[flow.bn_source[id(src)]] = _relu_name(c.module)
-        elif src is not None and gemm_type(src.module) is not None:
+        elif flow.gemm(src) is not None:
             flow.act_of[src.path] = _relu_name(c.module)
 
 
 def _wrap_gemms(model: nn.Module, cfg: SimScheme, flow: _Flow, info: SimInfo) -> Set[str]:
     """Swap each conv/linear for its quantized twin with weight and input quantizers."""
-    gemm_calls = [c for c in flow.calls if gemm_type(c.module) is not None]
+    gemm_calls = [c for c in flow.calls if flow.gemm(c) is not None]
     first = next((c for c in gemm_calls if flow.trace.example in c.inputs), gemm_calls[0] if gemm_calls else None)
     last = gemm_calls[-1] if gemm_calls else None
     done: Set[str] = set()
@@ -122,7 +167,7 @@ def _wrap_gemms(model: nn.Module, cfg: SimScheme, flow: _Flow, info: SimInfo) ->
             continue
         done.add(c.path)
         w_bits, a_bits, fp32_reason, pos, o = _layer_bits(cfg, c, first, last)
-        q = to_quant_module(c.module)
+        q = _quant_twin(c.module, flow.gemm(c))
         q.qcard_bn = flow.bn_of.get(c.path)
         q.qcard_act = flow.act_of.get(c.path)
         if w_bits is not None:
@@ -137,7 +182,7 @@ def _wrap_gemms(model: nn.Module, cfg: SimScheme, flow: _Flow, info: SimInfo) ->
             if c is first:
                 info.input_quantizer = q.input_quantizer
         model.set_submodule(c.path, q)
-        li = LayerInfo(name=c.path, op=GEMM_OP[gemm_type(c.module)], kind="gemm", module=q,
+        li = LayerInfo(name=c.path, op=GEMM_OP[flow.gemm(c)], kind="gemm", module=q,
                        weight_quantizer=q.weight_quantizer, input_quantizers=[q.input_quantizer],
                        fused_act=q.qcard_act, bn=(q.qcard_bn or {}).get("state"), position=pos,
                        fp32_reason=fp32_reason, override=o.pattern if o else None)
@@ -174,7 +219,7 @@ def _input_quantizer(model: nn.Module, cfg: SimScheme, flow: _Flow, info: SimInf
                      bits: int) -> FakeQuantize:
     """The quantizer of a conv/linear's input; it reads a batch-normed layer's output (through a
     ReLU), its statistics source is that layer (bn_sources, for BN-based range setting)."""
-    axis = 1 if "conv" in GEMM_OP[gemm_type(c.module)] else -1
+    axis = 1 if "conv" in GEMM_OP[flow.gemm(c)] else -1
     fq = make_act_quantizer(cfg, bits, f"{c.path}.input", axis)
     fq.numel = _per_sample_numel(c.input_shapes[0]) if c.input_shapes else 0
     info.act_quantizers[fq.qname] = fq
@@ -210,7 +255,7 @@ def _eager_pairs(flow: _Flow, info: SimInfo) -> None:
     """Layer pairs for CLE and input producers for analytic bias correction, by tensor identity."""
     by_path = {li.name: li.module for li in info.layers if li.module is not None}
     for c in flow.calls:
-        if gemm_type(c.module) is None or not c.inputs:
+        if flow.gemm(c) is None or not c.inputs:
             continue
         src = flow.source(c)
         act = act_path = None
@@ -221,7 +266,7 @@ def _eager_pairs(flow: _Flow, info: SimInfo) -> None:
             src = flow.source(src)
         if src is None:
             continue
-        head = flow.bn_source.get(id(src)) or (src.path if gemm_type(src.module) is not None else None)
+        head = flow.bn_source.get(id(src)) or (src.path if flow.gemm(src) is not None else None)
         if head is None or head not in by_path:
             continue
         if info.batch_norm != "kept":
