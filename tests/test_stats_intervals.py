@@ -117,3 +117,56 @@ def test_method_text_names_the_methods():
     one, three = method_text(1000, 1), method_text(1000, 3)
     assert "Wilson" in one and "Newcombe" in one and "1,000" in one and "seeds" not in one
     assert "3 seeds" in three
+
+
+def _table_outcomes(both, only_a, only_b, neither):
+    """Per-image outcome vectors (a, b) that make the given paired 2x2 table."""
+    a = [1] * both + [1] * only_a + [0] * only_b + [0] * neither
+    b = [1] * both + [0] * only_a + [1] * only_b + [0] * neither
+    return np.array(a, bool), np.array(b, bool)
+
+
+def _newcombe10_written_out(e, f, g, h, z=1.959963984540054):
+    """Newcombe (1998) method 10 written out independently of qcard, as fractions: Wilson limits of
+    the two marginals, the continuity-corrected phi, then the square-and-add combination."""
+    n = e + f + g + h
+    def wilson(k):
+        p = k / n
+        mid, rad = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return (mid - rad) / (1 + z * z / n), (mid + rad) / (1 + z * z / n)
+    p1, p2 = (e + f) / n, (e + g) / n
+    (l1, u1), (l2, u2) = wilson(e + f), wilson(e + g)
+    adbc = e * h - f * g
+    adbc = adbc - n / 2 if adbc > n / 2 else (0.0 if adbc >= 0 else adbc)
+    denom = (e + f) * (g + h) * (e + g) * (f + h)
+    phi = adbc / math.sqrt(denom) if denom else 0.0
+    dl = math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    du = math.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+    return p1 - p2 - dl, p1 - p2 + du
+
+
+@pytest.mark.parametrize("table,expected", [
+    # Newcombe (1998), Stat. Med. 17:2635, Table II example (e/f/g/h = 59/6/16/80): method 10
+    ((59, 6, 16, 80), (-0.1186, -0.0046)),
+])
+def test_paired_interval_known_answers_newcombe_1998(table, expected):
+    a, b = _table_outcomes(*table)
+    lo, hi = paired_delta_interval(a, b)
+    assert lo / 100 == pytest.approx(expected[0], abs=5e-5)
+    assert hi / 100 == pytest.approx(expected[1], abs=5e-5)
+
+
+@pytest.mark.parametrize("table", [(59, 6, 16, 80), (980, 0, 5, 15), (970, 12, 3, 15), (40, 10, 10, 40),
+                                   (500, 30, 20, 450), (1, 2, 3, 4), (990, 3, 4, 3)])
+def test_paired_interval_matches_an_independent_method_10(table):
+    a, b = _table_outcomes(*table)
+    lo, hi = paired_delta_interval(a, b)
+    ref = _newcombe10_written_out(*table)
+    assert (lo / 100, hi / 100) == pytest.approx(ref, abs=1e-12)
+
+
+def test_the_continuity_correction_widens_where_the_raw_phi_would_not():
+    # b=0, c=5 out of 1,000: exact McNemar p = 0.0625, so the interval must include 0 (the raw phi excludes it)
+    a, b = _table_outcomes(980, 0, 5, 15)
+    lo, hi = paired_delta_interval(a, b)
+    assert lo < 0 < hi

@@ -9,7 +9,9 @@ images for every seed) as the sample, with each image's outcome the fraction of 
   nominal coverage down to small n.
 - `paired_delta_interval(a, b)`: the interval of mean(a) - mean(b) for two sets of outcomes on the SAME
   images: Newcombe's hybrid score interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635,
-  method 10), built from the two Wilson intervals and the correlation of the paired outcomes. Images
+  method 10, with its continuity-corrected correlation: AD - BC is reduced by n/2 when it exceeds n/2 and
+  set to 0 when it lies in [0, n/2]; known answer 59/6/16/80 -> [-0.1186, -0.0046]), built from the two
+  Wilson intervals and the correlation of the paired outcomes. Images
   both models get right (or both wrong) do not widen it, so it is much narrower than an unpaired interval
   when the outcomes are correlated, as a quantized model's and its FP32 model's are.
 
@@ -72,6 +74,16 @@ def accuracy_interval(outcomes: Sequence, confidence: float = 0.95) -> Optional[
     return wilson_interval(float(p.sum()), len(p), confidence)
 
 
+def _corrected_cross(both: float, only_a: float, only_b: float, neither: float, n: float) -> float:
+    """AD - BC of the paired table with Newcombe's (1998) continuity correction, as method 10 publishes it
+    (also Newcombe & Altman, Statistics with Confidence, 2nd ed., ch. 7): minus n/2 above n/2, 0 within
+    [0, n/2], unchanged when negative."""
+    cross = both * neither - only_a * only_b
+    if cross > n / 2:
+        return cross - n / 2
+    return 0.0 if cross >= 0 else cross
+
+
 def paired_delta_interval(a: Sequence, b: Sequence, confidence: float = 0.95) -> Optional[Interval]:
     """The interval of accuracy(a) - accuracy(b), in points, for outcomes on the same images in the same
     order (each a boolean vector or one per seed): Newcombe's paired hybrid score interval."""
@@ -89,7 +101,7 @@ def paired_delta_interval(a: Sequence, b: Sequence, confidence: float = 0.95) ->
     l1, u1 = _wilson_fraction(both + only_a, n, z)
     l2, u2 = _wilson_fraction(both + only_b, n, z)
     margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
-    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins > 0 else 0.0
+    phi = _corrected_cross(both, only_a, only_b, neither, n) / math.sqrt(margins) if margins > 0 else 0.0
     d = p1 - p2
     lower = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
     upper = math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
@@ -100,4 +112,5 @@ def method_text(n: int, n_seeds: int, confidence: float = 0.95) -> str:
     """What the card's `ci_method` says: how its intervals were computed, short enough for a legend."""
     seeds = f" ({n_seeds} seeds: their mean correct count on the same images)" if n_seeds > 1 else ""
     return (f"{confidence * 100:g} % Wilson score intervals over the {n:,} eval images{seeds}; "
-            f"Δ: Newcombe's paired score interval against FP32 on the same {n:,} images")
+            f"Δ: Newcombe's paired score interval (1998, method 10, continuity-corrected φ) against FP32 "
+            f"on the same {n:,} images")
