@@ -6,12 +6,15 @@ above it, the accuracy/cost Pareto front, exports (Markdown, CSV, LaTeX, JSON).
     cmp.differences      # ["per-channel vs per-tensor weights", "calibration 1024 vs 256 images", ...]
     cmp.table            # pandas DataFrame, one row per card (failed cards included, status "failed")
     cmp.pareto           # row indices on the accuracy/cost front
-    cmp.significance     # each row against its reference row (exact McNemar on paired outcomes, BH)
+    cmp.significance     # each row against its reference row (paired outcomes of all seeds, BH per family)
 
 Significance: cards with per-sample outcomes (results.outcomes) on the same eval set (fingerprint) are
-tested against a reference row (the FP32 card of the same model, or `baseline=` an id prefix); a
-difference that is not significant after Benjamini–Hochberg over all tests is marked "≈". Cards on
-different eval sets are never tested against each other; cards without outcomes are not tested.
+tested against a reference row (the FP32 card of the same model, or `baseline=` an id prefix), over all
+their seeds. Interval, mark and p tell one story: Newcombe's paired interval of the difference and the
+p-value of the same procedure, Benjamini–Hochberg within a family of tests (`family=`: table, model or
+experiment), the interval shown at the family's Benjamini–Yekutieli level, so it excludes 0 exactly for
+the rows not marked "≈". Cards on different eval sets are never tested against each other; cards
+without outcomes are not tested.
 
 What counts as a confounder (Garg et al., Confounding Tradeoffs for Neural Network Quantization, 2021): every setting on the card other than the method's own
 choice. The method's own choices are its name, family, label, params and pipeline, and what those
@@ -524,32 +527,43 @@ def config_order(loaded: Sequence[LoadedCard]) -> List[LoadedCard]:
 # significance: each row against its reference row, paired on the same images (issue 13 item 3)
 # ---------------------------------------------------------------------------
 
+FAMILIES = {   # --family name -> (the rows' key that groups tests into one BH family, the legend's words)
+    "table": (lambda c: "", "over the whole table"),
+    "model": (lambda c: c.model.ref, "within each model"),
+    "experiment": (lambda c: c.experiment, "within each experiment"),
+}
+DEFAULT_FAMILY = "model"
+
+
 @dataclass
 class Significance:
-    tests: Dict[int, Dict[str, Any]] = field(default_factory=dict)   # row -> {ref, b, c, n, p, p_adjusted, significant}
+    # row -> {ref, b, c, n, delta, p, p_adjusted, significant, family, family_size, level, lo, hi}
+    tests: Dict[int, Dict[str, Any]] = field(default_factory=dict)
     references: List[int] = field(default_factory=list)              # rows that others are tested against
-    legend: str = ""
+    legend: List[str] = field(default_factory=list)                  # lines under the table
     notes: List[str] = field(default_factory=list)                   # why some rows were not tested
     within_noise: List[str] = field(default_factory=list)
+    family: str = DEFAULT_FAMILY
 
 
 MAX_WITHIN_NOISE_LINES = 12
 
 
-def _tested_bits(card: Card) -> Optional[Tuple[Optional[str], int, str, bool]]:
-    """(eval fingerprint, images, packed bits, several seeds?) the card is tested on, or None without
-    per-sample outcomes. A multi-seed card is tested on its first seed's outcomes (results.seeds order):
-    pooling seeds would count the same images several times as if they were independent. An FP32 card
+def _tested_bits(card: Card) -> Optional[Tuple[Optional[str], int, List[str]]]:
+    """(eval fingerprint, images, packed bits of every seed) the card is tested on, or None without
+    per-sample outcomes. A multi-seed card is tested on all its seeds (each image counts as the fraction
+    of seeds that got it right: the seed mean the row shows), in results.seeds order. An FP32 card
     without seed outcomes is tested on its FP32 outcomes."""
     o = card.results.outcomes
     if o is None or card.status != "ok":
         return None
     fingerprint = o.fingerprint or card.dataset.fingerprint
-    seeds = [str(s) for s in card.results.seeds if str(s) in o.seeds] or list(o.seeds)
+    order = [str(s) for s in card.results.seeds if str(s) in o.seeds]
+    seeds = order + [s for s in o.seeds if s not in order]
     if seeds:
-        return fingerprint, o.n, o.seeds[seeds[0]], len(o.seeds) > 1
+        return fingerprint, o.n, [o.seeds[s] for s in seeds]
     if card.method.family == "none" and o.fp32:
-        return fingerprint, o.n, o.fp32, False
+        return fingerprint, o.n, [o.fp32]
     return None
 
 
@@ -584,21 +598,37 @@ def _references(cards: List[Card], ok: List[int], baseline: Optional[str]) -> Di
     return out
 
 
-def _fmt_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else (f"{p:.3f}" if p < 0.01 else f"{p:.2f}")
+def fmt_p(p: float) -> str:
+    """A p-value to two significant digits: 0.054, 0.0012, 1.0; below 0.0001, '< 0.0001'."""
+    return "< 0.0001" if p < 1e-4 else f"{p:#.2g}"
 
 
-def significance(cards: List[Card], letters: List[str], ok: List[int], baseline: Optional[str] = None) -> Significance:
-    """Exact McNemar test of each row against its reference row on the paired per-sample outcomes, with
-    Benjamini–Hochberg over all the tests. Rows on a different eval set than their reference, or without
+def _fmt_level(level: float) -> str:
+    """99.29 % -> '99.3 %': enough digits to tell the level from 100 % and from its neighbours."""
+    for digits in range(1, 6):
+        text = f"{100 * level:.{digits}f}"
+        if float(text) < 100:
+            return text.rstrip("0").rstrip(".") + " %"
+    return f"{100 * level:g} %"
+
+
+def significance(cards: List[Card], letters: List[str], ok: List[int], baseline: Optional[str] = None,
+                 family: str = DEFAULT_FAMILY) -> Significance:
+    """Each row against its reference row on the paired per-sample outcomes (all seeds), as one procedure:
+    Newcombe's paired interval of the difference and its p-value (the level at which the interval reaches
+    0), Benjamini–Hochberg within each family of tests (`family`: table, model or experiment), and the
+    interval shown at the Benjamini–Yekutieli level 1 - R*q/m of its family, so that it excludes 0 exactly
+    when the row is marked significant. Rows on a different eval set than their reference, or without
     outcomes, are not tested (the notes say so)."""
+    if family not in FAMILIES:
+        raise QcardError(f"unknown test family '{family}'; allowed: {', '.join(FAMILIES)}")
     refs = _references(cards, ok, baseline)
     bits = {i: _tested_bits(cards[i]) for i in ok}
     no_outcomes = [k for k in ok if bits[k] is None] if len(ok) > 1 else []
     other_data = [(i, j) for i, j in refs.items() if bits[i] and bits[j] and
                   (bits[i][0] is None or bits[i][0] != bits[j][0] or bits[i][1] != bits[j][1])]
     pairs = [(i, j) for i, j in refs.items() if bits[i] and bits[j] and (i, j) not in other_data]
-    sig = Significance(references=sorted({j for _, j in pairs}))
+    sig = Significance(references=sorted({j for _, j in pairs}), family=family)
     if no_outcomes:
         whose = "the cards" if len(no_outcomes) == len(ok) else _group_text([letters[k] for k in no_outcomes])
         sig.notes.append(f"no per-sample outcomes on {whose} (written before card schema 2, or without them): "
@@ -614,30 +644,60 @@ def significance(cards: List[Card], letters: List[str], ok: List[int], baseline:
                          " (name a reference with --baseline CARD_ID)")
     if not pairs:
         return sig
+    from ..stats.intervals import paired_delta_interval, paired_delta_pvalue, per_image
     from ..stats.outcomes import unpack_outcomes
-    from ..stats.significance import FDR_Q, benjamini_hochberg, discordant_counts, mcnemar_exact
+    from ..stats.significance import FDR_Q, benjamini_hochberg, fcr_level
     unpacked: Dict[int, Any] = {}
 
     def outcome(k: int):
+        """The card's per-image outcome: 0/1 for one seed, the fraction of seeds right for several."""
         if k not in unpacked:
             try:
-                unpacked[k] = unpack_outcomes(bits[k][2], bits[k][1])
+                unpacked[k] = per_image([unpack_outcomes(text, bits[k][1]) for text in bits[k][2]])
             except QcardError as exc:
                 raise QcardError(f"card {letters[k]} ({cards[k].id[:10]}): results.outcomes: {exc}") from None
         return unpacked[k]
 
+    key_of, family_words = FAMILIES[family]
+    groups: Dict[str, List[int]] = {}
     for i, j in pairs:
-        b, c = discordant_counts(outcome(i), outcome(j))
-        sig.tests[i] = {"ref": j, "b": b, "c": c, "n": bits[i][1], "p": mcnemar_exact(b, c)}
-    adjusted, rejected = benjamini_hochberg([t["p"] for t in sig.tests.values()], FDR_Q)
-    for t, a, r in zip(sig.tests.values(), adjusted, rejected):
-        t["p_adjusted"], t["significant"] = a, r
-    sig.legend = (f"≈: not significantly different from {_reference_words(sig.references, letters, baseline)} "
-                  f"(exact McNemar, Benjamini–Hochberg q={FDR_Q:g} over {len(pairs)} test{'s' if len(pairs) != 1 else ''})")
-    if any(bits[k][3] for pair in pairs for k in pair):
-        sig.legend += "; a card with several seeds is tested on its first seed's outcomes"
+        x, y = outcome(i), outcome(j)
+        sig.tests[i] = {"ref": j, "b": float((x * (1 - y)).sum()), "c": float(((1 - x) * y).sum()),
+                        "n": bits[i][1], "delta": 100.0 * float(x.mean() - y.mean()),
+                        "p": paired_delta_pvalue(x, y), "family": key_of(cards[i]),
+                        "seeds": max(len(bits[i][2]), len(bits[j][2]))}
+        groups.setdefault(key_of(cards[i]), []).append(i)
+    sizes = []
+    for key, members in groups.items():
+        adjusted, rejected = benjamini_hochberg([sig.tests[i]["p"] for i in members], FDR_Q)
+        level = fcr_level(sum(rejected), len(members), FDR_Q)
+        sizes.append((key, len(members), sum(rejected), level))
+        for i, a, r in zip(members, adjusted, rejected):
+            t = sig.tests[i]
+            lo, hi = paired_delta_interval(outcome(i), outcome(t["ref"]), level)
+            t.update(p_adjusted=a, significant=r, family_size=len(members), level=level, lo=lo, hi=hi)
+    sig.legend = _significance_legend(sig, letters, baseline, family_words, sizes, FDR_Q)
     sig.within_noise = _within_noise(cards, letters, sig.tests)
     return sig
+
+
+def _significance_legend(sig: Significance, letters: List[str], baseline: Optional[str], family_words: str,
+                         sizes: List[Tuple[str, int, int, float]], q: float) -> List[str]:
+    """What ≈, the p column and the tested rows' Δ interval mean, family by family."""
+    named = len(sizes) > 1 or sizes[0][0]
+    per = "; ".join((f"{key}: " if named else "") + f"{m} test{'s' if m != 1 else ''}, {r} significant, "
+                    f"Δ interval at {_fmt_level(level)}" for key, m, r, level in sizes)
+    lines = [f"≈: not significantly different from {_reference_words(sig.references, letters, baseline)} at a "
+             f"false discovery rate of {q:g} (Benjamini–Hochberg {family_words}, --family {sig.family}: {per})",
+             "vs ref: the reference row, the BH-adjusted p-value (Newcombe's paired test: the level at which the "
+             "Δ interval reaches 0) and the number of tests in the row's family",
+             "Δ [lo, hi] of a tested row: its difference from the reference row with Newcombe's paired interval "
+             "(1998, method 10) at the FCR-adjusted level 1 − R·q/m of its family (Benjamini & Yekutieli 2005; "
+             "R of m tests significant), so it excludes 0 exactly when the row is not marked ≈"]
+    if any(t["seeds"] > 1 for t in sig.tests.values()):
+        lines.append("several seeds: each image counts as the fraction of the card's seeds that got it right "
+                     "(the seed mean the row shows)")
+    return lines
 
 
 def _reference_words(refs: List[int], letters: List[str], baseline: Optional[str]) -> str:
@@ -666,7 +726,8 @@ def _within_noise(cards: List[Card], letters: List[str], tests: Dict[int, Dict[s
             lines.append(f"within noise: {len(quiet) - k} more rows against their reference (marked ≈ in the table)")
             break
         if _settings_differ(cards[i], cards[t["ref"]]):
-            lines.append(f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {_fmt_p(t['p_adjusted'])}, BH-adjusted)")
+            lines.append(f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {fmt_p(t['p_adjusted'])}, "
+                         f"BH-adjusted over {t['family_size']} test{'s' if t['family_size'] != 1 else ''})")
     return lines
 
 
@@ -791,11 +852,14 @@ class Comparison:
 
     def _significance_json(self) -> Dict[str, Any]:
         sig, card = self.significance, lambda i: self.rows[i]["card"]
-        return {"legend": sig.legend, "notes": sig.notes, "within_noise": sig.within_noise,
+        return {"legend": sig.legend, "notes": sig.notes, "within_noise": sig.within_noise, "family": sig.family,
                 "references": [card(j) for j in sig.references],
-                "tests": [{"card": card(i), "ref": card(t["ref"]), "n": t["n"], "only_card_correct": t["b"],
-                           "only_ref_correct": t["c"], "p": t["p"], "p_adjusted": t["p_adjusted"],
-                           "significant": t["significant"]} for i, t in sig.tests.items()]}
+                "tests": [{"card": card(i), "ref": card(t["ref"]), "n": t["n"], "seeds": t["seeds"],
+                           "only_card_correct": t["b"], "only_ref_correct": t["c"], "delta": t["delta"],
+                           "p": t["p"], "p_adjusted": t["p_adjusted"], "significant": t["significant"],
+                           "family": t["family"], "family_size": t["family_size"],
+                           "interval_level": t["level"], "delta_interval": [t["lo"], t["hi"]]}
+                          for i, t in sig.tests.items()]}
 
     def export(self, fmt: str) -> str:
         makers = {"md": self.to_markdown, "csv": self.to_csv, "tex": self.to_latex, "json": self.to_json}
@@ -849,9 +913,11 @@ class Comparison:
 
     def _legend(self) -> List[str]:
         """Lines below the table that say what its marks mean."""
-        out = [self.significance.legend] if self.significance.legend else []
-        if any(r["ci95_lo"] is not None or r["delta_ci95_lo"] is not None for r in self.rows):
-            out.append("[lo, hi]: 95 % interval, as each card computed it (results.ci_method)")
+        out = list(self.significance.legend)
+        if any(r["ci95_lo"] is not None or r["fp32_ci95_lo"] is not None or
+               (r["delta_ci95_lo"] is not None and r["delta_vs_ref"] is None) for r in self.rows):
+            untested = " and on the Δ of untested rows" if self.significance.tests else ""
+            out.append(f"[lo, hi] on FP32 and quantized{untested}: the card's own 95 % interval (results.ci_method)")
         if any(r["runtime_status"] == "ok" for r in self.rows):
             out.append("runtime: top-1 of the same quantized model on a real integer runtime (ORT: onnxruntime), "
                        "same images")
@@ -943,7 +1009,8 @@ def _display(r: Dict[str, Any], key: str) -> str:
         return ("≈ " if r.get("significant") is False else "") + text
     if key == "vs_ref":
         if r.get("p_adjusted") is not None:
-            return f"{r['ref']}: {_fmt_p(r['p_adjusted'])}"
+            m = r["family_size"]
+            return f"{r['ref']}: {fmt_p(r['p_adjusted'])} ({m} test{'s' if m != 1 else ''})"
         return "ref" if r.get("is_reference") else "—"
     if key == "runtime_cell":
         return r.get("runtime_cell") or "—"
@@ -953,6 +1020,8 @@ def _display(r: Dict[str, Any], key: str) -> str:
     if key in ("fp32",):
         return f"{v:.2f}" + _interval_text(r, "fp32_ci95", "")
     if key == "delta":
+        if r.get("delta_vs_ref") is not None:      # tested: against the reference, at its family's level
+            return f"{r['delta_vs_ref']:+.2f}" + _interval_text(r, "delta_vs_ref", "+")
         return f"{v:+.2f}" + _interval_text(r, "delta_ci95", "+")
     if key == "bops":
         return fmt_si(float(v))
@@ -974,7 +1043,16 @@ def _interval_text(r: Dict[str, Any], name: str, sign: str) -> str:
     lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
     if _missing(lo) or _missing(hi):
         return ""
-    return f" [{lo:{sign}.1f}, {hi:{sign}.1f}]"
+    return f" [{_limit(lo, sign)}, {_limit(hi, sign)}]"
+
+
+def _limit(v: float, sign: str) -> str:
+    """One decimal, but a limit that would round to 0 keeps two significant digits (-0.046, not -0.0):
+    whether an interval excludes 0 must still be readable."""
+    text = f"{v:{sign}.1f}"
+    if v != 0 and float(text) == 0:
+        text = f"{v:{sign}.2g}"
+    return text
 
 
 def _nan_none(v: Any) -> Any:
@@ -1007,8 +1085,11 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "runtime_status": c.deployment.status if c.deployment is not None else None,
         "runtime_top1": c.deployment.top1 if c.deployment is not None else None,
         "runtime_cell": _runtime_cell(c),
-        # significance against the reference row: filled by compare_cards
+        # significance against the reference row: filled by compare_cards (Δ and its interval at the
+        # family's FCR-adjusted level, in points)
         "ref": None, "p_value": None, "p_adjusted": None, "significant": None, "is_reference": False,
+        "family": None, "family_size": None, "interval_level": None,
+        "delta_vs_ref": None, "delta_vs_ref_lo": None, "delta_vs_ref_hi": None,
         "reproducible": bool(c.provenance.git_commit) and not c.provenance.git_dirty,
         "point_index": _point_index(c),
     }
@@ -1060,13 +1141,15 @@ def _with_profile(lc: LoadedCard, profile: Optional[str]) -> LoadedCard:
 
 
 def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False,
-                  profile: Optional[str] = None, baseline: Optional[str] = None) -> Comparison:
+                  profile: Optional[str] = None, baseline: Optional[str] = None,
+                  family: str = DEFAULT_FAMILY) -> Comparison:
     """Compare cards (Card, dict, LoadedCard or paths). x: the Pareto cost axis (bops|size|energy|latency).
     reference: False, "matching" (or True: published rows for the models among the cards) or "all".
     profile: the cost profile to read cost from (default: each card's main one, or for energy and
     latency the first profile that has them; `Comparison.profile_note` says which).
     baseline: an id prefix of the card every other row is tested against (default: the FP32 card of the
-    same model). Rows follow the config's order when the cards carry point.index (config_order)."""
+    same model). family: the Benjamini–Hochberg family, "table", "model" (default) or "experiment".
+    Rows follow the config's order when the cards carry point.index (config_order)."""
     if x not in X_AXES:
         raise QcardError(f"unknown cost axis '{x}'; allowed: {', '.join(X_AXES)}")
     originals = config_order(_as_loaded(cards))
@@ -1095,9 +1178,11 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
     on = set(front)
     for i, r in enumerate(rows):
         r["pareto"] = i in on
-    sig = significance([lc.card for lc in loaded], letters, ok_idx, baseline)
+    sig = significance([lc.card for lc in loaded], letters, ok_idx, baseline, family)
     for i, t in sig.tests.items():
-        rows[i].update(ref=letters[t["ref"]], p_value=t["p"], p_adjusted=t["p_adjusted"], significant=t["significant"])
+        rows[i].update(ref=letters[t["ref"]], p_value=t["p"], p_adjusted=t["p_adjusted"], significant=t["significant"],
+                       family=t["family"], family_size=t["family_size"], interval_level=t["level"],
+                       delta_vs_ref=t["delta"], delta_vs_ref_lo=t["lo"], delta_vs_ref_hi=t["hi"])
     for j in sig.references:
         rows[j]["is_reference"] = True
     runtime = _runtime_gaps(ok_cards, ok_letters)
