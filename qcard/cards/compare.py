@@ -662,7 +662,7 @@ def significance(cards: List[Card], letters: List[str], ok: List[int], baseline:
     groups: Dict[str, List[int]] = {}
     for i, j in pairs:
         x, y = outcome(i), outcome(j)
-        sig.tests[i] = {"ref": j, "b": float((x * (1 - y)).sum()), "c": float(((1 - x) * y).sum()),
+        sig.tests[i] = {"ref": j, "b": _count(x * (1 - y)), "c": _count((1 - x) * y),
                         "n": bits[i][1], "delta": 100.0 * float(x.mean() - y.mean()),
                         "p": paired_delta_pvalue(x, y), "family": key_of(cards[i]),
                         "seeds": max(len(bits[i][2]), len(bits[j][2]))}
@@ -679,6 +679,12 @@ def significance(cards: List[Card], letters: List[str], ok: List[int], baseline:
     sig.legend = _significance_legend(sig, letters, baseline, family_words, sizes, FDR_Q)
     sig.within_noise = _within_noise(cards, letters, sig.tests)
     return sig
+
+
+def _count(v: Any) -> Union[int, float]:
+    """Discordant images: a whole number for one seed, fractional (seed means) for several."""
+    total = float(v.sum())
+    return int(total) if total.is_integer() else total
 
 
 def _significance_legend(sig: Significance, letters: List[str], baseline: Optional[str], family_words: str,
