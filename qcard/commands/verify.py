@@ -19,14 +19,19 @@ from . import user_errors
 def verify(cards, keep):
     """Rerun each card's point from the card alone and say whether its numbers hold on this machine.
 
-    CARDS are card.json files, point folders or run folders (every card.json below). Per card: each top-1
-    figure (headline, FP32, Δ, every seed) identical, within the card's 95 % interval, or outside;
-    cost totals and the quantization block identical or the fields that differ; and what differs
-    between the card's environment and this one (torch, CPU, threads, code). A figure may move within
-    its interval only where the environment differs; cost and quantization must be identical.
+    CARDS are card.json files, point folders or run folders (every card.json below). Per card: its figures
+    against its own per-sample outcomes (every top-1, Δ, std and interval recomputed); the rerun against
+    the card image by image (per seed and FP32: how many eval images changed outcome, and the exact
+    McNemar p of that change); each top-1 figure card beside rerun; cost totals and the quantization
+    block identical or the fields that differ; and what differs between the card's environment and this
+    one (torch, CPU, threads, code). On the same environment no image may change outcome; where the
+    environment differs, the change must not be significant at 0.05. Cost and quantization must be
+    identical everywhere.
 
     Exit code: 0 when every card verifies, 1 when some card does not, 2 when a card cannot be
-    verified at all (missing file, not a card, a failed card, a card without its point config).
+    verified at all (missing file, not a card, a failed card, a card without its point config, or an
+    input it needs that is not here: a weights file or folder at a relative path, user code not on
+    PYTHONPATH; the message names the fix).
 
     \b
     Examples:
