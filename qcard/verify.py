@@ -127,11 +127,12 @@ class CardVerdict:
         return c.changed == 0 or (self.explained and not c.significant)
 
     def figure_ok(self, f: Figure) -> bool:
-        """A top-1 figure follows from the outcomes (judged image by image); without outcomes, or for a
-        figure missing on either side, it must be identical; top-5 may differ where the environment does."""
+        """A top-1 figure that agrees with the card's outcomes follows them: judged image by image, it may
+        differ where the environment does. Without outcomes, or missing on either side, it must be
+        identical; top-5 may differ where the environment does."""
         if f.identical:
             return True
-        if f.card is None or f.rerun is None:
+        if f.card is None or f.rerun is None or f.field in {m.field for m in self.evidence.mismatches}:
             return False
         if not f.judged:
             return self.explained
