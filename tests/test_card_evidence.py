@@ -27,8 +27,10 @@ from qcard.cards.schema import card_from_dict, load_card
 from qcard.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-# the cheapest published card to rerun (PTQ W4A8 on resnet8, 1,000 images, under a second of method time)
-PUBLISHED = sorted((ROOT / "cards" / "quickstart").glob("resnet8__W4A8-minmax__*/card.json"))[0]
+# one of the cheapest published cards to rerun (PTQ W4A8 on resnet8, 1,000 images, 0.1 s of method time);
+# the README's "Verifying a card" shows it
+PUBLISHED = ROOT / "cards" / "quickstart" / "resnet8__W4A8-minmax__ef5d8e7733" / "card.json"
+README = ROOT / "README.md"
 FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 
 
@@ -143,26 +145,50 @@ def test_validate_rejects_every_tampered_copy_naming_file_field_and_both_values(
     assert "4 problem(s) among 5 path(s), 5 card file(s) checked; 4 card(s) disagree with their own outcomes" in err
 
 
+def readme_block(after: str):
+    """The lines of the README's first ``` block after the line `after` (without '...' elisions)."""
+    text = README.read_text(encoding="utf-8")
+    body = text[text.index(after):].split("```\n", 2)[1]
+    return [ln for ln in body.splitlines() if ln.strip() not in ("...", "")]
+
+
+def test_the_readme_validate_example_is_what_validate_prints(tmp_path):
+    write(tmp_path, "orig", published())
+    data = published()
+    moved(data)
+    write(tmp_path, "moved", data)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "qcard.cli", "card", "validate", "orig", "moved"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1
+    block = readme_block("with its top-1 moved by +0.2")
+    assert block[0] == "$ qcard card validate orig moved"
+    assert block[1:] == r.stdout.splitlines() + r.stderr.splitlines()[:-1]
+
+
 def test_verify_fails_the_flipped_copy_and_verifies_the_untouched_card(tmp_path):
     """One rerun of the published point (both copies share it): the flipped card fails its own evidence and
-    its bits differ from the rerun's; the untouched card's outcomes are the rerun's, image by image."""
-    untouched = write(tmp_path, "untouched", published())
+    its bits differ from the rerun's; the untouched card's outcomes are the rerun's, image by image. The
+    README's example is this output."""
+    write(tmp_path, "orig", published())
     data = published()
     flipped(data)
-    bad = write(tmp_path, "flipped", data)
+    write(tmp_path, "flip", data)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "qcard.cli", "verify", str(untouched), str(bad)],
+    r = subprocess.run([sys.executable, "-m", "qcard.cli", "verify", "orig", "flip"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     out = r.stdout
     assert r.returncode == 1, out + r.stderr
-    assert f"{untouched}: qcard:resnet8 · W4A8-minmax" in out and "): VERIFIED\n" in out
-    good_part, bad_part = out.split(f"{bad}: ")
+    assert "orig/card.json: qcard:resnet8 · W4A8-minmax (ef5d8e7733): VERIFIED\n" in out
+    good_part, bad_part = out.split("flip/card.json: ")
     assert "outcomes, seed 0: all 1,000 eval images the same" in good_part
     assert "NOT VERIFIED" in bad_part and "FAIL the card disagrees with its own per-sample outcomes" in bad_part
     assert ("outcomes, seed 0: 2 of 1,000 eval images changed outcome (0 right on the card and wrong in the "
             "rerun, 2 the reverse); exact McNemar p = 0.50") in bad_part
-    assert f"1 of 2 card(s) verified; not verified: {bad}" in out
+    assert "1 of 2 card(s) verified; not verified: flip/card.json" in out
     assert r.stderr.count("rerunning") == 1          # the same point reran once
+    for line in readme_block("verified together (`qcard verify orig flip`"):
+        assert line in out.splitlines(), line
 
 
 def test_compare_and_render_refuse_a_card_that_disagrees_with_its_outcomes(tmp_path, truth):
@@ -275,9 +301,8 @@ def old_card():
 
 def test_old_method_cards_are_valid_with_a_warning_naming_the_method(tmp_path):
     data = old_card()
-    if PUBLISHED.parent.name == "resnet8__W4A8-minmax__ef5d8e7733":
-        # the interval this card carried when it was published before the fix (git 8290382)
-        assert data["results"]["delta_ci95"] == [-2.0904, -0.2454]
+    # the interval this card carried when it was published before the fix (git 8290382)
+    assert data["results"]["delta_ci95"] == [-2.0904, -0.2454]
     path = write(tmp_path, "old", data)
     r = CliRunner().invoke(main, ["card", "validate", str(path)])
     assert r.exit_code == 0, r.output
