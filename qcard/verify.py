@@ -104,6 +104,7 @@ class CardVerdict:
     path: Path
     card: Card
     problem: Optional[str] = None         # the point could not be rerun as itself (or the rerun failed)
+    unverifiable: Optional[str] = None    # an input the rerun needs is not here: not judged (exit 2)
     evidence: Evidence = field(init=False)         # the card against its own outcomes (cards.evidence)
     images: List[ImageChange] = field(default_factory=list)
     figures: List[Figure] = field(default_factory=list)
@@ -139,8 +140,12 @@ class CardVerdict:
         return self.explained and bool(self.images)
 
     @property
+    def state(self) -> str:
+        return "COULD NOT VERIFY" if self.unverifiable else "VERIFIED" if self.ok else "NOT VERIFIED"
+
+    @property
     def ok(self) -> bool:
-        return (self.problem is None and self.evidence.ok and not self.cost and not self.quantization
+        return (self.problem is None and self.unverifiable is None and self.evidence.ok and not self.cost and not self.quantization
                 and all(self.image_ok(c) for c in self.images) and all(self.figure_ok(f) for f in self.figures))
 
 
@@ -244,7 +249,11 @@ def compare_card(verdict: CardVerdict, rerun: Dict[str, Any]) -> None:
     differ, same = environment_differences(card["provenance"], rerun.get("provenance") or {})
     verdict.environment, verdict.same = differ + input_differences(card, rerun), same
     if rerun.get("status") != "ok":
-        verdict.problem = f"the rerun failed: {rerun.get('error')}"
+        error = str(rerun.get("error"))
+        if input_missing(error):
+            verdict.unverifiable = f"the rerun could not find an input: {error}: {_fix(verdict.card)}"
+        else:
+            verdict.problem = f"the rerun failed: {error}"
         return
     verdict.images = image_changes(card, rerun)
     verdict.figures = accuracy_figures(card, rerun)
@@ -343,6 +352,22 @@ def missing_inputs(card: Card) -> List[str]:
     return out
 
 
+# what an error says when a file or module the point needs is not here (config.py, registry.py, loaders)
+_MISSING = re.compile(r"not found|No such file or directory|ModuleNotFoundError|No module named|cannot import module")
+
+
+def input_missing(error: str) -> bool:
+    """Whether a load or run error says that an input of the point (a file, a folder, user code) is missing."""
+    return bool(_MISSING.search(error or ""))
+
+
+def _fix(card: Card) -> str:
+    pythonpath = _reproduce_pythonpath(card.reproduce)
+    return ("run qcard verify from the folder the card was made in"
+            + (f", with PYTHONPATH={shlex.quote(pythonpath)} (the card's reproduce line)" if pythonpath else "")
+            + ", or make the input available at the path its point config names")
+
+
 def _reproduce_pythonpath(reproduce: str) -> Optional[str]:
     """The PYTHONPATH=... a card's reproduce line starts with (runner.reproduce_command writes it), or None."""
     m = re.match(r"\s*PYTHONPATH=(\S+)\s", reproduce or "")
@@ -409,6 +434,8 @@ def verify_cards(paths: Sequence[Union[str, Path]], *, keep: Optional[Union[str,
         for path, card in cards:
             verdict = CardVerdict(path, card)
             exp, verdict.problem = point_of(card, path)
+            if verdict.problem and input_missing(verdict.problem):
+                verdict.unverifiable, verdict.problem = f"{verdict.problem}: {_fix(card)}", None
             if exp is not None:
                 threads = card.provenance.torch_threads
                 key = canonical_hash({"id": card.id, "threads": threads})
@@ -476,7 +503,9 @@ def image_line(v: CardVerdict, c: ImageChange) -> str:
 def format_verdict(v: CardVerdict) -> str:
     c = v.card
     lines = [f"{v.path}: {c.model.label or c.model.ref} · {c.method.label or c.method.name} ({c.id[:10]}): "
-             + ("VERIFIED" if v.ok else "NOT VERIFIED")]
+             + v.state]
+    if v.unverifiable:
+        return "\n".join(lines + [f"  could not verify: {v.unverifiable}"])
     if v.problem:
         lines.append(f"  {v.problem}")
     if not v.evidence.ok:

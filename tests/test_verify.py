@@ -316,6 +316,22 @@ def test_rule_no_outcomes_means_top1_must_be_identical(run_dir):
     assert [f.field for f in v.figures if not v.figure_ok(f)] == ["results.quantized", "results.per_seed[0].top1"]
 
 
+def test_rule_a_rerun_that_cannot_find_an_input_could_not_verify(run_dir):
+    def failed(error):
+        return lambda r: r.update(status="failed", error=error)
+    v = judged(run_dir, lambda c: c.update(reproduce="PYTHONPATH=/src/me qcard run c.yaml --only x --force"),
+               failed("ModuleNotFoundError: No module named 'my_pkg'"))
+    assert v.unverifiable and v.problem is None and not v.ok and v.state == "COULD NOT VERIFY"
+    text = qcard.verify.format_verdict(v)
+    assert text.endswith("could not verify: the rerun could not find an input: ModuleNotFoundError: No module "
+                         "named 'my_pkg': run qcard verify from the folder the card was made in, with "
+                         "PYTHONPATH=/src/me (the card's reproduce line), or make the input available at the "
+                         "path its point config names")
+    v = judged(run_dir, None, failed("RuntimeError: boom"))
+    assert v.unverifiable is None and v.problem == "the rerun failed: RuntimeError: boom"
+    assert v.state == "NOT VERIFIED"
+
+
 def test_rule_cost_and_quantization_must_be_identical_on_any_environment(run_dir):
     def rerun(r):
         r["provenance"]["torch"] = "9.9"

@@ -31,7 +31,7 @@ def verify(cards, keep):
     Exit code: 0 when every card verifies, 1 when some card does not, 2 when a card cannot be
     verified at all (missing file, not a card, a failed card, a card without its point config, or an
     input it needs that is not here: a weights file or folder at a relative path, user code not on
-    PYTHONPATH; the message names the fix).
+    PYTHONPATH; the message names the fix, and a card found so before anything runs stops the command).
 
     \b
     Examples:
@@ -42,9 +42,13 @@ def verify(cards, keep):
 
     verdicts = verify_cards(cards, keep=keep, log=lambda m: click.echo(m, err=True),
                             report=lambda v: click.echo(format_verdict(v) + "\n"))
-    bad = [v for v in verdicts if not v.ok]
-    click.echo(f"qcard verify: {len(verdicts) - len(bad)} of {len(verdicts)} card(s) verified"
-               + (f"; not verified: {', '.join(str(v.path) for v in bad)}" if bad else ""))
+    bad = [v for v in verdicts if not v.ok and not v.unverifiable]
+    unknown = [v for v in verdicts if v.unverifiable]
+    good = len(verdicts) - len(bad) - len(unknown)
+    click.echo(f"qcard verify: {good} of {len(verdicts)} card(s) verified"
+               + (f"; not verified: {', '.join(str(v.path) for v in bad)}" if bad else "")
+               + (f"; could not verify: {', '.join(str(v.path) for v in unknown)}" if unknown else ""))
     if keep:
         click.echo(f"reruns kept under {keep}")
-    sys.exit(1 if bad else 0)
+    # a card that does not hold outweighs one that could not be checked here
+    sys.exit(1 if bad else 2 if unknown else 0)
