@@ -18,7 +18,8 @@ one changed image fails; where something in the environment differs (another CPU
 code), images may change outcome as long as the change is not significant at ALPHA (exact McNemar,
 two-sided, per seed and for FP32). Cost and quantization must always be identical: they do not depend on
 the CPU's last bits. A card without per-sample outcomes has no image-level evidence: its top-1 figures must
-be identical. Top-5 has no outcomes: a difference is judged like that, only on the same environment.
+be identical. Top-5 has no outcomes either: a difference fails on the same environment, elsewhere it is a
+note.
 
 A card that cannot be rerun here because an input is missing (a weights file or image folder that is not
 at the path its point config names, user code that is not on PYTHONPATH) is not judged: "could not
