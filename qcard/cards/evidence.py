@@ -204,7 +204,8 @@ def check_card(card: Any) -> Evidence:
     superseded = bool(r.ci_method) and CORRECTED_MARK not in r.ci_method and "Newcombe" in r.ci_method
     if baseline and r.delta_ci95 is None:
         pass                # the FP32 card is its own baseline: Δ is 0 by construction, with no interval
-    elif superseded and r.delta_ci95 is not None and _nested(r.delta_ci95, given["delta_ci95"], r.delta):
+    elif (superseded and r.delta_ci95 is not None and not _same_interval(r.delta_ci95, given["delta_ci95"])
+          and _nested(r.delta_ci95, given["delta_ci95"], r.delta)):
         out.warnings.append(
             f"results.delta_ci95 {_show(r.delta_ci95)} was computed by the superseded Newcombe interval with "
             f"uncorrected φ (ci_method: \"{r.ci_method}\"); method 10 as published gives "
@@ -236,11 +237,14 @@ def _compare(out: Evidence, where: str, stored: Any, given: Optional[float], det
 
 
 def _compare_interval(out: Evidence, where: str, stored: Any, given: Optional[List[float]]) -> None:
-    if stored is None and given is None:
-        return
-    if (stored is None or given is None or len(stored) != 2
-            or any(not math.isclose(a, b, rel_tol=0, abs_tol=TOLERANCE) for a, b in zip(stored, given))):
+    if not _same_interval(stored, given):
         out.mismatches.append(Mismatch(where, stored, given))
+
+
+def _same_interval(stored: Any, given: Optional[List[float]]) -> bool:
+    if stored is None or given is None:
+        return stored is None and given is None
+    return len(stored) == 2 and all(math.isclose(a, b, rel_tol=0, abs_tol=TOLERANCE) for a, b in zip(stored, given))
 
 
 def _nested(stored: Sequence[float], given: Optional[Sequence[float]], delta: Optional[float]) -> bool:
