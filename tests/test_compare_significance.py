@@ -20,6 +20,7 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 
 from qcard.cards.compare import compare_cards
+from qcard.cards.evidence import results_from_outcomes
 from qcard.cards.schema import unquantized_block
 from qcard.cli import main
 from qcard.stats.outcomes import pack_outcomes
@@ -352,7 +353,9 @@ def test_baseline_option_and_its_errors(tmp_path):
     assert rows["C"]["significant"] is False and rows["D"]["significant"] is True
     assert "from card B (--baseline)" in cmp.significance.legend[0] and ": 3 tests," in cmp.significance.legend[0]
     files = []
-    for i, x in enumerate((a, b)):
+    for i, (x, bits) in enumerate(((a, flipped(ref, 5, 2)), (b, flipped(ref, 6, 2)))):
+        # a card file is checked against its own outcomes on load: its figures come from its bits
+        x["results"].update(results_from_outcomes(ref, {0: bits}, fingerprint=FP))
         files.append(tmp_path / f"c{i}.json")
         files[-1].write_text(json.dumps(x))
     r = CliRunner().invoke(main, ["compare", *map(str, files), "--baseline", "zz"])

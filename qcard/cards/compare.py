@@ -97,16 +97,18 @@ def _load_one(path: Path) -> Card:
         raw = path.read_bytes()
     except OSError as exc:
         raise QcardError(f"cannot read card {path}: {exc}") from None
+    from .evidence import require_evidence
     try:
         # fast path: pydantic parses and validates the JSON bytes in one go
-        return Card.model_validate_json(raw)
+        card = Card.model_validate_json(raw)
     except ValidationError:
-        pass
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QcardError(f"{path}: not valid JSON ({exc})") from None
-    return card_from_dict(data, str(path))   # older schema versions upgrade here, else a clear error
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QcardError(f"{path}: not valid JSON ({exc})") from None
+        card = card_from_dict(data, str(path))   # older schema versions upgrade here, else a clear error
+    require_evidence(card, str(path))    # figures that disagree with the card's own outcomes: refused
+    return card
 
 
 def load_cards(paths: Iterable[Union[str, Path]]) -> List[LoadedCard]:

@@ -369,7 +369,10 @@ def card_from_dict(data: Dict[str, Any], source: str = "<card>") -> Card:
         raise QcardError(f"{source}: not a valid qcard card: {problems}") from None
 
 
-def load_card(path: Union[str, Path]) -> Card:
+def load_card(path: Union[str, Path], *, check_evidence: bool = True) -> Card:
+    """The card in a card.json file, upgraded to the current schema. With check_evidence (the default) its
+    figures are recomputed from its per-sample outcomes (cards.evidence): a card that disagrees with its own
+    evidence is an EvidenceError (a QcardError) naming the file, the field and both values."""
     path = Path(path)
     if not path.is_file():
         raise QcardError(f"card file not found: {path}")
@@ -379,7 +382,11 @@ def load_card(path: Union[str, Path]) -> Card:
         raise QcardError(f"cannot read card {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QcardError(f"{path}: not valid JSON ({exc})") from None
-    return card_from_dict(data, str(path))
+    card = card_from_dict(data, str(path))
+    if check_evidence:
+        from .evidence import require_evidence
+        require_evidence(card, str(path))
+    return card
 
 
 def card_json_schema() -> Dict[str, Any]:
