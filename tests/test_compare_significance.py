@@ -65,13 +65,10 @@ def card(bits_by_seed, *, name, fingerprint=FP, fp32=False, fp32_top1=98.7, mode
         c["model"]["ref"] = model
     if experiment:
         c["experiment"] = experiment
-    seeds = list(bits_by_seed)
-    top1s = [100.0 * bits_by_seed[s].mean() for s in seeds]
-    top1 = statistics.fmean(top1s)
-    c["results"].update(quantized=top1, fp32=fp32_top1, delta=top1 - fp32_top1,
-                        std=statistics.stdev(top1s) if len(seeds) > 1 else None, n_runs=len(seeds), seeds=seeds,
-                        per_seed=[], outcomes={"n": N, "fingerprint": fingerprint,
-                                               "seeds": {str(s): pack_outcomes(b) for s, b in bits_by_seed.items()}})
+    # the results a runner would write from these outcomes (FP32's bits included), so the card passes the
+    # evidence check that `qcard compare` applies to card files
+    fp_bits = fp32_bits(round(fp32_top1 * N / 100))
+    c["results"].update(results_from_outcomes(fp_bits, bits_by_seed, fingerprint=fingerprint, is_baseline=fp32))
     if fp32:
         c.update(quantization=unquantized_block())
         c["method"].update(name="fp32", family="none", label=name, params={}, pipeline=[])
@@ -156,7 +153,7 @@ def test_gap_of_0_3_points_is_within_noise_and_5_points_is_not():
     assert a["is_reference"] and a["significant"] is None
     assert b["p_value"] == pytest.approx(newcombe_p(flipped(ref, 5, 2), ref), rel=1e-9) and c["p_value"] < 1e-8
     md = cmp.to_markdown()
-    assert "| ≈ 98.40 |" in md and "| 93.70 |" in md and "≈ 93.70" not in md
+    assert "| ≈ 98.40 \\[97.4, 99.0\\] |" in md and "| 93.70 \\[92.0, 95.0\\] |" in md and "≈ 93.70" not in md
     assert (f"{LEGEND} the FP32 card of the same model (A) at a false discovery rate of 0.05 (Benjamini–Hochberg "
             "within each model, --family model: torchvision:resnet18: 2 tests, 1 significant, Δ interval at 97.5 %)") in md
     p_b = b["p_adjusted"]
@@ -337,7 +334,7 @@ def test_multi_seed_card_is_tested_over_all_its_seeds_in_any_order():
         row = cmp.rows[1]
         assert row["p_value"] == pytest.approx(p, rel=1e-9) and row["significant"] is True
         md = cmp.to_markdown()
-        assert "| 96.00 ± 3.54 |" in md and "≈ 96.00" not in md
+        assert "| 96.00 \\[94.6, 97.0\\] |" in md and "≈ 96.00" not in md
         assert "several seeds: each image counts as the fraction of the card's seeds that got it right" in md
     assert p < 1e-4           # 25 images lost on average out of 985: not noise
 
@@ -443,6 +440,7 @@ def test_pareto_plot_gets_the_intervals(monkeypatch, tmp_path):
     b = card({0: flipped(ref, 5, 2)}, name="w8a8")
     b["results"]["ci95"] = [97.6, 99.0]
     c = card({0: flipped(ref, 55, 5)}, name="w4a4")
+    c["results"]["ci95"] = None                  # a card without an interval: no error bar
     seen = {}
     import qcard.cards.plots as plots
     monkeypatch.setattr(plots, "pareto_plot", lambda points, *a, **k: seen.setdefault("points", points) and [])
