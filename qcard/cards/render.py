@@ -300,23 +300,29 @@ def _wa_rows(w: Dict[str, Any], a: Dict[str, Any]) -> List[Tuple[str, str, str]]
     return wa_rows
 
 
+NOT_REPORTED = "not reported by the method"
+
+
 def _network_rows(q: Dict[str, Any], ds: Dict[str, Any]) -> List[Tuple[str, str]]:
     cal = ds.get("calibration")
     graph = fmt_value(q.get("graph_mode"))
     if q.get("graph_mode_reason"):
         graph += f" ({q['graph_mode_reason']})"
+    # a key the method's block left out (quantization.not_reported) has only the schema's default: not a fact
+    unknown = set(q.get("not_reported") or [])
+    said = lambda key, text: NOT_REPORTED if key in unknown else text
     network_rows = [
         ("backend preset", fmt_value(q.get("preset"))),
-        ("graph mode", graph),
-        ("first layer", _edge(q["first_layer"])),
-        ("last layer", _edge(q["last_layer"])),
-        ("batch norm", fmt_value(q.get("batch_norm"))),
-        ("residual adds", _RESIDUAL.get(q.get("residual_add"), fmt_value(q.get("residual_add")))),
-        ("concat / average pool", f"{fmt_value(q.get('concat'))} / {fmt_value(q.get('avg_pool'))}"),
-        ("bias / accumulator bits", f"{fmt_bits(q.get('bias_bits'))} / {fmt_bits(q.get('accumulator_bits'))}"),
-        ("cross-layer equalization", _cle(q.get("cross_layer_equalization") or {})),
-        ("bias correction", fmt_value(q.get("bias_correction"))),
-        ("mixed precision", _mixed_precision(q.get("mixed_precision") or {})),
+        ("graph mode", said("graph_mode", graph)),
+        ("first layer", said("first_layer", _edge(q["first_layer"]))),
+        ("last layer", said("last_layer", _edge(q["last_layer"]))),
+        ("batch norm", said("batch_norm", fmt_value(q.get("batch_norm")))),
+        ("residual adds", said("residual_add", _RESIDUAL.get(q.get("residual_add"), fmt_value(q.get("residual_add"))))),
+        ("concat / average pool", said("concat", f"{fmt_value(q.get('concat'))} / {fmt_value(q.get('avg_pool'))}")),
+        ("bias / accumulator bits", said("bias_bits", f"{fmt_bits(q.get('bias_bits'))} / {fmt_bits(q.get('accumulator_bits'))}")),
+        ("cross-layer equalization", said("cross_layer_equalization", _cle(q.get("cross_layer_equalization") or {}))),
+        ("bias correction", said("bias_correction", fmt_value(q.get("bias_correction")))),
+        ("mixed precision", said("mixed_precision", _mixed_precision(q.get("mixed_precision") or {}))),
         ("calibration data", (f"{fmt_num(cal.get('size'))} images from {cal.get('split') or DASH}, seed {fmt_value(cal.get('seed'))}"
                               if cal else "none used")),
         ("labels used", fmt_value(cal.get("labels_used")) if cal else DASH),
@@ -346,9 +352,22 @@ def _interval_note(r: Dict[str, Any]) -> Optional[str]:
     return "In brackets: " + (r.get("ci_method") or "95 % intervals")
 
 
+NOT_DERIVED = "not derived: the method returned no per-layer records (every layer counted as FP32)"
+
+
+def _records_missing(c: Dict[str, Any]) -> bool:
+    """The cost could not be read from the quantized model (qcard.methods.from_model): its bit-dependent
+    figures are the FP32 model's, so they are not shown as the quantized model's."""
+    return (c.get("quantization") or {}).get("layer_records") == "missing"
+
+
 def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
+    from ..cost.profile import speedup_definition
     cost = c["cost"]
     cost_rows: List[Tuple[str, str]] = []
+    if cost.get("profile") and _records_missing(c):
+        return [("parameters", fmt_num(cost.get("params"))), ("MACs", fmt_num(cost.get("macs"))),
+                ("size, BOPs, energy, latency, speedup", NOT_DERIVED)]
     if cost.get("profile"):
         speed = []
         if cost.get("speedup_vs_fp32") is not None:
@@ -367,6 +386,9 @@ def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
             ("latency", DASH if cost.get("latency_cycles") is None else f"{fmt_si(cost['latency_cycles'])} cycles"),
             (f"speedup ({cost['profile']})", ", ".join(speed) if speed else DASH),
         ]
+        defined = speedup_definition(cost)
+        if defined:
+            cost_rows.append(("speedup means", defined))
         for name, other in (c.get("cost_profiles") or {}).items():
             bits = []
             if other.get("energy_pj") is not None:
@@ -383,8 +405,17 @@ def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
     return cost_rows
 
 
+def _has_weights(l: Dict[str, Any]) -> bool:
+    """A layer with weights of its own (a conv or linear; a weight shared with an earlier layer counts
+    its parameters there): an add, a pool or a matmul of two activations has none."""
+    return bool(l.get("params")) or str(l.get("op", "")).startswith(("conv", "linear"))
+
+
 def _layer_table(cost: Dict[str, Any], q: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[Dict[str, Any]]]:
     layers = cost.get("layers") or []
+    unknown = q.get("layer_records") == "missing"     # no records: the bits below would be defaults
+    w_cell = lambda l: "unknown" if unknown else (fmt_bits(l.get("weight_bits")) if _has_weights(l) else DASH)
+    a_cell = lambda l: "unknown" if unknown else fmt_bits(l.get("activation_bits"))
     # columns appear only when some layer has the value (a bitops profile has no energy or cycles)
     has = lambda key: any(l.get(key) is not None for l in layers)
     has_eff = any(l.get("effective_activation_bits") is not None
@@ -400,21 +431,20 @@ def _layer_table(cost: Dict[str, Any], q: Dict[str, Any]) -> Tuple[List[Tuple[st
     unq = {u.get("name") for u in q.get("unquantized_layers") or []}
     layer_rows = []
     for l in layers:
-        row = [l["name"], l["op"], fmt_num(l.get("macs")), fmt_num(l.get("params")), fmt_bits(l.get("weight_bits")),
-               fmt_bits(l.get("activation_bits"))]
+        row = [l["name"], l["op"], fmt_num(l.get("macs")), fmt_num(l.get("params")), w_cell(l), a_cell(l)]
         if has_eff:
             e = l.get("effective_activation_bits")
             row.append(DASH if e is None else f"{e:.2f}")
-        row.append(fmt_si(l.get("bops")))
+        row.append("unknown" if unknown else fmt_si(l.get("bops")))
         if has("energy_pj"):
-            row.append(fmt_energy(l.get("energy_pj")))
+            row.append("unknown" if unknown else fmt_energy(l.get("energy_pj")))
         if has("cycles"):
-            row.append(fmt_si(l.get("cycles")))
+            row.append("unknown" if unknown else fmt_si(l.get("cycles")))
         # FP32: a weighted layer whose weights are not quantized, or a weightless op (add, pool) whose
         # activations are not; the cost model writes 32 for FP32 operands
-        has_weights = bool(l.get("params"))
+        has_weights = _has_weights(l)
         side = l.get("weight_bits") if has_weights else l.get("activation_bits")
-        fp32 = side is None or side >= 32 or l["name"] in unq
+        fp32 = not unknown and (side is None or side >= 32 or l["name"] in unq)
         layer_rows.append({"cells": row, "fp32": fp32})
     return layer_cols, layer_rows
 
