@@ -213,6 +213,17 @@ def _pipeline_say(vals: List[str], groups: List[str]) -> str:
     return f"{len(vals)} different pipelines (each card lists its own under method.pipeline)"
 
 
+def _range_images(c: Card, key: str) -> Any:
+    """A key of the images the card's quantization ranges were set from (cards.render.calibration_roles:
+    for QAT its range initialisation, never the training set it also names)."""
+    from .render import calibration_roles
+    cal = c.dataset.calibration
+    ranges, training = calibration_roles(cal.model_dump() if cal else None, c.method.model_dump(), c.method_stats)
+    if training is not None and key == "labels_used":
+        return (ranges or {}).get("labels_used") or False    # a range initialisation reads images, not labels
+    return (ranges or {}).get(key)
+
+
 def _fp32_text(v: Any) -> str:
     return "none" if v is None else f"{v:.2f}"
 
@@ -295,12 +306,12 @@ CONFOUNDERS: List[Field] = [
     Field("dataset.fingerprint", lambda c: c.dataset.fingerprint, lambda v: str(v)[:16] if v else "none",
           "different evaluation data (fingerprints {vs})", skip_if=("dataset.ref", "dataset.eval_size", "dataset.eval_split")),
     Field("dataset.preprocessing", _prep, str, "different preprocessing ({vs})", texts=_prep_texts),
-    Field("dataset.calibration.size", lambda c: (c.dataset.calibration.size if c.dataset.calibration else None) or 0,
-          str, "calibration {vs} images", quantized_only=True),
-    Field("dataset.calibration.split", lambda c: c.dataset.calibration.split if c.dataset.calibration else None,
-          _words, "calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
-    Field("dataset.calibration.labels_used",
-          lambda c: c.dataset.calibration.labels_used if c.dataset.calibration else None,
+    # the images the ranges were set from: a training method's range initialisation, not its training set
+    Field("dataset.calibration.size", lambda c: _range_images(c, "size"),
+          lambda v: "no" if v is None else str(v), "calibration {vs} images", quantized_only=True),
+    Field("dataset.calibration.split", lambda c: _range_images(c, "split"),
+          _words, "range calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
+    Field("dataset.calibration.labels_used", lambda c: _range_images(c, "labels_used"),
           lambda v: {True: "with", False: "without", None: "no data, so without"}.get(v, str(v)),
           "calibration {vs} labels", skip_if=("dataset.calibration.size",), quantized_only=True),
     Field("results.metric", lambda c: c.results.metric, str, "different metrics ({vs})"),
@@ -994,7 +1005,7 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "bn": _BN.get(q.batch_norm, q.batch_norm) if ok else None,
         "first_last": f"{_edge(q.first_layer)} / {_edge(q.last_layer)}" if ok else None,
         "residual": _RES.get(q.residual_add, q.residual_add) if ok else None,
-        "calibration": (c.dataset.calibration.size if c.dataset.calibration else None) if ok else None,
+        "calibration": _range_images(c, "size") if ok else None,     # range-setting images (QAT: its init)
         "fp32": r.fp32, "quantized": r.quantized, "std": r.std, "delta": r.delta, "n_runs": r.n_runs,
         "bops": cost.bops, "size_bits": cost.size_bits, "energy_pj": cost.energy_pj,
         "latency_cycles": cost.latency_cycles, "speedup_vs_fp32": cost.speedup_vs_fp32, "profile": cost.profile,

@@ -235,6 +235,32 @@ def _preprocessing(p: Optional[Dict[str, Any]]) -> Optional[str]:
     return ", ".join(f"{k} {fmt_value(v) if not isinstance(v, str) else v}" for k, v in p.items())
 
 
+def _scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+def _summary(v: Any) -> str:
+    """A nested statistic in a few words: short ones in full, a number series by its range, a table by
+    its size and columns (card.json's method_stats holds all of it)."""
+    if not v:
+        return "none"
+    if isinstance(v, dict):
+        if len(v) <= 24 and all(_scalar(x) for x in v.values()):
+            return fmt_value({k: (f"{x:.4g}" if isinstance(x, float) else x) for k, x in v.items()})
+        keys = list(v)
+        return f"{len(v)} keys ({', '.join(map(str, keys[:4]))}{', …' if len(keys) > 4 else ''}; in card.json)"
+    if all(_scalar(x) for x in v):
+        if len(v) <= 8:
+            return fmt_value(v)
+        nums = [x for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if len(nums) == len(v):
+            return f"{len(v)} values, {min(nums):.4g} … {max(nums):.4g} (first {nums[0]:.4g}, last {nums[-1]:.4g})"
+        return f"{len(v)} values: {fmt_value(v[:4])}, …"
+    cols = list(v[0]) if isinstance(v[0], dict) else []
+    return f"{len(v)} row{'s' if len(v) > 1 else ''}" + (f" of {', '.join(map(str, cols[:5]))}{', …' if len(cols) > 5 else ''}" if cols else "") \
+        + " (in card.json)"
+
+
 def _flat_scalars(d: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, str]]:
     """(dotted key, value) for the scalar leaves of method_stats, two levels deep; lists and deeper
     dicts are summarized by size so the text stays short (plots show the bulky parts)."""
@@ -247,17 +273,25 @@ def _flat_scalars(d: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, s
             if depth < 1:
                 out += _flat_scalars(v, key + ".", depth + 1)
             else:
-                out.append((key, f"{len(v)} entries"))
+                out.append((key, _summary(v)))
         elif isinstance(v, list):
-            if v and all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in v) and len(v) <= 8:
-                out.append((key, fmt_value(v)))
-            else:
-                out.append((key, f"{len(v)} entries"))
+            out.append((key, _summary(v)))
         elif isinstance(v, float):
             out.append((key, f"{v:.4g}"))
         else:
             out.append((key, fmt_value(v) if not isinstance(v, str) else v))
     return out
+
+
+def _subset_words(ds: Dict[str, Any]) -> str:
+    """Which images `eval_size: N` took (dataset.split_info.subset), or '' for the whole split."""
+    sub = (ds.get("split_info") or {}).get("subset") or {}
+    by = f", {sub['chosen_by']}" if sub.get("chosen_by") else ""
+    if sub.get("kind") == "first":
+        return f" (the first {fmt_num(sub.get('size'))} of the split, in file order{by})"
+    if sub.get("kind") == "stratified":
+        return f" (a class-stratified sample, seed {fmt_value(sub.get('seed'))}{by})"
+    return ""
 
 
 def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
@@ -269,7 +303,8 @@ def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
     header += [
         ("Model", f"{shown} ({fmt_num(c['model'].get('params'))} parameters)"),
         ("Weights", weights + (f" (sha256 {c['model']['weights_sha256'][:12]}…)" if c["model"].get("weights_sha256") else "")),
-        ("Dataset", f"{ds['ref']}, split {ds['eval_split']}, {fmt_num(ds.get('eval_size'))} images"),
+        ("Dataset", f"{ds['ref']}, split {ds['eval_split']}, {fmt_num(ds.get('eval_size'))} images"
+                    + _subset_words(ds)),
     ]
     pre = _preprocessing(ds.get("preprocessing"))
     if pre:
@@ -302,9 +337,37 @@ def _wa_rows(w: Dict[str, Any], a: Dict[str, Any]) -> List[Tuple[str, str, str]]
 
 NOT_REPORTED = "not reported by the method"
 
+TRAINING_FAMILIES = ("qat", "adaptive_precision_training")
 
-def _network_rows(q: Dict[str, Any], ds: Dict[str, Any]) -> List[Tuple[str, str]]:
+
+def calibration_roles(cal: Optional[Dict[str, Any]], method: Dict[str, Any],
+                      stats: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(the images the quantization ranges were set from, the images the method trained on), from the
+    card's dataset.calibration. A training method's block is its training split; its ranges started from
+    range_init (cards written before it was recorded: method_stats.qat.init_calibration)."""
+    if not cal:
+        return None, None
+    training = cal.get("used_for") == "training" or (
+        cal.get("labels_used") is True and (method.get("family") in TRAINING_FAMILIES or method.get("name") == "fp32_train"))
+    if not training:
+        return cal, None
+    ranges = cal.get("range_init") or ((stats or {}).get("qat") or {}).get("init_calibration")
+    return ranges, cal
+
+
+def _images(cal: Dict[str, Any]) -> str:
+    return f"{fmt_num(cal.get('size'))} images from {cal.get('split') or DASH}, seed {fmt_value(cal.get('seed'))}"
+
+
+def _network_rows(q: Dict[str, Any], ds: Dict[str, Any], method: Dict[str, Any],
+                  stats: Dict[str, Any]) -> List[Tuple[str, str]]:
     cal = ds.get("calibration")
+    ranges, training = calibration_roles(cal, method, stats)
+    if training:
+        data_rows = [("training data", _images(training)),
+                     ("range initialisation", f"{_images(ranges)} (before training)" if ranges else "none (no calibrated ranges)")]
+    else:
+        data_rows = [("calibration data", _images(cal) if cal else "none used")]
     graph = fmt_value(q.get("graph_mode"))
     if q.get("graph_mode_reason"):
         graph += f" ({q['graph_mode_reason']})"
@@ -323,8 +386,7 @@ def _network_rows(q: Dict[str, Any], ds: Dict[str, Any]) -> List[Tuple[str, str]
         ("cross-layer equalization", said("cross_layer_equalization", _cle(q.get("cross_layer_equalization") or {}))),
         ("bias correction", said("bias_correction", fmt_value(q.get("bias_correction")))),
         ("mixed precision", said("mixed_precision", _mixed_precision(q.get("mixed_precision") or {}))),
-        ("calibration data", (f"{fmt_num(cal.get('size'))} images from {cal.get('split') or DASH}, seed {fmt_value(cal.get('seed'))}"
-                              if cal else "none used")),
+        *data_rows,
         ("labels used", fmt_value(cal.get("labels_used")) if cal else DASH),
         ("per-layer overrides", fmt_value(q.get("overrides"))),
     ]
@@ -339,7 +401,10 @@ def _results_rows(r: Dict[str, Any]) -> List[Tuple[str, ...]]:
                      fmt_pct(r.get("quantized")) + std + fmt_interval(r.get("ci95")),
                      fmt_delta(r.get("delta")) + fmt_interval(r.get("delta_ci95"), signed=True),
                      f"{r.get('n_runs', 0)} ({seeds})" if seeds else str(r.get("n_runs", 0)))]
-    if r.get("top5_fp32") is not None or r.get("top5") is not None:
+    if top5_trivial(r):
+        k = r["chance"]["num_classes"]
+        results_rows.append(("top5", DASH, DASH, DASH, f"trivially 100 % with {k} classes"))
+    elif r.get("top5_fp32") is not None or r.get("top5") is not None:
         d5 = r["top5"] - r["top5_fp32"] if r.get("top5") is not None and r.get("top5_fp32") is not None else None
         results_rows.append(("top5", fmt_pct(r.get("top5_fp32")), fmt_pct(r.get("top5")), fmt_delta(d5), ""))
     return results_rows
@@ -471,9 +536,36 @@ SYNTHETIC_NOTE = ("evaluated on synthetic data (random images and random labels)
 TIE_NOTE = "ties between logits break toward the lowest class index (top-1 = argmax)"
 
 
+def chance_notes(results: Dict[str, Any], eval_size: Any = None) -> List[str]:
+    """Why a card's accuracies may say nothing (results.chance, qcard.evaluate.chance_check): the eval
+    images are all of one class, FP32 answers one class, or FP32 is at chance. compare says the same."""
+    ch = results.get("chance") or {}
+    n = f"{eval_size:,} " if isinstance(eval_size, int) else ""
+    if ch.get("eval_classes") == 1:
+        return [f"the {n}eval images are all of one class: an accuracy on them says nothing about the other "
+                f"classes (`eval_subset: first` on a folder sorted by class does this; use `eval_subset: stratified`)"]
+    out = []
+    if ch.get("one_class") is not None:
+        out.append(f"FP32 is right on exactly the images of class {ch['one_class']}: it answers one class for "
+                   f"every image (a random-weight or broken model), so no quantized result here can be judged")
+    elif ch.get("at_chance"):
+        out.append(f"FP32 is at chance: top-1 {fmt_pct(results.get('fp32'))} % where always answering the most "
+                   f"common class scores {fmt_pct(ch.get('chance_top1'))} % ({ch.get('eval_classes')} classes); "
+                   f"\"≈ FP32\" and Δ mean nothing until the model learns (check its weights)")
+    return out
+
+
+def top5_trivial(results: Dict[str, Any]) -> bool:
+    """A model with 5 or fewer classes always has the label among its top 5."""
+    k = (results.get("chance") or {}).get("num_classes")
+    return k is not None and k <= 5
+
+
 def _banner(c: Dict[str, Any]) -> List[str]:
-    """What a reader must see before the numbers: synthetic data, then the card's warnings."""
-    out = [SYNTHETIC_NOTE] if (c.get("dataset") or {}).get("ref") == "synthetic" else []
+    """What a reader must see before the numbers: synthetic data, an uninformative FP32 baseline or eval
+    set, then the card's warnings."""
+    synthetic = (c.get("dataset") or {}).get("ref") == "synthetic"
+    out = [SYNTHETIC_NOTE] if synthetic else chance_notes(c.get("results") or {}, (c.get("dataset") or {}).get("eval_size"))
     return out + list(c.get("warnings") or [])
 
 
@@ -489,7 +581,7 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         "title": f"{c['model']['ref']} · {label}",
         "label": label, "regime": regime, "failed": c["status"] == "failed", "error": c.get("error"),
         "header": _header_rows(c, regime), "flags": list(q.get("hardware_unfriendly") or []),
-        "wa_rows": _wa_rows(w, a), "network_rows": _network_rows(q, c["dataset"]), "unquantized": unquantized,
+        "wa_rows": _wa_rows(w, a), "network_rows": _network_rows(q, c["dataset"], m, c.get("method_stats") or {}), "unquantized": unquantized,
         "results_header": ("metric", "FP32", "quantized", "Δ", "runs (seeds)"), "results_rows": _results_rows(c["results"]),
         "interval_note": _interval_note(c["results"]),
         "cost_profile": cost.get("profile"), "cost_rows": _cost_rows(c),

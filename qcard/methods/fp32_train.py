@@ -26,6 +26,7 @@ class FP32Train(Method):
             quantization=unquantized_block(),
             stats={"training": log.to_stats()},
             pipeline=["reinitialize" if params.train.from_scratch else "start_from_given_weights", "train_fp32"],
-            calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True},
+            calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True,
+                         "used_for": "training"},
             warnings=list(log.warnings),
         )
