@@ -726,7 +726,7 @@ def _not_reproducible(cards: List[Card], letters: List[str]) -> List[str]:
 # the comparison
 # ---------------------------------------------------------------------------
 
-REFERENCE_COLUMNS = ["kind", "source", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
+REFERENCE_COLUMNS = ["kind", "source", "dataset", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
                      "citation"]
 INT_COLUMNS = ("calibration", "eval_size", "n_runs")
 
@@ -796,7 +796,7 @@ class Comparison:
                 "method_differences": self.method_differences,
                 "pareto": [self.rows[i]["card"] for i in self.pareto],
                 "cards": clean(self.rows), "failed": self.failed,
-                "significance": self._significance_json(), "notes": self.notes,
+                "significance": self._significance_json(), "notes": self.notes, "read_first": self.read_first(),
                 "reference": clean(self.reference_rows) if self.reference_rows is not None else None}
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
@@ -846,7 +846,7 @@ class Comparison:
                 for i, r in enumerate(self.rows)]
         ref_rows, sources = [], {}
         for r in self.reference_rows or []:
-            ref_rows.append([r["source"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
+            ref_rows.append([r["source"], r["dataset"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
                              _words(r["w_granularity"]), f"{r['fp32']:.2f}", f"{r['top1']:.2f}", f"{r['delta']:+.2f}"])
             sources[r["source"]] = r["citation"]
         return {"n": len(self.rows), "n_ok": sum(r["status"] == "ok" for r in self.rows),
@@ -856,13 +856,33 @@ class Comparison:
                 "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
                 "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note,
                 "profile_note": self.profile_note, "within_noise": self.significance.within_noise,
-                "notes": self.significance.notes + self.notes, "legend": self._legend()}
+                "notes": self.significance.notes + self.notes, "legend": self._legend(),
+                "read_first": self.read_first()}
+
+    def read_first(self) -> List[str]:
+        """What a reader must see before the table: cards whose FP32 baseline or eval set makes their
+        accuracies meaningless (cards.render.chance_notes), each said once with the cards it holds for."""
+        from .render import chance_notes
+        said: Dict[str, List[str]] = {}
+        for r, lc in zip(self.rows, self.cards):
+            if lc.card.status == "ok":
+                for line in chance_notes(lc.card.results.model_dump(mode="json"), lc.card.dataset.eval_size):
+                    said.setdefault(line, []).append(r["card"])
+        return [f"{_group_text(letters)}: {line}" for line, letters in said.items()]
 
     def _legend(self) -> List[str]:
         """Lines below the table that say what its marks mean."""
         out = [self.significance.legend] if self.significance.legend else []
         if any(r["ci95_lo"] is not None or r["delta_ci95_lo"] is not None for r in self.rows):
             out.append("[lo, hi]: 95 % interval, as each card computed it (results.ci_method)")
+        from ..cost.profile import speedup_definition
+        defined = {}
+        for lc in self.cards:     # what "speedup vs FP32" means, per profile the column reads (issue 22)
+            cost = _cost_in(lc.card, self.profile) if self.profile and lc.card.status == "ok" else lc.card.cost
+            words = speedup_definition(cost.model_dump(mode="json")) if cost is not None else None
+            if words:
+                defined.setdefault(f"speedup vs FP32 ({cost.profile}): {words}", None)
+        out += list(defined)
         if any(r["runtime_status"] == "ok" for r in self.rows):
             out.append("runtime: top-1 of the same quantized model on a real integer runtime (ORT: onnxruntime), "
                        "same images")
@@ -1119,12 +1139,23 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
               for i, lc in enumerate(loaded) if lc.card.status != "ok"]
     ref, note = None, ""
     if reference:
-        from .reference import model_key, reference_rows
+        from .reference import card_dataset, model_key, reference_rows
         models = None if reference == "all" else sorted({lc.card.model.ref for lc in loaded})
-        ref = reference_rows(models)
+        # published rows only on the cards' own dataset (all of them with --reference-all, dataset shown)
+        ours = sorted({card_dataset(lc.card.dataset.model_dump(mode="json"),
+                                    (lc.card.results.chance.num_classes if lc.card.results.chance else None))
+                       for lc in loaded})
+        ref = reference_rows(models, datasets=None if reference == "all" else ours)
+        elsewhere = sorted({r["dataset"] for r in ref} - set(ours))
         if models is not None and not ref:
+            others = sorted({r["dataset"] for r in reference_rows(models)} - set(ours))
             note = ("no published rows for " + ", ".join(sorted({model_key(m) for m in models}))
+                    + f" on {', '.join(ours)}"
+                    + (f" (the published rows for these models are on {', '.join(others)})" if others else "")
                     + "; `--reference-all` shows every published row")
+        elif elsewhere:
+            note = (f"published rows on {', '.join(elsewhere)}, not on these cards' {', '.join(ours)}: "
+                    "shown for reference only, not comparable")
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
                       difference_details=details, failed=failed, reference_rows=ref, reference_note=note,
                       cards=originals, profile=profile, profile_note=profile_note, significance=sig,

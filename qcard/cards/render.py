@@ -569,6 +569,14 @@ def _banner(c: Dict[str, Any]) -> List[str]:
     return out + list(c.get("warnings") or [])
 
 
+def _not_used(unused: Dict[str, str]) -> str:
+    """'adaround_iters, adaround_reg (no adaround step in minmax); labels (...)': grouped by reason."""
+    by: Dict[str, List[str]] = {}
+    for k, why in unused.items():
+        by.setdefault(str(why), []).append(k)
+    return "; ".join(f"{', '.join(ks)} ({why})" for why, ks in by.items())
+
+
 def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
     """The rows every rendering shows, formatted as plain text (no escaping yet)."""
     q, m, cost = c["quantization"], c["method"], c["cost"]
@@ -576,6 +584,9 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
     label = m.get("label") or m["name"]
     regime = f"W{fmt_bits(w.get('bits'))}A{fmt_bits(a.get('bits'))}" if (w.get("bits") or a.get("bits")) else "FP32"
     layer_cols, layer_rows = _layer_table(cost, q)
+    # params the method says this point never read (method_stats.params_not_used: {name: why})
+    unused = (c.get("method_stats") or {}).get("params_not_used") or {}
+    unused = unused if isinstance(unused, dict) else {}
     unquantized = [(u.get("name", DASH), u.get("op", DASH), u.get("reason") or DASH) for u in q.get("unquantized_layers") or []]
     return {
         "title": f"{c['model']['ref']} · {label}",
@@ -588,7 +599,9 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
         "layer_cols": layer_cols, "layer_rows": layer_rows,
         "method_stats": _flat_scalars(c.get("method_stats") or {}),
         "method_tables": method_tables(c) + deployment_tables(c),
-        "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()],
+        "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()
+                          if k not in unused],
+        "params_not_used": _not_used(unused),
         "banner": _banner(c), "tie_note": TIE_NOTE,
         "warnings": list(c.get("warnings") or []), "provenance": _environment(c["provenance"]), "reproduce": c["reproduce"],
     }
