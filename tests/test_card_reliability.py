@@ -333,3 +333,14 @@ def test_profiles_lists_what_each_models():
     lines = {l.split()[0]: l for l in out.output.splitlines() if l.strip()}
     assert "Horowitz" in lines["asic45"] and "speedup = weight-bit-weighted MACs" in lines["bitops"]
     assert "latency" in lines["systolic-ws"]
+
+
+def test_compare_does_not_price_a_card_whose_cost_was_not_derived(user_method_cards):
+    from qcard.cards.compare import compare_cards
+    lenet = [c for k, (c, _, _) in ((k, v) for k, v in user_method_cards.items() if k != "_folder")
+             if c["model"]["label"] != "constant"]
+    cmp = compare_cards(lenet)
+    rows = {r["method"]: r for r in cmp.rows}
+    assert rows["w4_in_place"]["bops"] is None and rows["w4_in_place"]["speedup_vs_fp32"] is None
+    assert rows["w4_built"]["speedup_vs_fp32"] == pytest.approx(8.0)
+    assert rows["w4_in_place"]["card"] not in [cmp.rows[i]["card"] for i in cmp.pareto]

@@ -1027,8 +1027,10 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "residual": _RES.get(q.residual_add, q.residual_add) if ok else None,
         "calibration": _range_images(c, "size") if ok else None,     # range-setting images (QAT: its init)
         "fp32": r.fp32, "quantized": r.quantized, "std": r.std, "delta": r.delta, "n_runs": r.n_runs,
-        "bops": cost.bops, "size_bits": cost.size_bits, "energy_pj": cost.energy_pj,
-        "latency_cycles": cost.latency_cycles, "speedup_vs_fp32": cost.speedup_vs_fp32, "profile": cost.profile,
+        # a cost the method's records could not give (qcard.methods.from_model) is the FP32 model's: not shown
+        **{k: None if (q.model_extra or {}).get("layer_records") == "missing" else getattr(cost, k)
+           for k in ("bops", "size_bits", "energy_pj", "latency_cycles", "speedup_vs_fp32")},
+        "profile": cost.profile,
         "dataset": c.dataset.ref, "eval_size": c.dataset.eval_size, "experiment": c.experiment, "id": c.id,
         "path": str(lc.path) if lc.path else None,
         # 95 % intervals where the card has them (schema 2)
