@@ -132,9 +132,8 @@ def methods():
 @main.command()
 def profiles():
     """List the hardware cost profiles."""
-    from .cost.profile import list_profiles
-    for name in list_profiles():
-        click.echo(name)
+    from .commands.cost import profile_lines
+    click.echo("\n".join(profile_lines()))
 
 
 @main.command()

@@ -431,6 +431,8 @@ class _PointRun:
             "point": point_block(point),
             "deployment": deployment,
         }
+        from .evaluate import chance_check
+        card["results"]["chance"] = chance_check(self.fp32, self.evaluation, self.data.num_classes)
         return card_from_dict(card, f"card of point {point.id[:10]}")
 
 

@@ -218,6 +218,17 @@ def _pipeline_say(vals: List[str], groups: List[str]) -> str:
     return f"{len(vals)} different pipelines (each card lists its own under method.pipeline)"
 
 
+def _range_images(c: Card, key: str) -> Any:
+    """A key of the images the card's quantization ranges were set from (cards.render.calibration_roles:
+    for QAT its range initialisation, never the training set it also names)."""
+    from .render import calibration_roles
+    cal = c.dataset.calibration
+    ranges, training = calibration_roles(cal.model_dump() if cal else None, c.method.model_dump(), c.method_stats)
+    if training is not None and key == "labels_used":
+        return (ranges or {}).get("labels_used") or False    # a range initialisation reads images, not labels
+    return (ranges or {}).get(key)
+
+
 def _fp32_text(v: Any) -> str:
     return "none" if v is None else f"{v:.2f}"
 
@@ -300,12 +311,12 @@ CONFOUNDERS: List[Field] = [
     Field("dataset.fingerprint", lambda c: c.dataset.fingerprint, lambda v: str(v)[:16] if v else "none",
           "different evaluation data (fingerprints {vs})", skip_if=("dataset.ref", "dataset.eval_size", "dataset.eval_split")),
     Field("dataset.preprocessing", _prep, str, "different preprocessing ({vs})", texts=_prep_texts),
-    Field("dataset.calibration.size", lambda c: (c.dataset.calibration.size if c.dataset.calibration else None) or 0,
-          str, "calibration {vs} images", quantized_only=True),
-    Field("dataset.calibration.split", lambda c: c.dataset.calibration.split if c.dataset.calibration else None,
-          _words, "calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
-    Field("dataset.calibration.labels_used",
-          lambda c: c.dataset.calibration.labels_used if c.dataset.calibration else None,
+    # the images the ranges were set from: a training method's range initialisation, not its training set
+    Field("dataset.calibration.size", lambda c: _range_images(c, "size"),
+          lambda v: "no" if v is None else str(v), "calibration {vs} images", quantized_only=True),
+    Field("dataset.calibration.split", lambda c: _range_images(c, "split"),
+          _words, "range calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
+    Field("dataset.calibration.labels_used", lambda c: _range_images(c, "labels_used"),
           lambda v: {True: "with", False: "without", None: "no data, so without"}.get(v, str(v)),
           "calibration {vs} labels", skip_if=("dataset.calibration.size",), quantized_only=True),
     Field("results.metric", lambda c: c.results.metric, str, "different metrics ({vs})"),
@@ -784,7 +795,7 @@ def _not_reproducible(cards: List[Card], letters: List[str]) -> List[str]:
 # the comparison
 # ---------------------------------------------------------------------------
 
-REFERENCE_COLUMNS = ["kind", "source", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
+REFERENCE_COLUMNS = ["kind", "source", "dataset", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
                      "citation"]
 INT_COLUMNS = ("calibration", "eval_size", "n_runs")
 
@@ -854,7 +865,7 @@ class Comparison:
                 "method_differences": self.method_differences,
                 "pareto": [self.rows[i]["card"] for i in self.pareto],
                 "cards": clean(self.rows), "failed": self.failed,
-                "significance": self._significance_json(), "notes": self.notes,
+                "significance": self._significance_json(), "notes": self.notes, "read_first": self.read_first(),
                 "reference": clean(self.reference_rows) if self.reference_rows is not None else None}
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
@@ -907,7 +918,7 @@ class Comparison:
                 for i, r in enumerate(self.rows)]
         ref_rows, sources = [], {}
         for r in self.reference_rows or []:
-            ref_rows.append([r["source"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
+            ref_rows.append([r["source"], r["dataset"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
                              _words(r["w_granularity"]), f"{r['fp32']:.2f}", f"{r['top1']:.2f}", f"{r['delta']:+.2f}"])
             sources[r["source"]] = r["citation"]
         return {"n": len(self.rows), "n_ok": sum(r["status"] == "ok" for r in self.rows),
@@ -917,7 +928,19 @@ class Comparison:
                 "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
                 "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note,
                 "profile_note": self.profile_note, "within_noise": self.significance.within_noise,
-                "notes": self.significance.notes + self.notes, "legend": self._legend()}
+                "notes": self.significance.notes + self.notes, "legend": self._legend(),
+                "read_first": self.read_first()}
+
+    def read_first(self) -> List[str]:
+        """What a reader must see before the table: cards whose FP32 baseline or eval set makes their
+        accuracies meaningless (cards.render.chance_notes), each said once with the cards it holds for."""
+        from .render import chance_notes
+        said: Dict[str, List[str]] = {}
+        for r, lc in zip(self.rows, self.cards):
+            if lc.card.status == "ok":
+                for line in chance_notes(lc.card.results.model_dump(mode="json"), lc.card.dataset.eval_size):
+                    said.setdefault(line, []).append(r["card"])
+        return [f"{_group_text(letters)}: {line}" for line, letters in said.items()]
 
     def _legend(self) -> List[str]:
         """Lines below the table that say what its marks mean."""
@@ -926,6 +949,14 @@ class Comparison:
                (r["delta_ci95_lo"] is not None and r["delta_vs_ref"] is None) for r in self.rows):
             untested = " and on the Δ of untested rows" if self.significance.tests else ""
             out.append(f"[lo, hi] on FP32 and quantized{untested}: the card's own 95 % interval (results.ci_method)")
+        from ..cost.profile import speedup_definition
+        defined = {}
+        for lc in self.cards:     # what "speedup vs FP32" means, per profile the column reads (issue 22)
+            cost = _cost_in(lc.card, self.profile) if self.profile and lc.card.status == "ok" else lc.card.cost
+            words = speedup_definition(cost.model_dump(mode="json")) if cost is not None else None
+            if words:
+                defined.setdefault(f"speedup vs FP32 ({cost.profile}): {words}", None)
+        out += list(defined)
         if any(r["runtime_status"] == "ok" for r in self.rows):
             out.append("runtime: top-1 of the same quantized model on a real integer runtime (ORT: onnxruntime), "
                        "same images")
@@ -1080,10 +1111,12 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "bn": _BN.get(q.batch_norm, q.batch_norm) if ok else None,
         "first_last": f"{_edge(q.first_layer)} / {_edge(q.last_layer)}" if ok else None,
         "residual": _RES.get(q.residual_add, q.residual_add) if ok else None,
-        "calibration": (c.dataset.calibration.size if c.dataset.calibration else None) if ok else None,
+        "calibration": _range_images(c, "size") if ok else None,     # range-setting images (QAT: its init)
         "fp32": r.fp32, "quantized": r.quantized, "std": r.std, "delta": r.delta, "n_runs": r.n_runs,
-        "bops": cost.bops, "size_bits": cost.size_bits, "energy_pj": cost.energy_pj,
-        "latency_cycles": cost.latency_cycles, "speedup_vs_fp32": cost.speedup_vs_fp32, "profile": cost.profile,
+        # a cost the method's records could not give (qcard.methods.from_model) is the FP32 model's: not shown
+        **{k: None if (q.model_extra or {}).get("layer_records") == "missing" else getattr(cost, k)
+           for k in ("bops", "size_bits", "energy_pj", "latency_cycles", "speedup_vs_fp32")},
+        "profile": cost.profile,
         "dataset": c.dataset.ref, "eval_size": c.dataset.eval_size, "experiment": c.experiment, "id": c.id,
         "path": str(lc.path) if lc.path else None,
         # 95 % intervals where the card has them (schema 2)
@@ -1201,12 +1234,23 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
               for i, lc in enumerate(loaded) if lc.card.status != "ok"]
     ref, note = None, ""
     if reference:
-        from .reference import model_key, reference_rows
+        from .reference import card_dataset, model_key, reference_rows
         models = None if reference == "all" else sorted({lc.card.model.ref for lc in loaded})
-        ref = reference_rows(models)
+        # published rows only on the cards' own dataset (all of them with --reference-all, dataset shown)
+        ours = sorted({card_dataset(lc.card.dataset.model_dump(mode="json"),
+                                    (lc.card.results.chance.num_classes if lc.card.results.chance else None))
+                       for lc in loaded})
+        ref = reference_rows(models, datasets=None if reference == "all" else ours)
+        elsewhere = sorted({r["dataset"] for r in ref} - set(ours))
         if models is not None and not ref:
+            others = sorted({r["dataset"] for r in reference_rows(models)} - set(ours))
             note = ("no published rows for " + ", ".join(sorted({model_key(m) for m in models}))
+                    + f" on {', '.join(ours)}"
+                    + (f" (the published rows for these models are on {', '.join(others)})" if others else "")
                     + "; `--reference-all` shows every published row")
+        elif elsewhere:
+            note = (f"published rows on {', '.join(elsewhere)}, not on these cards' {', '.join(ours)}: "
+                    "shown for reference only, not comparable")
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
                       difference_details=details, failed=failed, reference_rows=ref, reference_note=note,
                       cards=originals, profile=profile, profile_note=profile_note, significance=sig,
