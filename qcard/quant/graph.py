@@ -974,6 +974,26 @@ def _defaults(model: nn.Module) -> Dict[str, Any]:
             and p.default is not p.empty and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
 
 
+def _drop_specialised_inputs(gm: fx.GraphModule) -> None:
+    """Remove the inputs fx kept for the specialised arguments, with the checks it wrote on them (only
+    those read them): the simulated model's forward takes the input alone (ONNX export traces it so)."""
+    graph = gm.graph
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        reached, stack = set(), [ph]
+        while stack:
+            for u in stack.pop().users:
+                if u not in reached:
+                    reached.add(u)
+                    stack.append(u)
+        if any(u.op == "output" or _is_float_tensor(u) for u in reached):
+            continue
+        for n in reversed(list(graph.nodes)):
+            if n in reached:
+                graph.erase_node(n)
+        graph.erase_node(ph)
+    gm.recompile()
+
+
 def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tensor, log=print) -> nn.Module:
     """A simulated copy of `model` (the original is not changed), with quantizers placed but not yet
     calibrated. The result carries `qcard_sim` (SimInfo). Tries torch.fx first; if the model does not
@@ -991,6 +1011,7 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
         gm = fx.symbolic_trace(model, concrete_args=_defaults(model) or None)
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
+        _drop_specialised_inputs(gm)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"torch.fx could not trace the model ({type(exc).__name__}: {msg[:200]})"
