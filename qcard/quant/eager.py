@@ -3,9 +3,10 @@
 What it can do without a graph: quantize the weights of every nn.Conv*/nn.Linear, quantize each
 such layer's input (so activations are quantized where a matmul reads them), fold a batch norm that
 directly consumes a conv's output (found by tensor identity in one traced forward pass, qcard.ops and
-quant.bn), and quantize the inputs of non-linearity modules (GELU, Softmax, LayerNorm, ...). What it
-cannot do: quantize functional ops written in forward code (residual adds, torch.matmul, torch.cat,
-F.softmax). The same traced pass finds those, and each is listed as unquantized with the reason, under
+quant.bn), and quantize the inputs of non-linearity modules (GELU, Softmax, LayerNorm and its
+subclasses such as timm's, ...). What it cannot do: quantize functional ops written in forward code
+(residual adds, torch.matmul, torch.cat, F.softmax, F.scaled_dot_product_attention, whose q·kᵀ, softmax
+and P·v stay FP32). The same traced pass finds those, and each is listed as unquantized with the reason, under
 the name the cost tracer gives it, so the card says exactly what eager mode left in FP32. Residual adds
 therefore read FP32 inputs (gemm_inputs_only).
 """

@@ -10,9 +10,14 @@ qcard.ops.naming, so records match the cost tracer's. Rules:
     adds, concats, average pools, unsupported non-linearities (GELU, softmax, LayerNorm, ...)
     and the network output under residual_add=quant_all; only conv/linear/matmul inputs under
     gemm_inputs_only; only ReLU outputs feeding conv/linear under relu_only;
-  - max-pool and shape ops (flatten, view, permute, getitem, dropout, ...) keep the grid: no
-    requantization; average pool and concat requantize (or share the input grid, per policy);
-  - the network input is quantized to input_bits (8) unless that is null.
+  - max-pool and shape ops (flatten, view, permute, getitem, dropout, and stochastic depth /
+    DropPath, the identity in eval) keep the grid: no requantization; average pool and concat
+    requantize (or share the input grid, per policy);
+  - F.scaled_dot_product_attention is written out (q·kᵀ·scale, softmax, ·v; quant/attention.py), so
+    both attention matmuls read quantized operands, the softmax output P included, as on an integer
+    runtime; a call left fused is recorded as its parts with P in FP32;
+  - the network input is quantized to input_bits (8) unless that is null; the forward's optional
+    arguments are fixed at their defaults (the simulated model is called with the input alone).
 A layer or op that cannot be simulated is listed in SimInfo.unquantized with the reason.
 """
 from __future__ import annotations
