@@ -291,3 +291,23 @@ def test_deit_exports_and_runs_on_onnxruntime():
     with torch.no_grad():
         ref = sim(x).numpy()
     assert out.shape == ref.shape
+
+
+def test_deit_with_timm_explicit_attention_has_the_same_records():
+    """timm's non-fused path (q·scale, q @ kᵀ, softmax, @ v): q·scale reads q in float, so the qkv tuple is
+    not quantized as a whole; k and v are then quantized where they leave it, and the records (names,
+    operand bits) are those of the written-out fused form."""
+    x = torch.randn(4, 3, 32, 32)
+    fused = _deit()
+    explicit = _deit()
+    for blk in explicit.blocks:
+        blk.attn.fused_attn = False
+    got = {}
+    for name, model in (("fused", fused), ("explicit", explicit)):
+        sim = _calibrated(model, x)
+        records, warnings = _card_records(model, sim, (3, 32, 32))
+        assert warnings == []
+        got[name] = {r.name: (r.op, r.activation_bits, r.weight_bits, r.extra.get("operand_bits"))
+                     for r in records if ".attn." in r.name}
+    assert got["explicit"] == got["fused"]
+    assert got["explicit"]["blocks.5.attn.matmul_1"] == ("matmul", 8, None, [8, 8])

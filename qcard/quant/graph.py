@@ -544,6 +544,14 @@ class _FxBuilder:
                     all_want = False
             want[node] = max(reqs) if reqs else None
             self.forwards[node] = bool(reqs) and all_want
+        # a tuple (unbind, chunk, split) cannot be quantized: an element that forwarded its request to a
+        # tuple that does not forward it (q·scale reads q in float, k and v go to matmuls) is quantized
+        # itself, else k and v would reach their matmuls in FP32
+        for node in self.graph.nodes:
+            src = node.args[0] if node.args else None
+            if self.forwards.get(node) and self._passthrough(node) and isinstance(src, fx.Node) \
+                    and self._passthrough(src) and not self.forwards.get(src) and not _is_float_tensor(src):
+                self.forwards[node] = False
         return want
 
     # -- step 7: insert quantizers --------------------------------------------------------------
