@@ -293,6 +293,7 @@ def test_deit_exports_and_runs_on_onnxruntime():
     assert out.shape == ref.shape
 
 
+@pytest.mark.slow
 def test_deit_with_timm_explicit_attention_has_the_same_records():
     """timm's non-fused path (q·scale, q @ kᵀ, softmax, @ v): q·scale reads q in float, so the qkv tuple is
     not quantized as a whole; k and v are then quantized where they leave it, and the records (names,
