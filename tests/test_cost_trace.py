@@ -130,9 +130,20 @@ def test_timm_models_flow_through():
     recs = trace_layers(res, (3, 224, 224), device="meta")
     assert sum(r.macs for r in recs) == KNOWN["resnet18"][0]
     recs = trace_layers(vit, (3, 224, 224), device="meta")
-    att = [r for r in recs if r.op == "attention"]
-    assert len(att) == 12 and att[0].name == "blocks.0.attn.attention"
-    assert att[0].macs == 3 * 197 * 197 * 64 * 2
+    by_name = {r.name: r for r in recs}
+    # timm's fused F.scaled_dot_product_attention: recorded as the ops an integer runtime runs
+    assert not [r for r in recs if r.op == "attention"]
+    scores, softmax, context = (by_name[f"blocks.0.attn.{p}"] for p in ("matmul", "softmax", "matmul_1"))
+    assert scores.op == context.op == "matmul" and softmax.op == "softmax"
+    assert scores.macs == context.macs == 3 * 197 * 197 * 64
+    assert scores.extra["input_shapes"] == [(1, 3, 197, 64), (1, 3, 197, 64)] and scores.output_shape == (1, 3, 197, 197)
+    assert context.extra["input_shapes"] == [(1, 3, 197, 197), (1, 3, 197, 64)]
+    assert softmax.input_shape == (1, 3, 197, 197)
+    assert sum(r.op == "matmul" for r in recs) == 24 and sum(r.op == "softmax" for r in recs) == 12
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vit(torch.zeros(1, 3, 224, 224, device="meta"))
+    assert 2 * sum(r.macs for r in recs) == counter.get_total_flops()
     assert {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "head"} <= {r.name for r in recs}
 
 

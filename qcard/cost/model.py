@@ -7,7 +7,8 @@ for a layer with MACs multiply-accumulates, b_w weight bits, b_a activation bits
 - effective MACs = MACs · (1 − weight sparsity) when zero weights are skipped, else MACs
 - BOPs = effective MACs · b_w · b_a;  UNIQ BOPs = effective MACs · (b_w·b_a + b_w + b_a + log2(fan-in))
   where fan-in = C_in·k²/g (MACs per output element). A matmul between two activations uses b_a for
-  both operands unless the record gives weight bits.
+  both operands unless the record gives weight bits (two operands on different grids: b_a is the
+  wider, FP32 when one is FP32, and weight bits the narrower; qcard.quant.report.layer_records).
 - size = Σ weights·b_w + biases at 32 bits + parameters outside the records (BN, embeddings) at 32
   bits; "with metadata" adds a 32-bit scale and a 32-bit zero-point per channel (or per tensor or
   per group) of every quantized weight and activation tensor.

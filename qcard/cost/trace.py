@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QcardError
-from ..ops.tracer import CONV_ARGS, CONVT_ARGS, Op, bind_args, trace_ops
+from ..ops.tracer import CONV_ARGS, CONVT_ARGS, SDPA_ARGS, Op, bind_args, trace_ops
 from ..records import LayerRecord
 
 __all__ = ["trace_layers", "trace_model", "ModelTrace", "count_params"]
@@ -81,8 +81,10 @@ class _Recorder:
                 self.used.add(id(a))
         if not op.cost_op:
             return
-        if op.part is not None:
+        if op.fused == "mha":
             self._mha(op, args, kwargs)
+        elif op.fused == "sdpa":
+            self._sdpa(op, args, kwargs)
         elif op.op.startswith("conv"):
             self._conv(op, args, kwargs)
         elif op.op == "linear":
@@ -95,8 +97,6 @@ class _Recorder:
                 extra={"fan_in": int(w.shape[-1]), "bias": b is not None}))
         elif op.op == "matmul":
             self._matmul(op)
-        elif op.op == "attention":
-            self._sdpa(op)
         else:   # add, mul, concat, pools, layernorm, softmax
             extra = {"input_shapes": list(op.input_shapes)} if len(op.input_shapes) > 1 else {}
             self.records.append(LayerRecord(name=op.name, op=op.op,
@@ -146,15 +146,24 @@ class _Recorder:
     def _weight_of(self, op: Op) -> Optional[torch.Tensor]:
         return self.params_by_name.get(op.weight) if op.weight is not None else None
 
-    def _sdpa(self, op: Op) -> None:
-        q, k, v = op.input_shapes
-        L, E = int(q[-2]), int(q[-1])
-        S, Ev = int(k[-2]), int(v[-1])
-        batch = _numel(q) // (L * E)
-        self.records.append(LayerRecord(
-            name=op.name, op="attention", input_shape=q, output_shape=op.output_shape,
-            macs=batch * L * S * (E + Ev),
-            extra={"fan_in": S, "gemms": [(batch, L, E, S), (batch, L, S, Ev)], "input_shapes": [q, k, v]}))
+    def _sdpa(self, op: Op, args: tuple, kwargs: dict) -> None:
+        """F.scaled_dot_product_attention's parts (qcard.ops.tracer.SDPA_PARTS): q·kᵀ, softmax, P·v."""
+        a = bind_args(SDPA_ARGS, args, kwargs)
+        q, k, v = _shape(a["query"]), _shape(a["key"]), _shape(a["value"])
+        L, E, S, Ev = int(q[-2]), int(q[-1]), int(k[-2]), int(v[-1])
+        lead = tuple(q[:-2])
+        batch = _numel(lead) if lead else 1
+        scores = (*lead, L, S)
+        if op.part == "scores":
+            self.records.append(LayerRecord(
+                name=op.name, op="matmul", input_shape=q, output_shape=scores, macs=batch * L * S * E,
+                extra={"fan_in": E, "gemms": [(batch, L, E, S)], "input_shapes": [q, k]}))
+        elif op.part == "softmax":
+            self.records.append(LayerRecord(name=op.name, op="softmax", input_shape=scores, output_shape=scores))
+        else:
+            self.records.append(LayerRecord(
+                name=op.name, op="matmul", input_shape=scores, output_shape=(*lead, L, Ev), macs=batch * L * S * Ev,
+                extra={"fan_in": S, "gemms": [(batch, L, S, Ev)], "input_shapes": [scores, v]}))
 
     def _mha(self, op: Op, args: tuple, kwargs: dict) -> None:
         """nn.MultiheadAttention's parts (one F.multi_head_attention_forward call): input projection,
@@ -181,10 +190,11 @@ class _Recorder:
         elif op.part in ("scores", "context"):
             m, kk, n, oshape = ((L, hd, S, (N, heads, L, S)) if op.part == "scores"
                                 else (L, S, hd, (N, heads, L, hd)))
+            # both operands are activations: q and kᵀ, then P and v
+            ins = [(N, heads, L, hd), (N, heads, hd, S)] if op.part == "scores" else [(N, heads, L, S), (N, heads, S, hd)]
             self.records.append(LayerRecord(
-                name=op.name, op="matmul", input_shape=(N, heads, L, hd if op.part == "scores" else S),
-                output_shape=oshape, macs=N * heads * m * kk * n,
-                extra={"fan_in": kk, "gemms": [(N * heads, m, kk, n)]}))
+                name=op.name, op="matmul", input_shape=ins[0], output_shape=oshape, macs=N * heads * m * kk * n,
+                extra={"fan_in": kk, "gemms": [(N * heads, m, kk, n)], "input_shapes": ins}))
         elif op.part == "softmax":
             self.records.append(LayerRecord(name=op.name, op="softmax",
                                             input_shape=(N, heads, L, S), output_shape=(N, heads, L, S)))

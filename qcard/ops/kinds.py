@@ -19,7 +19,7 @@ __all__ = [
     "MAXPOOL_MODULES", "PASS_MODULES", "UNSIMULATED_PARAM_MODULES", "MAXPOOL_FUNC_IDS", "RELU_FUNCS",
     "NONLINEAR_FUNCS", "NONLINEAR_METHODS", "RELU_METHODS", "BINARY_FUNCS", "BINARY_METHODS", "CAT_FUNCS",
     "MATMUL_FUNCS", "MATMUL_METHODS", "AVGPOOL_FUNCS", "MAXPOOL_FUNCS", "PASS_FUNCS", "PASS_METHODS",
-    "FUNCTIONAL_GEMM",
+    "FUNCTIONAL_GEMM", "nonlinear_op", "identity_in_eval",
 ]
 
 # -- modules --------------------------------------------------------------------------------------
@@ -61,6 +61,45 @@ PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d,
 UNSIMULATED_PARAM_MODULES = (nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN,
                              nn.Bilinear, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
+# subclasses of these are still that op on their input (timm's LayerNorm calls F.layer_norm itself)
+_NORM_BASES = (nn.LayerNorm, nn.GroupNorm)
+
+
+def nonlinear_op(m: nn.Module) -> Optional[str]:
+    """The op of a non-linearity module (NONLINEAR_MODULES, or a subclass of a norm there), else None."""
+    if type(m) in NONLINEAR_MODULES:
+        return NONLINEAR_MODULES[type(m)]
+    for base in _NORM_BASES:
+        if isinstance(m, base):
+            return NONLINEAR_MODULES[base]
+    return None
+
+
+# regularisers that are the identity in eval mode (stochastic depth / DropPath / DropBlock): by name,
+# so that torchvision and timm need not be imported; for functions, the index and default of their
+# `training` argument (None: drop_block, identity only at probability 0)
+_IDENTITY_IN_EVAL_MODULES = frozenset({"StochasticDepth", "DropPath", "DropBlock2d"})
+_IDENTITY_IN_EVAL_FUNCS = {"stochastic_depth": (3, True), "drop_path": (2, False), "drop_block_2d": None,
+                           "drop_block_fast_2d": None}
+
+
+def identity_in_eval(target: object, args: tuple = (), kwargs: Optional[dict] = None) -> bool:
+    """A module in eval mode, or a call with training=False, that returns its input unchanged."""
+    if isinstance(target, nn.Module):
+        return type(target).__name__ in _IDENTITY_IN_EVAL_MODULES and not target.training
+    name = getattr(target, "__name__", None)
+    if name not in _IDENTITY_IN_EVAL_FUNCS:
+        return False
+    where = _IDENTITY_IN_EVAL_FUNCS[name]
+    kwargs = kwargs or {}
+    if where is None:                    # drop_block_*(x, drop_prob, ...)
+        p = args[1] if len(args) > 1 else kwargs.get("drop_prob")
+        return isinstance(p, (int, float)) and p == 0
+    idx, default = where
+    training = args[idx] if len(args) > idx else kwargs.get("training", default)
+    return training is False
+
+
 def module_kind(m: nn.Module) -> Tuple[str, str]:
     """(kind, op) of a module call. Kinds: gemm bn relu nonlinear avgpool maxpool pass unsimulated other."""
     gt = gemm_type(m)
@@ -72,13 +111,13 @@ def module_kind(m: nn.Module) -> Tuple[str, str]:
         return "relu", "relu"
     if isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
         return "relu", "relu6"
-    if type(m) in NONLINEAR_MODULES:
-        return "nonlinear", NONLINEAR_MODULES[type(m)]
+    if nonlinear_op(m) is not None:
+        return "nonlinear", nonlinear_op(m)
     if isinstance(m, AVGPOOL_MODULES):
         return "avgpool", "avgpool"
     if isinstance(m, MAXPOOL_MODULES):
         return "maxpool", "maxpool"
-    if isinstance(m, PASS_MODULES):
+    if isinstance(m, PASS_MODULES) or identity_in_eval(m):
         return "pass", type(m).__name__.lower()
     if isinstance(m, nn.Upsample) and m.mode == "nearest":
         return "pass", "upsample_nearest"

@@ -12,7 +12,10 @@ Each op gets its layer name (qcard.ops.naming), its kind (qcard.ops.kinds), the 
 the identity (id) and shape of the tensors it reads and writes. Every tensor seen is kept alive until
 the pass ends, so ids are unique within one trace (data_flow=False skips that, for shapes-only
 traces). nn.MultiheadAttention runs as one F.multi_head_attention_forward call; it is expanded into
-its input projection, the two attention matmuls, the softmax and the output projection (Op.part).
+its input projection, the two attention matmuls, the softmax and the output projection (Op.part,
+Op.fused "mha"). F.scaled_dot_product_attention is expanded the same way into q·kᵀ, the softmax and
+P·v (Op.fused "sdpa"): the ops an integer runtime runs, and the ops the fx builder writes in its place
+(qcard.quant.attention), under the same names ("<module>.matmul", ".softmax", ".matmul_1").
 
 Users: qcard.cost.trace (shape records for the cost model), qcard.quant.eager (quantizer placement
 without a graph), qcard.quant.bn (which batch norms fold into which conv/linear), and methods that
@@ -33,7 +36,8 @@ from .kinds import MAXPOOL_FUNC_IDS
 from .naming import LayerNamer, weight_owner
 from .opnames import COST_OPS, FUNC_NAME_OPS, SHAPE_QUERIES
 
-__all__ = ["Op", "ModuleCall", "OpTrace", "trace_ops", "bind_args", "CONV_ARGS", "CONVT_ARGS", "MHA_PARTS"]
+__all__ = ["Op", "ModuleCall", "OpTrace", "trace_ops", "bind_args", "CONV_ARGS", "CONVT_ARGS", "MHA_PARTS",
+           "SDPA_ARGS", "SDPA_PARTS"]
 
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -41,6 +45,9 @@ LINEAR_ARGS = ("input", "weight", "bias")
 # nn.MultiheadAttention's expansion: (part, op)
 MHA_PARTS = (("in_proj", "linear"), ("scores", "matmul"), ("softmax", "softmax"), ("context", "matmul"),
              ("out_proj", "linear"))
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# F.scaled_dot_product_attention's expansion: (part, op)
+SDPA_PARTS = (("scores", "matmul"), ("softmax", "softmax"), ("context", "matmul"))
 
 Shape = Tuple[int, ...]
 
@@ -68,7 +75,8 @@ class Op:
     output: Optional[int] = None
     output_shape: Shape = ()
     weight: Optional[str] = None        # the weight operand's parameter name, if it is a parameter
-    part: Optional[str] = None          # nn.MultiheadAttention: in_proj | scores | softmax | context | out_proj
+    part: Optional[str] = None          # in_proj | scores | softmax | context | out_proj (fused attention)
+    fused: Optional[str] = None         # the fused call a part belongs to: "mha" | "sdpa"
 
     @property
     def cost_op(self) -> bool:
@@ -195,7 +203,7 @@ class _Tracer(TorchFunctionMode):
         return self.param_names.get(id(t)) if isinstance(t, torch.Tensor) else None
 
     def _new_op(self, kind: str, inputs: Sequence[Any], out: Any, weight: Any = None, *,
-                named_weight: bool = True, part: Optional[str] = None) -> Op:
+                named_weight: bool = True, part: Optional[str] = None, fused: Optional[str] = None) -> Op:
         """Name an op (naming rules: qcard.ops.naming) and describe it. weight: its weight operand;
         named_weight=False: a weight that names the op only when it is a parameter."""
         frame = self.stack[-1] if self.stack else None
@@ -217,7 +225,7 @@ class _Tracer(TorchFunctionMode):
                 in_leaf=frame is not None and frame.leaf, inputs=tuple(id(t) for t in ins),
                 input_shapes=tuple(_shape(t) for t in ins),
                 output=id(out) if isinstance(out, torch.Tensor) else None, output_shape=_shape(out),
-                weight=pname, part=part)
+                weight=pname, part=part, fused=fused)
         self.trace.ops.append(op)
         return op
 
@@ -242,8 +250,8 @@ class _Tracer(TorchFunctionMode):
             weight = y if self._param(y) is not None else (x if self._param(x) is not None else None)
             op = self._new_op(kind, [x, y], out, weight)
         elif kind == "attention":
-            a = bind_args(("query", "key", "value"), args, kwargs)
-            op = self._new_op(kind, [a["query"], a["key"], a["value"]], out)
+            self._sdpa(func, args, kwargs, out)
+            return
         elif kind in ("add", "mul"):
             tensors = [t for t in args[:2] if isinstance(t, torch.Tensor)]
             # x + 1 or x * scale are not data-moving layers; only tensor-tensor ops are recorded
@@ -264,12 +272,20 @@ class _Tracer(TorchFunctionMode):
         for part, kind in MHA_PARTS:
             if part == "in_proj":
                 op = self._new_op(kind, [a["query"], a["key"], a["value"]], None, w_in, named_weight=False,
-                                  part=part)
+                                  part=part, fused="mha")
             elif part == "out_proj":
-                op = self._new_op(kind, [], None, a["out_proj_weight"], named_weight=False, part=part)
+                op = self._new_op(kind, [], None, a["out_proj_weight"], named_weight=False, part=part, fused="mha")
             else:
-                op = self._new_op(kind, [], None, part=part)
+                op = self._new_op(kind, [], None, part=part, fused="mha")
             self._emit(op, func, args, kwargs, None)
+
+    def _sdpa(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        """q·kᵀ (reads q and k), the softmax, P·v (reads v, returns the call's output)."""
+        a = bind_args(SDPA_ARGS, args, kwargs)
+        for part, kind in SDPA_PARTS:
+            ins = {"scores": [a["query"], a["key"]], "softmax": [], "context": [a["value"]]}[part]
+            op = self._new_op(kind, ins, out if part == "context" else None, part=part, fused="sdpa")
+            self._emit(op, func, args, kwargs, out)
 
 
 def trace_ops(model: nn.Module, example: torch.Tensor, on_op: Optional[OnOp] = None, *,

@@ -3,9 +3,10 @@
 What it can do without a graph: quantize the weights of every nn.Conv*/nn.Linear, quantize each
 such layer's input (so activations are quantized where a matmul reads them), fold a batch norm that
 directly consumes a conv's output (found by tensor identity in one traced forward pass, qcard.ops and
-quant.bn), and quantize the inputs of non-linearity modules (GELU, Softmax, LayerNorm, ...). What it
-cannot do: quantize functional ops written in forward code (residual adds, torch.matmul, torch.cat,
-F.softmax). The same traced pass finds those, and each is listed as unquantized with the reason, under
+quant.bn), and quantize the inputs of non-linearity modules (GELU, Softmax, LayerNorm and its
+subclasses such as timm's, ...). What it cannot do: quantize functional ops written in forward code
+(residual adds, torch.matmul, torch.cat, F.softmax, F.scaled_dot_product_attention, whose q·kᵀ, softmax
+and P·v stay FP32). The same traced pass finds those, and each is listed as unquantized with the reason, under
 the name the cost tracer gives it, so the card says exactly what eager mode left in FP32. Residual adds
 therefore read FP32 inputs (gemm_inputs_only).
 """
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from ..ops.kinds import AVGPOOL_MODULES, GEMM_OP, NONLINEAR_MODULES, RELU_MODULES, gemm_type
+from ..ops.kinds import AVGPOOL_MODULES, GEMM_OP, RELU_MODULES, gemm_type, nonlinear_op
 from ..ops.tracer import ModuleCall, OpTrace, trace_ops
 from .bn import bn_affine, find_bn_folds, fold_bn
 from .cle import pair_supported
@@ -282,7 +283,8 @@ def _quantize_nonlinear_inputs(model: nn.Module, cfg: SimScheme, flow: _Flow, do
     """Non-linearity modules: quantize their input (their output is quantized where a conv reads it)."""
     for c in flow.calls:
         m = c.module
-        if type(m) not in NONLINEAR_MODULES or c.path in done:
+        op = nonlinear_op(m)
+        if op is None or c.path in done:
             continue
         done.add(c.path)
         fq = make_act_quantizer(cfg, cfg.a_bits, f"{c.path}.input", None)
@@ -290,7 +292,7 @@ def _quantize_nonlinear_inputs(model: nn.Module, cfg: SimScheme, flow: _Flow, do
         model.qcard_eager[c.path.replace(".", "_") + "_input"] = fq
         info.act_quantizers[fq.qname] = fq
         m.register_forward_pre_hook(fq.eager_pre_hook)
-        info.layers.append(LayerInfo(name=c.path, op=NONLINEAR_MODULES[type(m)], kind="nonlinear",
+        info.layers.append(LayerInfo(name=c.path, op=op, kind="nonlinear",
                                      input_quantizers=[fq]))
 
 
@@ -300,8 +302,11 @@ def _list_functional_ops(trace: OpTrace, info: SimInfo) -> None:
     for op in trace.ops:
         if op.in_leaf or op.op == "maxpool":
             continue
-        if op.part is not None:
+        if op.fused == "mha":
             reason = ("nn.MultiheadAttention is not simulated: its weights and internal activations stay FP32")
+        elif op.fused == "sdpa":
+            reason = ("F.scaled_dot_product_attention in forward code: eager mode runs it as it is (fused, FP32); "
+                      "its matmuls' operands and the softmax are not quantized (graph_mode: fx quantizes them)")
         elif op.op == "linear" or op.op.startswith("conv"):
             reason = "functional op with a parameter operand (not an nn.Linear/nn.Conv module): weight stays FP32"
         else:

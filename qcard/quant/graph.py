@@ -10,9 +10,14 @@ qcard.ops.naming, so records match the cost tracer's. Rules:
     adds, concats, average pools, unsupported non-linearities (GELU, softmax, LayerNorm, ...)
     and the network output under residual_add=quant_all; only conv/linear/matmul inputs under
     gemm_inputs_only; only ReLU outputs feeding conv/linear under relu_only;
-  - max-pool and shape ops (flatten, view, permute, getitem, dropout, ...) keep the grid: no
-    requantization; average pool and concat requantize (or share the input grid, per policy);
-  - the network input is quantized to input_bits (8) unless that is null.
+  - max-pool and shape ops (flatten, view, permute, getitem, dropout, and stochastic depth /
+    DropPath, the identity in eval) keep the grid: no requantization; average pool and concat
+    requantize (or share the input grid, per policy);
+  - F.scaled_dot_product_attention is written out (q·kᵀ·scale, softmax, ·v; quant/attention.py), so
+    both attention matmuls read quantized operands, the softmax output P included, as on an integer
+    runtime; a call left fused is recorded as its parts with P in FP32;
+  - the network input is quantized to input_bits (8) unless that is null; the forward's optional
+    arguments are fixed at their defaults (the simulated model is called with the input alone).
 A layer or op that cannot be simulated is listed in SimInfo.unquantized with the reason.
 """
 from __future__ import annotations
@@ -31,8 +36,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import QcardError
 from ..ops.kinds import (GEMM_OP, AVGPOOL_FUNCS, BINARY_FUNCS, BINARY_METHODS, CAT_FUNCS, FUNCTIONAL_GEMM, MATMUL_FUNCS,
                          MATMUL_METHODS, MAXPOOL_FUNCS, NONLINEAR_FUNCS, NONLINEAR_METHODS, PASS_FUNCS, PASS_METHODS,
-                         RELU_FUNCS, RELU_METHODS, module_kind)
+                         RELU_FUNCS, RELU_METHODS, identity_in_eval, module_kind)
 from ..ops.naming import LayerNamer
+from ..ops.opnames import COST_OPS
+from .attention import PART_KEY, TOLERANCE_TEXT, sdpa_args, write_out_attention
 from .bn import bn_affine, fold_bn, fold_reason
 from .cle import pair_supported
 from .eager import build_eager
@@ -128,6 +135,8 @@ def _function_kind(node: fx.Node) -> Tuple[str, str]:
         return "pass", getattr(target, "__name__", str(target))
     if target in FUNCTIONAL_GEMM:
         return "fgemm", FUNCTIONAL_GEMM[target]
+    if identity_in_eval(target, node.args, node.kwargs):      # stochastic depth / DropPath in eval
+        return "pass", getattr(target, "__name__", str(target))
     if target is torch.clamp or target is torch.clip:
         return _clamp_kind(node)
     if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant" \
@@ -197,8 +206,11 @@ def _sanitize(name: str) -> str:
 
 
 class _FxBuilder:
-    def __init__(self, gm: fx.GraphModule, cfg: SimScheme):
+    def __init__(self, gm: fx.GraphModule, cfg: SimScheme, leaf_paths: Optional[Set[str]] = None):
         self.gm = gm
+        # module paths (in the traced model) with no child modules: the op tracer's leaves
+        self.leaf_paths = leaf_paths if leaf_paths is not None else set()
+        self.attn_parts: Dict[fx.Node, List[str]] = {}    # fused attention call -> its parts' names
         self.cfg = cfg
         self.graph = gm.graph
         self.modules = dict(gm.named_modules())
@@ -222,9 +234,23 @@ class _FxBuilder:
     # -- step 1: classify and name ----------------------------------------------------------
     def classify(self) -> None:
         """Kind and op of every node, and its layer name by the tracer's rules (qcard.ops.naming):
-        modules by path, functional ops "<innermost module>.<op>" counted per module."""
+        modules by path, functional ops "<innermost module>.<op>" counted per module, the first cost op
+        run inside a leaf module (timm's LayerNorm calling F.layer_norm) by that module's path, and a
+        fused attention call left as it is by the names the tracer gives its parts (matmul, softmax,
+        matmul_1)."""
         counters: Dict[str, Dict[str, int]] = {}
+        cost_ops: Dict[str, int] = {}                 # cost ops named so far per scope (the leaf rule)
         names = LayerNamer()
+
+        def name_op(key: str, path: str, op: str) -> str:
+            first = cost_ops.get(key, 0) == 0
+            if op in COST_OPS:
+                cost_ops[key] = cost_ops.get(key, 0) + 1
+            name = names.scoped(counters.setdefault(key, {}), path, op)
+            if path and first and op in COST_OPS and path in self.leaf_paths:
+                name = path
+            return names.unique(name)
+
         for node in self.graph.nodes:
             kind, op = classify_node(node, self.modules)
             self.kind[node], self.opname[node] = kind, op
@@ -239,7 +265,11 @@ class _FxBuilder:
                     key = list(stack.keys())[-1]
                     val = stack[key]
                     path = val[0] if isinstance(val, tuple) else str(val)
-                self.rname[node] = names.unique(names.scoped(counters.setdefault(key, {}), path, op))
+                if kind == "attention":
+                    self.attn_parts[node] = [name_op(key, path, o) for o in ("matmul", "softmax", "matmul")]
+                    self.rname[node] = self.attn_parts[node][-1]
+                else:
+                    self.rname[node] = name_op(key, path, op)
             else:
                 self.rname[node] = node.name
 
@@ -466,8 +496,10 @@ class _FxBuilder:
         policy = self.cfg.residual_add
         if k == "gemm":
             return self.layer_a.get(user) if user.args and user.args[0] is src else None
-        if k in ("matmul", "attention"):
+        if k == "matmul":
             return self.layer_a.get(user)
+        if k == "attention":           # q, k, v (not a mask)
+            return self.layer_a.get(user) if src in list(_attention_qkv(user)) else None
         if policy != "quant_all":
             return None
         if k in ("add", "mul", "avgpool"):
@@ -512,6 +544,14 @@ class _FxBuilder:
                     all_want = False
             want[node] = max(reqs) if reqs else None
             self.forwards[node] = bool(reqs) and all_want
+        # a tuple (unbind, chunk, split) cannot be quantized: an element that forwarded its request to a
+        # tuple that does not forward it (q·scale reads q in float, k and v go to matmuls) is quantized
+        # itself, else k and v would reach their matmuls in FP32
+        for node in self.graph.nodes:
+            src = node.args[0] if node.args else None
+            if self.forwards.get(node) and self._passthrough(node) and isinstance(src, fx.Node) \
+                    and self._passthrough(src) and not self.forwards.get(src) and not _is_float_tensor(src):
+                self.forwards[node] = False
         return want
 
     # -- step 7: insert quantizers --------------------------------------------------------------
@@ -718,7 +758,9 @@ class _FxBuilder:
                 info.has_concat = True
             if k == "avgpool":
                 info.has_avgpool = True
-            if k in kinds_listed:
+            if k == "attention":
+                self._describe_fused_attention(node)
+            elif k in kinds_listed:
                 li = LayerInfo(name=name, op=self.opname[node], kind=k)
                 if k == "gemm":
                     m = self.gm.get_submodule(str(node.target))
@@ -740,11 +782,10 @@ class _FxBuilder:
                 li.position = self.position.get(node)
                 li.fp32_reason = self.fp32_reason.get(node)
                 li.override = self.override_of.get(node)
+                if node.meta.get(PART_KEY) in ("scores", "context"):
+                    li.note = ("F.scaled_dot_product_attention written out (q·kᵀ·scale, softmax, ·v), equal to the "
+                               f"fused kernel on the example ({TOLERANCE_TEXT})")
                 info.layers.append(li)
-                if k == "attention":
-                    info.unquantized.append({"name": f"{name}.softmax", "op": "softmax",
-                                             "reason": "softmax inside the fused scaled_dot_product_attention "
-                                                       "kernel runs in FP32"})
             elif k == "unsimulated":
                 info.unquantized.append({"name": name, "op": self.opname[node],
                                          "reason": f"nn.{self.opname[node]} is not simulated: its weights and "
@@ -762,6 +803,22 @@ class _FxBuilder:
                 info.unquantized.append({"name": li.name, "op": li.op, "reason": li.fp32_reason})
         if info.has_add is False:
             info.residual_add = "not_present"
+
+    def _describe_fused_attention(self, node: fx.Node) -> None:
+        """A fused F.scaled_dot_product_attention call left as it is (quant/attention.py says why): its
+        parts as the tracer records them. q·kᵀ reads q and k as they arrive; the softmax runs in FP32
+        inside the kernel, so P·v's first operand, P, is FP32 whatever v is."""
+        scores, softmax, context = self.attn_parts[node]
+        q, k, v = (self._edge_quantizer(a) for a in _attention_qkv(node))
+        rq = self.root_q.get(node)
+        fused = "inside the fused scaled_dot_product_attention kernel"
+        self.info.layers.append(LayerInfo(name=scores, op="matmul", kind="matmul", input_quantizers=[q, k],
+                                          override=self.override_of.get(node), note=f"q·kᵀ {fused}"))
+        self.info.unquantized.append({"name": softmax, "op": "softmax", "reason": f"softmax {fused} runs in FP32"})
+        self.info.layers.append(LayerInfo(
+            name=context, op="matmul", kind="matmul", input_quantizers=[None, v],
+            output_quantizer=rq[1] if rq is not None else self._absorbed_output(node),
+            override=self.override_of.get(node), note=f"P·v {fused}: P, the softmax output, is FP32"))
 
     def _absorbed_output(self, node: fx.Node) -> Optional[FakeQuantize]:
         for u in node.users:
@@ -819,6 +876,12 @@ class _Tied(nn.Module):
         if s.dynamic:
             return s._dynamic(x)
         return fake_quantize(x, s.scale, s.zero_point, s.qmin, s.qmax, s.axis)
+
+
+def _attention_qkv(node: fx.Node) -> List[Any]:
+    """query, key and value of an F.scaled_dot_product_attention node."""
+    a = sdpa_args(node)
+    return [a.get("query"), a.get("key"), a.get("value")]
 
 
 def _flat_args(args) -> List[Any]:
@@ -911,6 +974,39 @@ def _make_traceable(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, 
     return originals, kept
 
 
+def _defaults(model: nn.Module) -> Dict[str, Any]:
+    """The forward's optional arguments after the input, at their defaults: the simulated model is only
+    ever called with the input, so they are constants. Traced as inputs, a mask that is None would reach
+    F.scaled_dot_product_attention as a graph input (and `is_causal` as a tensor in ONNX export)."""
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is not p.empty and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
+
+
+def _drop_specialised_inputs(gm: fx.GraphModule) -> None:
+    """Remove the inputs fx kept for the specialised arguments, with the checks it wrote on them (only
+    those read them): the simulated model's forward takes the input alone (ONNX export traces it so)."""
+    graph = gm.graph
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        reached, stack = set(), [ph]
+        while stack:
+            for u in stack.pop().users:
+                if u not in reached:
+                    reached.add(u)
+                    stack.append(u)
+        if any(u.op == "output" or _is_float_tensor(u) for u in reached):
+            continue
+        for n in reversed(list(graph.nodes)):
+            if n in reached:
+                graph.erase_node(n)
+        graph.erase_node(ph)
+    gm.recompile()
+
+
 def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tensor, log=print) -> nn.Module:
     """A simulated copy of `model` (the original is not changed), with quantizers placed but not yet
     calibrated. The result carries `qcard_sim` (SimInfo). Tries torch.fx first; if the model does not
@@ -925,9 +1021,10 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
     except Exception:  # noqa: BLE001 - a model that does not run on the example fails below, with the reason
         originals, kept = {}, []
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=_defaults(model) or None)
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
+        _drop_specialised_inputs(gm)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"torch.fx could not trace the model ({type(exc).__name__}: {msg[:200]})"
@@ -937,6 +1034,8 @@ def build_simulated(model: nn.Module, cfg: SimScheme, example_input: torch.Tenso
             model.set_submodule(path, m)
         log(f"qcard: {reason}; falling back to eager (module-level) quantizer placement")
         return build_eager(model, cfg, example_input, reason, log)
-    sim = _FxBuilder(gm, cfg).build()
-    sim.__dict__["qcard_sim"].warnings.extend(kept)
+    _, fused = write_out_attention(gm, example_input)      # q·kᵀ, softmax, ·v: P quantized like any operand
+    leaves = {n for n, m in model.named_modules() if n and next(m.children(), None) is None}
+    sim = _FxBuilder(gm, cfg, leaves).build()
+    sim.__dict__["qcard_sim"].warnings.extend(kept + fused)
     return sim

@@ -213,6 +213,13 @@ def layer_records(model) -> List[LayerRecord]:
         oq = li.output_quantizer if li.output_quantizer is not None and li.output_quantizer.enabled else None
         w_bits = _w_bits(li)
         a_bits = _in_bits(li)
+        operands = [_qbits(q) for q in li.input_quantizers]
+        if li.kind != "gemm" and None in operands:
+            a_bits = None               # an operand read in FP32: the op is not an integer op
+        if li.kind == "matmul" and len(operands) == 2 and len(set(operands)) == 2:
+            # two activations on different grids: the cost model multiplies activation_bits (the wider,
+            # FP32 = None) by weight_bits (the narrower) for this op's BOPs (qcard.cost.model)
+            w_bits = min(FP32 if b is None else b for b in operands)
         sparsity = 0.0
         if li.module is not None:
             w = li.module.quantized_weight().detach()
@@ -230,6 +237,10 @@ def layer_records(model) -> List[LayerRecord]:
             extra["position"] = li.position
         if li.override:
             extra["override"] = li.override
+        if li.kind == "matmul":
+            extra["operand_bits"] = [FP32 if b is None else b for b in operands]
+        if li.note:
+            extra["note"] = li.note
         if wq is not None:
             extra.update(weight_signed=wq.spec.signed, scale_format=wq.spec.scale_format,
                          weight_range=wq.range_setting, rounding=wq.rounding_label,
@@ -313,7 +324,7 @@ def layer_accounting(records: Sequence[LayerRecord]) -> Dict[str, Any]:
         "first_layer": edge(weighted[0] if weighted else None),
         "last_layer": edge(weighted[-1] if weighted else None),
         "fp32_weighted": [r for r in weighted if r.weight_bits is None],
-        # attention matmuls in FP32 while other layers' inputs are quantized (not weight-only)
+        # attention matmuls with an FP32 operand while other layers' inputs are quantized (not weight-only)
         "fp32_matmuls": [r for r in macs if not r.weight_shape and r.activation_bits is None]
         if any(r.activation_bits is not None for r in macs) else [],
         "weights_total": wn, "macs_total": sum(r.macs for r in macs),
@@ -366,6 +377,7 @@ def _fp32_warnings(acc: Dict[str, Any]) -> List[str]:
     if acc["fp32_matmuls"]:
         mm = acc["fp32_matmuls"]
         m = sum(r.macs for r in mm) / acc["macs_total"] * 100 if acc["macs_total"] else 0.0
-        out.append(f"{len(mm)} matmul(s) of two activations (attention) left in FP32 ({m:.1f} % of the MACs), "
+        out.append(f"{len(mm)} matmul(s) of two activations (attention) with an operand in FP32 ({m:.1f} % of the "
+                   "MACs), "
                    f"in {_grouped([r.name for r in mm])}")
     return out

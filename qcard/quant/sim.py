@@ -35,6 +35,7 @@ class LayerInfo:
     position: Optional[str] = None              # first | last | None
     fp32_reason: Optional[str] = None           # why this layer was left in FP32 by the settings
     override: Optional[str] = None              # the override pattern that matched it
+    note: Optional[str] = None                  # a fact about how it runs, for its record (extra["note"])
 
 
 @dataclass
