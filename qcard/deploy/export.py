@@ -203,7 +203,10 @@ class _Tracer:
     """Puts the markers into a copy of the simulated model and records what it wrote."""
 
     def __init__(self, sim: nn.Module, fp32: bool, int4: bool):
-        self.model = copy.deepcopy(sim).cpu().eval()
+        # the copy needs the modules only: qcard_sim's bookkeeping holds torch.fx nodes, whose deep copy
+        # recurses along the whole graph (RecursionError on mobilenet_v3_small's 219 nodes)
+        memo = {id(sim.__dict__["qcard_sim"]): None} if "qcard_sim" in sim.__dict__ else {}
+        self.model = copy.deepcopy(sim, memo).cpu().eval()
         self.fp32, self.int4 = fp32, int4
         self.mismatch: List[str] = []
         self.checking = True          # the first pass builds and checks the grids; the export pass traces
@@ -259,19 +262,22 @@ def _bshape(t: torch.Tensor, like: torch.Tensor, axis: Optional[int]) -> torch.T
 # ------------------------------------------------------------------------------------------ export
 
 def export_onnx(sim_model: nn.Module, example: torch.Tensor, path, *, opset: Optional[int] = None,
-                fp32: bool = False, method: Optional[str] = None) -> ExportInfo:
+                fp32: bool = False, method: Optional[str] = None, int4: bool = False) -> ExportInfo:
     """Write `sim_model` (a qcard.quant simulated model) as ONNX to `path`: QDQ with qcard's grids, or,
     with fp32=True, the same graph with every quantizer left out (the FP32 reference for latency).
+    Weights of <= 4 bits go in int8 initializers (opset 13 by default), which onnxruntime runs on its
+    integer kernels; `int4=True` stores them as int4 (opset >= 21), which it runs in float.
     Raises NotDeployable (the reason) when the setting has no exact integer form on onnxruntime."""
     import onnx
     if not fp32:
         problem = deploy_problem(sim_model, method)
         if problem:
             raise NotDeployable(problem)
-    bits = [m.bits for n, m in sim_model.named_modules() if isinstance(m, FakeQuantize) and _is_weight(n)]
-    low = any(b < 8 for b in bits)
-    opset = opset or (INT4_OPSET if low and all(b <= 4 for b in bits) else DEFAULT_OPSET)
-    tr = _Tracer(sim_model, fp32, int4=opset >= INT4_OPSET)
+    opset = opset or (INT4_OPSET if int4 else DEFAULT_OPSET)
+    if int4 and opset < INT4_OPSET:
+        raise QcardError(f"int4 weights need opset {INT4_OPSET} or later (int4 is an ONNX type from opset "
+                         f"{INT4_OPSET}); opset is {opset}")
+    tr = _Tracer(sim_model, fp32, int4=int4)
     example = example.detach().cpu()
     with torch.no_grad():
         tr.model(example)                          # builds the grids and checks them on the example
@@ -337,6 +343,8 @@ def _finish(model, info: ExportInfo, tr: _Tracer) -> None:
     if info.weight_types.get("int8") and any(gr.weight and gr.qmax - gr.qmin < 255 for gr in tr.grids.values()):
         info.notes.append("weights of fewer than 8 bits are stored in int8 initializers (same integer values; "
                           "the runtime runs them with its 8-bit kernels)")
+    if int4_types:
+        info.notes.append(f"weights of 4 bits or fewer are stored as int4 (opset {info.opset}, deploy.int4_weights)")
 
 
 def _flatten_as_reshape(graph, node):
