@@ -144,7 +144,7 @@ class DeploySpec(Strict):
     int4_weights: bool = Field(False, description="store weights of <= 4 bits as int4 (opset >= 21); onnxruntime "
                                "then runs those layers in float, and the card says so. Default: int8 containers "
                                "holding the 4-bit values, run on integer kernels")
-    latency_budget_s: float = Field(10.0, gt=0, description="per batch size: after latency_runs timed runs, runs "
+    latency_budget_s: float = Field(5.0, gt=0, description="per batch size: after latency_runs timed runs, runs "
                                     "go on until their spread is small or this many seconds have passed")
 
     @model_validator(mode="after")
@@ -161,7 +161,7 @@ class DeploySpec(Strict):
 
 
 # DeploySpec fields added after deploy blocks were in use, with their defaults (left out of the id there)
-_DEPLOY_LATER = {"int4_weights": False, "latency_budget_s": 10.0}
+_DEPLOY_LATER = {"int4_weights": False, "latency_budget_s": 5.0}
 
 
 class ResourcesSpec(Strict):

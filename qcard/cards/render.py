@@ -23,7 +23,7 @@ import jinja2
 
 from ..errors import QcardError
 from ..quant.qspec import value_text
-from .deployment import deployment_tables
+from .deployment import deployment_banner, deployment_tables
 from .method_tables import method_tables
 from .schema import Card, card_from_dict
 
@@ -444,7 +444,7 @@ TIE_NOTE = "ties between logits break toward the lowest class index (top-1 = arg
 def _banner(c: Dict[str, Any]) -> List[str]:
     """What a reader must see before the numbers: synthetic data, then the card's warnings."""
     out = [SYNTHETIC_NOTE] if (c.get("dataset") or {}).get("ref") == "synthetic" else []
-    return out + list(c.get("warnings") or [])
+    return out + list(c.get("warnings") or []) + deployment_banner(c)
 
 
 def card_view(c: Dict[str, Any]) -> Dict[str, Any]:

@@ -17,7 +17,7 @@ from .export import NotDeployable, export_onnx
 from .runtime import (EXECUTION_PROVIDER, SPREAD_SMALL, integer_macs, latency, make_session, op_counts,
                       require_runtime, run)
 
-__all__ = ["deploy_check", "check_extra", "float_ops_line", "ARITHMETIC_RATIO"]
+__all__ = ["deploy_check", "check_extra", "ARITHMETIC_RATIO"]
 
 # FP32 over int8 operand width: what narrower arithmetic alone can give (the kernels that ran are 8-bit)
 ARITHMETIC_RATIO = 32 / 8
@@ -148,28 +148,19 @@ def deploy_check(sim_model: nn.Module, dataset, *, threads: int = 1, batch_sizes
 
 
 def _kernel_notes(block: Dict[str, Any], int4: bool) -> list:
-    """What ran in float, by share of the conv/gemm/matmul MACs."""
+    """What ran in float (the card shows the share of MACs on integer kernels from block["integer_macs"])."""
     macs = block["integer_macs"]
     notes = []
     if not block["integer_ops"]:
         notes.append("no integer kernel ran: onnxruntime fused none of the QDQ pairs")
-    if macs["share"] is not None and macs["share"] < 1:
-        notes.append(float_ops_line(macs) + (
-            " (int4 weights, deploy.int4_weights: onnxruntime has no integer convolution/gemm kernel for them)"
-            if int4 and block["export"].get("weight_types", {}).get("int4") else ""))
+    if int4 and block["export"].get("weight_types", {}).get("int4") and macs["float"]:
+        notes.append("int4 weights (deploy.int4_weights): onnxruntime ran the convolutions/matmuls with int4 "
+                     "weights in float (it has no integer convolution/gemm kernel for int4 weights); the default, "
+                     "int8 containers holding the same 4-bit values, runs them on integer kernels")
     if macs["unknown"]:
         notes.append(f"{len(macs['unknown'])} conv/gemm/matmul node(s) did not run in the profiling call, so their "
                      f"MACs are not counted: {', '.join(macs['unknown'][:5])}")
     return notes
-
-
-def float_ops_line(macs: Dict[str, Any]) -> str:
-    """'QLinearConv ... : 25.0 % of the conv/gemm/matmul MACs on integer kernels; in float: Conv ×6, Gemm ×1'."""
-    counts = macs.get("float_op_counts") or {op: 1 for op in macs.get("float_ops") or []}
-    ops = ", ".join(f"{k} ×{v}" for k, v in counts.items())
-    return (f"{100.0 * macs['share']:.1f} % of the conv/gemm/matmul MACs ran on integer kernels; in float: {ops}"
-            + (f" ({', '.join(macs['float_layers'][:6])}{' ...' if len(macs['float_layers']) > 6 else ''})"
-               if macs.get("float_layers") else ""))
 
 
 def _latency(session, ref_session, dataset, batch: int, runs: int, budget_s: float) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections import Counter
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -345,6 +346,66 @@ def _finish(model, info: ExportInfo, tr: _Tracer) -> None:
                           "the runtime runs them with its 8-bit kernels)")
     if int4_types:
         info.notes.append(f"weights of 4 bits or fewer are stored as int4 (opset {info.opset}, deploy.int4_weights)")
+    info.notes += _fit_biases(g)
+
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def _fit_biases(graph) -> List[str]:
+    """onnxruntime quantizes each float bias of a Conv/Gemm whose input and weight are quantized to int32 at
+    s_in·s_w (saturating). A channel whose weight scale is tiny (all its weights 0, e.g. a batch norm with
+    gamma 0 folded in, given a scale of float eps) then saturates: its bias is lost on the runtime but not in
+    the simulation. Such a channel's integer weights are all zero, so any scale dequantizes them exactly:
+    it gets one at which its bias fits. Channels with nonzero weights cannot change; they are named."""
+    from onnx import numpy_helper
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = Counter(i for n in graph.node for i in n.input)
+    fixed, lost, biased = 0, [], 0
+    for n in graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        xq, wq = producer.get(n.input[0]), producer.get(n.input[1])
+        if not (xq is not None and wq is not None and xq.op_type == wq.op_type == "DequantizeLinear"
+                and xq.input[1] in inits and wq.input[0] in inits and wq.input[1] in inits):
+            continue
+        biased += 1
+        s_in = float(numpy_helper.to_array(inits[xq.input[1]]).reshape(-1)[0])
+        s_w = numpy_helper.to_array(inits[wq.input[1]]).astype(np.float64).reshape(-1)
+        q = numpy_helper.to_array(inits[wq.input[0]]).astype(np.int64)
+        z = (numpy_helper.to_array(inits[wq.input[2]]).astype(np.int64).reshape(-1) if len(wq.input) > 2
+             and wq.input[2] in inits else np.zeros(1, dtype=np.int64))
+        b = np.abs(numpy_helper.to_array(inits[n.input[2]]).astype(np.float64))
+        per_channel = s_w.size > 1
+        zero = ((q.reshape(q.shape[0], -1) == z.reshape(-1, 1)).all(1) if per_channel
+                else np.array([bool((q == z[0]).all())]))
+        over = (b / (s_in * s_w) > INT32_MAX) if per_channel else np.array([bool((b / (s_in * s_w[0]) > INT32_MAX).any())])
+        if not over.any():
+            continue
+        if (over & zero).any() and uses[wq.input[1]] == 1:
+            bmax = b if per_channel else np.full(1, b.max())
+            s_new = s_w.copy()
+            ok = s_w[~zero].max() if (~zero).any() else 1.0
+            s_new[over & zero] = np.maximum(ok, 2.0 * bmax[over & zero] / (s_in * INT32_MAX))
+            dtype = numpy_helper.to_array(inits[wq.input[1]]).dtype
+            inits[wq.input[1]].CopyFrom(numpy_helper.from_array(
+                s_new.astype(dtype).reshape(numpy_helper.to_array(inits[wq.input[1]]).shape), wq.input[1]))
+            fixed += int((over & zero).sum())
+        if (over & ~zero).any():
+            lost.append(f"{n.name} ({int((over & ~zero).sum())} channel(s))")
+    notes = []
+    if biased:
+        notes.append("biases: onnxruntime quantizes each float bias to int32 at s_in·s_w (an error of at most half "
+                     "an accumulator step, which the simulation, keeping the bias in float, does not model)")
+    if fixed:
+        notes.append(f"{fixed} channel(s) whose weights are all zero got a weight scale at which their bias fits "
+                     "int32 at s_in·s_w (their weights dequantize to 0 at any scale; with the tiny scale the "
+                     "runtime's int32 bias would saturate)")
+    if lost:
+        notes.append("bias out of int32 range at s_in·s_w (the runtime saturates it; the simulation does not): "
+                     + ", ".join(lost[:6]) + (" ..." if len(lost) > 6 else ""))
+    return notes
 
 
 def _flatten_as_reshape(graph, node):
