@@ -1,7 +1,6 @@
 """Deploy honesty (issue 21): what ran on integer kernels (by share of the MACs), agreement that says
 nothing on outputs that do not vary, latency with its spread, and export beyond the bundled models."""
 import json
-import time
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from qcard.cards.render import render_card
 from qcard.cards.schema import card_from_dict
 from qcard.data import load_dataset
 from qcard.deploy import deploy_check
-from qcard.deploy.check import _latency, _latency_notes
+from qcard.deploy.check import _latency_notes, latency_row
 from qcard.deploy.runtime import SPREAD_SMALL, latency
 from qcard.runner import run
 from test_quant_support import one_thread, run_ptq
@@ -111,30 +110,46 @@ def test_degenerate_outputs_make_agreement_not_informative(w_scale, words, cards
     assert cards["W4A8"]["deployment"]["simulated_outputs"]["argmax_classes"] == 10
 
 
-class _Sleeper:
-    """A stand-in session whose call takes the next of `ms` (cycled)."""
+class _Clock:
+    """A clock that moves only when a stand-in session runs (timings independent of the machine's load)."""
 
-    def __init__(self, ms):
-        self.ms, self.i = ms, 0
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class _Session:
+    """A stand-in session whose call takes the next of `ms` (cycled) on `clock`."""
+
+    def __init__(self, clock, ms):
+        self.clock, self.ms, self.i = clock, ms, 0
 
     def get_inputs(self):
         return [type("I", (), {"name": "input"})()]
 
     def run(self, _outputs, _feed):
-        time.sleep(self.ms[self.i % len(self.ms)] / 1000.0)
+        self.clock.t += self.ms[self.i % len(self.ms)] / 1000.0
         self.i += 1
         return [None]
 
 
 def test_latency_stops_early_when_steady_and_flags_a_large_spread():
     x = torch.zeros(1, 1).numpy()
-    steady = latency([_Sleeper([4.0]), _Sleeper([8.0])], x, min_runs=5, budget_s=5.0, warmup=1)
+    c = _Clock()
+    steady = latency([_Session(c, [4.0]), _Session(c, [8.0, 8.2])], x, min_runs=5, budget_s=5.0, clock=c)
     assert len(steady.times[0]) == 5 and steady.spread() <= SPREAD_SMALL      # stopped at the minimum
-    noisy = latency([_Sleeper([1.0, 1.0, 9.0]), _Sleeper([8.0])], x, min_runs=3, budget_s=0.4, warmup=0)
+    row = latency_row(1, steady)
+    assert row["speedup"] == pytest.approx(2.025, abs=0.03) and row["large_spread"] is False and row["runs"] == 5
+    c = _Clock()
+    noisy = latency([_Session(c, [1.0, 2.0, 4.0, 9.0]), _Session(c, [8.0])], x, min_runs=3, budget_s=0.4, clock=c)
     assert len(noisy.times[0]) > 3 and noisy.seconds >= 0.4 and noisy.spread() > SPREAD_SMALL
-    row = _latency(_Sleeper([1.0, 1.0, 9.0]), _Sleeper([8.0]), [(torch.zeros(1), 0)], 1, 3, 0.3)
-    assert row["large_spread"] is True and row["runs"] > 3 and row["speedup_iqr"][0] < row["speedup_iqr"][1]
-    assert row["int8_ms_iqr"][0] <= row["int8_ms"] <= row["int8_ms_iqr"][1]
+    assert noisy.seconds < 0.4 + 0.02                                        # stopped when the budget ended
+    row = latency_row(1, noisy)
+    assert row["large_spread"] is True and row["runs"] == len(noisy.times[0])
+    assert row["speedup_iqr"][0] < row["speedup"] < row["speedup_iqr"][1]
+    assert row["int8_ms_iqr"][0] < row["int8_ms"] < row["int8_ms_iqr"][1] and row["fp32_ms_iqr"] == [8.0, 8.0]
     notes = _latency_notes([row])
     assert any("large spread" in n and f"over {row['runs']} runs" in n for n in notes)
 
@@ -170,3 +185,28 @@ def test_torchvision_export_beyond_resnets(arch):
     # random weights: the outputs carry no information, and the card says so rather than "100 % identical"
     if d["simulated_outputs"]["argmax_classes"] <= 1:
         assert d["agreement_informative"] is False and d["agreement_note"].startswith("not informative")
+
+
+ID_CONFIG = {"experiment": "ids", "models": ["qcard:mlp"], "dataset": {"ref": "qcard:mnist5k", "eval_split": "test"},
+             "methods": [{"name": "ptq", "params": {"w_bits": 4, "a_bits": 8},
+                          "deploy": {"batch_sizes": [1], "latency_runs": 5}}]}
+# the id qcard gave this point before the deploy block gained int4_weights and latency_budget_s
+ID_BEFORE = "6dc6aa48f38019d2f96798fbce759a424b4fd965faa265577e40b7329ca2c6d8"
+
+
+def _point(**deploy):
+    from qcard.config import config_from_dict
+    cfg = json.loads(json.dumps(ID_CONFIG))
+    cfg["methods"][0]["deploy"].update(deploy)
+    return config_from_dict(cfg).points()[0]
+
+
+def test_new_deploy_fields_keep_point_ids_unless_set():
+    from qcard.errors import ConfigError
+    assert _point().id == ID_BEFORE
+    assert _point(int4_weights=False, latency_budget_s=5.0).id == ID_BEFORE        # defaults written out
+    asked = _point(int4_weights=True)
+    assert asked.id != ID_BEFORE and asked.deploy.int4_weights and asked.deploy.canonical()["int4_weights"]
+    assert _point(latency_budget_s=2).id not in (ID_BEFORE, asked.id)
+    with pytest.raises(ConfigError, match="int4_weights needs opset 21"):
+        _point(int4_weights=True, opset=13)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..evaluate import top_classes
 from .export import NotDeployable, export_onnx
-from .runtime import (EXECUTION_PROVIDER, SPREAD_SMALL, integer_macs, latency, make_session, op_counts,
+from .runtime import (EXECUTION_PROVIDER, SPREAD_SMALL, Timing, integer_macs, latency, make_session, op_counts,
                       require_runtime, run)
 
 __all__ = ["deploy_check", "check_extra", "ARITHMETIC_RATIO"]
@@ -164,8 +164,11 @@ def _kernel_notes(block: Dict[str, Any], int4: bool) -> list:
 
 
 def _latency(session, ref_session, dataset, batch: int, runs: int, budget_s: float) -> Dict[str, Any]:
-    x = _example(dataset, batch).numpy()
-    t = latency([session, ref_session], x, runs, budget_s)
+    return latency_row(batch, latency([session, ref_session], _example(dataset, batch).numpy(), runs, budget_s))
+
+
+def latency_row(batch: int, t: Timing) -> Dict[str, Any]:
+    """The card's latency row of one batch size from the timed runs (QDQ graph first, FP32 second)."""
     q, f = t.median(0), t.median(1)
     r = t.ratios()
     spread = t.spread()
