@@ -177,7 +177,7 @@ def latency_row(batch: int, t: Timing) -> Dict[str, Any]:
             "int8_ms_iqr": [round(v, 4) for v in t.quartiles(t.times[0])],
             "fp32_ms_iqr": [round(v, 4) for v in t.quartiles(t.times[1])],
             "speedup_iqr": [round(v, 3) for v in t.quartiles(r)] if r else None,
-            "spread": round(spread, 4) if spread != float("inf") else None, "seconds": round(t.seconds, 3),
+            "spread": round(spread, 4) if spread != float("inf") else None, "seconds": round(t.seconds, 6),
             "large_spread": not spread <= SPREAD_SMALL}
 
 
