@@ -159,6 +159,8 @@ def test_speedup_above_the_arithmetic_ratio_is_explained():
     (note,) = _latency_notes([row])
     assert "5.30× is above 4×" in note and "kernel" in note
     assert _latency_notes([{**row, "speedup": 3.9}]) == []
+    noisy = _latency_notes([{**row, "large_spread": True, "speedup_iqr": [0.1, 20.0], "runs": 50, "seconds": 5.0}])
+    assert len(noisy) == 2 and "large spread" in noisy[0] and "load on the machine" in noisy[1]
 
 
 @pytest.mark.slow

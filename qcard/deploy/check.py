@@ -190,7 +190,11 @@ def _latency_notes(rows) -> list:
                          f"{iqr[0]}–{iqr[1]}× over {r['runs']} runs ({r['seconds']:.1f} s; more than "
                          f"{100 * SPREAD_SMALL:.0f} % of its median when the time budget ended): the machine was "
                          "busy or the timing is noisy at this size, so read the speedup as a range")
-        if r["speedup"] is not None and r["speedup"] > ARITHMETIC_RATIO:
+        if r["speedup"] is not None and r["speedup"] > ARITHMETIC_RATIO and r["large_spread"]:
+            notes.append(f"batch {r['batch_size']}: the measured speedup {r['speedup']:.2f}× is above "
+                         f"{ARITHMETIC_RATIO:.0f}× (32/8, FP32 over int8 operand width), but with the large spread "
+                         "above it is not a measurement of the kernels: load on the machine can explain it")
+        elif r["speedup"] is not None and r["speedup"] > ARITHMETIC_RATIO:
             notes.append(f"batch {r['batch_size']}: the measured speedup {r['speedup']:.2f}× is above "
                          f"{ARITHMETIC_RATIO:.0f}× (32/8, FP32 over int8 operand width, the most narrower "
                          "arithmetic gives by itself): the two graphs ran different kernel implementations "
