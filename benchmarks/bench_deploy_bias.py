@@ -72,12 +72,18 @@ def main(argv=None) -> int:
     from qcard.deploy import deploy_check, export
     from qcard.methods.base import PointData, RunContext
     from qcard.methods.ptq import PTQ, PTQParams
+    from qcard.data.base import TensorQDataset
     train = Upsampled(load_dataset("qcard:mnist5k", "train"))
     test = torch.utils.data.Subset(Upsampled(load_dataset("qcard:mnist5k", "test")), range(a.eval_size))
+    # calibration draws from a qcard dataset of the training split: the upsampled images, in memory
+    images, labels = zip(*(train[i] for i in range(len(train))))
+    train_q = TensorQDataset(ref="mnist5k@64", split="train", images=torch.stack(images),
+                             labels=torch.tensor(labels), num_classes=10, preprocessing={}, split_info={},
+                             fingerprint="")
     t0 = time.time()
     model = trained_resnet18(train, a.epochs, Path(a.cache))
     print(f"resnet18 trained {a.epochs} epoch(s) on mnist5k 3x64x64 ({time.time() - t0:.0f} s)", flush=True)
-    data = PointData(train=train, eval=test, num_classes=10, input_shape=(3, 64, 64), calibration_size=256)
+    data = PointData(train=train_q, eval=test, num_classes=10, input_shape=(3, 64, 64), calibration_size=256)
     fit = export._fit_biases
     print(f"{'pipeline':<24} {'export':<10} {'top-1 rt / sim':>16} {'identical argmax':>17} {'max steps':>9}  notes")
     for label, params in (("standard per-channel", dict(pipeline="standard", w_granularity="per_channel")),
