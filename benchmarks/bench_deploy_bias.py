@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/qcard/bench"))
+    ap.add_argument("--dead-channels", type=int, default=0,
+                    help="set gamma = 0 on this many channels of each batch norm in layer2-4 (dead channels, as "
+                         "long training with weight decay leaves them): their folded weights are all zero")
+    ap.add_argument("--pipelines", default="standard-pc,minmax-pc,minmax-pt")
     a = ap.parse_args(argv)
     import copy
 
@@ -83,12 +87,19 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = trained_resnet18(train, a.epochs, Path(a.cache))
     print(f"resnet18 trained {a.epochs} epoch(s) on mnist5k 3x64x64 ({time.time() - t0:.0f} s)", flush=True)
+    if a.dead_channels:
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if isinstance(m, torch.nn.BatchNorm2d) and name.startswith(("layer2", "layer3", "layer4")):
+                    m.weight[:a.dead_channels] = 0.0
+        print(f"dead channels: gamma = 0 on the first {a.dead_channels} channels of every batch norm in layer2-4")
     data = PointData(train=train_q, eval=test, num_classes=10, input_shape=(3, 64, 64), calibration_size=256)
     fit = export._fit_biases
     print(f"{'pipeline':<24} {'export':<10} {'top-1 rt / sim':>16} {'identical argmax':>17} {'max steps':>9}  notes")
-    for label, params in (("standard per-channel", dict(pipeline="standard", w_granularity="per_channel")),
-                          ("minmax per-channel", dict(pipeline="minmax", w_granularity="per_channel")),
-                          ("minmax per-tensor", dict(pipeline="minmax", w_granularity="per_tensor"))):
+    settings = {"standard-pc": ("standard per-channel", dict(pipeline="standard", w_granularity="per_channel")),
+                "minmax-pc": ("minmax per-channel", dict(pipeline="minmax", w_granularity="per_channel")),
+                "minmax-pt": ("minmax per-tensor", dict(pipeline="minmax", w_granularity="per_tensor"))}
+    for label, params in (settings[k] for k in a.pipelines.split(",")):
         ctx = RunContext(seed=0, progress=False, log=lambda m: None)
         sim = PTQ().apply(copy.deepcopy(model), data, PTQParams(w_bits=8, a_bits=8, **params), ctx).model
         for name, patch in (("no fit", lambda g: []), ("bias fit", fit)):

@@ -97,6 +97,8 @@ def test_degenerate_outputs_make_agreement_not_informative(w_scale, words, cards
     assert d["status"] == "ok" and d["argmax_agreement"] == 1.0
     assert d["agreement_informative"] is False and words in d["agreement_note"], d["agreement_note"]
     assert d["simulated_outputs"]["argmax_classes"] == 1 and d["simulated_outputs"]["constant"] == (w_scale == 0)
+    if w_scale == 0:      # all-zero weights: float-eps scale; the runtime's int32 bias fits only after the fit
+        assert any("whose weights are all zero got a weight scale" in n for n in d["notes"]), d["notes"]
     # on the card (row, note, banner) and in compare's runtime cell and differences
     card = json.loads(json.dumps(cards["W4A8"]))
     card["deployment"] = d
@@ -108,6 +110,19 @@ def test_degenerate_outputs_make_agreement_not_informative(w_scale, words, cards
     # a model whose outputs vary is informative
     assert cards["W4A8"]["deployment"]["agreement_informative"] is True
     assert cards["W4A8"]["deployment"]["simulated_outputs"]["argmax_classes"] == 10
+
+
+def test_bias_out_of_int32_range_is_named(tmp_path):
+    """Nonzero weights at a tiny scale cannot be rescaled (the simulation's weights would change): the
+    runtime saturates the int32 bias, and the card says which layer."""
+    torch.manual_seed(0)
+    data = torch.utils.data.Subset(load_dataset("qcard:mnist5k", "test"), range(50))
+    with one_thread():
+        sim = run_ptq(TwoLayer(1e-4, 3, 1000.0).eval(), w_bits=8, a_bits=8, pipeline="minmax").model
+        d = deploy_check(sim, data, batch_sizes=[1], latency_runs=1, latency_budget_s=0.1)
+    assert d["status"] == "ok"
+    assert any(n.startswith("bias out of int32 range") and "/fc2/Gemm" in n for n in d["notes"]), d["notes"]
+    assert d["argmax_agreement"] < 1.0                # the runtime saturated the bias that decides the class
 
 
 class _Clock:
