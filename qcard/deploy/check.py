@@ -124,7 +124,7 @@ def deploy_check(sim_model: nn.Module, dataset, *, threads: int = 1, batch_sizes
         try:
             session = make_session(qdq, threads, opt)
             block["integer_ops"], block["float_ops"] = op_counts(opt)
-            block["integer_macs"] = integer_macs(qdq, opt, example.numpy())
+            block["integer_macs"] = _macs(qdq, opt, example.numpy())
             cmp = _compare(sim_model, session, dataset, eval_batch_size)
             ref_session = make_session(fp32, threads)
             block["latency"] = [_latency(session, ref_session, dataset, b, latency_runs, latency_budget_s)
@@ -147,12 +147,23 @@ def deploy_check(sim_model: nn.Module, dataset, *, threads: int = 1, batch_sizes
     return block
 
 
+def _macs(qdq: Path, opt: Path, x) -> Dict[str, Any]:
+    """integer_macs, or a block that says why the MACs could not be counted (the rest of the check stands)."""
+    try:
+        return integer_macs(qdq, opt, x)
+    except Exception as exc:  # noqa: BLE001 - the card says so; kernels and agreement are still measured
+        return {"share": None, "integer": None, "float": None, "float_ops": [], "float_layers": [], "unknown": [],
+                "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def _kernel_notes(block: Dict[str, Any], int4: bool) -> list:
     """What ran in float (the card shows the share of MACs on integer kernels from block["integer_macs"])."""
     macs = block["integer_macs"]
     notes = []
     if not block["integer_ops"]:
         notes.append("no integer kernel ran: onnxruntime fused none of the QDQ pairs")
+    if macs.get("error"):
+        notes.append(f"the share of MACs on integer kernels could not be counted: {macs['error']}")
     if int4 and block["export"].get("weight_types", {}).get("int4") and macs["float"]:
         notes.append("int4 weights (deploy.int4_weights): onnxruntime ran the convolutions/matmuls with int4 "
                      "weights in float (it has no integer convolution/gemm kernel for int4 weights); the default, "
