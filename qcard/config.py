@@ -140,7 +140,28 @@ class DeploySpec(Strict):
     batch_sizes: List[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 32], min_length=1,
                                                            description="latency is measured at each")
     latency_runs: int = Field(20, ge=1, description="timed runs per batch size (the median is reported)")
-    opset: Optional[int] = Field(None, ge=13, le=23, description="ONNX opset (default: 13; 21 for 4-bit weights)")
+    opset: Optional[int] = Field(None, ge=13, le=23, description="ONNX opset (default: 13; 21 with int4_weights)")
+    int4_weights: bool = Field(False, description="store weights of <= 4 bits as int4 (opset >= 21); onnxruntime "
+                               "then runs those layers in float, and the card says so. Default: int8 containers "
+                               "holding the 4-bit values, run on integer kernels")
+    latency_budget_s: float = Field(5.0, gt=0, description="per batch size: after latency_runs timed runs, runs "
+                                    "go on until their spread is small or this many seconds have passed")
+
+    @model_validator(mode="after")
+    def _int4_opset(self):
+        if self.int4_weights and self.opset is not None and self.opset < 21:
+            raise ValueError(f"int4_weights needs opset 21 or later (int4 is an ONNX type from opset 21); "
+                             f"opset is {self.opset}")
+        return self
+
+    def canonical(self) -> Dict[str, Any]:
+        """The block as the point id hashes it: fields added later count only when set, so older ids stay."""
+        return {k: v for k, v in self.model_dump(mode="json").items()
+                if not (k in _DEPLOY_LATER and v == _DEPLOY_LATER[k])}
+
+
+# DeploySpec fields added after deploy blocks were in use, with their defaults (left out of the id there)
+_DEPLOY_LATER = {"int4_weights": False, "latency_budget_s": 5.0}
 
 
 class ResourcesSpec(Strict):
@@ -242,7 +263,7 @@ class Point:
     def canonical(self) -> Dict[str, Any]:
         """Everything that determines the results, defaults expanded, in a stable form."""
         # the deploy check adds to the card, so it counts, but only when asked (older ids stay)
-        deploy = {"deploy": self.deploy.model_dump(mode="json")} if self.deploy is not None else {}
+        deploy = {"deploy": self.deploy.canonical()} if self.deploy is not None else {}
         return {**deploy, **self._canonical()}
 
     def as_config(self) -> Dict[str, Any]:

@@ -446,7 +446,8 @@ class _PointRun:
         self.log(f"    deploy check on {spec.runtime} ({spec.threads} thread(s))")
         return self.timed("deploy", lambda: deploy_check(
             model, self.evaluation, threads=spec.threads, batch_sizes=spec.batch_sizes,
-            latency_runs=spec.latency_runs, opset=spec.opset, method=method,
+            latency_runs=spec.latency_runs, latency_budget_s=spec.latency_budget_s, opset=spec.opset,
+            int4_weights=spec.int4_weights, method=method,
             simulated_speedup=cost.get("speedup_vs_fp32"), eval_batch_size=self.point.dataset.batch_size))
 
 

@@ -121,13 +121,28 @@ def test_torchvision_resnet18_w8a8_exports_and_runs(tmp_path):
     assert d["argmax_agreement"] >= 0.8 and d["eval_size"] == 16
 
 
+COMPUTE_IN_FLOAT = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+
+
 def test_4bit_weights_run_as_int4_or_say_why(mnist_test):
+    """By default 4-bit weights go in int8 containers (opset 13) and every conv/linear runs on an integer
+    kernel; int4 (opset 21) only when asked, and then the card says which layers ran in float."""
     with one_thread():
         sim = run_ptq(bundled("lenet5"), w_bits=4, a_bits=8, w_granularity="per_channel", pipeline="minmax").model
         d = _check(sim, mnist_test)
+        i4 = _check(sim, mnist_test, int4_weights=True)
     assert d["status"] == "ok", d.get("reason")
-    assert d["opset"] == 21 and set(d["export"]["weight_types"]) == {"int4"}
+    assert d["opset"] == 13 and set(d["export"]["weight_types"]) == {"int8"}
+    assert d["integer_ops"].get("QLinearConv") == 2 and not COMPUTE_IN_FLOAT & set(d["float_ops"]), d["float_ops"]
+    assert d["integer_macs"]["share"] == 1.0 and d["integer_macs"]["float"] == 0
     assert abs(d["top1"] - d["top1_simulated"]) <= 0.5 and d["argmax_agreement"] >= 0.99
+    assert i4["status"] == "ok" and i4["opset"] == 21 and set(i4["export"]["weight_types"]) == {"int4"}
+    assert i4["argmax_agreement"] >= 0.99
+    if i4["integer_macs"]["share"] < 1:          # the runtime has no int4 conv kernel: the card must say so
+        assert set(i4["integer_macs"]["float_ops"]) & COMPUTE_IN_FLOAT
+        assert any("int4 weights" in n and "in float" in n for n in i4["notes"]), i4["notes"]
+    else:
+        assert not COMPUTE_IN_FLOAT & set(i4["float_ops"])
 
 
 def test_4bit_weights_in_int8_containers_at_opset_13(mnist_test):

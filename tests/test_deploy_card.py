@@ -18,7 +18,7 @@ models: [qcard:mlp]
 dataset: {ref: qcard:mnist5k, eval_split: test, eval_size: 200, batch_size: 200, calibration: {size: 64, seed: 0}}
 methods:
   - {name: ptq, label: W8A8, params: {w_bits: 8, a_bits: 8, pipeline: minmax},
-     deploy: {runtime: onnxruntime, threads: 1, batch_sizes: [1, 4], latency_runs: 2}}
+     deploy: {runtime: onnxruntime, threads: 1, batch_sizes: [1, 4], latency_runs: 2, latency_budget_s: 0.5}}
   - {name: ptq, label: W4A4, params: {w_bits: 4, a_bits: 4, pipeline: minmax},
      deploy: {threads: 1, batch_sizes: [1], latency_runs: 1}}
 cost: {profiles: [bitops]}
@@ -42,7 +42,12 @@ def test_runner_puts_the_deployment_on_the_card(ran):
     assert d["status"] == "ok" and d["eval_size"] == 200 and d["threads"] == 1
     assert d["top1_simulated"] == cards["W8A8"][1]["results"]["quantized"]   # the same images, the same model
     assert abs(d["top1"] - d["top1_simulated"]) <= 0.5
-    assert [r["batch_size"] for r in d["latency"]] == [1, 4] and all(r["runs"] == 2 for r in d["latency"])
+    assert [r["batch_size"] for r in d["latency"]] == [1, 4] and all(r["runs"] >= 2 for r in d["latency"])
+    for r in d["latency"]:       # the spread: quartiles, and a flag when it stayed large to the end of the budget
+        assert r["speedup_iqr"][0] <= r["speedup_iqr"][1] and r["seconds"] > 0
+        assert r["large_spread"] == (r["spread"] > 0.10) and (r["runs"] == 2 or r["large_spread"]
+                                                                or r["seconds"] >= 0.5 or r["spread"] <= 0.10)
+    assert d["integer_macs"]["share"] == 1.0 and d["agreement_informative"] is True
     assert d["simulated_speedup"] == cards["W8A8"][1]["cost"]["speedup_vs_fp32"]
     w4 = cards["W4A4"][1]["deployment"]
     assert w4["status"] == "not_deployable" and "4-bit activations" in w4["reason"]

@@ -763,14 +763,17 @@ def _runtime_cell(card: Card) -> Optional[str]:
         return None
     if d.status == "ok":
         short = RUNTIME_SHORT.get(d.runtime, d.runtime)
-        return "—" if d.top1 is None else f"{d.top1:.2f} ({short})"
+        if d.top1 is None:
+            return "—"
+        # agreement on outputs that do not vary (one argmax class, constant logits) says nothing
+        return f"{d.top1:.2f} ({short}" + ("; agreement not informative)" if d.agreement_informative is False else ")")
     return {"not_deployable": "not deployable", "failed": "failed"}[d.status]
 
 
 def _runtime_gaps(cards: List[Card], letters: List[str]) -> List[str]:
     """'simulated vs runtime accuracy: B 98.62 vs 98.40 (onnxruntime)' for cards whose top-1 on the real
     runtime is not the simulated top-1 (at the table's two decimals)."""
-    gaps = []
+    gaps, vacuous = [], []
     for c, l in zip(cards, letters):
         d = c.deployment
         if c.status != "ok" or d is None or d.status != "ok" or d.top1 is None:
@@ -778,9 +781,16 @@ def _runtime_gaps(cards: List[Card], letters: List[str]) -> List[str]:
         sim = d.top1_simulated if d.top1_simulated is not None else c.results.quantized
         if sim is not None and abs(d.top1 - sim) >= 0.005:
             gaps.append(f"{l} {sim:.2f} vs {d.top1:.2f} ({d.runtime})")
-    if not gaps:
-        return []
-    return ["simulated vs runtime accuracy: " + ", ".join(gaps[:8]) + (f" and {len(gaps) - 8} more" if len(gaps) > 8 else "")]
+        if d.agreement_informative is False:
+            vacuous.append(l)
+    out = []
+    if gaps:
+        out.append("simulated vs runtime accuracy: " + ", ".join(gaps[:8])
+                   + (f" and {len(gaps) - 8} more" if len(gaps) > 8 else ""))
+    if vacuous:
+        out.append("runtime agreement not informative: " + ", ".join(vacuous) + " (the simulated outputs on the "
+                   "deploy images are constant or have one argmax class)")
+    return out
 
 
 def _not_reproducible(cards: List[Card], letters: List[str]) -> List[str]:

@@ -23,7 +23,7 @@ import jinja2
 
 from ..errors import QcardError
 from ..quant.qspec import value_text
-from .deployment import deployment_tables
+from .deployment import deployment_banner, deployment_tables
 from .method_tables import method_tables
 from .schema import Card, card_from_dict
 
@@ -563,10 +563,10 @@ def top5_trivial(results: Dict[str, Any]) -> bool:
 
 def _banner(c: Dict[str, Any]) -> List[str]:
     """What a reader must see before the numbers: synthetic data, an uninformative FP32 baseline or eval
-    set, then the card's warnings."""
+    set, the card's warnings, then what the deploy check found."""
     synthetic = (c.get("dataset") or {}).get("ref") == "synthetic"
     out = [SYNTHETIC_NOTE] if synthetic else chance_notes(c.get("results") or {}, (c.get("dataset") or {}).get("eval_size"))
-    return out + list(c.get("warnings") or [])
+    return out + list(c.get("warnings") or []) + deployment_banner(c)
 
 
 def _not_used(unused: Dict[str, str]) -> str:

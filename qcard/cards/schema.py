@@ -292,6 +292,14 @@ class DeployLatency(Closed):
     int8_ms: Optional[float] = None           # the QDQ model, per batch
     fp32_ms: Optional[float] = None           # the same model exported in FP32, same runtime and threads
     speedup: Optional[float] = None           # fp32_ms / int8_ms: measured
+    # the spread (v2, later): quartiles over the runs, the spread of the per-run speedup ((q3-q1)/median),
+    # the timed seconds, and whether the spread was still large when the time budget ended
+    int8_ms_iqr: Optional[Tuple[float, float]] = None
+    fp32_ms_iqr: Optional[Tuple[float, float]] = None
+    speedup_iqr: Optional[Tuple[float, float]] = None
+    spread: Optional[float] = None
+    seconds: Optional[float] = None
+    large_spread: Optional[bool] = None
 
 
 class Deployment(Open):
@@ -317,6 +325,13 @@ class Deployment(Open):
     latency: List[DeployLatency] = Field(default_factory=list)
     simulated_speedup: Optional[float] = None       # the card's cost.speedup_vs_fp32, for the side-by-side
     notes: List[str] = Field(default_factory=list)
+    # share of the conv/gemm/matmul MACs on integer kernels: {share, integer, float, float_ops, float_layers, ...}
+    integer_macs: Optional[Dict[str, Any]] = None
+    # the simulated outputs on the deploy images: {argmax_classes, constant, zero, top_class}; agreement on
+    # outputs that do not vary says nothing (agreement_note says why)
+    simulated_outputs: Optional[Dict[str, Any]] = None
+    agreement_informative: Optional[bool] = None
+    agreement_note: Optional[str] = None
 
 
 def card_sections_adapter() -> TypeAdapter:

@@ -69,7 +69,7 @@ def rebuild_simulated(exp, point, log):
               help="onnx: an ONNX QDQ graph with the card's scales and zero points")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the file to write")
 @click.option("--opset", type=click.IntRange(13, 23), default=None,
-              help="ONNX opset (default: 13; 21 when every weight has 4 bits or fewer: int4 weights)")
+              help="ONNX opset (default: 13; 21 when the card's deploy block asks for int4_weights)")
 @user_errors
 def export(target: str, fmt: str, output: str, opset) -> None:
     """Write the quantized model of a card as ONNX QDQ (reruns the card's point for its last seed)."""
@@ -84,7 +84,8 @@ def export(target: str, fmt: str, output: str, opset) -> None:
     sim, evaluation, method = rebuild_simulated(exp, point, lambda m: click.echo(m, err=True))
     example = evaluation[0][0].unsqueeze(0).float()
     try:
-        info = export_onnx(sim, example, output, opset=opset, method=method)
+        info = export_onnx(sim, example, output, opset=opset, method=method,
+                           int4=bool(point.deploy and point.deploy.int4_weights))
     except NotDeployable as exc:
         raise QcardError(f"{card_path}: not deployable on onnxruntime: {exc}") from None
     types = ", ".join(f"{k} ×{v}" for k, v in sorted(info.weight_types.items())) or "none"

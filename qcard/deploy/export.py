@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections import Counter
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -203,7 +204,10 @@ class _Tracer:
     """Puts the markers into a copy of the simulated model and records what it wrote."""
 
     def __init__(self, sim: nn.Module, fp32: bool, int4: bool):
-        self.model = copy.deepcopy(sim).cpu().eval()
+        # the copy needs the modules only: qcard_sim's bookkeeping holds torch.fx nodes, whose deep copy
+        # recurses along the whole graph (RecursionError on mobilenet_v3_small's 219 nodes)
+        memo = {id(sim.__dict__["qcard_sim"]): None} if "qcard_sim" in sim.__dict__ else {}
+        self.model = copy.deepcopy(sim, memo).cpu().eval()
         self.fp32, self.int4 = fp32, int4
         self.mismatch: List[str] = []
         self.checking = True          # the first pass builds and checks the grids; the export pass traces
@@ -259,19 +263,22 @@ def _bshape(t: torch.Tensor, like: torch.Tensor, axis: Optional[int]) -> torch.T
 # ------------------------------------------------------------------------------------------ export
 
 def export_onnx(sim_model: nn.Module, example: torch.Tensor, path, *, opset: Optional[int] = None,
-                fp32: bool = False, method: Optional[str] = None) -> ExportInfo:
+                fp32: bool = False, method: Optional[str] = None, int4: bool = False) -> ExportInfo:
     """Write `sim_model` (a qcard.quant simulated model) as ONNX to `path`: QDQ with qcard's grids, or,
     with fp32=True, the same graph with every quantizer left out (the FP32 reference for latency).
+    Weights of <= 4 bits go in int8 initializers (opset 13 by default), which onnxruntime runs on its
+    integer kernels; `int4=True` stores them as int4 (opset >= 21), which it runs in float.
     Raises NotDeployable (the reason) when the setting has no exact integer form on onnxruntime."""
     import onnx
     if not fp32:
         problem = deploy_problem(sim_model, method)
         if problem:
             raise NotDeployable(problem)
-    bits = [m.bits for n, m in sim_model.named_modules() if isinstance(m, FakeQuantize) and _is_weight(n)]
-    low = any(b < 8 for b in bits)
-    opset = opset or (INT4_OPSET if low and all(b <= 4 for b in bits) else DEFAULT_OPSET)
-    tr = _Tracer(sim_model, fp32, int4=opset >= INT4_OPSET)
+    opset = opset or (INT4_OPSET if int4 else DEFAULT_OPSET)
+    if int4 and opset < INT4_OPSET:
+        raise QcardError(f"int4 weights need opset {INT4_OPSET} or later (int4 is an ONNX type from opset "
+                         f"{INT4_OPSET}); opset is {opset}")
+    tr = _Tracer(sim_model, fp32, int4=int4)
     example = example.detach().cpu()
     with torch.no_grad():
         tr.model(example)                          # builds the grids and checks them on the example
@@ -337,6 +344,68 @@ def _finish(model, info: ExportInfo, tr: _Tracer) -> None:
     if info.weight_types.get("int8") and any(gr.weight and gr.qmax - gr.qmin < 255 for gr in tr.grids.values()):
         info.notes.append("weights of fewer than 8 bits are stored in int8 initializers (same integer values; "
                           "the runtime runs them with its 8-bit kernels)")
+    if int4_types:
+        info.notes.append(f"weights of 4 bits or fewer are stored as int4 (opset {info.opset}, deploy.int4_weights)")
+    info.notes += _fit_biases(g)
+
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def _fit_biases(graph) -> List[str]:
+    """onnxruntime quantizes each float bias of a Conv/Gemm whose input and weight are quantized to int32 at
+    s_in·s_w (saturating). A channel whose weight scale is tiny (all its weights 0, e.g. a batch norm with
+    gamma 0 folded in, given a scale of float eps) then saturates: its bias is lost on the runtime but not in
+    the simulation. Such a channel's integer weights are all zero, so any scale dequantizes them exactly:
+    it gets one at which its bias fits. Channels with nonzero weights cannot change; they are named."""
+    from onnx import numpy_helper
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = Counter(i for n in graph.node for i in n.input)
+    fixed, lost, biased = 0, [], 0
+    for n in graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        xq, wq = producer.get(n.input[0]), producer.get(n.input[1])
+        if not (xq is not None and wq is not None and xq.op_type == wq.op_type == "DequantizeLinear"
+                and xq.input[1] in inits and wq.input[0] in inits and wq.input[1] in inits):
+            continue
+        biased += 1
+        s_in = float(numpy_helper.to_array(inits[xq.input[1]]).reshape(-1)[0])
+        s_w = numpy_helper.to_array(inits[wq.input[1]]).astype(np.float64).reshape(-1)
+        q = numpy_helper.to_array(inits[wq.input[0]]).astype(np.int64)
+        z = (numpy_helper.to_array(inits[wq.input[2]]).astype(np.int64).reshape(-1) if len(wq.input) > 2
+             and wq.input[2] in inits else np.zeros(1, dtype=np.int64))
+        b = np.abs(numpy_helper.to_array(inits[n.input[2]]).astype(np.float64))
+        per_channel = s_w.size > 1
+        zero = ((q.reshape(q.shape[0], -1) == z.reshape(-1, 1)).all(1) if per_channel
+                else np.array([bool((q == z[0]).all())]))
+        over = (b / (s_in * s_w) > INT32_MAX) if per_channel else np.array([bool((b / (s_in * s_w[0]) > INT32_MAX).any())])
+        if not over.any():
+            continue
+        if (over & zero).any() and uses[wq.input[1]] == 1:
+            bmax = b if per_channel else np.full(1, b.max())
+            s_new = s_w.copy()
+            ok = s_w[~zero].max() if (~zero).any() else 1.0
+            s_new[over & zero] = np.maximum(ok, 2.0 * bmax[over & zero] / (s_in * INT32_MAX))
+            dtype = numpy_helper.to_array(inits[wq.input[1]]).dtype
+            inits[wq.input[1]].CopyFrom(numpy_helper.from_array(
+                s_new.astype(dtype).reshape(numpy_helper.to_array(inits[wq.input[1]]).shape), wq.input[1]))
+            fixed += int((over & zero).sum())
+        if (over & ~zero).any():
+            lost.append(f"{n.name} ({int((over & ~zero).sum())} channel(s))")
+    notes = []
+    if biased:
+        notes.append("biases: onnxruntime quantizes each float bias to int32 at s_in·s_w (an error of at most half "
+                     "an accumulator step, which the simulation, keeping the bias in float, does not model)")
+    if fixed:
+        notes.append(f"{fixed} channel(s) whose weights are all zero got a weight scale at which their bias fits "
+                     "int32 at s_in·s_w (their weights dequantize to 0 at any scale; with the tiny scale the "
+                     "runtime's int32 bias would saturate)")
+    if lost:
+        notes.append("bias out of int32 range at s_in·s_w (the runtime saturates it; the simulation does not): "
+                     + ", ".join(lost[:6]) + (" ..." if len(lost) > 6 else ""))
+    return notes
 
 
 def _flatten_as_reshape(graph, node):
