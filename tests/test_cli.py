@@ -65,3 +65,32 @@ def test_card_validate_rejects_bad_files(tmp_path):
 def test_unknown_command_is_usage_error():
     code, out = invoke("frobnicate")
     assert code == 2
+
+
+# ------------------------------------------------------------------ issue 22 item 7: export refuses from the card
+
+def test_export_refuses_a_not_deployable_card_without_rerunning_it(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+    import qcard.commands.export as export_cmd
+    cards = Path(__file__).parent.parent / "cards" / "quickstart"
+    qat = next(cards.glob("resnet8__QAT-W4A4__*"))
+    shutil.copytree(qat, tmp_path / "qat")
+
+    def rerun(*args, **kwargs):
+        raise AssertionError("the point was rerun before refusing")
+    monkeypatch.setattr(export_cmd, "rebuild_simulated", rerun)
+    code, out = invoke("export", str(tmp_path / "qat"), "-o", str(tmp_path / "m.onnx"))
+    assert code == 2, out
+    assert "not deployable" in out and "4-bit activations" in out and "nothing was rerun" in out
+    assert "rerunning" not in out and not (tmp_path / "m.onnx").exists()
+
+
+def test_card_problem_reads_what_the_card_says_and_passes_deployable_ones():
+    from pathlib import Path
+    from qcard.deploy.check import card_problem
+    cards = Path(__file__).parent.parent / "cards" / "quickstart"
+    said = {p.parent.name.split("__")[1]: card_problem(json.loads(p.read_text())) for p in cards.glob("resnet8__*/card.json")}
+    assert said["W8A8"] is None and said["W4A8-minmax"] is None          # exported by the export itself
+    assert "4-bit activations" in said["QAT-W4A4"]
+    assert "SPARQ" in said["SPARQ-A4W8"] and "MARViN" in said["MARViN"] and "FP32 point" in said["fp32"]
