@@ -222,6 +222,40 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
     return summary
 
 
+def preflight(exp: Experiment, log: Callable[[str], None] = _echo) -> int:
+    """What would fail every point of a model, found before anything runs (`qcard validate`): each model is
+    built and the data its points read is loaded (no image is scored beyond one forward pass): the output
+    width against the dataset's classes, the channels, and a calibration size larger than the training
+    split. Raises ConfigError naming the file and key; returns how many models were checked."""
+    from .errors import ConfigError
+    from .methods import resolve_method
+    res = Resources(exp, RunStore(exp.out_dir()), "cpu", log)
+    checked, failed, problems = set(), set(), []
+    model_keys = [canonical_hash(m.model_dump(mode="json", exclude={"label"})) for m in exp.config.models]
+    for point in exp.points():
+        mkey = canonical_hash(point.model.model_dump(mode="json", exclude={"label"}))
+        where = ("models", model_keys.index(mkey)) if mkey in model_keys else ("models",)
+        if mkey in failed:
+            continue
+        try:
+            _, info = res.model(point)             # built, and its data loaded, once per model
+            train, _ = res.datasets(point, info)
+        except QcardError as exc:
+            problems.append(exp.error(where, str(exc)))
+            failed.add(mkey)
+            continue
+        checked.add(mkey)
+        size = point.dataset.calibration.size
+        if resolve_method(point.method).family != "none" and size > len(train):
+            problems.append(exp.error(("dataset", "calibration", "size"),
+                                      f"calibration size {size} is larger than the training split of "
+                                      f"{point.dataset.ref} ({len(train)} images), which calibration draws from; "
+                                      f"use at most {len(train)}"))
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(str(p) for p in problems)))
+    return len(checked)
+
+
 def _todo(points: List[Point], store: RunStore, force: bool, summary: RunSummary, log: Callable[[str], None]):
     """[(place in the config, point)] of the points to run: finished ones are skipped (recorded in the
     summary). Partial files of an interrupted run are removed by the point's runner, under its lock."""
