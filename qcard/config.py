@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
@@ -289,7 +290,9 @@ class Point:
 
     @property
     def folder(self) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model.short}__{self.method_label}")
+        # letters and digits of any script are kept ("émoji" stays "émoji"; NFC, so one spelling is one folder)
+        name = unicodedata.normalize("NFC", f"{self.model.short}__{self.method_label}")
+        safe = re.sub(r"[^\w.-]+", "-", name)
         return f"{safe}__{self.id[:10]}"
 
     def values(self, keys) -> str:
@@ -456,17 +459,17 @@ def expand(exp: Experiment) -> List[Point]:
                                 f"the same settings, so they are one point ({point.id[:10]}) with one card, "
                                 f"labelled '{first.method_label}'; change a param or remove one of them")
                         continue
-                    if len(point.folder) > MAX_FOLDER:
+                    if len(point.folder.encode("utf-8")) > MAX_FOLDER:
                         raise exp.error(("methods", mi, "label"), f"the point folder '{point.folder}' is "
-                                        f"{len(point.folder)} characters long; at most {MAX_FOLDER}: shorten "
-                                        f"the model or method label")
+                                        f"{len(point.folder.encode('utf-8'))} bytes long; at most {MAX_FOLDER}: "
+                                        f"shorten the model or method label")
                     seen[point.id] = point
                     point.index = len(points)
                     points.append(point)
     return points
 
 
-MAX_FOLDER = 240    # a point folder: MODEL__LABEL__id, below the 255 bytes of a file name
+MAX_FOLDER = 240    # bytes (UTF-8) of a point folder, MODEL__LABEL__id: below the 255 bytes of a file name
 
 _SCALARS = (bool, int, float)
 

@@ -146,7 +146,8 @@ class PointJob:
             removed = store.clean_partial(point.folder)
             if removed:
                 log(f"    removed {removed} partial file(s) left by an interrupted run in {folder}")
-            return _execute(point, self.exp, store, resources, resources.device, self.progress, log)
+            with _warnings_to(log, point):
+                return _execute(point, self.exp, store, resources, resources.device, self.progress, log)
         finally:
             lock.release()
 
@@ -272,6 +273,21 @@ def _todo(points: List[Point], store: RunStore, force: bool, summary: RunSummary
             log(f"{_prefix(i, len(points), point)}: the card there is not a finished card, rerunning ({why_not})")
         todo.append((i, point))
     return todo
+
+
+@contextlib.contextmanager
+def _warnings_to(log: Callable[[str], None], point: Point):
+    """Python warnings raised while a point runs (torch's, a user method's) go to the run's log naming the
+    point, in order with its other lines, not to stderr where they land under another point's line."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")          # each distinct warning once per point
+        try:
+            yield
+        finally:
+            for w in caught:
+                log(f"    warning ({point.model.short} · {point.method_label}, {point.id[:10]}): "
+                    f"{w.category.__name__}: {str(w.message).strip().splitlines()[0] if str(w.message).strip() else ''}")
 
 
 def _clean_if_free(store: RunStore, point: Point, log: Callable[[str], None]) -> None:

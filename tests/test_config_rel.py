@@ -70,3 +70,20 @@ def test_a_relative_path_found_only_in_the_current_folder_is_an_error_that_says_
     msg = str(err.value)
     assert "weights file not found" in msg and "relative to its folder" in msg and str(project) in msg
     assert "exists in the current folder" in msg
+
+
+def test_point_folders_keep_non_ascii_letters(tmp_path):
+    exp = config_from_dict({"experiment": "u", "models": [{"ref": "qcard:lenet5", "label": "émoji-net"}],
+                            "dataset": "qcard:mnist5k", "methods": [{"name": "fp32", "label": "Größe 8/8"}]})
+    folder = exp.points()[0].folder
+    assert folder.startswith("émoji-net__Größe-8-8__"), folder
+
+
+def test_pyproject_license_is_an_spdx_string_with_a_setuptools_that_reads_it():
+    import re
+    import tomllib
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    assert data["project"]["license"] == "Apache-2.0"       # a table is deprecated (warnings on install)
+    floor = [r for r in data["build-system"]["requires"] if r.startswith("setuptools")]
+    assert floor and tuple(map(int, re.findall(r">=(\d+)", floor[0]))) >= (77,)

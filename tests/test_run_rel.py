@@ -210,3 +210,48 @@ def test_a_lock_whose_heartbeat_stopped_is_taken_over(tmp_path, monkeypatch):
     got, note = lock.acquire()
     assert got and "no heartbeat" in note
     lock.release()
+
+
+# ------------------------------------------------------------------ item 12, run side
+
+WARNS = '''
+import warnings
+from user_methods import ScaleWeights
+
+
+class Warns(ScaleWeights):
+    def apply(self, model, data, params, ctx):
+        if params.factor < 1:
+            warnings.warn(f"careful with factor {params.factor}")
+        return super().apply(model, data, params, ctx)
+'''
+
+
+def test_warnings_are_logged_with_the_point_that_raised_them(tmp_path, write_config, monkeypatch, capfd):
+    (tmp_path / "warn_method.py").write_text(WARNS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = write_config(f"experiment: w\nout: {tmp_path / 'runs'}\nmodels: [qcard:lenet5]\n"
+                       "dataset: {ref: qcard:mnist5k, eval_size: 32, batch_size: 32}\ncost: {profiles: [bitops]}\n"
+                       "methods:\n  - {name: 'warn_method:Warns', params: {factor: [1.0, 0.5]}}\n", "w.yaml")
+    from qcard.runner import run
+    lines = []
+    summary = run(cfg, progress=False, log=lines.append)
+    assert summary.ok
+    second = summary.outcomes[1].point
+    warned = [i for i, line in enumerate(lines) if "careful with factor 0.5" in line]
+    assert len(warned) == 1 and second.id[:10] in lines[warned[0]], lines
+    # in order: after the first point's result line, before the second's
+    results = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert results[0] < warned[0] < results[1], lines
+    assert "careful" not in capfd.readouterr().err
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path, write_config, subprocess_env):
+    factors = ", ".join(str(round(1 - i / 2000, 5)) for i in range(800))    # > 64 KiB of --dry-run lines
+    cfg = write_config(f"experiment: pipe\nmodels: [qcard:lenet5]\ndataset: qcard:mnist5k\n"
+                       f"methods:\n  - {{name: user_methods:ScaleWeights, params: {{factor: [{factors}]}}}}\n",
+                       "pipe.yaml")
+    r = subprocess.run(["sh", "-c", f'"{sys.executable}" -m qcard.cli run "{cfg}" --dry-run | head -n 2'],
+                       env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert len(r.stdout.splitlines()) == 2
+    assert r.stderr.strip() == "", r.stderr            # no "error: Broken pipe", no "Exception ignored"
