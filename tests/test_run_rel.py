@@ -255,3 +255,28 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path, write_config, subprocess
                        env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert len(r.stdout.splitlines()) == 2
     assert r.stderr.strip() == "", r.stderr            # no "error: Broken pipe", no "Exception ignored"
+
+
+TWELVE = "  - {name: user_methods:ScaleWeights, params: {delay: 0.6, factor: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, " \
+         "0.7, 0.65, 0.6, 0.55, 0.5, 0.45]}}\n"
+
+
+def test_ctrl_c_with_workers_exits_cleanly(tmp_path, write_config, subprocess_env):
+    import signal
+    cfg = write_config(f"experiment: intr\nout: {tmp_path / 'runs'}\nmodels: [qcard:lenet5]\n"
+                       "dataset: {ref: qcard:mnist5k, eval_size: 64, batch_size: 64, calibration: {size: 16}}\n"
+                       "cost: {profiles: [bitops]}\nmethods:\n" + TWELVE, "intr.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--no-progress", "--workers", "2"],
+                            env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp_path / "runs" / "intr").glob("*/card.json"))) < 2 \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C reaches the whole process group
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text
+    assert "rerun the same command" in text
+    for noise in ("leaked semaphore", "Exception ignored", "Traceback", "Errno"):
+        assert noise not in text, text
