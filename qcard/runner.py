@@ -240,12 +240,15 @@ def preflight(exp: Experiment, log: Callable[[str], None] = _echo) -> int:
             continue
         try:
             _, info = res.model(point)             # built, and its data loaded, once per model
-            train, _ = res.datasets(point, info)
+            # data that would be downloaded is not fetched here: only the model is built
+            train = None if point.dataset.download else res.datasets(point, info)[0]
         except QcardError as exc:
             problems.append(exp.error(where, str(exc)))
             failed.add(mkey)
             continue
         checked.add(mkey)
+        if train is None:
+            continue
         size = point.dataset.calibration.size
         if resolve_method(point.method).family != "none" and size > len(train):
             problems.append(exp.error(("dataset", "calibration", "size"),

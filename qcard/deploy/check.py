@@ -6,52 +6,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..evaluate import top_classes
-from .export import NotDeployable, export_onnx
+from .export import NotDeployable, card_problem, export_onnx
 from .runtime import EXECUTION_PROVIDER, latency_ms, make_session, op_counts, require_runtime, run
 
 __all__ = ["deploy_check", "check_extra", "card_problem"]
-
-
-def card_problem(card: Dict[str, Any]) -> Optional[str]:
-    """Why a card's quantized model cannot run on onnxruntime as integer, read from the card alone (None:
-    the card does not say it cannot; the export itself decides). The reasons are export's own."""
-    from types import SimpleNamespace
-    from .export import _METHOD_REASONS, _act_problem, _weight_problem
-    dep = card.get("deployment") or {}
-    if dep.get("status") == "not_deployable" and dep.get("reason"):
-        return dep["reason"]
-    method = (card.get("method") or {}).get("name")
-    if method in _METHOD_REASONS:
-        return _METHOD_REASONS[method]
-    q = card.get("quantization") or {}
-    for kind, check in (("weights", _weight_problem), ("activations", _act_problem)):
-        block = q.get(kind) or {}
-        bits = _bits_of(block)
-        if not bits:
-            continue
-        worst = max(bits) if kind == "weights" else next((b for b in bits if b != 8), 8)
-        spec = SimpleNamespace(bits=worst, granularity=block.get("granularity") or "per_tensor",
-                               rounding=block.get("rounding") if kind == "weights" else "nearest")
-        problem = check(SimpleNamespace(spec=spec, dynamic=bool(block.get("dynamic")), calibrated=True))
-        if problem:
-            return f"{kind}: {problem}"
-    return None
-
-
-def _bits_of(block: Dict[str, Any]) -> List[int]:
-    """The bit widths a card's weights/activations block names ("mixed: [4, 8]" lists them all)."""
-    import re
-    detail = block.get("bits_detail")
-    if isinstance(detail, str) and "[" in detail:
-        return [int(b) for b in re.findall(r"\d+", detail.split("[", 1)[1])]
-    bits = block.get("bits")
-    return [int(bits)] if isinstance(bits, (int, float)) and bits < 32 else []
 
 
 def check_extra(wanted: bool) -> None:
