@@ -54,7 +54,8 @@ def main():
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="output root (default: the config's 'out', else runs/)")
+@click.option("--out", type=click.Path(file_okay=False), help="output root, relative to the current folder (default: the config's 'out', relative to the config's "
+                   "folder; else runs/ in the current folder)")
 @click.option("--force", is_flag=True, help="rerun points that are already finished")
 @click.option("--dry-run", is_flag=True, help="validate and print the points without running them")
 @click.option("--only", multiple=True, metavar="ID", help="run only points whose id starts with ID (repeatable)")

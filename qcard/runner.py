@@ -154,9 +154,15 @@ class PointJob:
     def failed(self, point: Point, error: str, details: str, log: Callable[[str], None]) -> PointOutcome:
         """The failed card of a point whose process died (or whose task could not run): written here."""
         store = self.store()
-        store.write_text(point.folder, "error.log", details)
-        card = failed_card(point, self.exp, error, time.time())
-        _write_card(store, point, card, log)
+        lock = store.lock(point.folder)
+        got = lock.acquire()[0]           # the dead process's lock (same host) is taken over, then removed
+        try:
+            store.write_text(point.folder, "error.log", details)
+            card = failed_card(point, self.exp, error, time.time())
+            _write_card(store, point, card, log)
+        finally:
+            if got:
+                lock.release()
         return PointOutcome(point, "failed", store.point_dir(point.folder), card.model_dump(mode="json"), error)
 
     def baseline_group(self, point: Point) -> str:
