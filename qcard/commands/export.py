@@ -81,8 +81,8 @@ def export(target: str, fmt: str, output: str, opset) -> None:
     card = load_card(card_path)
     problem = card_problem(card.model_dump(mode="json")) if card.status == "ok" else None
     if problem:          # what the card already says: refused before any rerun (a QAT point retrains)
-        raise QcardError(f"{card_path}: not deployable on onnxruntime (as the card says; nothing was rerun): "
-                         f"{problem}")
+        raise QcardError(f"{card_path}: not deployable on onnxruntime: {problem} (as the card says; nothing "
+                         "was rerun)")
     require_runtime()
     exp, point, card = _point_of(card_path)
     if point.id != card.id:
