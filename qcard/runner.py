@@ -303,7 +303,11 @@ def _clean_if_free(store: RunStore, point: Point, log: Callable[[str], None]) ->
     """Partial files in a finished point's folder (a killed --force rerun) are removed, unless another
     run holds the point's lock (they are its files being written)."""
     lock = store.lock(point.folder)
-    if lock.acquire()[0]:
+    try:
+        got = lock.acquire()[0]
+    except OSError:            # a read-only folder of finished cards: nothing to clean, nothing to write
+        return
+    if got:
         try:
             removed = store.clean_partial(point.folder)
             if removed:

@@ -280,3 +280,19 @@ def test_ctrl_c_with_workers_exits_cleanly(tmp_path, write_config, subprocess_en
     assert "rerun the same command" in text
     for noise in ("leaked semaphore", "Exception ignored", "Traceback", "Errno"):
         assert noise not in text, text
+
+
+def test_a_rerun_over_a_read_only_folder_of_finished_cards_skips_them(tmp_path, write_config, monkeypatch):
+    import errno
+    from qcard.runner import run
+    from qcard.store import PointLock
+    cfg = write_config(f"experiment: ro\nout: {tmp_path / 'runs'}\nmodels: [qcard:lenet5]\n"
+                       "dataset: {ref: qcard:mnist5k, eval_size: 32, batch_size: 32}\ncost: {profiles: [bitops]}\n"
+                       "methods: [fp32]\n", "ro.yaml")
+    assert run(cfg, progress=False, log=lambda m: None).ok
+
+    def read_only(self):          # what a read-only folder (or file system) answers, even to root
+        raise PermissionError(errno.EROFS, "Read-only file system", str(self.path))
+    monkeypatch.setattr(PointLock, "_create", read_only)
+    again = run(cfg, progress=False, log=lambda m: None)
+    assert [o.status for o in again.outcomes] == ["skipped"]
