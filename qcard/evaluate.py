@@ -53,3 +53,30 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: 
         raise QcardError(f"{desc}: the evaluation set is empty")
     return {"top1": round(100.0 * correct1 / total, 4), "top5": round(100.0 * correct5 / total, 4), "n": total,
             "correct": np.concatenate(outcomes).astype(bool)}
+
+
+def chance_check(fp32: Dict[str, Any], evaluation, num_classes: int) -> Dict[str, Any]:
+    """The card's results.chance: whether the FP32 baseline is informative at all, from the eval labels
+    (dataset.targets(), no images decoded) and FP32's per-image outcomes, so no prediction is re-run:
+      chance_top1  the top-1 of always answering the eval set's most common class (100/K when balanced);
+      at_chance    FP32's 95 % interval reaches down to that level (a random-weight model, say);
+      one_class    the class FP32 is right on exactly (and only) — what a model answering one class gets;
+      eval_classes how many classes the eval images hold (1: `eval_subset: first` on a sorted folder);
+      num_classes  the classes the model picks among (top-5 of 5 or fewer is 100 % by construction)."""
+    from .stats.intervals import accuracy_interval
+    from .stats.outcomes import unpack_outcomes
+    targets = np.asarray(evaluation.targets())
+    classes, counts = np.unique(targets, return_counts=True)
+    out: Dict[str, Any] = {"num_classes": int(num_classes), "eval_classes": int(len(classes)),
+                           "chance_top1": round(100.0 * counts.max() / len(targets), 4) if len(targets) else None,
+                           "at_chance": None, "one_class": None}
+    n, packed = fp32.get("n"), fp32.get("outcomes")
+    if not packed or n != len(targets):
+        return out          # an FP32 baseline without outcomes (older cache): say only what the labels say
+    right = np.asarray(unpack_outcomes(packed, n), dtype=bool)
+    lo, _ = accuracy_interval([right])
+    out["at_chance"] = bool(lo <= out["chance_top1"])
+    hit = np.unique(targets[right])
+    if len(hit) == 1 and len(classes) > 1 and np.array_equal(right, targets == hit[0]):
+        out["one_class"] = int(hit[0])
+    return out

@@ -554,6 +554,8 @@ class _PointRun:
             "point": point_block(point),
             "deployment": deployment,
         }
+        from .evaluate import chance_check
+        card["results"]["chance"] = chance_check(self.fp32, self.evaluation, self.data.num_classes)
         return card_from_dict(card, f"card of point {point.id[:10]}")
 
 
@@ -579,13 +581,12 @@ def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, pro
 def _results_block(fp32: Dict[str, Any], per_seed: List[Dict[str, Any]], seeds,
                    seed_outcomes: Optional[Dict[int, str]] = None, fingerprint: Optional[str] = None,
                    is_baseline: bool = False) -> Dict[str, Any]:
-    top1s = [r["top1"] for r in per_seed]
-    mean1 = round(statistics.fmean(top1s), 4)
+    # the outcome-derived figures by the functions `qcard card validate` checks them with (cards.evidence)
+    from .cards.evidence import summary_figures
     return {
-        "metric": "top1", "fp32": fp32["top1"], "quantized": mean1, "delta": round(mean1 - fp32["top1"], 4),
+        "metric": "top1", "fp32": fp32["top1"], **summary_figures(fp32["top1"], [r["top1"] for r in per_seed]),
         "top5_fp32": fp32["top5"], "top5": round(statistics.fmean(r["top5"] for r in per_seed), 4),
         "n_runs": len(per_seed), "seeds": list(seeds),
-        "std": round(statistics.stdev(top1s), 4) if len(top1s) > 1 else None,
         "per_seed": per_seed,
         **_intervals(fp32, [r["seed"] for r in per_seed], seed_outcomes or {}, fingerprint, is_baseline),
     }
@@ -593,19 +594,17 @@ def _results_block(fp32: Dict[str, Any], per_seed: List[Dict[str, Any]], seeds,
 
 def _intervals(fp32: Dict[str, Any], seeds: List[int], seed_outcomes: Dict[int, str],
                fingerprint: Optional[str], is_baseline: bool = False) -> Dict[str, Any]:
-    """The results' outcomes block and 95 % intervals (qcard.stats.intervals); none without outcomes.
-    The FP32 point is the baseline itself: its Δ is 0 by construction, with no interval."""
-    from .stats.intervals import accuracy_interval, method_text, paired_delta_interval
+    """The results' outcomes block and 95 % intervals (cards.evidence.interval_figures); none without
+    outcomes. The FP32 point is the baseline itself: its Δ is 0 by construction, with no interval."""
+    from .cards.evidence import interval_figures
     from .stats.outcomes import ENCODING, unpack_outcomes
     n = fp32.get("n")
     if not fp32.get("outcomes") or not n or not seeds or any(s not in seed_outcomes for s in seeds):
         return {}
     fp_bits = unpack_outcomes(fp32["outcomes"], n)
     bits = [unpack_outcomes(seed_outcomes[s], n) for s in seeds]
-    rounded = lambda iv: None if iv is None else [round(iv[0], 4), round(iv[1], 4)]
     return {
-        "ci95": rounded(accuracy_interval(bits)), "fp32_ci95": rounded(accuracy_interval([fp_bits])),
-        "delta_ci95": None if is_baseline else rounded(paired_delta_interval(bits, [fp_bits])), "ci_method": method_text(n, len(seeds)),
+        **interval_figures(fp_bits, bits, is_baseline),
         "outcomes": {"encoding": ENCODING, "n": n, "fingerprint": fingerprint, "fp32": fp32["outcomes"],
                      "seeds": {str(s): seed_outcomes[s] for s in seeds}},
     }

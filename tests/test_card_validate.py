@@ -1,5 +1,6 @@
-"""`qcard card validate` (issue 15 item 11): folders as render/compare take them, every bad file
-reported, accuracies range-checked by the card schema."""
+"""`qcard card validate` (issue 15 item 11, issue 20): folders as render/compare take them, every bad file
+reported, accuracies range-checked by the card schema, figures checked against the card's own outcomes
+(exit 2 when a file is not a card, else 1 when a card disagrees with its outcomes)."""
 import json
 import shutil
 from pathlib import Path
@@ -43,9 +44,36 @@ def test_validate_takes_folders_and_reports_every_bad_file(tmp_path):
                                   str(tmp_path / "empty")])
     assert r.exit_code == 2
     assert f"{root / 'a' / 'card.json'}: ok" in r.stdout and f"{root / 'c' / 'card.json'}: ok" in r.stdout
+    assert "no per-sample evidence: figures not checked" in r.stdout     # the fixture is a schema-1 card
     assert "b/card.json: not a valid qcard card: results.quantized" in r.stderr
     assert "d/card.json: not valid JSON" in r.stderr
     assert "no such card file or run folder" in r.stderr and "no card.json found under folder" in r.stderr
     assert "4 problem(s) among 3 path(s), 4 card file(s) checked" in r.stderr
     r = CliRunner().invoke(main, ["card", "validate", str(root / "a")])
     assert r.exit_code == 0 and r.stdout.count(": ok") == 1
+
+
+PUBLISHED = sorted((Path(__file__).resolve().parent.parent / "cards" / "quickstart").glob("*/card.json"))
+
+
+def test_exit_1_for_a_card_that_disagrees_with_its_outcomes_2_when_a_file_is_not_a_card(tmp_path):
+    good = json.loads(PUBLISHED[0].read_text(encoding="utf-8"))
+    bad = json.loads(PUBLISHED[0].read_text(encoding="utf-8"))
+    bad["results"]["fp32"] = round(bad["results"]["fp32"] - 1.0, 4)
+    for name, data in (("good", good), ("bad", bad)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(main, ["card", "validate", str(tmp_path)])
+    assert r.exit_code == 1, r.output
+    assert f"{tmp_path / 'good' / 'card.json'}: ok (schema v2, status ok; figures agree with the per-sample " \
+           "outcomes)" in r.stdout
+    assert (f"mismatch: {tmp_path / 'bad' / 'card.json'}: results.fp32: stored {bad['results']['fp32']:.4f}, "
+            f"the outcomes give {good['results']['fp32']:.4f}") in r.stderr
+    assert "1 card(s) disagree with their own outcomes" in r.stderr
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "card.json").write_text("{not json")
+    r = CliRunner().invoke(main, ["card", "validate", str(tmp_path)])
+    assert r.exit_code == 2 and "2 problem(s) among 1 path(s), 3 card file(s) checked" in r.stderr
+    r = CliRunner().invoke(main, ["card", "validate", *map(str, PUBLISHED)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("figures agree with the per-sample outcomes") == len(PUBLISHED) > 0

@@ -209,7 +209,7 @@ def test_reference_rows_separate_and_filtered():
     md = cmp.to_markdown()
     cards_at, reported_at = md.index("## Cards"), md.index("## Reported (published figures, not measured here)")
     assert cards_at < reported_at
-    assert "| nagel2021 | resnet18 | ptq-standard | W4A8 | per-channel | 69.68 | 68.91 | -0.77 |" in md[reported_at:]
+    assert "| nagel2021 | ImageNet-1k | resnet18 | ptq-standard | W4A8 | per-channel | 69.68 | 68.91 | -0.77 |" in md[reported_at:]
     assert "nagel2021 |" not in md[:reported_at]
     assert "Nagel et al., A White Paper on Neural Network Quantization" in md
     csv = cmp.to_csv()

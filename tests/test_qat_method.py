@@ -129,7 +129,8 @@ def test_qat_apply_fills_the_card_blocks(mnist):
     st = r.stats["qat"]
     assert st["estimator"] == "lsq" and st["init"]["weights"] and st["final"]["activations"]
     assert st["init_calibration"]["size"] == 128
-    assert r.calibration == {"split": "train", "size": len(tr), "seed": 0, "labels_used": True}
+    assert r.calibration == {"split": "train", "size": len(tr), "seed": 0, "labels_used": True,
+                             "used_for": "training", "range_init": st["init_calibration"]}
     assert r.pipeline[-1] == "convert" and "fold_bn_into_scales" in r.pipeline
     # the simulated model is a plain one again: no learnable quantizer parameters, evaluates like PTQ's
     from qcard.quant.lsq import is_learnable

@@ -79,3 +79,53 @@ def test_readme_config_block_validates(line, text, readers_files):
     except Exception as exc:     # name the README lines, not the temporary file
         pytest.fail(f"the ```yaml block at README.md line {line} does not validate: {exc}")
     assert exp.points()
+
+
+QUICKSTART = README.parent / "cards" / "quickstart"
+
+
+def _published(model, label, granularity):
+    """The one published quickstart card of that model, method label and weight granularity."""
+    import json
+    found = []
+    for path in sorted(QUICKSTART.glob("*/card.json")):
+        card = json.loads(path.read_text(encoding="utf-8"))
+        if (card["model"]["ref"], card["method"]["label"], card["quantization"]["weights"].get("granularity")) == \
+                (model, label, granularity):
+            found.append(card)
+    assert len(found) == 1, f"{len(found)} quickstart cards for {model} {label} {granularity}"
+    return found[0]
+
+
+def test_readme_uncertainty_numbers_come_from_the_published_cards():
+    """'Reading the uncertainty' quotes real cards: each figure is formatted here from the card (or from
+    `qcard compare` over cards/quickstart) and must appear in the README as printed, so regenerating the
+    cards without updating the README fails this test."""
+    from qcard.cards.compare import compare_cards, load_cards
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Reading the uncertainty"):text.index("## Verifying a card")]
+    section = " ".join(section.split())          # line breaks inside a quoted figure read as spaces
+    interval = lambda iv, sign="": f"[{iv[0]:{sign}.1f}, {iv[1]:{sign}.1f}]"
+    w8 = _published("qcard:resnet8", "W8A8", "per_channel")["results"]
+    assert f"`{w8['quantized']:.2f} {interval(w8['ci95'])}`" in section
+    assert f"`{w8['delta']:+.2f} {interval(w8['delta_ci95'], '+')}`" in section
+    g_card = _published("qcard:resnet8", "W4A8-minmax", "per_channel")["results"]
+    assert f"`{g_card['delta']:+.2f} {interval(g_card['delta_ci95'], '+')}`" in section
+    # the compare row, as `qcard compare cards/quickstart` prints it (default --family model)
+    cmp = compare_cards(load_cards([QUICKSTART]))
+    lines = cmp.to_markdown().replace("\\[", "[").replace("\\]", "]").replace("\\<", "<").splitlines()
+    header = next(l for l in lines if l.startswith("| card |")).strip("|").split(" | ")
+    row = next(r for r in cmp.rows if r["model"] == "qcard:resnet8" and r["label"] == "W4A8-minmax"
+               and r["granularity"] == "per-channel")
+    cells = dict(zip([h.strip() for h in header],
+                     [c.strip() for c in next(l for l in lines if l.startswith(f"| {row['card']} |")).strip("|").split(" | ")]))
+    shown = f"{cells['quantized']} | {cells['Δ']} | {cells['vs ref (BH p)']}"
+    assert f"`{shown}`" in section, f"README should quote the row as compare prints it: `{shown}`"
+    assert f"`{cells['vs ref (BH p)']}`" in section and f"`{cells['Δ']}`" in section
+    legend = cmp.significance.legend[0]
+    family = legend[legend.index("qcard:resnet8: "):].split(";")[0].rstrip(")")
+    assert f"`{family}`" in section, family
+    # and the within-noise line quoted in "Comparing cards"
+    quoted = f"within noise: {row['card']} vs {row['ref']} (p = "
+    line = next(l for l in cmp.significance.within_noise if l.startswith(quoted))
+    assert line in " ".join(text.split()), line

@@ -322,7 +322,8 @@ def test_end_to_end_lenet5_through_qcard_run(write_config, tmp_path):
     sp, a8 = cards["sparq"], cards["a8"]
     assert sp["method"]["name"] == "sparq" and sp["method"]["family"] == "sparsity_aware_ptq"
     assert sp["method"]["params"]["options"] == 5                        # defaults expanded
-    assert sp["dataset"]["calibration"] == {"split": "train", "size": 64, "seed": 0, "labels_used": False}
+    assert sp["dataset"]["calibration"] == {"split": "train", "size": 64, "seed": 0, "labels_used": False,
+                                            "used_for": None, "range_init": None}
     assert abs(sp["results"]["quantized"] - sp["results"]["fp32"]) < 3
     assert set(sp["method_stats"]["sparq"]["layers"]) == {"conv2", "fc1", "fc2"}
     layers = {l["name"]: l for l in sp["cost"]["layers"]}

@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
-from qcard.stats.intervals import (accuracy_interval, method_text, paired_delta_interval, per_image,
-                                   wilson_interval)
+from qcard.stats.intervals import (accuracy_interval, method_text, paired_delta_interval, paired_delta_pvalue,
+                                   per_image, wilson_interval)
 
 GRID = [(k, n) for n in (1, 2, 10, 37, 200, 1000, 50000) for k in sorted({0, 1, n // 3, n // 2, n - 1, n})]
 
@@ -170,3 +170,97 @@ def test_the_continuity_correction_widens_where_the_raw_phi_would_not():
     a, b = _table_outcomes(980, 0, 5, 15)
     lo, hi = paired_delta_interval(a, b)
     assert lo < 0 < hi
+
+
+# --- Wilson against statsmodels; the p-value that goes with the paired interval ------------------------
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (985, 1000), (974, 1000), (49123, 50000), (1, 1)])
+def test_wilson_matches_statsmodels(k, n):
+    from statsmodels.stats.proportion import proportion_confint
+    ref = proportion_confint(k, n, alpha=0.05, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((100 * ref[0], 100 * ref[1]), abs=1e-9)
+
+
+PVALUE_TABLES = [(59, 6, 16, 80), (970, 15, 4, 11), (980, 0, 5, 15), (500, 30, 20, 450), (1, 2, 3, 4),
+                 (40, 10, 10, 40), (900, 60, 2, 38), (10, 0, 1, 0)]
+
+
+def _independent_p(table):
+    """The alpha at which the written-out method 10 interval reaches 0, by brentq on z (scipy)."""
+    e, f, g, h = table
+    if f == g:
+        return 1.0
+    near = (lambda z: _newcombe10_written_out(*table, z=z)[0]) if f > g else \
+        (lambda z: -_newcombe10_written_out(*table, z=z)[1])
+    z = optimize.brentq(near, 1e-9, 37, xtol=1e-14)
+    return 2 * stats.norm.sf(z)
+
+
+@pytest.mark.parametrize("table", PVALUE_TABLES)
+def test_paired_pvalue_is_where_the_interval_reaches_zero(table):
+    a, b = _table_outcomes(*table)
+    p = paired_delta_pvalue(a, b)
+    assert p == pytest.approx(_independent_p(table), rel=1e-7, abs=1e-300)
+    if table[1] == table[2]:
+        assert p == 1.0
+        return
+    # duality: a little above the level 1 - p the interval includes 0, a little below it excludes it
+    lo, hi = paired_delta_interval(a, b, 1 - p * 0.999)
+    assert lo < 0 < hi
+    lo, hi = paired_delta_interval(a, b, 1 - p * 1.001)
+    assert lo > 0 or hi < 0
+
+
+def test_paired_pvalue_known_answer_and_edges():
+    # Newcombe's 59/6/16/80: the 95 % interval [-0.1186, -0.0046] excludes 0, so p < 0.05; at its level
+    # the upper limit is 0
+    a, b = _table_outcomes(59, 6, 16, 80)
+    p = paired_delta_pvalue(a, b)
+    assert 0.01 < p < 0.05
+    assert paired_delta_interval(a, b, 1 - p)[1] == pytest.approx(0.0, abs=1e-9)
+    # b = 0, c = 5 of 1,000 (exact McNemar 0.0625): the continuity-corrected interval keeps 0, p > 0.05
+    assert paired_delta_pvalue(*_table_outcomes(980, 0, 5, 15)) > 0.05
+    # symmetric in the direction; huge gaps give 0, not an error
+    assert paired_delta_pvalue(b, a) == pytest.approx(p, rel=1e-12)
+    assert paired_delta_pvalue(*_table_outcomes(0, 1000, 0, 0)) == 0.0
+    with pytest.raises(ValueError):
+        paired_delta_pvalue([], [])
+
+
+def test_paired_pvalue_over_seeds_is_the_seed_means_and_order_free():
+    rng = np.random.default_rng(5)
+    ref = rng.random(1000) < 0.985
+    s1, s2 = ref.copy(), ref.copy()
+    s2[np.flatnonzero(ref)[:40]] = False
+    p = paired_delta_pvalue([s1, s2], ref)
+    assert p == paired_delta_pvalue([s2, s1], ref) == paired_delta_pvalue(per_image([s1, s2]), ref)
+    assert p < 0.01 and paired_delta_pvalue([s1, s1], ref) == 1.0
+
+
+def test_paired_interval_limits_move_away_as_the_level_grows():
+    """The duality rests on this: over tables of whole and fractional (seed-mean) counts, the lower limit
+    never rises and the upper never falls as the confidence level grows."""
+    rng = np.random.default_rng(6)
+    levels = np.linspace(0.5, 0.999999, 120)
+    for _ in range(150):
+        n = int(rng.choice([20, 200, 1000]))
+        x = rng.random(n) < rng.uniform(0.5, 1)
+        y = np.where(rng.random(n) < rng.uniform(0, 0.3), rng.random(n) < 0.5, x)
+        seeds = [x, np.where(rng.random(n) < 0.05, ~x, x)] if rng.random() < 0.5 else x
+        limits = np.array([paired_delta_interval(seeds, y, c) for c in levels])
+        assert np.all(np.diff(limits[:, 0]) <= 1e-12) and np.all(np.diff(limits[:, 1]) >= -1e-12)
+
+
+def test_paired_pvalue_holds_its_level_when_the_models_are_equally_good():
+    """Two models that disagree on 3 % of 1,000 images at random (equal accuracy by construction): the
+    test should reject at 0.05 in at most about 5 % of draws (measured: 4 % over 2,000 draws)."""
+    rng = np.random.default_rng(7)
+    rejected, draws = 0, 500
+    for _ in range(draws):
+        a = rng.random(1000) < 0.97
+        b = a.copy()
+        differ = rng.random(1000) < 0.03
+        coin = rng.random(1000) < 0.5
+        a[differ], b[differ] = coin[differ], ~coin[differ]
+        rejected += paired_delta_pvalue(a, b) <= 0.05
+    assert rejected / draws <= 0.065

@@ -1,12 +1,13 @@
-"""qcard.stats.significance against scipy.stats: the exact McNemar p-value (scipy's binomial test) and
-Benjamini–Hochberg (scipy's false_discovery_control), on grids including 0 and all-correct cases."""
+"""qcard.stats.significance against two libraries: the exact McNemar p-value against scipy's binomial test
+and statsmodels' mcnemar, Benjamini–Hochberg against scipy's false_discovery_control and statsmodels'
+multipletests, on grids including 0 and all-correct cases; and the Benjamini–Yekutieli level."""
 import random
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from qcard.stats.significance import benjamini_hochberg, discordant_counts, mcnemar_exact
+from qcard.stats.significance import benjamini_hochberg, discordant_counts, fcr_level, mcnemar_exact
 
 
 def scipy_mcnemar(b, c):
@@ -70,3 +71,44 @@ def test_benjamini_hochberg_raw_significant_adjusted_not():
     assert benjamini_hochberg([]) == ([], [])
     with pytest.raises(ValueError):
         benjamini_hochberg([1.5])
+
+
+# --- against statsmodels (a second library, independent of scipy) -------------------------------------
+
+@pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (0, 5), (1, 10), (4, 15), (2, 0), (12, 7), (40, 60), (3, 1000),
+                                 (480, 520), (0, 2000), (997, 3)])
+def test_mcnemar_matches_statsmodels(b, c):
+    from statsmodels.stats.contingency_tables import mcnemar
+    # statsmodels takes the 2x2 table; its exact test is the binomial test on the off-diagonal cells
+    ref = mcnemar([[900, b], [c, 50]], exact=True).pvalue
+    assert mcnemar_exact(b, c) == pytest.approx(min(1.0, ref), rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("ps", _grid())
+def test_benjamini_hochberg_matches_statsmodels(ps):
+    from statsmodels.stats.multitest import multipletests
+    rejected_ref, adjusted_ref, _, _ = multipletests(ps, alpha=0.05, method="fdr_bh")
+    adjusted, rejected = benjamini_hochberg(ps)
+    assert adjusted == pytest.approx(list(adjusted_ref), rel=1e-12, abs=1e-15)
+    assert rejected == list(rejected_ref)
+
+
+def test_fcr_level_known_values():
+    assert fcr_level(0, 7) == pytest.approx(1 - 0.05 / 7)        # nothing selected: 1 - q/m
+    assert fcr_level(1, 1) == pytest.approx(0.95)
+    assert fcr_level(3, 7) == pytest.approx(1 - 3 * 0.05 / 7)
+    assert fcr_level(5, 5) == pytest.approx(0.95)                 # all selected: the unadjusted level
+    assert fcr_level(2, 10, q=0.1) == pytest.approx(0.98)
+    for bad in ((1, 0), (-1, 3), (4, 3)):
+        with pytest.raises(ValueError):
+            fcr_level(*bad)
+
+
+@pytest.mark.parametrize("ps", _grid())
+def test_fcr_level_separates_the_rejected_from_the_rest(ps):
+    """What makes the intervals agree with the marks: at alpha = 1 - fcr_level, every rejected p is <= alpha
+    and every other p is > alpha (so an interval that inverts the test excludes 0 exactly for the rejected)."""
+    _, rejected = benjamini_hochberg(ps)
+    alpha = 1 - fcr_level(sum(rejected), len(ps))
+    for p, r in zip(ps, rejected):
+        assert (p <= alpha + 1e-15) if r else (p > alpha)

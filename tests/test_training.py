@@ -191,9 +191,9 @@ def test_shift_augment_moves_pixels_within_bounds():
 def test_fp32_train_method(data):
     params = FP32Train.Params(train={"epochs": 1, "batch_size": 64, "from_scratch": True})
     res = FP32Train().apply(tiny(), data, params, ctx())
-    assert res.quantization == unquantized_block()
+    assert res.quantization == {**unquantized_block(), "batch_norm": "none"}      # tiny() has no batch norm
     assert res.stats["training"]["curve"][0]["epoch"] == 1
-    assert res.calibration == {"split": "train", "size": 256, "seed": 0, "labels_used": True}
+    assert res.calibration == {"split": "train", "size": 256, "seed": 0, "labels_used": True, "used_for": "training"}
     assert res.pipeline == ["reinitialize", "train_fp32"]
     assert not res.model.training
     with pytest.raises(ValidationError):

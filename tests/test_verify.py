@@ -1,5 +1,6 @@
-"""`qcard verify`: reruns a card's point from the card alone; identical / within the interval / outside,
-cost and quantization identical, environment differences; exit codes; and `make cards` refusing a dirty tree."""
+"""`qcard verify`: reruns a card's point from the card alone; the card against its own outcomes, the rerun
+against the card image by image (changed images, exact McNemar p), cost and quantization identical,
+environment differences; exit codes (could not verify: 2); and `make cards` refusing a dirty tree."""
 import copy
 import json
 import os
@@ -8,6 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -15,7 +17,9 @@ import qcard
 from qcard.cards.schema import load_card
 from qcard.cli import main
 from qcard.runner import run
-from qcard.verify import CardVerdict, compare_card, environment_differences, verify_cards
+from qcard.cards.evidence import results_from_outcomes
+from qcard.stats.outcomes import pack_outcomes, unpack_outcomes
+from qcard.verify import CardVerdict, compare_card, environment_differences, missing_inputs, verify_cards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +70,9 @@ def test_fresh_cards_verify_identical_and_the_temporary_folder_is_removed(run_di
     r = verify(run_dir)
     assert r.exit_code == 0, r.output
     assert r.output.count("VERIFIED") == 2 and "NOT VERIFIED" not in r.output
+    assert r.output.count("the card's figures agree with its own per-sample outcomes") == 2
+    assert "outcomes, FP32: all 200 eval images the same" in r.output
+    assert "outcomes, seed 0: all 200 eval images the same" in r.output
     assert "results.quantized: card" in r.output and ": identical" in r.output
     assert "results.per_seed[0].top1" in r.output and "results.fp32" in r.output
     assert "cost totals: identical" in r.output and "quantization block: identical" in r.output
@@ -81,9 +88,10 @@ def test_fresh_cards_verify_identical_and_the_temporary_folder_is_removed(run_di
 def test_an_edited_accuracy_fails_naming_the_field(run_dir, tmp_path, field, edit):
     r = verify(edited_copy(run_dir, tmp_path, edit))
     assert r.exit_code == 1, r.output
-    assert "NOT VERIFIED" in r.output
-    (line,) = [ln for ln in r.output.splitlines() if f" {field}:" in ln]
-    assert line.strip().startswith("FAIL") and "card 12.50" in line
+    assert "NOT VERIFIED" in r.output and "FAIL the card disagrees with its own per-sample outcomes" in r.output
+    mismatch, figure = [ln.strip() for ln in r.output.splitlines() if f"{field}:" in ln]
+    assert mismatch.startswith(f"{field}: stored 12.5000, the outcomes give ")
+    assert figure.startswith("FAIL") and "card 12.50" in figure
     assert "0 of 1 card(s) verified" in r.output
 
 
@@ -144,6 +152,38 @@ def test_user_errors_exit_2_with_one_line_and_nothing_run(run_dir, tmp_path):
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
 
 
+def test_missing_inputs_could_not_verify_with_the_fix(run_dir, tmp_path, monkeypatch):
+    """#22 item 5: a weights file at a relative path that is not there from this folder, or user code whose
+    folder is not on PYTHONPATH, is "could not verify" (exit 2) with the fix, not NOT VERIFIED."""
+    def relative_weights(c):
+        c["point"]["config"]["models"][0]["weights"] = "weights/lenet5.safetensors"
+    card = load_card(edited_copy(run_dir, tmp_path, relative_weights), check_evidence=False)
+    elsewhere_dir = tmp_path / "elsewhere"
+    elsewhere_dir.mkdir()
+    monkeypatch.chdir(elsewhere_dir)
+    (line,) = missing_inputs(card)
+    assert line.startswith("point.config.models[0].weights: file weights/lenet5.safetensors not found from "
+                           f"{elsewhere_dir}")
+    assert "run qcard verify from the folder the card was made in" in line
+    r = verify(tmp_path / "edited" / "card.json")
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: could not verify {tmp_path / 'edited' / 'card.json'}: point.config.models")
+    assert "rerunning" not in r.output and "NOT VERIFIED" not in r.output
+    # from the folder the card was made in, the same relative path is there: nothing is missing
+    (tmp_path / "made" / "weights").mkdir(parents=True)
+    (tmp_path / "made" / "weights" / "lenet5.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "made")
+    assert missing_inputs(card) == []
+
+    def user_method(c):
+        c["point"]["config"]["methods"][0]["name"] = "qcard_nowhere_pkg.methods:MyPTQ"
+        c["reproduce"] = "PYTHONPATH=/home/me/code qcard run cfg.yaml --only abc --force  # qcard 0.1.0"
+    (line,) = missing_inputs(load_card(edited_copy(run_dir, tmp_path / "m", user_method), check_evidence=False))
+    assert line == ("point.config.methods[0].name: module 'qcard_nowhere_pkg.methods' is not importable here; "
+                    "the card was made with PYTHONPATH=/home/me/code (its reproduce line): run "
+                    "`PYTHONPATH=/home/me/code qcard verify ...`")
+
+
 def test_threads_from_the_card_and_keep(run_dir, tmp_path):
     import torch
     before = torch.get_num_threads()
@@ -173,56 +213,123 @@ def judged(run_dir, edit_card=None, edit_rerun=None) -> CardVerdict:
     return v
 
 
-def with_interval(c, lo=80.0, hi=100.0):
-    c["results"]["ci95"] = [lo, hi]
-    c["results"]["per_seed"][0]["ci95"] = [lo, hi]
+def same_environment(c):
+    c["provenance"].update(git_dirty=False)
 
 
-def rerun_elsewhere(value):
-    """The rerun on another CPU: top-1 moved to value (headline and its one seed)."""
+def flip_images(c, lost=0, gained=0):
+    """Change the seed's outcomes of card dict c: `lost` right images made wrong, `gained` wrong made right;
+    every figure recomputed from the new bits, as a run that scored them would write it."""
+    o = c["results"]["outcomes"]
+    n, fp = o["n"], unpack_outcomes(o["fp32"], o["n"])
+    bits = unpack_outcomes(o["seeds"]["0"], n).copy()
+    right, wrong = np.flatnonzero(bits), np.flatnonzero(~bits)
+    assert len(right) >= lost and len(wrong) >= gained, "the fixture run has too few such images"
+    bits[right[:lost]] = False
+    bits[wrong[:gained]] = True
+    top5 = {k: c["results"][k] for k in ("top5", "top5_fp32")}
+    c["results"].update(results_from_outcomes(fp, {0: bits}, fingerprint=o["fingerprint"]), **top5)
+    c["results"]["per_seed"][0]["top5"] = top5["top5"]
+
+
+def elsewhere(lost=0, gained=0):
+    """The rerun on another CPU, with images changed."""
     def edit(r):
         r["provenance"]["cpu"] = "Some Other CPU"
-        r["results"]["quantized"] = r["results"]["per_seed"][0]["top1"] = value
+        flip_images(r, lost, gained)
     return edit
 
 
-def test_rule_another_cpu_may_move_top1_within_the_interval(run_dir):
-    v = judged(run_dir, with_interval, rerun_elsewhere(90.0))
-    assert v.ok and v.explained
-    assert [f.field for f in v.figures if not f.identical] == ["results.quantized", "results.per_seed[0].top1"]
-    assert "within the card's 95 % interval [80.00, 100.00]" in qcard.verify.format_verdict(v)
+def test_rule_same_environment_no_image_may_change(run_dir):
+    v = judged(run_dir, same_environment, lambda r: (same_environment(r), flip_images(r, lost=1)))
+    assert not v.explained and not v.ok and v.evidence.ok
+    (seed,) = [c for c in v.images if c.label == "seed 0"]
+    assert (seed.changed, seed.lost, seed.gained) == (1, 1, 0)
+    text = qcard.verify.format_verdict(v)
+    assert ("FAIL outcomes, seed 0: 1 of 200 eval images changed outcome (1 right on the card and wrong in the "
+            "rerun, 0 the reverse); exact McNemar p = 1.00: nothing in the environment differs, so none may "
+            "change") in text
+    assert "outcomes, FP32: all 200 eval images the same" in text
 
 
-def test_rule_outside_the_interval_fails_even_on_another_cpu(run_dir):
-    v = judged(run_dir, with_interval, rerun_elsewhere(70.0))
+def test_rule_another_environment_may_change_images_not_significantly(run_dir):
+    v = judged(run_dir, None, elsewhere(lost=2, gained=1))
+    assert v.explained and v.ok, qcard.verify.format_verdict(v)
+    (seed,) = [c for c in v.images if c.label == "seed 0"]
+    assert seed.p == pytest.approx(1.0)      # 2 vs 1: exact McNemar p = 1
+    text = qcard.verify.format_verdict(v)
+    assert "3 of 200 eval images changed outcome" in text and "not significant at 0.05" in text
+    # the top-1 moved by the rerun's one net image: shown, judged through the images
+    assert "ok   results.quantized" in text and "differs by -0.50 points" in text
+
+
+def test_rule_a_significant_change_fails_even_on_another_environment(run_dir):
+    v = judged(run_dir, None, elsewhere(lost=7))
+    assert v.explained and not v.ok
+    (seed,) = [c for c in v.images if c.label == "seed 0"]
+    assert seed.p == pytest.approx(2 * 0.5 ** 7)       # 0.015625: binomial, two-sided
+    assert "exact McNemar p = 0.016: significant at 0.05: the rerun scores differently" in \
+        qcard.verify.format_verdict(v)
+
+
+def test_rule_a_card_with_flipped_bits_fails_against_an_identical_rerun(run_dir):
+    def flip_bits_only(c):           # the bits edited, the figures left as they were
+        o = c["results"]["outcomes"]
+        bits = unpack_outcomes(o["seeds"]["0"], o["n"])
+        bits[:2] = ~bits[:2]
+        o["seeds"]["0"] = pack_outcomes(bits)
+    v = judged(run_dir, flip_bits_only)
+    assert not v.ok and not v.evidence.ok
+    assert {m.field for m in v.evidence.mismatches} >= {"results.quantized", "results.per_seed[0].top1"}
+    (seed,) = [c for c in v.images if c.label == "seed 0"]
+    assert seed.changed == 2
+    text = qcard.verify.format_verdict(v)
+    assert "FAIL the card disagrees with its own per-sample outcomes" in text
+
+
+def test_rule_a_deleted_headline_is_named_missing_not_outside_an_interval(run_dir):
+    v = judged(run_dir, lambda c: c["results"].pop("quantized"))
     assert not v.ok
-    assert "outside the card's 95 % interval [80.00, 100.00]" in qcard.verify.format_verdict(v)
+    text = qcard.verify.format_verdict(v)
+    assert "results.quantized: stored nothing (missing), the outcomes give" in text
+    (line,) = [ln for ln in text.splitlines() if ln.strip().startswith("FAIL results.quantized")]
+    assert "card missing" in line and "missing on the card" in line
+    assert "interval" not in line and "None" not in text
 
 
-def test_rule_same_environment_must_be_identical_even_within_the_interval(run_dir):
-    def moved(r):
-        r["provenance"].update(git_dirty=False)
-        r["results"]["quantized"] = r["results"]["per_seed"][0]["top1"] = 90.0
-    v = judged(run_dir, lambda c: (with_interval(c), c["provenance"].update(git_dirty=False)), moved)
-    assert not v.explained and not v.ok
-    assert "nothing in the environment differs" in qcard.verify.format_verdict(v)
-
-
-def test_rule_an_edit_outside_the_cards_own_interval_fails(run_dir):
-    # the card's value was edited to 50 but its interval left alone: the rerun lies inside, the card does not
-    v = judged(run_dir, lambda c: (with_interval(c), c["results"].update(quantized=50.0)), rerun_elsewhere(90.0))
-    assert not v.ok
-    assert "the card's own value lies outside its interval" in qcard.verify.format_verdict(v)
-
-
-def without_interval(c):
-    for key in ("ci95", "fp32_ci95", "delta_ci95"):
+def without_outcomes(c):
+    for key in ("ci95", "fp32_ci95", "delta_ci95", "ci_method", "outcomes"):
         c["results"][key] = None
 
 
-def test_rule_no_interval_means_a_difference_fails(run_dir):
-    v = judged(run_dir, without_interval, rerun_elsewhere(90.0))
-    assert not v.ok and "the card has no interval for it" in qcard.verify.format_verdict(v)
+def test_rule_no_outcomes_means_top1_must_be_identical(run_dir):
+    v = judged(run_dir, without_outcomes, without_outcomes)
+    assert v.ok and v.images == [] and not v.evidence.checked
+    assert "no per-sample evidence: figures not checked" in qcard.verify.format_verdict(v)
+
+    def moved(r):
+        without_outcomes(r)
+        r["provenance"]["cpu"] = "Some Other CPU"
+        r["results"]["quantized"] = r["results"]["per_seed"][0]["top1"] = 90.0
+    v = judged(run_dir, without_outcomes, moved)
+    assert v.explained and not v.ok
+    assert [f.field for f in v.figures if not v.figure_ok(f)] == ["results.quantized", "results.per_seed[0].top1"]
+
+
+def test_rule_a_rerun_that_cannot_find_an_input_could_not_verify(run_dir):
+    def failed(error):
+        return lambda r: r.update(status="failed", error=error)
+    v = judged(run_dir, lambda c: c.update(reproduce="PYTHONPATH=/src/me qcard run c.yaml --only x --force"),
+               failed("ModuleNotFoundError: No module named 'my_pkg'"))
+    assert v.unverifiable and v.problem is None and not v.ok and v.state == "COULD NOT VERIFY"
+    text = qcard.verify.format_verdict(v)
+    assert text.endswith("could not verify: the rerun could not find an input: ModuleNotFoundError: No module "
+                         "named 'my_pkg': run qcard verify from the folder the card was made in, with "
+                         "PYTHONPATH=/src/me (the card's reproduce line), or make the input available at the "
+                         "path its point config names")
+    v = judged(run_dir, None, failed("RuntimeError: boom"))
+    assert v.unverifiable is None and v.problem == "the rerun failed: RuntimeError: boom"
+    assert v.state == "NOT VERIFIED"
 
 
 def test_rule_cost_and_quantization_must_be_identical_on_any_environment(run_dir):

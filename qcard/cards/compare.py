@@ -6,12 +6,15 @@ above it, the accuracy/cost Pareto front, exports (Markdown, CSV, LaTeX, JSON).
     cmp.differences      # ["per-channel vs per-tensor weights", "calibration 1024 vs 256 images", ...]
     cmp.table            # pandas DataFrame, one row per card (failed cards included, status "failed")
     cmp.pareto           # row indices on the accuracy/cost front
-    cmp.significance     # each row against its reference row (exact McNemar on paired outcomes, BH)
+    cmp.significance     # each row against its reference row (paired outcomes of all seeds, BH per family)
 
 Significance: cards with per-sample outcomes (results.outcomes) on the same eval set (fingerprint) are
-tested against a reference row (the FP32 card of the same model, or `baseline=` an id prefix); a
-difference that is not significant after Benjamini–Hochberg over all tests is marked "≈". Cards on
-different eval sets are never tested against each other; cards without outcomes are not tested.
+tested against a reference row (the FP32 card of the same model, or `baseline=` an id prefix), over all
+their seeds. Interval, mark and p tell one story: Newcombe's paired interval of the difference and the
+p-value of the same procedure, Benjamini–Hochberg within a family of tests (`family=`: table, model or
+experiment), the interval shown at the family's Benjamini–Yekutieli level, so it excludes 0 exactly for
+the rows not marked "≈". Cards on different eval sets are never tested against each other; cards
+without outcomes are not tested.
 
 What counts as a confounder (Garg et al., Confounding Tradeoffs for Neural Network Quantization, 2021): every setting on the card other than the method's own
 choice. The method's own choices are its name, family, label, params and pipeline, and what those
@@ -94,16 +97,18 @@ def _load_one(path: Path) -> Card:
         raw = path.read_bytes()
     except OSError as exc:
         raise QcardError(f"cannot read card {path}: {exc}") from None
+    from .evidence import require_evidence
     try:
         # fast path: pydantic parses and validates the JSON bytes in one go
-        return Card.model_validate_json(raw)
+        card = Card.model_validate_json(raw)
     except ValidationError:
-        pass
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QcardError(f"{path}: not valid JSON ({exc})") from None
-    return card_from_dict(data, str(path))   # older schema versions upgrade here, else a clear error
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QcardError(f"{path}: not valid JSON ({exc})") from None
+        card = card_from_dict(data, str(path))   # older schema versions upgrade here, else a clear error
+    require_evidence(card, str(path))    # figures that disagree with the card's own outcomes: refused
+    return card
 
 
 def load_cards(paths: Iterable[Union[str, Path]]) -> List[LoadedCard]:
@@ -213,6 +218,17 @@ def _pipeline_say(vals: List[str], groups: List[str]) -> str:
     return f"{len(vals)} different pipelines (each card lists its own under method.pipeline)"
 
 
+def _range_images(c: Card, key: str) -> Any:
+    """A key of the images the card's quantization ranges were set from (cards.render.calibration_roles:
+    for QAT its range initialisation, never the training set it also names)."""
+    from .render import calibration_roles
+    cal = c.dataset.calibration
+    ranges, training = calibration_roles(cal.model_dump() if cal else None, c.method.model_dump(), c.method_stats)
+    if training is not None and key == "labels_used":
+        return (ranges or {}).get("labels_used") or False    # a range initialisation reads images, not labels
+    return (ranges or {}).get(key)
+
+
 def _fp32_text(v: Any) -> str:
     return "none" if v is None else f"{v:.2f}"
 
@@ -295,12 +311,12 @@ CONFOUNDERS: List[Field] = [
     Field("dataset.fingerprint", lambda c: c.dataset.fingerprint, lambda v: str(v)[:16] if v else "none",
           "different evaluation data (fingerprints {vs})", skip_if=("dataset.ref", "dataset.eval_size", "dataset.eval_split")),
     Field("dataset.preprocessing", _prep, str, "different preprocessing ({vs})", texts=_prep_texts),
-    Field("dataset.calibration.size", lambda c: (c.dataset.calibration.size if c.dataset.calibration else None) or 0,
-          str, "calibration {vs} images", quantized_only=True),
-    Field("dataset.calibration.split", lambda c: c.dataset.calibration.split if c.dataset.calibration else None,
-          _words, "calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
-    Field("dataset.calibration.labels_used",
-          lambda c: c.dataset.calibration.labels_used if c.dataset.calibration else None,
+    # the images the ranges were set from: a training method's range initialisation, not its training set
+    Field("dataset.calibration.size", lambda c: _range_images(c, "size"),
+          lambda v: "no" if v is None else str(v), "calibration {vs} images", quantized_only=True),
+    Field("dataset.calibration.split", lambda c: _range_images(c, "split"),
+          _words, "range calibration from {vs} split", skip_if=("dataset.calibration.size",), quantized_only=True),
+    Field("dataset.calibration.labels_used", lambda c: _range_images(c, "labels_used"),
           lambda v: {True: "with", False: "without", None: "no data, so without"}.get(v, str(v)),
           "calibration {vs} labels", skip_if=("dataset.calibration.size",), quantized_only=True),
     Field("results.metric", lambda c: c.results.metric, str, "different metrics ({vs})"),
@@ -524,32 +540,43 @@ def config_order(loaded: Sequence[LoadedCard]) -> List[LoadedCard]:
 # significance: each row against its reference row, paired on the same images (issue 13 item 3)
 # ---------------------------------------------------------------------------
 
+FAMILIES = {   # --family name -> (the rows' key that groups tests into one BH family, the legend's words)
+    "table": (lambda c: "", "over the whole table"),
+    "model": (lambda c: c.model.ref, "within each model"),
+    "experiment": (lambda c: c.experiment, "within each experiment"),
+}
+DEFAULT_FAMILY = "model"
+
+
 @dataclass
 class Significance:
-    tests: Dict[int, Dict[str, Any]] = field(default_factory=dict)   # row -> {ref, b, c, n, p, p_adjusted, significant}
+    # row -> {ref, b, c, n, delta, p, p_adjusted, significant, family, family_size, level, lo, hi}
+    tests: Dict[int, Dict[str, Any]] = field(default_factory=dict)
     references: List[int] = field(default_factory=list)              # rows that others are tested against
-    legend: str = ""
+    legend: List[str] = field(default_factory=list)                  # lines under the table
     notes: List[str] = field(default_factory=list)                   # why some rows were not tested
     within_noise: List[str] = field(default_factory=list)
+    family: str = DEFAULT_FAMILY
 
 
 MAX_WITHIN_NOISE_LINES = 12
 
 
-def _tested_bits(card: Card) -> Optional[Tuple[Optional[str], int, str, bool]]:
-    """(eval fingerprint, images, packed bits, several seeds?) the card is tested on, or None without
-    per-sample outcomes. A multi-seed card is tested on its first seed's outcomes (results.seeds order):
-    pooling seeds would count the same images several times as if they were independent. An FP32 card
+def _tested_bits(card: Card) -> Optional[Tuple[Optional[str], int, List[str]]]:
+    """(eval fingerprint, images, packed bits of every seed) the card is tested on, or None without
+    per-sample outcomes. A multi-seed card is tested on all its seeds (each image counts as the fraction
+    of seeds that got it right: the seed mean the row shows), in results.seeds order. An FP32 card
     without seed outcomes is tested on its FP32 outcomes."""
     o = card.results.outcomes
     if o is None or card.status != "ok":
         return None
     fingerprint = o.fingerprint or card.dataset.fingerprint
-    seeds = [str(s) for s in card.results.seeds if str(s) in o.seeds] or list(o.seeds)
+    order = [str(s) for s in card.results.seeds if str(s) in o.seeds]
+    seeds = order + [s for s in o.seeds if s not in order]
     if seeds:
-        return fingerprint, o.n, o.seeds[seeds[0]], len(o.seeds) > 1
+        return fingerprint, o.n, [o.seeds[s] for s in seeds]
     if card.method.family == "none" and o.fp32:
-        return fingerprint, o.n, o.fp32, False
+        return fingerprint, o.n, [o.fp32]
     return None
 
 
@@ -584,21 +611,37 @@ def _references(cards: List[Card], ok: List[int], baseline: Optional[str]) -> Di
     return out
 
 
-def _fmt_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else (f"{p:.3f}" if p < 0.01 else f"{p:.2f}")
+def fmt_p(p: float) -> str:
+    """A p-value to two significant digits: 0.054, 0.0012, 1.0; below 0.0001, '< 0.0001'."""
+    return "< 0.0001" if p < 1e-4 else f"{p:#.2g}"
 
 
-def significance(cards: List[Card], letters: List[str], ok: List[int], baseline: Optional[str] = None) -> Significance:
-    """Exact McNemar test of each row against its reference row on the paired per-sample outcomes, with
-    Benjamini–Hochberg over all the tests. Rows on a different eval set than their reference, or without
+def _fmt_level(level: float) -> str:
+    """99.29 % -> '99.3 %': enough digits to tell the level from 100 % and from its neighbours."""
+    for digits in range(1, 6):
+        text = f"{100 * level:.{digits}f}"
+        if float(text) < 100:
+            return text.rstrip("0").rstrip(".") + " %"
+    return f"{100 * level:g} %"
+
+
+def significance(cards: List[Card], letters: List[str], ok: List[int], baseline: Optional[str] = None,
+                 family: str = DEFAULT_FAMILY) -> Significance:
+    """Each row against its reference row on the paired per-sample outcomes (all seeds), as one procedure:
+    Newcombe's paired interval of the difference and its p-value (the level at which the interval reaches
+    0), Benjamini–Hochberg within each family of tests (`family`: table, model or experiment), and the
+    interval shown at the Benjamini–Yekutieli level 1 - R*q/m of its family, so that it excludes 0 exactly
+    when the row is marked significant. Rows on a different eval set than their reference, or without
     outcomes, are not tested (the notes say so)."""
+    if family not in FAMILIES:
+        raise QcardError(f"unknown test family '{family}'; allowed: {', '.join(FAMILIES)}")
     refs = _references(cards, ok, baseline)
     bits = {i: _tested_bits(cards[i]) for i in ok}
     no_outcomes = [k for k in ok if bits[k] is None] if len(ok) > 1 else []
     other_data = [(i, j) for i, j in refs.items() if bits[i] and bits[j] and
                   (bits[i][0] is None or bits[i][0] != bits[j][0] or bits[i][1] != bits[j][1])]
     pairs = [(i, j) for i, j in refs.items() if bits[i] and bits[j] and (i, j) not in other_data]
-    sig = Significance(references=sorted({j for _, j in pairs}))
+    sig = Significance(references=sorted({j for _, j in pairs}), family=family)
     if no_outcomes:
         whose = "the cards" if len(no_outcomes) == len(ok) else _group_text([letters[k] for k in no_outcomes])
         sig.notes.append(f"no per-sample outcomes on {whose} (written before card schema 2, or without them): "
@@ -614,30 +657,66 @@ def significance(cards: List[Card], letters: List[str], ok: List[int], baseline:
                          " (name a reference with --baseline CARD_ID)")
     if not pairs:
         return sig
+    from ..stats.intervals import paired_delta_interval, paired_delta_pvalue, per_image
     from ..stats.outcomes import unpack_outcomes
-    from ..stats.significance import FDR_Q, benjamini_hochberg, discordant_counts, mcnemar_exact
+    from ..stats.significance import FDR_Q, benjamini_hochberg, fcr_level
     unpacked: Dict[int, Any] = {}
 
     def outcome(k: int):
+        """The card's per-image outcome: 0/1 for one seed, the fraction of seeds right for several."""
         if k not in unpacked:
             try:
-                unpacked[k] = unpack_outcomes(bits[k][2], bits[k][1])
+                unpacked[k] = per_image([unpack_outcomes(text, bits[k][1]) for text in bits[k][2]])
             except QcardError as exc:
                 raise QcardError(f"card {letters[k]} ({cards[k].id[:10]}): results.outcomes: {exc}") from None
         return unpacked[k]
 
+    key_of, family_words = FAMILIES[family]
+    groups: Dict[str, List[int]] = {}
     for i, j in pairs:
-        b, c = discordant_counts(outcome(i), outcome(j))
-        sig.tests[i] = {"ref": j, "b": b, "c": c, "n": bits[i][1], "p": mcnemar_exact(b, c)}
-    adjusted, rejected = benjamini_hochberg([t["p"] for t in sig.tests.values()], FDR_Q)
-    for t, a, r in zip(sig.tests.values(), adjusted, rejected):
-        t["p_adjusted"], t["significant"] = a, r
-    sig.legend = (f"≈: not significantly different from {_reference_words(sig.references, letters, baseline)} "
-                  f"(exact McNemar, Benjamini–Hochberg q={FDR_Q:g} over {len(pairs)} test{'s' if len(pairs) != 1 else ''})")
-    if any(bits[k][3] for pair in pairs for k in pair):
-        sig.legend += "; a card with several seeds is tested on its first seed's outcomes"
+        x, y = outcome(i), outcome(j)
+        sig.tests[i] = {"ref": j, "b": _count(x * (1 - y)), "c": _count((1 - x) * y),
+                        "n": bits[i][1], "delta": 100.0 * float(x.mean() - y.mean()),
+                        "p": paired_delta_pvalue(x, y), "family": key_of(cards[i]),
+                        "seeds": max(len(bits[i][2]), len(bits[j][2]))}
+        groups.setdefault(key_of(cards[i]), []).append(i)
+    sizes = []
+    for key, members in groups.items():
+        adjusted, rejected = benjamini_hochberg([sig.tests[i]["p"] for i in members], FDR_Q)
+        level = fcr_level(sum(rejected), len(members), FDR_Q)
+        sizes.append((key, len(members), sum(rejected), level))
+        for i, a, r in zip(members, adjusted, rejected):
+            t = sig.tests[i]
+            lo, hi = paired_delta_interval(outcome(i), outcome(t["ref"]), level)
+            t.update(p_adjusted=a, significant=r, family_size=len(members), level=level, lo=lo, hi=hi)
+    sig.legend = _significance_legend(sig, letters, baseline, family_words, sizes, FDR_Q)
     sig.within_noise = _within_noise(cards, letters, sig.tests)
     return sig
+
+
+def _count(v: Any) -> Union[int, float]:
+    """Discordant images: a whole number for one seed, fractional (seed means) for several."""
+    total = float(v.sum())
+    return int(total) if total.is_integer() else total
+
+
+def _significance_legend(sig: Significance, letters: List[str], baseline: Optional[str], family_words: str,
+                         sizes: List[Tuple[str, int, int, float]], q: float) -> List[str]:
+    """What ≈, the p column and the tested rows' Δ interval mean, family by family."""
+    named = len(sizes) > 1 or sizes[0][0]
+    per = "; ".join((f"{key}: " if named else "") + f"{m} test{'s' if m != 1 else ''}, {r} significant, "
+                    f"Δ interval at {_fmt_level(level)}" for key, m, r, level in sizes)
+    lines = [f"≈: not significantly different from {_reference_words(sig.references, letters, baseline)} at a "
+             f"false discovery rate of {q:g} (Benjamini–Hochberg {family_words}, --family {sig.family}: {per})",
+             "vs ref: the reference row, the BH-adjusted p-value (Newcombe's paired test: the level at which the "
+             "Δ interval reaches 0) and the number of tests in the row's family",
+             "Δ [lo, hi] of a tested row: its difference from the reference row with Newcombe's paired interval "
+             "(1998, method 10) at the FCR-adjusted level 1 − R·q/m of its family (Benjamini & Yekutieli 2005; "
+             "R of m tests significant), so it excludes 0 exactly when the row is not marked ≈"]
+    if any(t["seeds"] > 1 for t in sig.tests.values()):
+        lines.append("several seeds: each image counts as the fraction of the card's seeds that got it right "
+                     "(the seed mean the row shows)")
+    return lines
 
 
 def _reference_words(refs: List[int], letters: List[str], baseline: Optional[str]) -> str:
@@ -666,7 +745,8 @@ def _within_noise(cards: List[Card], letters: List[str], tests: Dict[int, Dict[s
             lines.append(f"within noise: {len(quiet) - k} more rows against their reference (marked ≈ in the table)")
             break
         if _settings_differ(cards[i], cards[t["ref"]]):
-            lines.append(f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {_fmt_p(t['p_adjusted'])}, BH-adjusted)")
+            lines.append(f"within noise: {letters[i]} vs {letters[t['ref']]} (p = {fmt_p(t['p_adjusted'])}, "
+                         f"BH-adjusted over {t['family_size']} test{'s' if t['family_size'] != 1 else ''})")
     return lines
 
 
@@ -715,7 +795,7 @@ def _not_reproducible(cards: List[Card], letters: List[str]) -> List[str]:
 # the comparison
 # ---------------------------------------------------------------------------
 
-REFERENCE_COLUMNS = ["kind", "source", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
+REFERENCE_COLUMNS = ["kind", "source", "dataset", "model", "method", "w_bits", "a_bits", "w_granularity", "fp32", "top1", "delta",
                      "citation"]
 INT_COLUMNS = ("calibration", "eval_size", "n_runs")
 
@@ -785,17 +865,20 @@ class Comparison:
                 "method_differences": self.method_differences,
                 "pareto": [self.rows[i]["card"] for i in self.pareto],
                 "cards": clean(self.rows), "failed": self.failed,
-                "significance": self._significance_json(), "notes": self.notes,
+                "significance": self._significance_json(), "notes": self.notes, "read_first": self.read_first(),
                 "reference": clean(self.reference_rows) if self.reference_rows is not None else None}
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
     def _significance_json(self) -> Dict[str, Any]:
         sig, card = self.significance, lambda i: self.rows[i]["card"]
-        return {"legend": sig.legend, "notes": sig.notes, "within_noise": sig.within_noise,
+        return {"legend": sig.legend, "notes": sig.notes, "within_noise": sig.within_noise, "family": sig.family,
                 "references": [card(j) for j in sig.references],
-                "tests": [{"card": card(i), "ref": card(t["ref"]), "n": t["n"], "only_card_correct": t["b"],
-                           "only_ref_correct": t["c"], "p": t["p"], "p_adjusted": t["p_adjusted"],
-                           "significant": t["significant"]} for i, t in sig.tests.items()]}
+                "tests": [{"card": card(i), "ref": card(t["ref"]), "n": t["n"], "seeds": t["seeds"],
+                           "only_card_correct": t["b"], "only_ref_correct": t["c"], "delta": t["delta"],
+                           "p": t["p"], "p_adjusted": t["p_adjusted"], "significant": t["significant"],
+                           "family": t["family"], "family_size": t["family_size"],
+                           "interval_level": t["level"], "delta_interval": [t["lo"], t["hi"]]}
+                          for i, t in sig.tests.items()]}
 
     def export(self, fmt: str) -> str:
         makers = {"md": self.to_markdown, "csv": self.to_csv, "tex": self.to_latex, "json": self.to_json}
@@ -835,7 +918,7 @@ class Comparison:
                 for i, r in enumerate(self.rows)]
         ref_rows, sources = [], {}
         for r in self.reference_rows or []:
-            ref_rows.append([r["source"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
+            ref_rows.append([r["source"], r["dataset"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
                              _words(r["w_granularity"]), f"{r['fp32']:.2f}", f"{r['top1']:.2f}", f"{r['delta']:+.2f}"])
             sources[r["source"]] = r["citation"]
         return {"n": len(self.rows), "n_ok": sum(r["status"] == "ok" for r in self.rows),
@@ -845,13 +928,35 @@ class Comparison:
                 "failed": self.failed, "reference_rows": ref_rows, "reference_sources": sources,
                 "reference_requested": self.reference_rows is not None, "reference_note": self.reference_note,
                 "profile_note": self.profile_note, "within_noise": self.significance.within_noise,
-                "notes": self.significance.notes + self.notes, "legend": self._legend()}
+                "notes": self.significance.notes + self.notes, "legend": self._legend(),
+                "read_first": self.read_first()}
+
+    def read_first(self) -> List[str]:
+        """What a reader must see before the table: cards whose FP32 baseline or eval set makes their
+        accuracies meaningless (cards.render.chance_notes), each said once with the cards it holds for."""
+        from .render import chance_notes
+        said: Dict[str, List[str]] = {}
+        for r, lc in zip(self.rows, self.cards):
+            if lc.card.status == "ok":
+                for line in chance_notes(lc.card.results.model_dump(mode="json"), lc.card.dataset.eval_size):
+                    said.setdefault(line, []).append(r["card"])
+        return [f"{_group_text(letters)}: {line}" for line, letters in said.items()]
 
     def _legend(self) -> List[str]:
         """Lines below the table that say what its marks mean."""
-        out = [self.significance.legend] if self.significance.legend else []
-        if any(r["ci95_lo"] is not None or r["delta_ci95_lo"] is not None for r in self.rows):
-            out.append("[lo, hi]: 95 % interval, as each card computed it (results.ci_method)")
+        out = list(self.significance.legend)
+        if any(r["ci95_lo"] is not None or r["fp32_ci95_lo"] is not None or
+               (r["delta_ci95_lo"] is not None and r["delta_vs_ref"] is None) for r in self.rows):
+            untested = " and on the Δ of untested rows" if self.significance.tests else ""
+            out.append(f"[lo, hi] on FP32 and quantized{untested}: the card's own 95 % interval (results.ci_method)")
+        from ..cost.profile import speedup_definition
+        defined = {}
+        for lc in self.cards:     # what "speedup vs FP32" means, per profile the column reads (issue 22)
+            cost = _cost_in(lc.card, self.profile) if self.profile and lc.card.status == "ok" else lc.card.cost
+            words = speedup_definition(cost.model_dump(mode="json")) if cost is not None else None
+            if words:
+                defined.setdefault(f"speedup vs FP32 ({cost.profile}): {words}", None)
+        out += list(defined)
         if any(r["runtime_status"] == "ok" for r in self.rows):
             out.append("runtime: top-1 of the same quantized model on a real integer runtime (ORT: onnxruntime), "
                        "same images")
@@ -943,7 +1048,8 @@ def _display(r: Dict[str, Any], key: str) -> str:
         return ("≈ " if r.get("significant") is False else "") + text
     if key == "vs_ref":
         if r.get("p_adjusted") is not None:
-            return f"{r['ref']}: {_fmt_p(r['p_adjusted'])}"
+            m = r["family_size"]
+            return f"{r['ref']}: {fmt_p(r['p_adjusted'])} ({m} test{'s' if m != 1 else ''})"
         return "ref" if r.get("is_reference") else "—"
     if key == "runtime_cell":
         return r.get("runtime_cell") or "—"
@@ -953,6 +1059,8 @@ def _display(r: Dict[str, Any], key: str) -> str:
     if key in ("fp32",):
         return f"{v:.2f}" + _interval_text(r, "fp32_ci95", "")
     if key == "delta":
+        if r.get("delta_vs_ref") is not None:      # tested: against the reference, at its family's level
+            return f"{r['delta_vs_ref']:+.2f}" + _interval_text(r, "delta_vs_ref", "+")
         return f"{v:+.2f}" + _interval_text(r, "delta_ci95", "+")
     if key == "bops":
         return fmt_si(float(v))
@@ -974,7 +1082,16 @@ def _interval_text(r: Dict[str, Any], name: str, sign: str) -> str:
     lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
     if _missing(lo) or _missing(hi):
         return ""
-    return f" [{lo:{sign}.1f}, {hi:{sign}.1f}]"
+    return f" [{_limit(lo, sign)}, {_limit(hi, sign)}]"
+
+
+def _limit(v: float, sign: str) -> str:
+    """One decimal, but a limit that would round to 0 keeps two significant digits (-0.046, not -0.0):
+    whether an interval excludes 0 must still be readable."""
+    text = f"{v:{sign}.1f}"
+    if v != 0 and float(text) == 0:
+        text = f"{v:{sign}.2g}"
+    return text
 
 
 def _nan_none(v: Any) -> Any:
@@ -994,10 +1111,12 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "bn": _BN.get(q.batch_norm, q.batch_norm) if ok else None,
         "first_last": f"{_edge(q.first_layer)} / {_edge(q.last_layer)}" if ok else None,
         "residual": _RES.get(q.residual_add, q.residual_add) if ok else None,
-        "calibration": (c.dataset.calibration.size if c.dataset.calibration else None) if ok else None,
+        "calibration": _range_images(c, "size") if ok else None,     # range-setting images (QAT: its init)
         "fp32": r.fp32, "quantized": r.quantized, "std": r.std, "delta": r.delta, "n_runs": r.n_runs,
-        "bops": cost.bops, "size_bits": cost.size_bits, "energy_pj": cost.energy_pj,
-        "latency_cycles": cost.latency_cycles, "speedup_vs_fp32": cost.speedup_vs_fp32, "profile": cost.profile,
+        # a cost the method's records could not give (qcard.methods.from_model) is the FP32 model's: not shown
+        **{k: None if (q.model_extra or {}).get("layer_records") == "missing" else getattr(cost, k)
+           for k in ("bops", "size_bits", "energy_pj", "latency_cycles", "speedup_vs_fp32")},
+        "profile": cost.profile,
         "dataset": c.dataset.ref, "eval_size": c.dataset.eval_size, "experiment": c.experiment, "id": c.id,
         "path": str(lc.path) if lc.path else None,
         # 95 % intervals where the card has them (schema 2)
@@ -1007,8 +1126,11 @@ def _row(letter: str, lc: LoadedCard) -> Dict[str, Any]:
         "runtime_status": c.deployment.status if c.deployment is not None else None,
         "runtime_top1": c.deployment.top1 if c.deployment is not None else None,
         "runtime_cell": _runtime_cell(c),
-        # significance against the reference row: filled by compare_cards
+        # significance against the reference row: filled by compare_cards (Δ and its interval at the
+        # family's FCR-adjusted level, in points)
         "ref": None, "p_value": None, "p_adjusted": None, "significant": None, "is_reference": False,
+        "family": None, "family_size": None, "interval_level": None,
+        "delta_vs_ref": None, "delta_vs_ref_lo": None, "delta_vs_ref_hi": None,
         "reproducible": bool(c.provenance.git_commit) and not c.provenance.git_dirty,
         "point_index": _point_index(c),
     }
@@ -1060,13 +1182,15 @@ def _with_profile(lc: LoadedCard, profile: Optional[str]) -> LoadedCard:
 
 
 def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, str] = False,
-                  profile: Optional[str] = None, baseline: Optional[str] = None) -> Comparison:
+                  profile: Optional[str] = None, baseline: Optional[str] = None,
+                  family: str = DEFAULT_FAMILY) -> Comparison:
     """Compare cards (Card, dict, LoadedCard or paths). x: the Pareto cost axis (bops|size|energy|latency).
     reference: False, "matching" (or True: published rows for the models among the cards) or "all".
     profile: the cost profile to read cost from (default: each card's main one, or for energy and
     latency the first profile that has them; `Comparison.profile_note` says which).
     baseline: an id prefix of the card every other row is tested against (default: the FP32 card of the
-    same model). Rows follow the config's order when the cards carry point.index (config_order)."""
+    same model). family: the Benjamini–Hochberg family, "table", "model" (default) or "experiment".
+    Rows follow the config's order when the cards carry point.index (config_order)."""
     if x not in X_AXES:
         raise QcardError(f"unknown cost axis '{x}'; allowed: {', '.join(X_AXES)}")
     originals = config_order(_as_loaded(cards))
@@ -1095,9 +1219,11 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
     on = set(front)
     for i, r in enumerate(rows):
         r["pareto"] = i in on
-    sig = significance([lc.card for lc in loaded], letters, ok_idx, baseline)
+    sig = significance([lc.card for lc in loaded], letters, ok_idx, baseline, family)
     for i, t in sig.tests.items():
-        rows[i].update(ref=letters[t["ref"]], p_value=t["p"], p_adjusted=t["p_adjusted"], significant=t["significant"])
+        rows[i].update(ref=letters[t["ref"]], p_value=t["p"], p_adjusted=t["p_adjusted"], significant=t["significant"],
+                       family=t["family"], family_size=t["family_size"], interval_level=t["level"],
+                       delta_vs_ref=t["delta"], delta_vs_ref_lo=t["lo"], delta_vs_ref_hi=t["hi"])
     for j in sig.references:
         rows[j]["is_reference"] = True
     runtime = _runtime_gaps(ok_cards, ok_letters)
@@ -1108,12 +1234,23 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
               for i, lc in enumerate(loaded) if lc.card.status != "ok"]
     ref, note = None, ""
     if reference:
-        from .reference import model_key, reference_rows
+        from .reference import card_dataset, model_key, reference_rows
         models = None if reference == "all" else sorted({lc.card.model.ref for lc in loaded})
-        ref = reference_rows(models)
+        # published rows only on the cards' own dataset (all of them with --reference-all, dataset shown)
+        ours = sorted({card_dataset(lc.card.dataset.model_dump(mode="json"),
+                                    (lc.card.results.chance.num_classes if lc.card.results.chance else None))
+                       for lc in loaded})
+        ref = reference_rows(models, datasets=None if reference == "all" else ours)
+        elsewhere = sorted({r["dataset"] for r in ref} - set(ours))
         if models is not None and not ref:
+            others = sorted({r["dataset"] for r in reference_rows(models)} - set(ours))
             note = ("no published rows for " + ", ".join(sorted({model_key(m) for m in models}))
+                    + f" on {', '.join(ours)}"
+                    + (f" (the published rows for these models are on {', '.join(others)})" if others else "")
                     + "; `--reference-all` shows every published row")
+        elif elsewhere:
+            note = (f"published rows on {', '.join(elsewhere)}, not on these cards' {', '.join(ours)}: "
+                    "shown for reference only, not comparable")
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
                       difference_details=details, failed=failed, reference_rows=ref, reference_note=note,
                       cards=originals, profile=profile, profile_note=profile_note, significance=sig,

@@ -235,6 +235,32 @@ def _preprocessing(p: Optional[Dict[str, Any]]) -> Optional[str]:
     return ", ".join(f"{k} {fmt_value(v) if not isinstance(v, str) else v}" for k, v in p.items())
 
 
+def _scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+def _summary(v: Any) -> str:
+    """A nested statistic in a few words: short ones in full, a number series by its range, a table by
+    its size and columns (card.json's method_stats holds all of it)."""
+    if not v:
+        return "none"
+    if isinstance(v, dict):
+        if len(v) <= 24 and all(_scalar(x) for x in v.values()):
+            return fmt_value({k: (f"{x:.4g}" if isinstance(x, float) else x) for k, x in v.items()})
+        keys = list(v)
+        return f"{len(v)} keys ({', '.join(map(str, keys[:4]))}{', …' if len(keys) > 4 else ''}; in card.json)"
+    if all(_scalar(x) for x in v):
+        if len(v) <= 8:
+            return fmt_value(v)
+        nums = [x for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if len(nums) == len(v):
+            return f"{len(v)} values, {min(nums):.4g} … {max(nums):.4g} (first {nums[0]:.4g}, last {nums[-1]:.4g})"
+        return f"{len(v)} values: {fmt_value(v[:4])}, …"
+    cols = list(v[0]) if isinstance(v[0], dict) else []
+    return f"{len(v)} row{'s' if len(v) > 1 else ''}" + (f" of {', '.join(map(str, cols[:5]))}{', …' if len(cols) > 5 else ''}" if cols else "") \
+        + " (in card.json)"
+
+
 def _flat_scalars(d: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, str]]:
     """(dotted key, value) for the scalar leaves of method_stats, two levels deep; lists and deeper
     dicts are summarized by size so the text stays short (plots show the bulky parts)."""
@@ -247,17 +273,25 @@ def _flat_scalars(d: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, s
             if depth < 1:
                 out += _flat_scalars(v, key + ".", depth + 1)
             else:
-                out.append((key, f"{len(v)} entries"))
+                out.append((key, _summary(v)))
         elif isinstance(v, list):
-            if v and all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in v) and len(v) <= 8:
-                out.append((key, fmt_value(v)))
-            else:
-                out.append((key, f"{len(v)} entries"))
+            out.append((key, _summary(v)))
         elif isinstance(v, float):
             out.append((key, f"{v:.4g}"))
         else:
             out.append((key, fmt_value(v) if not isinstance(v, str) else v))
     return out
+
+
+def _subset_words(ds: Dict[str, Any]) -> str:
+    """Which images `eval_size: N` took (dataset.split_info.subset), or '' for the whole split."""
+    sub = (ds.get("split_info") or {}).get("subset") or {}
+    by = f", {sub['chosen_by']}" if sub.get("chosen_by") else ""
+    if sub.get("kind") == "first":
+        return f" (the first {fmt_num(sub.get('size'))} of the split, in file order{by})"
+    if sub.get("kind") == "stratified":
+        return f" (a class-stratified sample, seed {fmt_value(sub.get('seed'))}{by})"
+    return ""
 
 
 def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
@@ -269,7 +303,8 @@ def _header_rows(c: Dict[str, Any], regime: str) -> List[Tuple[str, str]]:
     header += [
         ("Model", f"{shown} ({fmt_num(c['model'].get('params'))} parameters)"),
         ("Weights", weights + (f" (sha256 {c['model']['weights_sha256'][:12]}…)" if c["model"].get("weights_sha256") else "")),
-        ("Dataset", f"{ds['ref']}, split {ds['eval_split']}, {fmt_num(ds.get('eval_size'))} images"),
+        ("Dataset", f"{ds['ref']}, split {ds['eval_split']}, {fmt_num(ds.get('eval_size'))} images"
+                    + _subset_words(ds)),
     ]
     pre = _preprocessing(ds.get("preprocessing"))
     if pre:
@@ -300,25 +335,58 @@ def _wa_rows(w: Dict[str, Any], a: Dict[str, Any]) -> List[Tuple[str, str, str]]
     return wa_rows
 
 
-def _network_rows(q: Dict[str, Any], ds: Dict[str, Any]) -> List[Tuple[str, str]]:
+NOT_REPORTED = "not reported by the method"
+
+TRAINING_FAMILIES = ("qat", "adaptive_precision_training")
+
+
+def calibration_roles(cal: Optional[Dict[str, Any]], method: Dict[str, Any],
+                      stats: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(the images the quantization ranges were set from, the images the method trained on), from the
+    card's dataset.calibration. A training method's block is its training split; its ranges started from
+    range_init (cards written before it was recorded: method_stats.qat.init_calibration)."""
+    if not cal:
+        return None, None
+    training = cal.get("used_for") == "training" or (
+        cal.get("labels_used") is True and (method.get("family") in TRAINING_FAMILIES or method.get("name") == "fp32_train"))
+    if not training:
+        return cal, None
+    ranges = cal.get("range_init") or ((stats or {}).get("qat") or {}).get("init_calibration")
+    return ranges, cal
+
+
+def _images(cal: Dict[str, Any]) -> str:
+    return f"{fmt_num(cal.get('size'))} images from {cal.get('split') or DASH}, seed {fmt_value(cal.get('seed'))}"
+
+
+def _network_rows(q: Dict[str, Any], ds: Dict[str, Any], method: Dict[str, Any],
+                  stats: Dict[str, Any]) -> List[Tuple[str, str]]:
     cal = ds.get("calibration")
+    ranges, training = calibration_roles(cal, method, stats)
+    if training:
+        data_rows = [("training data", _images(training)),
+                     ("range initialisation", f"{_images(ranges)} (before training)" if ranges else "none (no calibrated ranges)")]
+    else:
+        data_rows = [("calibration data", _images(cal) if cal else "none used")]
     graph = fmt_value(q.get("graph_mode"))
     if q.get("graph_mode_reason"):
         graph += f" ({q['graph_mode_reason']})"
+    # a key the method's block left out (quantization.not_reported) has only the schema's default: not a fact
+    unknown = set(q.get("not_reported") or [])
+    said = lambda key, text: NOT_REPORTED if key in unknown else text
     network_rows = [
         ("backend preset", fmt_value(q.get("preset"))),
-        ("graph mode", graph),
-        ("first layer", _edge(q["first_layer"])),
-        ("last layer", _edge(q["last_layer"])),
-        ("batch norm", fmt_value(q.get("batch_norm"))),
-        ("residual adds", _RESIDUAL.get(q.get("residual_add"), fmt_value(q.get("residual_add")))),
-        ("concat / average pool", f"{fmt_value(q.get('concat'))} / {fmt_value(q.get('avg_pool'))}"),
-        ("bias / accumulator bits", f"{fmt_bits(q.get('bias_bits'))} / {fmt_bits(q.get('accumulator_bits'))}"),
-        ("cross-layer equalization", _cle(q.get("cross_layer_equalization") or {})),
-        ("bias correction", fmt_value(q.get("bias_correction"))),
-        ("mixed precision", _mixed_precision(q.get("mixed_precision") or {})),
-        ("calibration data", (f"{fmt_num(cal.get('size'))} images from {cal.get('split') or DASH}, seed {fmt_value(cal.get('seed'))}"
-                              if cal else "none used")),
+        ("graph mode", said("graph_mode", graph)),
+        ("first layer", said("first_layer", _edge(q["first_layer"]))),
+        ("last layer", said("last_layer", _edge(q["last_layer"]))),
+        ("batch norm", said("batch_norm", fmt_value(q.get("batch_norm")))),
+        ("residual adds", said("residual_add", _RESIDUAL.get(q.get("residual_add"), fmt_value(q.get("residual_add"))))),
+        ("concat / average pool", said("concat", f"{fmt_value(q.get('concat'))} / {fmt_value(q.get('avg_pool'))}")),
+        ("bias / accumulator bits", said("bias_bits", f"{fmt_bits(q.get('bias_bits'))} / {fmt_bits(q.get('accumulator_bits'))}")),
+        ("cross-layer equalization", said("cross_layer_equalization", _cle(q.get("cross_layer_equalization") or {}))),
+        ("bias correction", said("bias_correction", fmt_value(q.get("bias_correction")))),
+        ("mixed precision", said("mixed_precision", _mixed_precision(q.get("mixed_precision") or {}))),
+        *data_rows,
         ("labels used", fmt_value(cal.get("labels_used")) if cal else DASH),
         ("per-layer overrides", fmt_value(q.get("overrides"))),
     ]
@@ -333,7 +401,10 @@ def _results_rows(r: Dict[str, Any]) -> List[Tuple[str, ...]]:
                      fmt_pct(r.get("quantized")) + std + fmt_interval(r.get("ci95")),
                      fmt_delta(r.get("delta")) + fmt_interval(r.get("delta_ci95"), signed=True),
                      f"{r.get('n_runs', 0)} ({seeds})" if seeds else str(r.get("n_runs", 0)))]
-    if r.get("top5_fp32") is not None or r.get("top5") is not None:
+    if top5_trivial(r):
+        k = r["chance"]["num_classes"]
+        results_rows.append(("top5", DASH, DASH, DASH, f"trivially 100 % with {k} classes"))
+    elif r.get("top5_fp32") is not None or r.get("top5") is not None:
         d5 = r["top5"] - r["top5_fp32"] if r.get("top5") is not None and r.get("top5_fp32") is not None else None
         results_rows.append(("top5", fmt_pct(r.get("top5_fp32")), fmt_pct(r.get("top5")), fmt_delta(d5), ""))
     return results_rows
@@ -346,9 +417,22 @@ def _interval_note(r: Dict[str, Any]) -> Optional[str]:
     return "In brackets: " + (r.get("ci_method") or "95 % intervals")
 
 
+NOT_DERIVED = "not derived: the method returned no per-layer records (every layer counted as FP32)"
+
+
+def _records_missing(c: Dict[str, Any]) -> bool:
+    """The cost could not be read from the quantized model (qcard.methods.from_model): its bit-dependent
+    figures are the FP32 model's, so they are not shown as the quantized model's."""
+    return (c.get("quantization") or {}).get("layer_records") == "missing"
+
+
 def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
+    from ..cost.profile import speedup_definition
     cost = c["cost"]
     cost_rows: List[Tuple[str, str]] = []
+    if cost.get("profile") and _records_missing(c):
+        return [("parameters", fmt_num(cost.get("params"))), ("MACs", fmt_num(cost.get("macs"))),
+                ("size, BOPs, energy, latency, speedup", NOT_DERIVED)]
     if cost.get("profile"):
         speed = []
         if cost.get("speedup_vs_fp32") is not None:
@@ -367,6 +451,9 @@ def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
             ("latency", DASH if cost.get("latency_cycles") is None else f"{fmt_si(cost['latency_cycles'])} cycles"),
             (f"speedup ({cost['profile']})", ", ".join(speed) if speed else DASH),
         ]
+        defined = speedup_definition(cost)
+        if defined:
+            cost_rows.append(("speedup means", defined))
         for name, other in (c.get("cost_profiles") or {}).items():
             bits = []
             if other.get("energy_pj") is not None:
@@ -383,8 +470,17 @@ def _cost_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
     return cost_rows
 
 
+def _has_weights(l: Dict[str, Any]) -> bool:
+    """A layer with weights of its own (a conv or linear; a weight shared with an earlier layer counts
+    its parameters there): an add, a pool or a matmul of two activations has none."""
+    return bool(l.get("params")) or str(l.get("op", "")).startswith(("conv", "linear"))
+
+
 def _layer_table(cost: Dict[str, Any], q: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[Dict[str, Any]]]:
     layers = cost.get("layers") or []
+    unknown = q.get("layer_records") == "missing"     # no records: the bits below would be defaults
+    w_cell = lambda l: "unknown" if unknown else (fmt_bits(l.get("weight_bits")) if _has_weights(l) else DASH)
+    a_cell = lambda l: "unknown" if unknown else fmt_bits(l.get("activation_bits"))
     # columns appear only when some layer has the value (a bitops profile has no energy or cycles)
     has = lambda key: any(l.get(key) is not None for l in layers)
     has_eff = any(l.get("effective_activation_bits") is not None
@@ -400,21 +496,20 @@ def _layer_table(cost: Dict[str, Any], q: Dict[str, Any]) -> Tuple[List[Tuple[st
     unq = {u.get("name") for u in q.get("unquantized_layers") or []}
     layer_rows = []
     for l in layers:
-        row = [l["name"], l["op"], fmt_num(l.get("macs")), fmt_num(l.get("params")), fmt_bits(l.get("weight_bits")),
-               fmt_bits(l.get("activation_bits"))]
+        row = [l["name"], l["op"], fmt_num(l.get("macs")), fmt_num(l.get("params")), w_cell(l), a_cell(l)]
         if has_eff:
             e = l.get("effective_activation_bits")
             row.append(DASH if e is None else f"{e:.2f}")
-        row.append(fmt_si(l.get("bops")))
+        row.append("unknown" if unknown else fmt_si(l.get("bops")))
         if has("energy_pj"):
-            row.append(fmt_energy(l.get("energy_pj")))
+            row.append("unknown" if unknown else fmt_energy(l.get("energy_pj")))
         if has("cycles"):
-            row.append(fmt_si(l.get("cycles")))
+            row.append("unknown" if unknown else fmt_si(l.get("cycles")))
         # FP32: a weighted layer whose weights are not quantized, or a weightless op (add, pool) whose
         # activations are not; the cost model writes 32 for FP32 operands
-        has_weights = bool(l.get("params"))
+        has_weights = _has_weights(l)
         side = l.get("weight_bits") if has_weights else l.get("activation_bits")
-        fp32 = side is None or side >= 32 or l["name"] in unq
+        fp32 = not unknown and (side is None or side >= 32 or l["name"] in unq)
         layer_rows.append({"cells": row, "fp32": fp32})
     return layer_cols, layer_rows
 
@@ -441,10 +536,45 @@ SYNTHETIC_NOTE = ("evaluated on synthetic data (random images and random labels)
 TIE_NOTE = "ties between logits break toward the lowest class index (top-1 = argmax)"
 
 
+def chance_notes(results: Dict[str, Any], eval_size: Any = None) -> List[str]:
+    """Why a card's accuracies may say nothing (results.chance, qcard.evaluate.chance_check): the eval
+    images are all of one class, FP32 answers one class, or FP32 is at chance. compare says the same."""
+    ch = results.get("chance") or {}
+    n = f"{eval_size:,} " if isinstance(eval_size, int) else ""
+    if ch.get("eval_classes") == 1:
+        return [f"the {n}eval images are all of one class: an accuracy on them says nothing about the other "
+                f"classes (`eval_subset: first` on a folder sorted by class does this; use `eval_subset: stratified`)"]
+    out = []
+    if ch.get("one_class") is not None:
+        out.append(f"FP32 is right on exactly the images of class {ch['one_class']}: it answers one class for "
+                   f"every image (a random-weight or broken model), so no quantized result here can be judged")
+    elif ch.get("at_chance"):
+        out.append(f"FP32 is at chance: top-1 {fmt_pct(results.get('fp32'))} % where always answering the most "
+                   f"common class scores {fmt_pct(ch.get('chance_top1'))} % ({ch.get('eval_classes')} classes); "
+                   f"\"≈ FP32\" and Δ mean nothing until the model learns (check its weights)")
+    return out
+
+
+def top5_trivial(results: Dict[str, Any]) -> bool:
+    """A model with 5 or fewer classes always has the label among its top 5."""
+    k = (results.get("chance") or {}).get("num_classes")
+    return k is not None and k <= 5
+
+
 def _banner(c: Dict[str, Any]) -> List[str]:
-    """What a reader must see before the numbers: synthetic data, then the card's warnings."""
-    out = [SYNTHETIC_NOTE] if (c.get("dataset") or {}).get("ref") == "synthetic" else []
+    """What a reader must see before the numbers: synthetic data, an uninformative FP32 baseline or eval
+    set, then the card's warnings."""
+    synthetic = (c.get("dataset") or {}).get("ref") == "synthetic"
+    out = [SYNTHETIC_NOTE] if synthetic else chance_notes(c.get("results") or {}, (c.get("dataset") or {}).get("eval_size"))
     return out + list(c.get("warnings") or [])
+
+
+def _not_used(unused: Dict[str, str]) -> str:
+    """'adaround_iters, adaround_reg (no adaround step in minmax); labels (...)': grouped by reason."""
+    by: Dict[str, List[str]] = {}
+    for k, why in unused.items():
+        by.setdefault(str(why), []).append(k)
+    return "; ".join(f"{', '.join(ks)} ({why})" for why, ks in by.items())
 
 
 def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
@@ -454,19 +584,24 @@ def card_view(c: Dict[str, Any]) -> Dict[str, Any]:
     label = m.get("label") or m["name"]
     regime = f"W{fmt_bits(w.get('bits'))}A{fmt_bits(a.get('bits'))}" if (w.get("bits") or a.get("bits")) else "FP32"
     layer_cols, layer_rows = _layer_table(cost, q)
+    # params the method says this point never read (method_stats.params_not_used: {name: why})
+    unused = (c.get("method_stats") or {}).get("params_not_used") or {}
+    unused = unused if isinstance(unused, dict) else {}
     unquantized = [(u.get("name", DASH), u.get("op", DASH), u.get("reason") or DASH) for u in q.get("unquantized_layers") or []]
     return {
         "title": f"{c['model']['ref']} · {label}",
         "label": label, "regime": regime, "failed": c["status"] == "failed", "error": c.get("error"),
         "header": _header_rows(c, regime), "flags": list(q.get("hardware_unfriendly") or []),
-        "wa_rows": _wa_rows(w, a), "network_rows": _network_rows(q, c["dataset"]), "unquantized": unquantized,
+        "wa_rows": _wa_rows(w, a), "network_rows": _network_rows(q, c["dataset"], m, c.get("method_stats") or {}), "unquantized": unquantized,
         "results_header": ("metric", "FP32", "quantized", "Δ", "runs (seeds)"), "results_rows": _results_rows(c["results"]),
         "interval_note": _interval_note(c["results"]),
         "cost_profile": cost.get("profile"), "cost_rows": _cost_rows(c),
         "layer_cols": layer_cols, "layer_rows": layer_rows,
         "method_stats": _flat_scalars(c.get("method_stats") or {}),
         "method_tables": method_tables(c) + deployment_tables(c),
-        "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()],
+        "method_params": [(k, fmt_value(v) if not isinstance(v, str) else v) for k, v in (m.get("params") or {}).items()
+                          if k not in unused],
+        "params_not_used": _not_used(unused),
         "banner": _banner(c), "tie_note": TIE_NOTE,
         "warnings": list(c.get("warnings") or []), "provenance": _environment(c["provenance"]), "reproduce": c["reproduce"],
     }

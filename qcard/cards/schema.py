@@ -42,6 +42,10 @@ class CalibrationBlock(Closed):
     size: Optional[int] = None
     seed: Optional[int] = None
     labels_used: Optional[Union[bool, str]] = None
+    # what these images were for: "training" (QAT, MARViN, FP32 training: the whole training split) or
+    # range setting (None: PTQ, SPARQ, and cards written before it was said)
+    used_for: Optional[Literal["training"]] = None
+    range_init: Optional["CalibrationBlock"] = None    # training methods: the images their ranges started from
 
 
 class DatasetBlock(Closed):
@@ -147,6 +151,15 @@ class Outcomes(Closed):
 Interval = Tuple[float, float]
 
 
+class ChanceCheck(Closed):
+    """Is the FP32 baseline informative? (qcard.evaluate.chance_check; None on cards written before it)"""
+    num_classes: Optional[int] = None          # the classes the model picks among (top-5 of <= 5 is trivially 100)
+    eval_classes: Optional[int] = None         # distinct labels among the eval images
+    chance_top1: Optional[Percent] = None      # top-1 of always answering the eval set's most common class
+    at_chance: Optional[bool] = None           # FP32's 95 % interval reaches down to chance_top1
+    one_class: Optional[int] = None            # FP32 is right on exactly the images of this class (answers one class)
+
+
 class Results(Closed):
     metric: str = "top1"
     fp32: Optional[Percent] = None
@@ -164,6 +177,7 @@ class Results(Closed):
     delta_ci95: Optional[Interval] = None      # of `delta`, from the paired outcomes on the same images
     ci_method: Optional[str] = None            # how the intervals were computed, in words
     outcomes: Optional[Outcomes] = None
+    chance: Optional[ChanceCheck] = None       # whether FP32 is above chance on these images (issue 22)
 
 
 class CostLayer(Open):
@@ -369,7 +383,10 @@ def card_from_dict(data: Dict[str, Any], source: str = "<card>") -> Card:
         raise QcardError(f"{source}: not a valid qcard card: {problems}") from None
 
 
-def load_card(path: Union[str, Path]) -> Card:
+def load_card(path: Union[str, Path], *, check_evidence: bool = True) -> Card:
+    """The card in a card.json file, upgraded to the current schema. With check_evidence (the default) its
+    figures are recomputed from its per-sample outcomes (cards.evidence): a card that disagrees with its own
+    evidence is an EvidenceError (a QcardError) naming the file, the field and both values."""
     path = Path(path)
     if not path.is_file():
         raise QcardError(f"card file not found: {path}")
@@ -379,7 +396,11 @@ def load_card(path: Union[str, Path]) -> Card:
         raise QcardError(f"cannot read card {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QcardError(f"{path}: not valid JSON ({exc})") from None
-    return card_from_dict(data, str(path))
+    card = card_from_dict(data, str(path))
+    if check_evidence:
+        from .evidence import require_evidence
+        require_evidence(card, str(path))
+    return card
 
 
 def card_json_schema() -> Dict[str, Any]:

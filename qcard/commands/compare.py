@@ -26,18 +26,23 @@ from . import echo_document, user_errors
                    "latency the first profile on the cards that has them)")
 @click.option("--baseline", metavar="CARD_ID",
               help="test every row against this card (a prefix of its id) instead of the FP32 card of the same "
-                   "model (exact McNemar on the per-sample outcomes, Benjamini-Hochberg over all tests)")
+                   "model (paired on the per-sample outcomes of all seeds)")
+@click.option("--family", type=click.Choice(["table", "model", "experiment"]), default="model", show_default=True,
+              help="the tests that Benjamini-Hochberg corrects together: each model's rows (default), each "
+                   "experiment's, or the whole table; the legend and the vs-ref column give each family's size")
 @click.option("--reference", is_flag=True,
               help="add published rows (marked 'reported', with their source) for the models among the cards")
 @click.option("--reference-all", is_flag=True, help="add every published row, whatever the models")
 @user_errors
-def compare(paths, fmt, output, plot_path, x_axis, profile, baseline, reference, reference_all):
+def compare(paths, fmt, output, plot_path, x_axis, profile, baseline, family, reference, reference_all):
     """Compare cards: PATH is a card.json or a run folder (searched recursively).
 
     The settings that differ between the cards, other than the method's own choices, are named above
     the table: a gap in accuracy may be due to them. Failed points are listed as failed. Cards with
     per-sample outcomes on the same eval set are tested against their reference row (the FP32 card of
-    the same model, or --baseline); "≈" marks a difference that is not significant.
+    the same model, or --baseline) over all their seeds; "≈" marks a difference that is not significant
+    at a false discovery rate of 0.05 within its --family, and the Δ interval of a tested row is adjusted
+    to the same error rate, so it excludes 0 exactly when the row is not "≈".
 
     \b
     Examples:
@@ -50,7 +55,8 @@ def compare(paths, fmt, output, plot_path, x_axis, profile, baseline, reference,
     from ..cards.compare import compare_cards, load_cards
 
     ref = "all" if reference_all else ("matching" if reference else False)
-    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref, profile=profile, baseline=baseline)
+    cmp = compare_cards(load_cards(paths), x=x_axis, reference=ref, profile=profile, baseline=baseline,
+                        family=family)
     if cmp.profile_note:
         click.echo(f"note: {cmp.profile_note}", err=True)
     text = cmp.export(fmt)

@@ -228,3 +228,12 @@ def _json_default(o: Any) -> Any:
 
 if __name__ == "__main__":      # python -m qcard.commands.cost ... (without the qcard entry point)
     cost()
+
+
+def profile_lines() -> List[str]:
+    """`qcard profiles`: each shipped profile with what it models, one line each (from its YAML)."""
+    from ..cost.profile import list_profiles, profile_summary
+    names = list_profiles()
+    width = max(len(n) for n in names)
+    return [f"{n:<{width}}  {profile_summary(n)}" for n in names] + [
+        "A profile of your own is the path of a YAML file (qcard cost MODEL --profile my_chip.yaml)."]

@@ -26,6 +26,9 @@ from ..errors import QcardError
 def render(cards, fmt, out_dir):
     """Render card files (or every card.json under run folders) as Markdown, HTML or LaTeX.
 
+    A card whose figures disagree with its own per-sample outcomes is refused (exit 2, the file, field and
+    both values named; `qcard card validate` lists every mismatch).
+
     \b
     Examples:
       qcard render runs/quickstart/*/card.json                  # Markdown on stdout
@@ -34,14 +37,23 @@ def render(cards, fmt, out_dir):
     """
     from ..cards.compare import find_card_files
     from ..cards.render import EXTENSIONS, render_card
+    from ..cards.evidence import require_evidence
     from ..cards.schema import load_card
     from ..methods import with_sections
+
+    def load(f):
+        """The card, refused when its figures disagree with its own outcomes; a warning (an interval by a
+        superseded method) on stderr. A card without outcomes renders without intervals, as it always has."""
+        card = load_card(f, check_evidence=False)
+        for w in require_evidence(card, str(f)).warnings:
+            click.echo(f"warning: {f}: {w}", err=True)
+        return with_sections(card)
 
     files = find_card_files(cards)
     if out_dir is None:
         if fmt == "html" and len(files) > 1:
             raise QcardError(f"{len(files)} cards as HTML make {len(files)} pages: give --out DIR to write them")
-        texts = [render_card(with_sections(load_card(f)), fmt) for f in files]
+        texts = [render_card(load(f), fmt) for f in files]
         echo_document(("\n" if fmt == "md" else "\n\n").join(t.rstrip("\n") + "\n" for t in texts), fmt == "md")
         return
     out = Path(out_dir)
@@ -50,7 +62,7 @@ def render(cards, fmt, out_dir):
     for f in files:
         rel = f.resolve().parent.relative_to(common) if common else Path()
         target = out / rel / f"{f.stem}.{EXTENSIONS[fmt]}"
-        text = render_card(with_sections(load_card(f)), fmt)
+        text = render_card(load(f), fmt)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")

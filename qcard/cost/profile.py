@@ -164,6 +164,49 @@ def list_profiles() -> List[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
+def profile_summary(name: str) -> str:
+    """One line saying what a shipped profile models: the first sentence of its description and what
+    its speedup means (qcard profiles)."""
+    import re
+    prof = load_profile(name)
+    first = re.split(r"(?<!\bal)\.\s+", " ".join(prof.description.split()))[0].rstrip(".")
+    models = [w for w, on in (("energy", prof.energy), ("latency", prof.latency)) if on is not None]
+    counts = "BOPs, size, traffic" + "".join(f", {m}" for m in models)
+    short = {"weight_bit_weighted_macs": "weight-bit-weighted MACs", "latency": "latency ratio"}
+    speed = f"; speedup = {short[prof.speedup.definition]}" if prof.speedup else "; no speedup"
+    return f"{first} [{counts}{speed}]"
+
+
+# what speedup_vs_fp32 means, by the profile's speedup.definition (qcard.cost.model computes it): said on
+# the card and in compare's legend, so that equal speedups with different activation bits read right
+SPEEDUP_WORDS = {
+    "weight_bit_weighted_macs": "weight-bit-weighted MACs, Σ 32·MACs / Σ b_w·MACs (MARViN); activation bits do "
+                                "not enter it, so W4A4 and W4A8 get the same speedup (BOPs = MACs·b_w·b_a count both)",
+    "latency": "latency of the same layers at FP32 on the same profile ÷ this model's latency (cycles)",
+}
+
+
+def speedup_definition(cost: Dict[str, Any]) -> Optional[str]:
+    """What a card's cost block means by speedup_vs_fp32, in words, read from the block itself (its
+    speedup_baselines, written by the cost model from the profile); None where it has no speedup."""
+    if not cost or cost.get("speedup_vs_fp32") is None:
+        return None
+    base = ((cost.get("speedup_baselines") or {}).get("fp32")) or {}
+    said = str(base.get("definition") or "")
+    if "b_w·MACs" in said:
+        return SPEEDUP_WORDS["weight_bit_weighted_macs"]
+    if "latency" in said:
+        return f"latency ratio, cycles of {base['baseline']} ÷ this model's" if base.get("baseline") \
+            else SPEEDUP_WORDS["latency"]
+    if said:
+        return said
+    try:        # a card written before the definition was recorded: its shipped profile's, by name
+        prof = load_profile(str(cost.get("profile")))
+    except QcardError:
+        return "not recorded on this card"
+    return SPEEDUP_WORDS[prof.speedup.definition] if prof.speedup else "not recorded on this card"
+
+
 def _format_error(path: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():

@@ -78,12 +78,16 @@ class QuantResult:
         from ..cards.schema import Quantization
         if isinstance(self.quantization, Quantization):
             self.quantization = self.quantization.model_dump(mode="json")
-            return
-        try:
-            Quantization.model_validate(self.quantization)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:10])
-            raise QcardError(f"the method's quantization block does not fit the card schema: {problems}") from None
+        else:
+            try:
+                Quantization.model_validate(self.quantization)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:10])
+                raise QcardError(f"the method's quantization block does not fit the card schema: {problems}") from None
+            self.quantization = dict(self.quantization)     # completed below, never the method's own dict
+        # no per-layer records: read them from the simulated model, or say the cost cannot be derived
+        from .from_model import complete_from_model
+        complete_from_model(self)
 
 
 class Method:

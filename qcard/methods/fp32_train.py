@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..training import TrainRecipe, train
 from .base import Method, MethodParams, QuantResult
-from ..cards.schema import unquantized_block
+from .fp32 import fp32_block
 
 
 class FP32Train(Method):
@@ -23,9 +23,10 @@ class FP32Train(Method):
         log = train(model, data, params.train, ctx)
         return QuantResult(
             model=model,
-            quantization=unquantized_block(),
+            quantization=fp32_block(model),
             stats={"training": log.to_stats()},
             pipeline=["reinitialize" if params.train.from_scratch else "start_from_given_weights", "train_fp32"],
-            calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True},
+            calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True,
+                         "used_for": "training"},
             warnings=list(log.warnings),
         )

@@ -92,7 +92,8 @@ def build_result(ctl, log) -> QuantResult:
         pipeline=["reinitialize" if p.train.from_scratch else "start_from_given_weights",
                   "convert_fixed_point(<%d,%d>)" % (p.initial_wl, p.initial_fl),
                   "train_adaptive_precision", "freeze_fixed_point_weights"],
-        calibration={"split": "train", "size": len(ctl.data.train), "seed": ctl.ctx.seed, "labels_used": True},
+        calibration={"split": "train", "size": len(ctl.data.train), "seed": ctl.ctx.seed, "labels_used": True,
+                     "used_for": "training"},
         warnings=ctl.warnings + list(log.warnings),
     )
 

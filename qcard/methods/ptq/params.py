@@ -146,6 +146,26 @@ class PTQParams(SimScheme, MethodParams):
             raise ValueError("; ".join(errors))
         return self
 
+    def unused_params(self) -> Dict[str, str]:
+        """{param: why it did nothing here}: the resolved params keep every default (they define the
+        point's id), so the card says which of them this point's steps never read."""
+        steps = list(self.steps or [])
+        out: Dict[str, str] = {}
+        if "bias_correction" not in steps:
+            out["bias_correction"] = f"no bias_correction step in {self.pipeline}"
+        if "adaround" not in steps:
+            out.update({k: f"no adaround step in {self.pipeline}" for k in type(self).model_fields
+                        if k.startswith("adaround_")})
+        if "percentile" not in (self.weight_range, self.activation_range):
+            out["percentile"] = "no percentile range setting"
+        if self.activation_range != "bn":
+            out["bn_alpha"] = "activation ranges not from batch norm"
+        if self.sensitivity != "accuracy":
+            out["labels"] = "no accuracy sensitivity"
+        if not self.mixed_precision:
+            out.update({k: "mixed_precision off" for k in type(self).model_fields if k.startswith("mp_")})
+        return out
+
     def _check_mixed_precision(self) -> List[str]:
         errs = []
         if self.mp_weight_bits is None and self.mp_activation_bits is None and self.mp_max_activation_map_bits is None:

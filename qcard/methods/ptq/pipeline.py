@@ -131,6 +131,7 @@ def run_ptq(model: nn.Module, data: PointData, p: PTQParams, ctx: RunContext) ->
     for prm in sim.parameters():     # PTQ is done: nothing trains this model, and frozen weights let
         prm.requires_grad_(False)    # evaluation take the cached fast path even without no_grad()
     stats.setdefault("graph_mode", info.graph_mode)
+    stats["params_not_used"] = p.unused_params()      # the card lists them apart from the params that ran
     if info.cle.get("applied"):
         stats["cle_pairs"] = info.cle.get("pairs")
     return QuantResult(

@@ -229,7 +229,9 @@ def run_qat(model, data: PointData, p: QATParams, ctx: RunContext) -> QuantResul
         ctx.log(f"qcard: {u['name']} ({u['op']}) left in FP32: {u['reason']}")
     return QuantResult(
         model=sim, quantization=block, layers=layer_records(sim), stats=stats, pipeline=pipeline,
-        calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True},
+        # trained on the whole training split; its ranges were initialised from stats["init_calibration"]
+        calibration={"split": "train", "size": len(data.train), "seed": ctx.seed, "labels_used": True,
+                     "used_for": "training", "range_init": qat_stats["init_calibration"]},
         warnings=warnings + list(info.warnings))
 
 
