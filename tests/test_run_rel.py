@@ -107,8 +107,7 @@ def test_a_cached_baseline_whose_logits_do_not_match_is_measured_again(tmp_path,
     pkg = user_package(tmp_path)
     weights = weights_file(tmp_path, pkg)
     cfg = tmp_path / "pools.yaml"
-    cfg.write_text(CONFIG.format(out=tmp_path / "runs", weights=weights).replace("methods: [fp32]",
-                                                                                 "methods: [fp32, ptq]"))
+    cfg.write_text(CONFIG.format(out=tmp_path / "runs", weights=weights))
     first = qcard_run(cfg, subprocess_env, pkg=pkg)
     assert first.returncode == 0, first.stdout + first.stderr
     true_fp32 = {k: c["results"]["fp32"] for k, c in cards(tmp_path / "runs" / "pools").items()}
