@@ -54,7 +54,8 @@ def main():
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="output root (default: the config's 'out', else runs/)")
+@click.option("--out", type=click.Path(file_okay=False), help="output root, relative to the current folder (default: the config's 'out', relative to the config's "
+                   "folder; else runs/ in the current folder)")
 @click.option("--force", is_flag=True, help="rerun points that are already finished")
 @click.option("--dry-run", is_flag=True, help="validate and print the points without running them")
 @click.option("--only", multiple=True, metavar="ID", help="run only points whose id starts with ID (repeatable)")
@@ -100,13 +101,28 @@ def run(config, out, force, dry_run, only, progress, workers, executor, address,
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--no-build", is_flag=True, help="skip building the models and loading the data (checks keys, "
+                                              "names and files only)")
 @user_errors
-def validate(config):
-    """Check CONFIG (keys, types, names, files) without running anything."""
+def validate(config, no_build):
+    """Check CONFIG without running anything: keys, types, names, files, the extras it needs (qcard[deploy]),
+    and, building each model and loading its data, what would fail every point (the model's outputs vs
+    the dataset's classes, channels, a calibration size larger than the training split)."""
     from .config import load_config
+    from .deploy import check_extra
     exp = load_config(config)
     _echo_warnings(exp)
-    click.echo(f"{config}: ok — experiment '{exp.name}', {len(exp.points())} point(s)")
+    from .errors import QcardError
+    try:
+        check_extra(any(p.deploy is not None for p in exp.points()))
+    except QcardError as exc:   # what `qcard run` would stop at: said here, with the config it comes from
+        raise QcardError(f"{config}: a deploy: block asks for the deploy check, but {exc}") from None
+    built = ""
+    if not no_build:
+        from .runner import preflight
+        n = preflight(exp, log=lambda m: click.echo(m, err=True))
+        built = f"; {n} model(s) built and checked against the data"
+    click.echo(f"{config}: ok — experiment '{exp.name}', {len(exp.points())} point(s){built}")
 
 
 def _echo_warnings(exp) -> None:

@@ -13,11 +13,12 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .data.catalog import DATASETS
 from .errors import ConfigError, QcardError, did_you_mean
@@ -61,6 +62,8 @@ class ModelSpec(Strict):
     num_classes: Optional[int] = Field(None, ge=1)
     kwargs: Dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the constructor")
     label: Optional[str] = Field(None, description="short display name on cards")
+    # path keys as the config wrote them (before resolving against base_dir): what the point id hashes
+    _written: Dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("label")
     @classmethod
@@ -123,6 +126,7 @@ class DatasetSpec(Strict):
     num_classes: Optional[int] = Field(None, ge=1, description="synthetic only")
     size: Optional[int] = Field(None, ge=1, description="synthetic only: images per split")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    _written: Dict[str, Any] = PrivateAttr(default_factory=dict)     # as in ModelSpec
 
     @field_validator("ref")
     @classmethod
@@ -194,7 +198,13 @@ class ExperimentConfig(Strict):
     description: str = ""
     seeds: List[int] = Field(default_factory=lambda: [0], min_length=1,
                              description="each point runs once per seed; cards show mean ± std")
-    out: str = Field("runs", description="output root; points go to OUT/EXPERIMENT/")
+    out: str = Field("runs", description="output root; points go to OUT/EXPERIMENT/. Written in the config, a "
+                                         "relative path is relative to the config's folder (base_dir); left out, "
+                                         "runs/ in the current folder; `qcard run --out` is relative to the "
+                                         "current folder")
+    base_dir: Optional[str] = Field(None, description="the folder relative paths (weights, image folders, dataset "
+                                                      "root, out) resolve against; default: the config file's "
+                                                      "folder. Not part of the point ids")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     deterministic: bool = True
     models: List[ModelSpec] = Field(min_length=1)
@@ -259,6 +269,7 @@ class Point:
     raw_params: Dict[str, Any] = field(default_factory=dict)   # this point's params as the config gives them
     deploy: Optional[DeploySpec] = None
     description: str = ""
+    base_dir: Optional[str] = None    # the absolute folder the config's relative paths resolved against
 
     def canonical(self) -> Dict[str, Any]:
         """Everything that determines the results, defaults expanded, in a stable form."""
@@ -267,27 +278,31 @@ class Point:
         return {**deploy, **self._canonical()}
 
     def as_config(self) -> Dict[str, Any]:
-        """A config of this point alone: loading it gives one point with this id (what `qcard verify` reruns).
-        Paths are as resolved when the config was loaded (absolute where the config gave relative ones)."""
+        """A config of this point alone: loading it gives one point with this id (what `qcard verify` reruns),
+        from any folder. Paths are as the config wrote them, with base_dir the absolute folder they resolve
+        against (so the id, which hashes the written paths, stays the same)."""
         method = {"name": self.method, "label": self.method_label, "params": dict(self.raw_params)}
         if self.deploy is not None:
             method["deploy"] = self.deploy.model_dump(mode="json")
+        base = {"base_dir": self.base_dir} if self.base_dir and (self.model._written or self.dataset._written) else {}
         return {
             "experiment": self.experiment, "description": self.description, "seeds": list(self.seeds),
-            "device": self.device, "deterministic": self.deterministic,
-            "models": [self.model.model_dump(mode="json", exclude_none=True)],
-            "dataset": self.dataset.model_dump(mode="json", exclude_none=True),
+            "device": self.device, "deterministic": self.deterministic, **base,
+            "models": [{**self.model.model_dump(mode="json", exclude_none=True), **self.model._written}],
+            "dataset": {**self.dataset.model_dump(mode="json", exclude_none=True), **self.dataset._written},
             "methods": [method], "cost": self.cost.model_dump(mode="json", exclude_none=True),
         }
 
     def _canonical(self) -> Dict[str, Any]:
         return {
             "experiment": self.experiment,
-            "model": self.model.model_dump(mode="json", exclude={"label"}),
+            # paths as the config wrote them: the id does not change with the folder a config is run from
+            "model": {**self.model.model_dump(mode="json", exclude={"label"}), **self.model._written},
             # keys added later count only when set, so the points of older configs keep their ids
-            "dataset": self.dataset.model_dump(mode="json", exclude={"num_workers", "batch_size"}
-                                               | {k for k in ("eval_subset", "class_map")
-                                                  if getattr(self.dataset, k) is None}),
+            "dataset": {**self.dataset.model_dump(mode="json", exclude={"num_workers", "batch_size"}
+                                                  | {k for k in ("eval_subset", "class_map")
+                                                     if getattr(self.dataset, k) is None}),
+                        **self.dataset._written},
             "method": {"name": self.method, "params": self.params.model_dump(mode="json")},
             "seeds": list(self.seeds),
             "cost": self.cost.model_dump(mode="json"),
@@ -296,7 +311,9 @@ class Point:
 
     @property
     def folder(self) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model.short}__{self.method_label}")
+        # letters and digits of any script are kept ("émoji" stays "émoji"; NFC, so one spelling is one folder)
+        name = unicodedata.normalize("NFC", f"{self.model.short}__{self.method_label}")
+        safe = re.sub(r"[^\w.-]+", "-", name)
         return f"{safe}__{self.id[:10]}"
 
     def values(self, keys) -> str:
@@ -325,6 +342,7 @@ class Experiment:
     config_sha256: str = ""
     lines: Dict[KeyPath, int] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)   # found at load time; the CLI and the runner print them
+    base_dir: Optional[str] = None      # absolute: what relative paths in the config resolve against
     _points: Optional[List[Point]] = None
 
     @property
@@ -332,10 +350,18 @@ class Experiment:
         return self.config.experiment
 
     def out_dir(self, override: Optional[str] = None) -> Path:
-        root = Path(override) if override else Path(self.config.out)
-        if not root.is_absolute() and override is None and self.path is not None and not Path(self.config.out).is_absolute():
-            root = Path(os.getcwd()) / root
-        return root / self.config.experiment
+        """OUT/EXPERIMENT, absolute. --out (override) is relative to the current folder, as a flag is; an
+        `out:` written in the config is relative to base_dir, like every other path in it; without either,
+        runs/ in the current folder."""
+        if override:
+            root = Path(override).expanduser()
+        elif "out" in self.config.model_fields_set:
+            root = Path(self.config.out).expanduser()
+            if not root.is_absolute() and self.base_dir:
+                root = Path(self.base_dir) / root
+        else:
+            root = Path(self.config.out)
+        return Path(os.path.abspath(root)) / self.config.experiment
 
     def points(self) -> List[Point]:
         if self._points is None:
@@ -443,7 +469,7 @@ def expand(exp: Experiment) -> List[Point]:
                                   device=cfg.device, deterministic=cfg.deterministic,
                                   given=tuple(keys), swept=swept, raw_params=raw,
                                   deploy=mspec.deploy if mspec.deploy is not None else cfg.deploy,
-                                  description=cfg.description)
+                                  description=cfg.description, base_dir=exp.base_dir)
                     point.id = canonical_hash(point.canonical())
                     if point.id in seen:
                         # the same point listed twice (e.g. a sweep value repeated) runs once
@@ -454,17 +480,17 @@ def expand(exp: Experiment) -> List[Point]:
                                 f"the same settings, so they are one point ({point.id[:10]}) with one card, "
                                 f"labelled '{first.method_label}'; change a param or remove one of them")
                         continue
-                    if len(point.folder) > MAX_FOLDER:
+                    if len(point.folder.encode("utf-8")) > MAX_FOLDER:
                         raise exp.error(("methods", mi, "label"), f"the point folder '{point.folder}' is "
-                                        f"{len(point.folder)} characters long; at most {MAX_FOLDER}: shorten "
-                                        f"the model or method label")
+                                        f"{len(point.folder.encode('utf-8'))} bytes long; at most {MAX_FOLDER}: "
+                                        f"shorten the model or method label")
                     seen[point.id] = point
                     point.index = len(points)
                     points.append(point)
     return points
 
 
-MAX_FOLDER = 240    # a point folder: MODEL__LABEL__id, below the 255 bytes of a file name
+MAX_FOLDER = 240    # bytes (UTF-8) of a point folder, MODEL__LABEL__id: below the 255 bytes of a file name
 
 _SCALARS = (bool, int, float)
 
@@ -582,7 +608,8 @@ def load_config(path: Union[str, os.PathLike], *, check_files: bool = True) -> E
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     data, lines = load_yaml(text, str(path))
-    exp = config_from_dict(data, source=str(path), lines=lines, base_dir=path.parent, check_files=check_files)
+    exp = config_from_dict(data, source=str(path), lines=lines, base_dir=path.parent.resolve(),
+                           check_files=check_files)
     exp.path = path
     exp.config_sha256 = hashlib.sha256(raw).hexdigest()
     return exp
@@ -604,8 +631,12 @@ def config_from_dict(data: Any, *, source: str = "<dict>", lines: Optional[Dict[
                 for e in exc.errors()]
         raise ConfigError("\n".join(msgs)) from None
     exp.config = cfg
+    if cfg.base_dir is not None:           # the config's own base_dir (relative: to the config's folder)
+        given = Path(cfg.base_dir).expanduser()
+        base_dir = given if given.is_absolute() else Path(base_dir or os.getcwd()) / given
     if base_dir is not None:
-        _resolve_paths(exp, base_dir)
+        exp.base_dir = os.path.abspath(base_dir)
+        _resolve_paths(exp, Path(exp.base_dir))
     if check_files:
         _check_references(exp)
     if exp.config_sha256 == "":
@@ -629,18 +660,42 @@ _WEIGHT_WORDS = ("random", "bundled")    # weights: values that are not file pat
 
 
 def _resolve_paths(exp: Experiment, base_dir: Path) -> None:
-    """Weights files and image folders are relative to the config file."""
+    """One rule: a relative path in the config (weights, imagefolder:PATH, dataset root) is relative to
+    base_dir, the config file's folder unless the config sets base_dir. Resolved to absolute paths (what
+    the run opens and the card records); the written values are kept for the point id."""
     cfg = exp.config
+
+    def absolute(value: str) -> Optional[str]:
+        p = Path(os.path.expanduser(value))
+        return None if p.is_absolute() else os.path.normpath(base_dir / p)
+
     for m in cfg.models:
-        if m.weights and m.weights not in _WEIGHT_WORDS and not os.path.isabs(os.path.expanduser(m.weights)):
-            candidate = base_dir / m.weights
-            if candidate.exists() or not Path(m.weights).exists():
-                m.weights = str(candidate)
-    ref = cfg.dataset.ref
-    if ref.startswith("imagefolder:"):
-        folder = os.path.expanduser(ref[len("imagefolder:"):])
-        if not os.path.isabs(folder) and (base_dir / folder).exists():
-            cfg.dataset.ref = "imagefolder:" + str(base_dir / folder)
+        if m.weights and m.weights not in _WEIGHT_WORDS:
+            resolved = absolute(m.weights)
+            if resolved is not None:
+                m._written["weights"] = m.weights
+                m.weights = resolved
+    ds = cfg.dataset
+    if ds.ref.startswith("imagefolder:"):
+        resolved = absolute(ds.ref[len("imagefolder:"):])
+        if resolved is not None:
+            ds._written["ref"] = ds.ref
+            ds.ref = "imagefolder:" + resolved
+    if ds.root:
+        resolved = absolute(ds.root)
+        if resolved is not None:
+            ds._written["root"] = ds.root
+            ds.root = resolved
+
+
+def _relative_hint(exp: Experiment, written: Optional[str]) -> str:
+    """For a relative path that is not where the rule puts it but is in the current folder: say so."""
+    if not written or not exp.base_dir or Path(os.path.expanduser(written)).is_absolute():
+        return ""
+    hint = f" (relative paths in a config are relative to its folder, {exp.base_dir}"
+    if Path(written).exists():
+        hint += f"; '{written}' exists in the current folder: write it as {os.path.abspath(written)}"
+    return hint + ")"
 
 
 def _check_references(exp: Experiment) -> None:
@@ -659,8 +714,8 @@ def _check_references(exp: Experiment) -> None:
             raise exp.error(("models", i), f"{m.ref} ships as an architecture only (no bundled or pretrained "
                                            f"weights): train it from scratch, or give weights: PATH")
         if m.weights and m.weights not in _WEIGHT_WORDS and not Path(os.path.expanduser(m.weights)).is_file():
-            raise exp.error(("models", i, "weights"), f"weights file not found: {m.weights} "
-                                                      f"(or say 'random' / 'bundled')")
+            raise exp.error(("models", i, "weights"), f"weights file not found: {m.weights} (or say 'random' / "
+                                                      f"'bundled'){_relative_hint(exp, m._written.get('weights'))}")
         if m.weights and m.pretrained:
             raise exp.error(("models", i), "give either 'weights' or 'pretrained: true', not both")
         if m.ref.startswith("python:") and m.kwargs:
@@ -669,7 +724,8 @@ def _check_references(exp: Experiment) -> None:
     if ref.startswith("imagefolder:"):
         folder = Path(os.path.expanduser(ref[len("imagefolder:"):]))
         if not folder.is_dir():
-            raise exp.error(("dataset", "ref"), f"image folder not found: {folder}")
+            written = cfg.dataset._written.get("ref", "")[len("imagefolder:"):]
+            raise exp.error(("dataset", "ref"), f"image folder not found: {folder}{_relative_hint(exp, written)}")
     from .data.catalog import check_dataset_files
     try:
         check_dataset_files(ref, cfg.dataset.root, cfg.dataset.download)

@@ -20,13 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 from .config import Experiment, Point, canonical_hash, load_config
 from .errors import QcardError, RunInterrupted
-from .store import RunStore
+from .store import CARD_FILE, RunStore
 
 
 @dataclass
 class PointOutcome:
     point: Point
-    status: str                  # ok | failed | skipped
+    status: str                  # ok | failed | skipped | elsewhere (another qcard run holds its lock)
     folder: Path
     card: Optional[Dict[str, Any]] = None
     error: Optional[str] = None
@@ -119,6 +119,8 @@ class PointJob:
     root: str
     device: str                  # as the executor resolved it; resolved again in the process that runs
     progress: bool = False
+    force: bool = False
+    started: float = 0.0         # when the run began: a card written since then is another run's work
 
     def store(self) -> RunStore:
         return RunStore(Path(self.root))
@@ -127,14 +129,40 @@ class PointJob:
         return Resources(self.exp, self.store(), _resolve_device(self.device), log)
 
     def execute(self, point: Point, resources: "Resources", log: Callable[[str], None]) -> PointOutcome:
-        return _execute(point, self.exp, resources.store, resources, resources.device, self.progress, log)
+        """Run one point under its lock (qcard.store.PointLock): a point another qcard run holds, or has
+        finished since this run listed its points, is left to that run."""
+        store = resources.store
+        folder = store.point_dir(point.folder)
+        lock = store.lock(point.folder)
+        got, note = lock.acquire()
+        if not got:
+            return PointOutcome(point, "elsewhere", folder, error=f"being run by another qcard run ({note})")
+        try:
+            if note:
+                log(f"    {note} in {folder}")
+            card, _ = store.card_state(point.folder, point.id)
+            if card is not None and (not self.force or (folder / CARD_FILE).stat().st_mtime >= self.started):
+                return PointOutcome(point, "skipped", folder, card)       # finished by another run meanwhile
+            removed = store.clean_partial(point.folder)
+            if removed:
+                log(f"    removed {removed} partial file(s) left by an interrupted run in {folder}")
+            with _warnings_to(log, point):
+                return _execute(point, self.exp, store, resources, resources.device, self.progress, log)
+        finally:
+            lock.release()
 
     def failed(self, point: Point, error: str, details: str, log: Callable[[str], None]) -> PointOutcome:
         """The failed card of a point whose process died (or whose task could not run): written here."""
         store = self.store()
-        store.write_text(point.folder, "error.log", details)
-        card = failed_card(point, self.exp, error, time.time())
-        _write_card(store, point, card, log)
+        lock = store.lock(point.folder)
+        got = lock.acquire()[0]           # the dead process's lock (same host) is taken over, then removed
+        try:
+            store.write_text(point.folder, "error.log", details)
+            card = failed_card(point, self.exp, error, time.time())
+            _write_card(store, point, card, log)
+        finally:
+            if got:
+                lock.release()
         return PointOutcome(point, "failed", store.point_dir(point.folder), card.model_dump(mode="json"), error)
 
     def baseline_group(self, point: Point) -> str:
@@ -178,7 +206,8 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
     if progress is None:
         progress = sys.stderr.isatty()
     store = RunStore(exp.out_dir(out))
-    job = PointJob(exp, str(store.root), chosen.device(exp.config.device, _resolve_device), progress)
+    job = PointJob(exp, str(store.root), chosen.device(exp.config.device, _resolve_device), progress, force,
+                   time.time())
     summary = RunSummary(exp.name, store.root)
     log(f"qcard: experiment '{exp.name}': {len(points)} point(s) -> {store.root}")
     for w in exp.warnings:
@@ -194,21 +223,58 @@ def run(config: Union[str, os.PathLike, Experiment], *, out: Optional[str] = Non
     summary.outcomes.sort(key=lambda o: order[o.point.id])
     n_ok = sum(o.status == "ok" for o in summary.outcomes)
     n_skip = sum(o.status == "skipped" for o in summary.outcomes)
-    log(f"qcard: {n_ok} ran, {n_skip} skipped, {len(summary.failed)} failed; cards in {store.root}")
+    n_else = sum(o.status == "elsewhere" for o in summary.outcomes)
+    elsewhere = f", {n_else} being run by another qcard run (rerun later to see them)" if n_else else ""
+    log(f"qcard: {n_ok} ran, {n_skip} skipped, {len(summary.failed)} failed{elsewhere}; cards in {store.root}")
     return summary
+
+
+def preflight(exp: Experiment, log: Callable[[str], None] = _echo) -> int:
+    """What would fail every point of a model, found before anything runs (`qcard validate`): each model is
+    built and the data its points read is loaded (no image is scored beyond one forward pass): the output
+    width against the dataset's classes, the channels, and a calibration size larger than the training
+    split. Raises ConfigError naming the file and key; returns how many models were checked."""
+    from .errors import ConfigError
+    from .methods import resolve_method
+    res = Resources(exp, RunStore(exp.out_dir()), "cpu", log)
+    checked, failed, problems = set(), set(), []
+    model_keys = [canonical_hash(m.model_dump(mode="json", exclude={"label"})) for m in exp.config.models]
+    for point in exp.points():
+        mkey = canonical_hash(point.model.model_dump(mode="json", exclude={"label"}))
+        where = ("models", model_keys.index(mkey)) if mkey in model_keys else ("models",)
+        if mkey in failed:
+            continue
+        try:
+            _, info = res.model(point)             # built, and its data loaded, once per model
+            # data that would be downloaded is not fetched here: only the model is built
+            train = None if point.dataset.download else res.datasets(point, info)[0]
+        except QcardError as exc:
+            problems.append(exp.error(where, str(exc)))
+            failed.add(mkey)
+            continue
+        checked.add(mkey)
+        if train is None:
+            continue
+        size = point.dataset.calibration.size
+        if resolve_method(point.method).family != "none" and size > len(train):
+            problems.append(exp.error(("dataset", "calibration", "size"),
+                                      f"calibration size {size} is larger than the training split of "
+                                      f"{point.dataset.ref} ({len(train)} images), which calibration draws from; "
+                                      f"use at most {len(train)}"))
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(str(p) for p in problems)))
+    return len(checked)
 
 
 def _todo(points: List[Point], store: RunStore, force: bool, summary: RunSummary, log: Callable[[str], None]):
     """[(place in the config, point)] of the points to run: finished ones are skipped (recorded in the
-    summary), partial files of an interrupted run are removed."""
+    summary). Partial files of an interrupted run are removed by the point's runner, under its lock."""
     todo = []
     for i, point in enumerate(points, 1):
         folder = store.point_dir(point.folder)
-        removed = store.clean_partial(point.folder)
-        if removed:
-            log(f"  removed {removed} partial file(s) left by an interrupted run in {folder}")
         finished, why_not = store.card_state(point.folder, point.id)
         if not force and finished:
+            _clean_if_free(store, point, log)
             log(f"{_prefix(i, len(points), point)}: already done, skipped (use --force to rerun)")
             summary.outcomes.append(PointOutcome(point, "skipped", folder))
             continue
@@ -216,6 +282,38 @@ def _todo(points: List[Point], store: RunStore, force: bool, summary: RunSummary
             log(f"{_prefix(i, len(points), point)}: the card there is not a finished card, rerunning ({why_not})")
         todo.append((i, point))
     return todo
+
+
+@contextlib.contextmanager
+def _warnings_to(log: Callable[[str], None], point: Point):
+    """Python warnings raised while a point runs (torch's, a user method's) go to the run's log naming the
+    point, in order with its other lines, not to stderr where they land under another point's line."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")          # each distinct warning once per point
+        try:
+            yield
+        finally:
+            for w in caught:
+                log(f"    warning ({point.model.short} · {point.method_label}, {point.id[:10]}): "
+                    f"{w.category.__name__}: {str(w.message).strip().splitlines()[0] if str(w.message).strip() else ''}")
+
+
+def _clean_if_free(store: RunStore, point: Point, log: Callable[[str], None]) -> None:
+    """Partial files in a finished point's folder (a killed --force rerun) are removed, unless another
+    run holds the point's lock (they are its files being written)."""
+    lock = store.lock(point.folder)
+    try:
+        got = lock.acquire()[0]
+    except OSError:            # a read-only folder of finished cards: nothing to clean, nothing to write
+        return
+    if got:
+        try:
+            removed = store.clean_partial(point.folder)
+            if removed:
+                log(f"  removed {removed} partial file(s) left by an interrupted run in {store.point_dir(point.folder)}")
+        finally:
+            lock.release()
 
 
 def _prefix(i: int, n: int, point: Point) -> str:
@@ -256,7 +354,11 @@ def _write_card(store: RunStore, point: Point, card, log: Callable[[str], None])
 
 def _report(outcome: PointOutcome, i: int, n: int, store: RunStore, log: Callable[[str], None]) -> PointOutcome:
     prefix, folder = _prefix(i, n, outcome.point), outcome.folder
-    if outcome.status == "ok":
+    if outcome.status == "skipped":
+        log(f"{prefix}: finished meanwhile by another qcard run, skipped")
+    elif outcome.status == "elsewhere":
+        log(f"{prefix}: {outcome.error}, left to it")
+    elif outcome.status == "ok":
         r = outcome.card["results"]
         std = f" ± {r['std']:.2f}" if r.get("std") else ""
         log(f"{prefix}: {r['metric']} {r['quantized']:.2f}{std} (FP32 {r['fp32']:.2f}, "
@@ -335,18 +437,39 @@ class _PointRun:
 
     def baseline(self) -> None:
         """The FP32 accuracy and per-image outcomes, measured on this run's data and preprocessing, cached
-        across points. A cache entry without outcomes (written by an older qcard) is measured again."""
+        across points and runs (OUT/.cache/fp32) under a key of everything that changes the FP32 outputs.
+        A cached entry is used only when the model's logits on the first eval images still match the ones
+        stored with it; otherwise (or for an entry of an older qcard) it is measured again."""
         from .stats.outcomes import pack_outcomes
         res = self.res
-        key = canonical_hash({"weights": self.info.weights_sha256, "eval": self.evaluation.fingerprint,
-                              "device": self.device})
-        baseline = res.baselines.get(key) or _with_outcomes(res.store.baseline(key), len(self.evaluation))
+        key = baseline_key(self.point, self.info, self.base_model, self.evaluation, self.device)
+        baseline = res.baselines.get(key)
+        if baseline is None:
+            cached = _with_outcomes(res.store.baseline(key), len(self.evaluation))
+            probe = self.probe_logits()
+            if cached is not None:
+                why = _probe_mismatch(cached.get("probe"), probe)
+                if why:
+                    self.log(f"    the cached FP32 baseline of {self.point.model.short} ({res.store.cache / 'fp32'}) "
+                             f"does not match the model now ({why}): measuring it again")
+                    cached = None
+            baseline = cached
         if baseline is None:
             metrics = self.evaluate(self.base_model, desc=f"FP32 {self.point.model.short}")
             baseline = {"top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"],
-                        "outcomes": pack_outcomes(metrics["correct"])}
+                        "outcomes": pack_outcomes(metrics["correct"]), "probe": probe}
             res.store.save_baseline(key, baseline)
         res.baselines[key] = self.fp32 = baseline
+
+    def probe_logits(self) -> Dict[str, Any]:
+        """The FP32 model's logits on the first PROBE_IMAGES eval images: the cheap check of a cached baseline."""
+        import torch
+        n = min(PROBE_IMAGES, len(self.evaluation))
+        x = torch.stack([self.evaluation[i][0] for i in range(n)]).float().to(self.device)
+        with torch.no_grad():
+            out = self.base_model.to(self.device)(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return {"n": n, "logits": [[round(float(v), 5) for v in row] for row in out.detach().cpu().reshape(n, -1)]}
 
     def one_seed(self, method, seed: int):
         """(the method's result, {seed, top1, top5}) for one seed; its per-image outcomes go to seed_outcomes."""
@@ -486,6 +609,40 @@ def _intervals(fp32: Dict[str, Any], seeds: List[int], seed_outcomes: Dict[int, 
         "outcomes": {"encoding": ENCODING, "n": n, "fingerprint": fingerprint, "fp32": fp32["outcomes"],
                      "seeds": {str(s): seed_outcomes[s] for s in seeds}},
     }
+
+
+PROBE_IMAGES = 4           # eval images whose FP32 logits are stored with a cached baseline
+PROBE_TOLERANCE = 1e-3     # relative to the largest logit: threads and devices change the last digits only
+
+
+def baseline_key(point: Point, info, model, evaluation, device: str) -> str:
+    """The FP32 cache key: the model (reference, kwargs, shapes; not its label or the weights' path), its
+    weights (content), the code that defines it, the eval data with its preprocessing (the fingerprint),
+    the device, torch's CPU threads (reductions, so the last digits, depend on them), qcard and torch."""
+    import torch
+    from .version import __version__
+    from .zoo.loader import code_sha256
+    return canonical_hash({
+        "model": point.model.model_dump(mode="json", exclude={"label", "weights"}),
+        "weights": info.weights_sha256, "code": code_sha256(point.model.ref, model),
+        "eval": evaluation.fingerprint, "device": device,
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "qcard": __version__, "torch": torch.__version__,
+    })
+
+
+def _probe_mismatch(cached: Optional[Dict[str, Any]], now: Dict[str, Any]) -> Optional[str]:
+    """Why cached probe logits differ from the model's now (None when they match)."""
+    if not isinstance(cached, dict) or not isinstance(cached.get("logits"), list):
+        return "no logits stored with it"
+    a, b = cached["logits"], now["logits"]
+    if cached.get("n") != now["n"] or [len(r) for r in a] != [len(r) for r in b]:
+        return "its logits have another shape"
+    scale = max([1.0] + [abs(v) for row in b for v in row])
+    worst = max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)
+    if worst > PROBE_TOLERANCE * scale:
+        return f"logits of the first {now['n']} eval images differ by up to {worst:.4g}"
+    return None
 
 
 def _with_outcomes(cached: Optional[Dict[str, Any]], n: int) -> Optional[Dict[str, Any]]:

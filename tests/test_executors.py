@@ -3,6 +3,7 @@ from the command line's options; Ray missing or unreachable is one line and exit
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -144,3 +145,28 @@ def test_help_and_validate_never_import_ray(cfg, subprocess_env):
     result = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_a_local_ray_that_qcard_starts_leaves_nothing_in_the_temp_directory(write_config, tmp_path, subprocess_env):
+    """Issue 22 item 12: Ray's session folders (logs, sockets) of the local Ray qcard started are removed."""
+    import subprocess
+    import sys
+    import tempfile
+    pytest.importorskip("ray")
+    temp = Path(tempfile.mkdtemp(prefix="qr", dir="/tmp"))     # short: Ray's socket paths must stay < 108 bytes
+    try:
+        cfg = write_config(f"experiment: r\nout: {tmp_path / 'runs'}\nmodels: [qcard:lenet5]\n"
+                           "dataset: {ref: qcard:mnist5k, eval_size: 32, batch_size: 32}\ncost: {profiles: [bitops]}\n"
+                           "methods: [fp32]\n", "r.yaml")
+        r = subprocess.run([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--executor", "ray", "--no-progress"],
+                           env=dict(subprocess_env, TMPDIR=str(temp), RAY_TMPDIR=str(temp)),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert len(list((tmp_path / "runs" / "r").glob("*/card.json"))) == 1
+        # torch's own caches (torchinductor_USER) are not Ray's
+        left = [p.name for p in temp.iterdir() if p.name == "ray" or p.name.startswith(("qcard-", "session_"))]
+        assert left == [], f"Ray's session files left in the temp directory: {left}"
+    finally:
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)

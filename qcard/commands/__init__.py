@@ -41,6 +41,8 @@ def user_errors(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except OSError as exc:
+            if exc.errno == errno.EPIPE:     # stdout closed by its reader (`| head`): click exits quietly
+                raise
             click.echo(f"error: {os_error_line(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """`qcard export CARD.json|POINT_DIR --format onnx -o model.onnx`: the card's quantized model as ONNX QDQ.
 
-The card's point config (card.point.config, schema 2) is rerun for its last seed, as the runner ran it,
+A card that already says its model cannot run as integer (qcard.deploy.check.card_problem) is refused
+at once. Otherwise the card's point config (card.point.config, schema 2) is rerun for its last seed, as the runner ran it,
 and the simulated model is written with exactly its scales and zero points (qcard.deploy.export_onnx).
 torch is imported inside the command only (this module is imported by `qcard --help`).
 """
@@ -74,8 +75,15 @@ def rebuild_simulated(exp, point, log):
 def export(target: str, fmt: str, output: str, opset) -> None:
     """Write the quantized model of a card as ONNX QDQ (reruns the card's point for its last seed)."""
     from ..deploy import NotDeployable, export_onnx, require_runtime
-    require_runtime()
+    from ..deploy.check import card_problem
+    from ..cards.schema import load_card
     card_path = _card_path(target)
+    card = load_card(card_path)
+    problem = card_problem(card.model_dump(mode="json")) if card.status == "ok" else None
+    if problem:          # what the card already says: refused before any rerun (a QAT point retrains)
+        raise QcardError(f"{card_path}: not deployable on onnxruntime: {problem} (as the card says; nothing "
+                         "was rerun)")
+    require_runtime()
     exp, point, card = _point_of(card_path)
     if point.id != card.id:
         click.echo(f"warning: the card's point config gives point id {point.id[:10]}, the card says {card.id[:10]} "

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from ..evaluate import top_classes
-from .export import NotDeployable, export_onnx
+from .export import NotDeployable, card_problem, export_onnx
 from .runtime import (EXECUTION_PROVIDER, SPREAD_SMALL, Timing, integer_macs, latency, make_session, op_counts,
                       require_runtime, run)
 
-__all__ = ["deploy_check", "check_extra", "ARITHMETIC_RATIO"]
+__all__ = ["deploy_check", "check_extra", "card_problem", "ARITHMETIC_RATIO"]
 
 # FP32 over int8 operand width: what narrower arithmetic alone can give (the kernels that ran are 8-bit)
 ARITHMETIC_RATIO = 32 / 8

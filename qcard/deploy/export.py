@@ -29,7 +29,8 @@ from torch import nn
 from ..errors import QcardError
 from ..quant.quantizer import FakeQuantize, fake_quantize
 
-__all__ = ["export_onnx", "ExportInfo", "NotDeployable", "deploy_problem", "DEFAULT_OPSET", "INT4_OPSET"]
+__all__ = ["export_onnx", "ExportInfo", "NotDeployable", "deploy_problem", "card_problem", "DEFAULT_OPSET",
+           "INT4_OPSET"]
 
 DEFAULT_OPSET = 13
 INT4_OPSET = 21
@@ -90,6 +91,41 @@ def deploy_problem(sim: nn.Module, method: Optional[str] = None) -> Optional[str
         if problem:
             return f"{fq.qname or name}: {problem}"
     return None
+
+
+def card_problem(card: Dict[str, Any]) -> Optional[str]:
+    """Why a card's quantized model cannot run on onnxruntime as integer, read from the card alone (None:
+    the card does not say it cannot; the export itself decides). The reasons are export's own."""
+    from types import SimpleNamespace
+    dep = card.get("deployment") or {}
+    if dep.get("status") == "not_deployable" and dep.get("reason"):
+        return dep["reason"]
+    method = (card.get("method") or {}).get("name")
+    if method in _METHOD_REASONS:
+        return _METHOD_REASONS[method]
+    q = card.get("quantization") or {}
+    for kind, check in (("weights", _weight_problem), ("activations", _act_problem)):
+        block = q.get(kind) or {}
+        bits = _bits_of(block)
+        if not bits:
+            continue
+        worst = max(bits) if kind == "weights" else next((b for b in bits if b != 8), 8)
+        spec = SimpleNamespace(bits=worst, granularity=block.get("granularity") or "per_tensor",
+                               rounding=block.get("rounding") if kind == "weights" else "nearest")
+        problem = check(SimpleNamespace(spec=spec, dynamic=bool(block.get("dynamic")), calibrated=True))
+        if problem:
+            return f"{kind}: {problem}"
+    return None
+
+
+def _bits_of(block: Dict[str, Any]) -> List[int]:
+    """The bit widths a card's weights/activations block names ("mixed: [4, 8]" lists them all)."""
+    import re
+    detail = block.get("bits_detail")
+    if isinstance(detail, str) and "[" in detail:
+        return [int(b) for b in re.findall(r"\d+", detail.split("[", 1)[1])]
+    bits = block.get("bits")
+    return [int(bits)] if isinstance(bits, (int, float)) and bits < 32 else []
 
 
 def _act_problem(fq: FakeQuantize) -> Optional[str]:

@@ -36,13 +36,23 @@ def _exit_when_orphaned(parent: int) -> None:
             os._exit(1)
 
 
+def _exit_on_term(signum, frame) -> None:
+    """The driver stops a worker with SIGTERM: exit now, but let multiprocessing release what the worker
+    registered (its semaphores), or the resource tracker reports them as leaked when the driver exits."""
+    from multiprocessing import util
+    try:
+        util._exit_function()
+    finally:
+        os._exit(128 + signum)
+
+
 def _worker_init(job, threads: int, parent: int) -> None:
     import signal
     import threading
     import torch
     # Ctrl-C reaches the whole process group: the driver alone handles it and stops the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _exit_on_term)
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="qcard-parent-watch").start()
     torch.set_num_threads(threads)
     log = lambda m: print(m, flush=True)

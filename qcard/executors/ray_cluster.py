@@ -8,7 +8,9 @@ Ray is imported here only, when a sweep starts."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import traceback
 import uuid
 from collections import Counter
@@ -50,17 +52,19 @@ def check_reachable(address: Optional[str]) -> None:
                          "one with `ray start --head` or check the address") from None
 
 
-def connect(ray, address: Optional[str]) -> bool:
-    """Connect to the cluster (or start a local Ray when address is None); True when this call did."""
+def connect(ray, address: Optional[str], temp_dir: Optional[str] = None) -> bool:
+    """Connect to the cluster (or start a local Ray when address is None, its session files in temp_dir);
+    True when this call did."""
     if ray.is_initialized():            # a library user (or a test) connected already
         return False
     import signal
     import threading
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
+    extra = {"_temp_dir": temp_dir} if address is None and temp_dir else {}
     try:
         ray.init(address=address, include_dashboard=False if address is None else None,
-                 logging_level="ERROR", configure_logging=True)
+                 logging_level="ERROR", configure_logging=True, **extra)
     except (Exception, SystemExit) as exc:      # ray.init exits the process on some failures
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QcardError(f"cannot connect to the Ray cluster at --address {address or '(local)'}: {first}; "
@@ -160,13 +164,18 @@ class RayExecutor(Executor):
         probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         atomic_write_text(Path(job.root) / probe, "qcard driver: the workers check that they see this file\n")
         started = False
+        # a local Ray that qcard starts keeps its session files (logs, sockets) in a folder of qcard's own,
+        # removed after the sweep: nothing is left in the temp directory (a cluster keeps its own)
+        temp_dir = tempfile.mkdtemp(prefix="qcard-") if self.address is None and not ray.is_initialized() else None
         try:
-            started = connect(ray, self.address)
+            started = connect(ray, self.address, temp_dir)
             _Sweep(ray, self, job, probe, report, log).run(tasks)
         finally:
             (Path(job.root) / probe).unlink(missing_ok=True)
             if started:
                 ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class _Sweep:

@@ -239,6 +239,35 @@ def _torch_hub_cached(url: str) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(url).path).name).is_file()
 
 
+def code_sha256(ref: str, model: nn.Module) -> str:
+    """sha256 of the source files that define what the model computes: the module of a python: constructor
+    and the module of every layer class in it, except torch's own (its version is keyed apart). A user who
+    edits a forward (or the constructor) gets another fingerprint, so no stale FP32 baseline is reused."""
+    import inspect
+    import sys
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+    modules = {type(m).__module__ for m in model.modules()}
+    if ref.startswith("python:"):
+        modules.add(ref[len("python:"):].partition(":")[0])
+    files = set()
+    for name in modules:
+        mod = sys.modules.get(name)
+        try:
+            path = inspect.getsourcefile(mod) if mod is not None else None
+        except TypeError:            # built-in or compiled module: no source to hash
+            path = None
+        if path and not os.path.realpath(path).startswith(torch_dir):
+            files.add(os.path.realpath(path))
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(os.path.basename(path).encode())
+        try:
+            h.update(Path(path).read_bytes())
+        except OSError:
+            h.update(b"<unreadable>")
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- sources
 
 def _build_qcard_architecture(name, pretrained, num_classes, in_chans, kwargs, weights):
