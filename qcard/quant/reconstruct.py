@@ -54,7 +54,7 @@ class Settings:
     quant_activations: bool = True      # activation quantizers inside the unit on while reconstructing
     drop_prob: float = 1.0              # QDrop: keep the quantized value with this probability (1: BRECQ)
     targets: str = "fp_model"           # fp_model | rounded_so_far (qcard's AdaRound before the engine)
-    label: str = "brecq"                # the weights' rounding label on the card
+    label: str = "brecq"                # the step's name in the card's record
 
 
 def fp_copy(model: nn.Module) -> nn.Module:
@@ -255,7 +255,7 @@ def _reconstruct_unit(model, view: _View, unit: Unit, x_q, target, s: Settings, 
                 if "qcard_fp_weight" not in m.__dict__:
                     m.__dict__["qcard_fp_weight"] = m.weight.detach().clone()
                 m.weight.copy_(w_new)
-                m.weight_quantizer.rounding_label = s.label
+                m.weight_quantizer.rounding_label = "adaround"      # AdaRound's rounding, in every unit kind
                 changed.append(e.changed_vs_nearest())
         after = _loss(view, x_q, target)
     return {"loss_nearest": before, "loss_after": after, "loss_first_iters": first, "loss_last_iters": last,
