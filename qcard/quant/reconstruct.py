@@ -7,7 +7,7 @@ For each unit in topological order (quant.blocks):
         `input: quantized`, FP when `input: fp_activations`, AIMET's AdaRound);
   target y_fp = unit_fp(x_fp); output y_q = unit_q(x_q) with the unit's weights soft-rounded
         (quant.rounding.LearnedRounding) and, with `quant_activations`, its activation quantizers on,
-        their step sizes learned (LSQ, Adam with cosine decay) and, with drop_prob < 1, QDrop's drop.
+        their step sizes learned (LSQ, Adam with cosine decay) and, with `drop`, QDrop's drop.
   loss  ‖y_fp − y_q‖² (summed over features, mean over the batch) + λ·Σ(1 − |2h − 1|^β), β annealed
         linearly from beta_start to beta_end after a warm-up of warm_start·iters iterations without it.
 Then the rounding is hardened and written into the weights (FP weights kept in `qcard_fp_weight`), the
@@ -52,7 +52,8 @@ class Settings:
     scale_lr: float = 4e-5              # Adam on the activation step sizes (cosine decay)
     input: str = "quantized"            # quantized | fp_activations
     quant_activations: bool = True      # activation quantizers inside the unit on while reconstructing
-    drop_prob: float = 1.0              # QDrop: keep the quantized value with this probability (1: BRECQ)
+    drop: bool = False                  # QDrop on the unit's activation quantizers
+    drop_prob: float = 0.5              # QDrop: keep the quantized value with this probability (1: as BRECQ)
     targets: str = "fp_model"           # fp_model | rounded_so_far (qcard's AdaRound before the engine)
     label: str = "brecq"                # the step's name in the card's record
 
@@ -136,9 +137,13 @@ def _loss(view: _View, x: torch.Tensor, target: torch.Tensor, chunk: int = 256) 
 def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, device: str = "cpu",
                 seed: int = 0, progress: bool = False) -> Dict[str, Any]:
     """Reconstruct every unit of `model` in place; returns the card's record (settings, units, losses)."""
-    if s.unit not in ("layer", "block") or s.input not in ("quantized", "fp_activations") or \
-            s.targets not in ("fp_model", "rounded_so_far") or not 0.0 < s.drop_prob <= 1.0:
-        raise ValueError(f"invalid reconstruction settings: {s}")
+    allowed = {"unit": ("layer", "block"), "input": ("quantized", "fp_activations"),
+               "targets": ("fp_model", "rounded_so_far")}
+    for key, ok in allowed.items():
+        if getattr(s, key) not in ok:
+            raise ValueError(f"reconstruction {key}: '{getattr(s, key)}' is not one of {', '.join(ok)}")
+    if not 0.0 < s.drop_prob <= 1.0:
+        raise ValueError(f"reconstruction drop_prob must be in (0, 1], got {s.drop_prob}")
     t_start = time.perf_counter()
     units = layer_units(model) if s.unit == "layer" else block_units(model, s.max_block_layers)
     names = {id(m): n for n, m in model.named_modules()}
@@ -197,7 +202,7 @@ def _reconstruct_unit(model, view: _View, unit: Unit, x_q, target, s: Settings, 
             if q.spec.scale_format != "power_of_two":
                 make_lsq(q)
                 scale_params += [p for p in (q.scale, q.zero_point) if p.requires_grad]
-            if s.drop_prob < 1.0:
+            if s.drop:
                 attach(q, QDrop(s.drop_prob, drop_gen, q.estimator))
         saved = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in saved:

@@ -18,7 +18,7 @@ def _reconstruction(step: str, rec: Dict[str, Any]) -> Dict[str, Any]:
             f"λ {rec.get('reg')}, β {rec.get('beta_start')}→{rec.get('beta_end')} after {rec.get('warm_start')} "
             f"warm-up; lr {rec.get('lr')} (rounding), {rec.get('scale_lr')} (activation steps); input "
             f"{rec.get('input')}; targets {rec.get('targets')}"
-            + (f"; keep probability {rec.get('drop_prob')}" if step == "qdrop" else "")
+            + (f"; keep probability {rec.get('drop_prob')}" if rec.get("drop") else "")
             + f"; wall {rec.get('wall_s')} s. Loss: ‖y_fp − y_q‖² per sample on the calibration set, with "
               "nearest rounding and after reconstruction.")
     return {"kind": "table", "title": f"{step} reconstruction units", "note": note,

@@ -92,7 +92,7 @@ def reconstruction_settings(p: PTQParams, step: str) -> Settings:
     return Settings(unit=r.unit, max_block_layers=r.max_block_layers, iters=r.iters, reg=r.reg,
                     beta_start=r.beta_start, beta_end=r.beta_end, warm_start=r.warm_start, batch_size=r.batch_size,
                     lr=r.lr, scale_lr=r.scale_lr, input=r.input, quant_activations=p.a_bits is not None,
-                    drop_prob=r.drop_prob if step == "qdrop" else 1.0, label=step)
+                    drop=step == "qdrop", drop_prob=r.drop_prob, label=step)
 
 
 def _sensitivity_labels(model: nn.Module, p: PTQParams, xs, ys, ctx: RunContext) -> Optional[List[torch.Tensor]]:
