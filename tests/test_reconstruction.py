@@ -207,3 +207,48 @@ def test_gptq_beats_nearest_on_every_layer_output(act_order):
     for li in sim_info(sim).gemm_layers():
         w = li.module.weight.detach()
         assert torch.equal(li.weight_quantizer(w), w) and li.weight_quantizer.rounding_label == "gptq"
+
+
+# ------------------------------------------------------------------ the ptq method's steps and card
+
+@pytest.mark.parametrize("pipeline,rounding", [("qdrop", "adaround"), ("gptq", "gptq")])
+def test_ptq_pipelines_run_and_their_card_sections_validate(pipeline, rounding):
+    from qcard.methods.base import card_sections_of
+    from qcard.methods.ptq import PTQ
+    from test_quant_support import run_ptq
+    extra = {"reconstruction": {"iters": 8, "batch_size": 16}} if pipeline == "qdrop" else {"gptq": {"act_order": True}}
+    r = run_ptq(bundled("resnet8"), calibration_size=64, w_bits=3, a_bits=4, pipeline=pipeline, **extra)
+    assert r.pipeline == ["weight_ranges", "activation_ranges", pipeline]
+    assert r.quantization["weights"]["rounding"] == rounding
+    sections = card_sections_of(PTQ(), r.stats)
+    assert sections and sections[0]["kind"] == "table" and sections[0]["title"].startswith(pipeline)
+    if pipeline == "qdrop":
+        rec = r.stats["qdrop"]
+        assert rec["drop"] and rec["drop_prob"] == 0.5 and rec["iters"] == 8
+        assert [u["first"] for u in rec["units"]] == ["conv1", "layer1.conv1", "layer2.shortcut.0",
+                                                       "layer3.shortcut.0", "fc"]
+        assert len(sections[0]["rows"]) == 5
+
+
+def test_new_ptq_settings_are_validated_and_stay_out_of_the_id_while_unset():
+    from pydantic import ValidationError
+    from qcard.methods.ptq.params import PTQParams
+    p = PTQParams(w_bits=4, a_bits=4, pipeline="brecq")
+    dump = p.model_dump(mode="json")
+    assert "reconstruction" not in dump and "gptq" not in dump
+    assert p.steps == ["weight_ranges", "activation_ranges", "brecq"]
+    q = PTQParams(w_bits=4, a_bits=4, pipeline="brecq", reconstruction={"iters": 5})
+    assert q.model_dump(mode="json")["reconstruction"]["iters"] == 5
+    assert q.model_dump(mode="json")["reconstruction"]["reg"] == 0.01     # MQBench's λ
+    bad = [({"pipeline": "custom", "steps": ["weight_ranges", "brecq", "activation_ranges"]},
+            "brecq needs activation_ranges before it"),
+           ({"pipeline": "custom", "steps": ["weight_ranges", "activation_ranges", "gptq", "qdrop"]},
+            "keep one of them"),
+           ({"reconstruction": {"iters": 5}}, "no step uses them"),
+           ({"gptq": {"damp": 0.1}}, "steps lack gptq"),
+           ({"pipeline": "qdrop", "reconstruction": {"drop_prob": 0}}, "greater than 0"),
+           ({"pipeline": "qdrop", "reconstruction": {"beta_end": 30}}, "β anneals downwards"),
+           ({"pipeline": "qdrop", "reconstruction": {"iterations": 30}}, "Extra inputs are not permitted")]
+    for extra, msg in bad:
+        with pytest.raises(ValidationError, match=msg):
+            PTQParams(w_bits=4, a_bits=4, **extra)
