@@ -16,11 +16,12 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import quant_state, sim_info
-from .layerwise import capture_inputs, weight_rows
+from .layerwise import capture_inputs, run_by_node, weight_rows
 
 __all__ = ["gptq", "gptq_rows", "layer_columns"]
 
@@ -82,59 +83,79 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor
 
 def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, block: int = 128,
          act_order: bool = False, device: str = "cpu", progress: bool = False) -> Dict[str, Any]:
-    """Round every quantized conv/linear of `model` with GPTQ, in place; returns the card's record."""
+    """Round every quantized conv/linear of `model` with GPTQ, in place; returns the card's record.
+
+    On the captured graph all layers take one pass (quant.layerwise.run_by_node: each layer is rounded
+    when the pass reaches it, so later layers see its rounded weights); in eager mode each layer's
+    inputs are captured by running the model up to it."""
     info = sim_info(model)
     t0 = time.perf_counter()
     rows_out: List[Dict[str, Any]] = []
     # activations quantized while capturing when their ranges are set (gptq after activation_ranges)
     acts_ready = all(q.calibrated or q.dynamic for q in info.act_quantizers.values())
-    seen = set()
-    layers = [li for li in info.gemm_layers() if li.weight_quantizer is not None]
-    it = layers
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(layers, desc="gptq", leave=False)
-    for li in it:
-        m, wq = li.module, li.weight_quantizer
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        if wq.spec.granularity == "per_group":
-            rows_out.append({"name": li.name, "skipped": "per-group weight grids: nearest rounding kept"})
-            continue
-        with quant_state(model, activations=None if acts_ready else False):   # the network quantized so far
-            x = torch.cat(capture_inputs(model, m, batches, device))
-        cols = layer_columns(m, x)
-        if cols is None:
-            rows_out.append({"name": li.name, "skipped": f"{type(m).__name__}: nearest rounding kept"})
-            continue
-        with torch.no_grad():
-            w = m.weight.detach()
-            _, s, z, _ = weight_rows(w, wq)
-            g = len(cols)
-            full = w.reshape(w.shape[0], -1)                   # out × in/g·k·k, matching unfold's order
-            q_full = torch.empty_like(full)
-            s_rows = s.expand(full.shape[0], 1) if s.shape[0] == 1 else s
-            z_rows = z.expand(full.shape[0], 1) if z.shape[0] == 1 else z
-            if wq.spec.granularity == "per_channel" and wq.channel_axis != 0:
-                rows_out.append({"name": li.name, "skipped": "weight grid not along output channels"})
-                continue
-            before = after = 0.0
-            per = full.shape[0] // g
-            for gi, xc in enumerate(cols):
-                sl = slice(gi * per, (gi + 1) * per)
-                hcol = 2.0 * (xc @ xc.t()) / xc.shape[1]
-                wg = full[sl].float()
-                qg = gptq_rows(wg, hcol, s_rows[sl], z_rows[sl], wq.qmin, wq.qmax, damp, block, act_order)
-                q_full[sl] = qg.to(full.dtype)
-                nearest = _quant(wg, s_rows[sl], z_rows[sl], wq.qmin, wq.qmax)
-                before += float(((wg - nearest) @ xc).pow(2).sum())
-                after += float(((wg - qg) @ xc).pow(2).sum())
-            if "qcard_fp_weight" not in m.__dict__:
-                m.__dict__["qcard_fp_weight"] = w.clone()
-            m.weight.copy_(q_full.reshape(w.shape))
-            wq.rounding_label = "gptq"
-        n = cols[0].shape[1]
-        rows_out.append({"name": li.name, "output_err_nearest": before / n, "output_err_gptq": after / n})
+    layers = {id(li.module): li for li in info.gemm_layers() if li.weight_quantizer is not None}
+    done = set()
+
+    def visit(m: nn.Module, xs: List[torch.Tensor]) -> None:
+        li = layers.get(id(m))
+        if li is None or id(m) in done:
+            return
+        done.add(id(m))
+        rows_out.append(_round_layer(li, xs, damp, block, act_order))
+
+    with quant_state(model, activations=None if acts_ready else False):
+        if isinstance(model, fx.GraphModule):
+            run_by_node(model, batches, device, visit)
+        else:
+            for li in info.gemm_layers():
+                if id(li.module) in layers:
+                    visit(li.module, capture_inputs(model, li.module, batches, device))
+    missed = [li.name for k, li in layers.items() if k not in done]
+    rows_out += [{"name": n, "skipped": "not reached by the calibration pass"} for n in missed]
     return {"damp": damp, "block": block, "act_order": act_order, "activations": acts_ready, "layers": rows_out,
             "wall_s": round(time.perf_counter() - t0, 3)}
+
+
+@torch.no_grad()
+def _round_layer(li, xs: List[torch.Tensor], damp: float, block: int, act_order: bool) -> Dict[str, Any]:
+    m, wq = li.module, li.weight_quantizer
+    if wq.spec.granularity == "per_group":
+        return {"name": li.name, "skipped": "per-group weight grids: nearest rounding kept"}
+    if wq.spec.granularity == "per_channel" and wq.channel_axis != 0:
+        return {"name": li.name, "skipped": "weight grid not along output channels: nearest rounding kept"}
+    hs: Optional[List[torch.Tensor]] = None
+    n = 0
+    for x in xs:                                   # X·Xᵀ accumulated batch by batch (im2col rows are large)
+        cols = layer_columns(m, x)
+        if cols is None:
+            return {"name": li.name, "skipped": f"{type(m).__name__}: nearest rounding kept"}
+        prod = [c.double() @ c.double().t() for c in cols]
+        hs = prod if hs is None else [a + b for a, b in zip(hs, prod)]
+        n += cols[0].shape[1]
+    if not hs:
+        return {"name": li.name, "skipped": "no calibration input"}
+    w = m.weight.detach()
+    _, s, z, _ = weight_rows(w, wq)
+    full = w.reshape(w.shape[0], -1)                   # out × in/g·k·k, matching unfold's order
+    s_rows = s.expand(full.shape[0], 1) if s.shape[0] == 1 else s
+    z_rows = z.expand(full.shape[0], 1) if z.shape[0] == 1 else z
+    q_full = torch.empty_like(full)
+    per = full.shape[0] // len(hs)
+    before = after = 0.0
+    for gi, xx in enumerate(hs):
+        sl = slice(gi * per, (gi + 1) * per)
+        wg = full[sl].float()
+        qg = gptq_rows(wg, 2.0 * xx / n, s_rows[sl], z_rows[sl], wq.qmin, wq.qmax, damp, block, act_order)
+        q_full[sl] = qg.to(full.dtype)
+        nearest = _quant(wg, s_rows[sl], z_rows[sl], wq.qmin, wq.qmax)
+        for d, acc in ((wg - nearest, "before"), (wg - qg, "after")):
+            e = float(((d.double() @ xx) * d.double()).sum())     # ‖d·X‖² = Σ d X Xᵀ dᵀ
+            if acc == "before":
+                before += e
+            else:
+                after += e
+    if "qcard_fp_weight" not in m.__dict__:
+        m.__dict__["qcard_fp_weight"] = w.clone()
+    m.weight.copy_(q_full.reshape(w.shape))
+    wq.rounding_label = "gptq"
+    return {"name": li.name, "output_err_nearest": before / n, "output_err_gptq": after / n}
