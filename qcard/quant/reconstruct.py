@@ -135,8 +135,9 @@ def _loss(view: _View, x: torch.Tensor, target: torch.Tensor, chunk: int = 256) 
 
 
 def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, device: str = "cpu",
-                seed: int = 0, progress: bool = False) -> Dict[str, Any]:
-    """Reconstruct every unit of `model` in place; returns the card's record (settings, units, losses)."""
+                seed: int = 0, progress: bool = False, only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Reconstruct every unit of `model` (or the units named in `only`) in place; returns the card's
+    record (settings, units, losses per unit)."""
     allowed = {"unit": ("layer", "block"), "input": ("quantized", "fp_activations"),
                "targets": ("fp_model", "rounded_so_far")}
     for key, ok in allowed.items():
@@ -146,6 +147,11 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
         raise ValueError(f"reconstruction drop_prob must be in (0, 1], got {s.drop_prob}")
     t_start = time.perf_counter()
     units = layer_units(model) if s.unit == "layer" else block_units(model, s.max_block_layers)
+    if only is not None:
+        unknown = sorted(set(only) - {u.name for u in units})
+        if unknown:
+            raise ValueError(f"no reconstruction unit named {unknown}; units: {', '.join(u.name for u in units)}")
+        units = [u for u in units if u.name in set(only)]
     names = {id(m): n for n, m in model.named_modules()}
     fp = fp_copy(model) if s.targets == "fp_model" else None
     gen = torch.Generator().manual_seed(seed)
@@ -216,6 +222,7 @@ def _reconstruct_unit(model, view: _View, unit: Unit, x_q, target, s: Settings, 
         bs = min(s.batch_size, n)
         warm = int(s.warm_start * s.iters)
         first, last, k = 0.0, 0.0, max(1, s.iters // 20)
+        t_loop = time.perf_counter()
         try:
             for i in range(s.iters):
                 idx = torch.randint(0, n, (bs,), generator=gen)
@@ -244,6 +251,7 @@ def _reconstruct_unit(model, view: _View, unit: Unit, x_q, target, s: Settings, 
                     first += float(rec.detach()) / k
                 if i >= s.iters - k:
                     last += float(rec.detach()) / k
+            t_loop = time.perf_counter() - t_loop
         finally:
             for p, r in saved:
                 p.requires_grad_(r)
@@ -264,4 +272,5 @@ def _reconstruct_unit(model, view: _View, unit: Unit, x_q, target, s: Settings, 
                 changed.append(e.changed_vs_nearest())
         after = _loss(view, x_q, target)
     return {"loss_nearest": before, "loss_after": after, "loss_first_iters": first, "loss_last_iters": last,
-            "changed_vs_nearest": sum(changed) / max(1, len(changed)), "layers": list(unit.layers)}
+            "changed_vs_nearest": sum(changed) / max(1, len(changed)), "layers": list(unit.layers),
+            "iter_s": t_loop / max(1, s.iters)}
