@@ -24,7 +24,7 @@ from qcard.quant.blocks import block_units                              # noqa: 
 from qcard.quant.calibrate import calibrate_activations, run_batches, set_weight_ranges  # noqa: E402
 from qcard.quant.gptq import gptq                                       # noqa: E402
 from qcard.quant.graph import build_simulated                           # noqa: E402
-from qcard.quant.reconstruct import Settings, _View, fp_copy, reconstruct  # noqa: E402
+from qcard.quant.reconstruct import Settings, UnitView, fp_copy, reconstruct  # noqa: E402
 from qcard.quant.scheme import SimScheme                                # noqa: E402
 from qcard.zoo import load_model                                        # noqa: E402
 
@@ -42,7 +42,7 @@ def _sim(ref, size, batches, device):
 
 
 def _fp_step_s(fp, unit, x, repeats):
-    view = _View(fp, unit, {id(m): n for n, m in fp.named_modules()})
+    view = UnitView(fp, unit, {id(m): n for n, m in fp.named_modules()})
     for p in fp.parameters():
         p.requires_grad_(True)
     times = []
@@ -84,7 +84,7 @@ def main(argv=None):
                         only=[units[1].name])
     ratios = []
     for u, row in zip(units, rec["per_unit"]):
-        x = _View(fp, u, {id(m): n for n, m in fp.named_modules()}).inputs(batches, a.device)[:a.batch]
+        x = UnitView(fp, u, {id(m): n for n, m in fp.named_modules()}).inputs(batches, a.device)[:a.batch]
         fp_s = _fp_step_s(fp, u, x, 3)
         ratios.append(row["iter_s"] / fp_s)
         print(f"  {u.name:40s} brecq {1000 * row['iter_s']:8.1f} ms/iter   FP32 fwd+bwd {1000 * fp_s:8.1f} ms   "

@@ -36,10 +36,6 @@ class Unit:
     nodes: List[fx.Node] = field(default_factory=list)   # the graph span (block units)
     input: Optional[fx.Node] = None                       # the one node it reads from outside
 
-    @property
-    def act_quantizer_nodes(self) -> List[fx.Node]:
-        return [n for n in self.nodes if n.op == "call_module" and n.name.startswith("qcard_act")]
-
 
 def layer_units(model: nn.Module) -> List[Unit]:
     """One unit per quantized conv/linear (AdaRound), in topological order; shared modules once."""

@@ -82,7 +82,7 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor
 
 
 def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, block: int = 128,
-         act_order: bool = False, device: str = "cpu", progress: bool = False) -> Dict[str, Any]:
+         act_order: bool = False, device: str = "cpu") -> Dict[str, Any]:
     """Round every quantized conv/linear of `model` with GPTQ, in place; returns the card's record.
 
     On the captured graph all layers take one pass (quant.layerwise.run_by_node: each layer is rounded

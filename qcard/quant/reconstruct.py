@@ -35,7 +35,7 @@ from .lsq import clamp_learned, freeze, make_lsq
 from .quantizer import FakeQuantize
 from .rounding import LearnedRounding, QDrop, attach, detach
 
-__all__ = ["Settings", "reconstruct", "fp_copy"]
+__all__ = ["Settings", "reconstruct", "fp_copy", "UnitView"]
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _act(name: Optional[str]):
     return lambda y: y
 
 
-class _View:
+class UnitView:
     """A unit as seen in one model (the simulated model, or its FP copy)."""
 
     def __init__(self, model: nn.Module, unit: Unit, names: Dict[int, str]):
@@ -126,7 +126,7 @@ def _sq_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _loss(view: _View, x: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> float:
+def _loss(view: UnitView, x: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> float:
     total = 0.0
     for i in range(0, x.shape[0], chunk):
         y = view(x[i:i + chunk])
@@ -164,9 +164,9 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
         it = tqdm(units, desc=s.label, leave=False)
     for unit in it:
         t0 = time.perf_counter()
-        view = _View(model, unit, names)
+        view = UnitView(model, unit, names)
         if fp is not None:
-            fview = _View(fp, unit, names)
+            fview = UnitView(fp, unit, names)
             x_fp = fview.inputs(batches, device)
             with torch.no_grad():
                 target = torch.cat([fview(x_fp[i:i + 256]) for i in range(0, x_fp.shape[0], 256)])
@@ -185,7 +185,7 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
     return record
 
 
-def _reconstruct_unit(model, view: _View, unit: Unit, x_q, target, s: Settings, gen, drop_gen) -> Dict[str, Any]:
+def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Settings, gen, drop_gen) -> Dict[str, Any]:
     info = sim_info(model)
     act_on = s.quant_activations and s.input == "quantized"
     acts: List[FakeQuantize] = []

@@ -22,7 +22,7 @@ from torch import nn
 from .layerwise import weight_rows
 from .quantizer import FakeQuantize
 
-__all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "LearnedRounding", "QDrop", "attach", "detach"]
+__all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "LearnedRounding", "QDrop", "attach", "detach", "is_learned_rounding"]
 
 ZETA, GAMMA = 1.1, -0.1
 

@@ -9,8 +9,13 @@ Pipelines (ordered steps; `pipeline: custom` + `steps: [...]` for your own order
   standard_adaround  cle, bias_absorption, weight_ranges, adaround, activation_ranges (the branch for
                      when a few hundred unlabeled calibration images are at hand)
   minmax             weight_ranges, activation_ranges with min-max ranges (the plain baseline)
+  brecq, qdrop       weight_ranges, activation_ranges, then block reconstruction (quant.reconstruct) with
+                     MSE ranges; settings in the optional `reconstruction:` block (MQBench's defaults)
+  gptq               weight_ranges, activation_ranges, gptq (quant.gptq); settings in `gptq:`
 Steps: cle (cross-layer equalization), bias_absorption (high-bias absorption; after cle),
-weight_ranges, adaround, bias_correction (empirical or analytic), activation_ranges.
+weight_ranges, adaround, brecq, qdrop, gptq (at most one of these four), bias_correction (empirical or
+analytic), activation_ranges. MQBench's first/last layers at 8 bits are the scheme's first_layer /
+last_layer, which a config sets for every method it compares (a pipeline does not change the scheme).
 Calibration images come from the training split (PointData.calibration_set()); with
 `sensitivity` a per-layer table goes into the card's method_stats; `mixed_precision: true` runs a
 greedy bit allocation to the given budgets and then the pipeline again with the chosen bits.

@@ -70,8 +70,7 @@ def run_steps(sim: nn.Module, p: PTQParams, steps: List[str], xs: List[torch.Ten
                                       progress=ctx.progress)
         elif step == "gptq":
             g = p.gptq or GPTQParams()
-            stats["gptq"] = gptq(sim, xs, damp=g.damp, block=g.block, act_order=g.act_order, device=dev,
-                                 progress=ctx.progress)
+            stats["gptq"] = gptq(sim, xs, damp=g.damp, block=g.block, act_order=g.act_order, device=dev)
         elif step == "bias_correction":
             if p.bias_correction == "analytic":
                 stats["bias_correction"] = analytic_bias_correction(sim)
