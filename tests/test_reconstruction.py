@@ -146,7 +146,10 @@ def _grids(sim):
 
 def test_brecq_lowers_the_loss_of_every_block():
     sim, batches = _sim("resnet8", w_bits=3, a_bits=4)
-    rec = reconstruct(sim, batches, Settings(unit="block", iters=60, batch_size=16), seed=1005)
+    scales = {k: q.scale.detach().clone() for k, q in sim_info(sim).act_quantizers.items()}
+    rec = reconstruct(sim, batches, Settings(unit="block", iters=60, batch_size=16, scale_lr=1e-3), seed=1005)
+    learned = [k for k, q in sim_info(sim).act_quantizers.items() if not torch.equal(q.scale, scales[k])]
+    assert "layer1.conv1.output" in learned and "input" not in learned, learned     # the net input is no unit's
     assert [u["unit"] for u in rec["per_unit"]][1] == "layer1.conv1..layer1.conv2"
     for u in rec["per_unit"]:
         assert u["loss_after"] < u["loss_nearest"], u

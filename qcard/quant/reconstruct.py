@@ -198,6 +198,9 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
                     acts.append(q)
     with quant_state(model, activations=None if act_on else False):
         before = _loss(view, x_q, target)
+        saved = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in saved:              # only what this unit learns takes gradients
+            p.requires_grad_(False)
         ests = []
         for m in unit.modules:
             est = LearnedRounding(m.weight_quantizer, m.weight)
@@ -210,9 +213,6 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
                 scale_params += [p for p in (q.scale, q.zero_point) if p.requires_grad]
             if s.drop:
                 attach(q, QDrop(s.drop_prob, drop_gen, q.estimator))
-        saved = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
         for m, _ in ests:               # the simulated layers route the weight through its quantizer under grad
             m.weight.requires_grad_(True)
         opt = torch.optim.Adam([e.v for _, e in ests], lr=s.lr)
