@@ -203,7 +203,8 @@ def test_adaround_result_is_on_the_grid_and_beats_nearest():
     x = torch.rand(64, 3, 8, 8)
     sim = _build(model, x, w_bits=3, a_bits=None, w_granularity="per_tensor")
     set_weight_ranges(sim)
-    stats = adaround(sim, list(x.split(16)), iters=200, batch_size=16)
+    # FP targets from an untouched FP copy: 200 iterations leave the last layer above nearest here, 800 do not
+    stats = adaround(sim, list(x.split(16)), iters=800, batch_size=16)
     for li in sim_info(sim).gemm_layers():
         w, wq = li.module.weight.detach(), li.weight_quantizer
         assert torch.equal(wq(w), w)                        # exactly on the frozen grid

@@ -10,7 +10,7 @@ from torch import nn
 
 from .quantizer import group_rows
 
-__all__ = ["capture_inputs", "run_by_node", "layer_forward", "weight_rows", "fp_weight"]
+__all__ = ["capture_inputs", "run_by_node", "node_values", "run_nodes", "layer_forward", "weight_rows", "fp_weight"]
 
 
 class _Stop(Exception):
@@ -76,6 +76,38 @@ def run_by_node(gm: fx.GraphModule, batches: Sequence[torch.Tensor], device: str
             if last_use.get(a) == i:
                 for env in envs:
                     env.pop(a, None)
+
+
+@torch.no_grad()
+def node_values(gm: fx.GraphModule, batches: Sequence[torch.Tensor], name: str, device: str = "cpu") -> List[torch.Tensor]:
+    """The value of graph node `name` for every batch, running gm's graph only up to that node."""
+    nodes = list(gm.graph.nodes)
+    first_input = next((n for n in nodes if n.op == "placeholder"), None)
+    out: List[torch.Tensor] = []
+    for x in batches:
+        env: Dict[fx.Node, Any] = {}
+        for node in nodes:
+            if node.op == "output":
+                raise KeyError(f"graph node '{name}' not found")
+            if node.op == "placeholder":
+                env[node] = x.to(device) if node is first_input else (node.args[0] if node.args else None)
+            else:
+                mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+                env[node] = _run_node(gm, node, env, mod)
+            if node.name == name:
+                out.append(env[node].detach())
+                break
+    return out
+
+
+def run_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Dict[fx.Node, Any]) -> Any:
+    """Run a span of gm's graph (nodes in topological order) from the values of its inputs; returns
+    the value of the last node."""
+    env: Dict[fx.Node, Any] = dict(inputs)
+    for node in nodes:
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        env[node] = _run_node(gm, node, env, mod)
+    return env[nodes[-1]]
 
 
 def _run_node(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any], mod) -> Any:

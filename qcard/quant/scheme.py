@@ -29,7 +29,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------ enums
 
-RoundingLabel = Literal[Rounding, "adaround", "learned"]   # what the card says ran
+RoundingLabel = Literal[Rounding, "adaround", "learned", "gptq"]   # what the card says ran
 BatchNorm = Literal["folded", "kept"]
 BatchNormOnCard = Literal[BatchNorm, "qat_static_fold", "qat_keep_then_fold", "none"]
 EdgeLayer = Literal["same", "8bit", "fp32"]

@@ -2,9 +2,12 @@
 
     params.py           PTQParams (the shared scheme, quant.scheme.SimScheme, plus pipeline, steps, algorithms)
     pipeline.py         run_ptq: calibration batches, build, ordered steps, sensitivity, the card block
+    card.py             its card sections: the rounding steps' per-unit tables (adaround, brecq, qdrop, gptq)
     mixed_precision.py  the greedy bit allocation that `mixed_precision: true` runs before the pipeline
 """
 from __future__ import annotations
+
+from typing import Any, Dict, List
 
 from ..base import Method, PointData, QuantResult, RunContext
 from .params import PIPELINES, PTQParams
@@ -20,3 +23,7 @@ class PTQ(Method):
     def apply(self, model, data: PointData, params: PTQParams, ctx: RunContext) -> QuantResult:
         from .pipeline import run_ptq          # torch is imported on use, not on `qcard validate`
         return run_ptq(model, data, params, ctx)
+
+    def card_sections(self, stats: Dict[str, Any]) -> List[Dict[str, Any]]:
+        from .card import card_sections
+        return card_sections(stats)

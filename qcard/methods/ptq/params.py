@@ -9,8 +9,13 @@ Pipelines (ordered steps; `pipeline: custom` + `steps: [...]` for your own order
   standard_adaround  cle, bias_absorption, weight_ranges, adaround, activation_ranges (the branch for
                      when a few hundred unlabeled calibration images are at hand)
   minmax             weight_ranges, activation_ranges with min-max ranges (the plain baseline)
+  brecq, qdrop       weight_ranges, activation_ranges, then block reconstruction (quant.reconstruct) with
+                     MSE ranges; settings in the optional `reconstruction:` block (MQBench's defaults)
+  gptq               weight_ranges, activation_ranges, gptq (quant.gptq); settings in `gptq:`
 Steps: cle (cross-layer equalization), bias_absorption (high-bias absorption; after cle),
-weight_ranges, adaround, bias_correction (empirical or analytic), activation_ranges.
+weight_ranges, adaround, brecq, qdrop, gptq (at most one of these four), bias_correction (empirical or
+analytic), activation_ranges. MQBench's first/last layers at 8 bits are the scheme's first_layer /
+last_layer, which a config sets for every method it compares (a pipeline does not change the scheme).
 Calibration images come from the training split (PointData.calibration_set()); with
 `sensitivity` a per-layer table goes into the card's method_stats; `mixed_precision: true` runs a
 greedy bit allocation to the given budgets and then the pipeline again with the chosen bits.
@@ -19,30 +24,39 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from ...quant.scheme import (ActivationRange, BiasCorrection, LogitsRange, SimScheme, WeightRange, apply_preset,
                              field_default)
 from ..base import MethodParams
 
-__all__ = ["PTQParams", "PIPELINES", "Step", "pipeline_steps"]
+__all__ = ["PTQParams", "PIPELINES", "Step", "pipeline_steps", "ReconstructionParams", "GPTQParams"]
 
-Step = Literal["cle", "bias_absorption", "weight_ranges", "adaround", "bias_correction", "activation_ranges"]
-Pipeline = Literal["standard", "standard_adaround", "minmax", "custom"]
+Step = Literal["cle", "bias_absorption", "weight_ranges", "adaround", "bias_correction", "activation_ranges",
+               "brecq", "qdrop", "gptq"]
+Pipeline = Literal["standard", "standard_adaround", "minmax", "brecq", "qdrop", "gptq", "custom"]
 
 PIPELINES: Dict[str, List[str]] = {
     "standard": ["cle", "bias_absorption", "weight_ranges", "bias_correction", "activation_ranges"],
     "standard_adaround": ["cle", "bias_absorption", "weight_ranges", "adaround", "activation_ranges"],
     "minmax": ["weight_ranges", "activation_ranges"],
+    # MQBench's advanced PTQ: ranges first, then reconstruction learns the rounding and activation steps
+    "brecq": ["weight_ranges", "activation_ranges", "brecq"],
+    "qdrop": ["weight_ranges", "activation_ranges", "qdrop"],
+    "gptq": ["weight_ranges", "activation_ranges", "gptq"],
 }
 # (weight, activation, logits) range setting of each pipeline
 _RANGE_DEFAULTS = {
     "standard": ("mse", "mse", "cross_entropy"),
     "standard_adaround": ("mse", "mse", "cross_entropy"),
     "minmax": ("minmax", "minmax", "same"),
+    "brecq": ("mse", "mse", "same"),
+    "qdrop": ("mse", "mse", "same"),
+    "gptq": ("mse", "mse", "same"),
     "custom": ("mse", "mse", "cross_entropy"),
 }
-_WEIGHT_STEPS = ("cle", "bias_absorption", "weight_ranges", "adaround", "bias_correction")
+_WEIGHT_STEPS = ("cle", "bias_absorption", "weight_ranges", "adaround", "bias_correction", "brecq", "qdrop", "gptq")
+_ROUNDING_STEPS = ("adaround", "brecq", "qdrop", "gptq")      # each chooses every weight's rounding itself
 
 
 def pipeline_steps(pipeline: str, w_bits, a_bits, dynamic_activations, bn) -> List[str]:
@@ -56,6 +70,38 @@ def pipeline_steps(pipeline: str, w_bits, a_bits, dynamic_activations, bn) -> Li
     if bn == "kept":
         steps = [s for s in steps if s not in ("cle", "bias_absorption")]
     return steps
+
+
+class ReconstructionParams(MethodParams):
+    """Settings of the brecq / qdrop steps (quant.reconstruct); defaults are MQBench's advanced-PTQ configs."""
+    unit: Literal["block", "layer"] = Field("block", description="block: MQBench's blocks found on the graph; "
+                                                                 "layer: one conv/linear at a time")
+    max_block_layers: int = Field(3, ge=1, description="layers outside residual blocks merged into one block")
+    iters: int = Field(20000, ge=1, description="iterations per unit (MQBench: 20000)")
+    reg: float = Field(0.01, ge=0, description="λ of the rounding regulariser (0.1 for MobileNetV2 in BRECQ/QDrop)")
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warm_start: float = Field(0.2, ge=0, lt=1, description="fraction of iterations without the regulariser")
+    batch_size: int = Field(32, ge=1, description="reconstruction batch (QDrop's code: 32)")
+    lr: float = Field(1e-3, gt=0, description="Adam lr of the rounding logits")
+    scale_lr: float = Field(4e-5, ge=0, description="Adam lr of the activation step sizes, cosine decay; 0: fixed")
+    drop_prob: float = Field(0.5, gt=0, le=1, description="qdrop: probability of keeping the quantized value")
+    input: Literal["quantized", "fp_activations"] = Field(
+        "quantized", description="unit input: the quantized network so far, or it with FP activations")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReconstructionParams":
+        if self.beta_end > self.beta_start:
+            raise ValueError(f"beta_end ({self.beta_end}) must not exceed beta_start ({self.beta_start}): "
+                             "β anneals downwards")
+        return self
+
+
+class GPTQParams(MethodParams):
+    """Settings of the gptq step (quant.gptq)."""
+    damp: float = Field(0.01, gt=0, lt=1, description="dampening, a fraction of mean(diag H)")
+    block: int = Field(128, ge=1, description="columns quantized per lazy-update block")
+    act_order: bool = Field(False, description="columns in order of decreasing diag(H)")
 
 
 class PTQParams(SimScheme, MethodParams):
@@ -79,6 +125,10 @@ class PTQParams(SimScheme, MethodParams):
     adaround_warm_start: float = Field(0.2, ge=0, lt=1)
     adaround_batch_size: int = Field(32, ge=1)
     adaround_lr: float = Field(1e-3, gt=0)
+    # nested, optional: unset, they stay out of the point id (published ids unchanged)
+    reconstruction: Optional[ReconstructionParams] = Field(None, description="brecq / qdrop settings; null: "
+                                                                             "MQBench's defaults")
+    gptq: Optional[GPTQParams] = Field(None, description="gptq settings; null: the defaults")
     # analysis
     sensitivity: Literal["none", "sqnr", "accuracy"] = Field(
         "none", description="per-layer table (one layer quantized at a time) in the card's method_stats")
@@ -87,6 +137,16 @@ class PTQParams(SimScheme, MethodParams):
     mp_weight_bits: Optional[float] = Field(None, gt=0, description="budget: mean weight bits (element-weighted)")
     mp_activation_bits: Optional[float] = Field(None, gt=0, description="budget: mean activation bits")
     mp_max_activation_map_bits: Optional[int] = Field(None, gt=0, description="budget: largest activation map, bits")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_blocks(self, handler):
+        # a point's id hashes this dump: optional blocks added later count only when set
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("reconstruction", "gptq"):
+                if data.get(key, 0) is None:
+                    data.pop(key)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -186,7 +246,7 @@ class PTQParams(SimScheme, MethodParams):
         pos = {s: i for i, s in enumerate(steps)}
         if "bias_absorption" in pos and ("cle" not in pos or pos["cle"] > pos["bias_absorption"]):
             errs.append("bias_absorption needs cle before it (it absorbs the biases cle made large)")
-        for s in ("adaround", "bias_correction"):
+        for s in ("adaround", "bias_correction", "brecq", "qdrop", "gptq"):
             if s in pos and ("weight_ranges" not in pos or pos["weight_ranges"] > pos[s]):
                 errs.append(f"{s} needs weight_ranges before it")
         for s in ("cle", "bias_absorption"):
@@ -196,8 +256,20 @@ class PTQParams(SimScheme, MethodParams):
             errs.append("weights are quantized (w_bits set) but steps lack weight_ranges")
         if self.a_bits is not None and not self.dynamic_activations and "activation_ranges" not in pos:
             errs.append("activations are quantized (a_bits set) but steps lack activation_ranges")
-        if self.w_bits is None and any(s in pos for s in ("weight_ranges", "adaround", "bias_correction")):
+        if self.w_bits is None and any(s in pos for s in ("weight_ranges", "bias_correction") + _ROUNDING_STEPS):
             errs.append("weight steps need w_bits (weights are FP32 with w_bits: null)")
-        if "adaround" in pos and self.rounding == "stochastic":
-            errs.append("adaround chooses the rounding itself; it cannot be combined with rounding: stochastic")
+        rounding = [s for s in steps if s in _ROUNDING_STEPS]
+        if len(rounding) > 1:
+            errs.append(f"steps {rounding} each choose every weight's rounding; keep one of them")
+        for s in rounding:
+            if self.rounding == "stochastic":
+                errs.append(f"{s} chooses the rounding itself; it cannot be combined with rounding: stochastic")
+        for s in ("brecq", "qdrop"):
+            if s in pos and self.a_bits is not None and not self.dynamic_activations and (
+                    "activation_ranges" not in pos or pos["activation_ranges"] > pos[s]):
+                errs.append(f"{s} needs activation_ranges before it (it reconstructs with activations quantized)")
+        if self.reconstruction is not None and not ({"brecq", "qdrop"} & set(pos)):
+            errs.append("reconstruction settings are given but no step uses them (brecq or qdrop)")
+        if self.gptq is not None and "gptq" not in pos:
+            errs.append("gptq settings are given but steps lack gptq")
         return errs

@@ -14,16 +14,18 @@ from ...quant.adaround import adaround
 from ...quant.bias_correction import analytic_bias_correction, empirical_bias_correction
 from ...quant.calibrate import calibrate_activations, set_weight_ranges, sim_info
 from ...quant.cle import absorb_high_bias, equalize
+from ...quant.gptq import gptq
 from ...quant.graph import build_simulated
+from ...quant.reconstruct import Settings, reconstruct
 from ...quant.report import layer_records, quantization_block
 from ...quant.scheme import SimScheme
 from ...quant.sensitivity import layer_sensitivity
 from ...quant.sim import SimInfo
 from ..base import PointData, QuantResult, RunContext
 from .mixed_precision import search_bits
-from .params import PTQParams
+from .params import GPTQParams, PTQParams, ReconstructionParams
 
-__all__ = ["run_ptq", "run_steps", "calibration_batches", "build"]
+__all__ = ["run_ptq", "run_steps", "calibration_batches", "build", "reconstruction_settings"]
 
 
 def calibration_batches(data: PointData, batch_size: int) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
@@ -63,6 +65,12 @@ def run_steps(sim: nn.Module, p: PTQParams, steps: List[str], xs: List[torch.Ten
                 sim, xs, iters=p.adaround_iters, reg=p.adaround_reg, beta_start=p.adaround_beta_start,
                 beta_end=p.adaround_beta_end, warm_start=p.adaround_warm_start, batch_size=p.adaround_batch_size,
                 lr=p.adaround_lr, device=dev, seed=ctx.seed, progress=ctx.progress)
+        elif step in ("brecq", "qdrop"):
+            stats[step] = reconstruct(sim, xs, reconstruction_settings(p, step), device=dev, seed=ctx.seed,
+                                      progress=ctx.progress)
+        elif step == "gptq":
+            g = p.gptq or GPTQParams()
+            stats["gptq"] = gptq(sim, xs, damp=g.damp, block=g.block, act_order=g.act_order, device=dev)
         elif step == "bias_correction":
             if p.bias_correction == "analytic":
                 stats["bias_correction"] = analytic_bias_correction(sim)
@@ -74,6 +82,16 @@ def run_steps(sim: nn.Module, p: PTQParams, steps: List[str], xs: List[torch.Ten
             raise ValueError(f"unknown ptq step '{step}'")
         ran.append(step)
     return ran
+
+
+def reconstruction_settings(p: PTQParams, step: str) -> Settings:
+    """The engine's settings for step brecq or qdrop (QDrop: each activation kept quantized with
+    probability drop_prob; BRECQ: always quantized)."""
+    r = p.reconstruction or ReconstructionParams()
+    return Settings(unit=r.unit, max_block_layers=r.max_block_layers, iters=r.iters, reg=r.reg,
+                    beta_start=r.beta_start, beta_end=r.beta_end, warm_start=r.warm_start, batch_size=r.batch_size,
+                    lr=r.lr, scale_lr=r.scale_lr, input=r.input, quant_activations=p.a_bits is not None,
+                    drop=step == "qdrop", drop_prob=r.drop_prob, label=step)
 
 
 def _sensitivity_labels(model: nn.Module, p: PTQParams, xs, ys, ctx: RunContext) -> Optional[List[torch.Tensor]]:

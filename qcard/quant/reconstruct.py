@@ -1,0 +1,276 @@
+"""One reconstruction engine for AdaRound (layer units), BRECQ and QDrop (block units).
+
+For each unit in topological order (quant.blocks):
+  x_fp  its input in the FP network: an untouched FP copy of the simulated model taken when the engine
+        starts (every quantizer off, FP weights), as MQBench does;
+  x_q   its input in the network quantized so far (units before it rounded; activations quantized when
+        `input: quantized`, FP when `input: fp_activations`, AIMET's AdaRound);
+  target y_fp = unit_fp(x_fp); output y_q = unit_q(x_q) with the unit's weights soft-rounded
+        (quant.rounding.LearnedRounding) and, with `quant_activations`, its activation quantizers on,
+        their step sizes learned (LSQ, Adam with cosine decay) and, with `drop`, QDrop's drop.
+  loss  ‖y_fp − y_q‖² (summed over features, mean over the batch) + λ·Σ(1 − |2h − 1|^β), β annealed
+        linearly from beta_start to beta_end after a warm-up of warm_start·iters iterations without it.
+Then the rounding is hardened and written into the weights (FP weights kept in `qcard_fp_weight`), the
+learned activation grids fixed; the next unit sees them.
+
+`targets: rounded_so_far` reproduces qcard's AdaRound before this engine, which took "FP" inputs from the
+model being rounded with its quantizers off: its upstream weights already held rounded values, so x_fp
+equalled x_q after the first layer. It exists so older cards can be reproduced; it is not a default.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Unit, block_units, layer_units, units_record
+from .calibrate import quant_state, sim_info
+from .layerwise import capture_inputs, layer_forward, node_values, run_nodes
+from .lsq import clamp_learned, freeze, make_lsq
+from .quantizer import FakeQuantize
+from .rounding import LearnedRounding, QDrop, attach, detach
+
+__all__ = ["Settings", "reconstruct", "fp_copy", "UnitView"]
+
+
+@dataclass
+class Settings:
+    unit: str = "block"                 # layer | block
+    max_block_layers: int = 3
+    iters: int = 20000
+    reg: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warm_start: float = 0.2
+    batch_size: int = 32
+    lr: float = 1e-3                    # Adam on the rounding logits V
+    scale_lr: float = 4e-5              # Adam on the activation step sizes (cosine decay)
+    input: str = "quantized"            # quantized | fp_activations
+    quant_activations: bool = True      # activation quantizers inside the unit on while reconstructing
+    drop: bool = False                  # QDrop on the unit's activation quantizers
+    drop_prob: float = 0.5              # QDrop: keep the quantized value with this probability (1: as BRECQ)
+    targets: str = "fp_model"           # fp_model | rounded_so_far (qcard's AdaRound before the engine)
+    label: str = "brecq"                # the step's name in the card's record
+
+
+def fp_copy(model: nn.Module) -> nn.Module:
+    """An FP copy of a simulated model: every quantizer off, rounded weights back to their FP values."""
+    memo: Dict[int, Any] = {}
+    fp = copy.deepcopy(model, memo)
+    if getattr(fp, "qcard_sim", None) is None:      # fx's deepcopy keeps only the graph's own attributes
+        fp.qcard_sim = copy.deepcopy(sim_info(model), memo)
+    info = sim_info(fp)
+    mods = {id(m) for m in fp.modules()}
+    if any(id(li.module) not in mods for li in info.gemm_layers() if li.module is not None):
+        raise RuntimeError("the FP copy's layer records do not point into the copy")
+    for q in list(info.weight_quantizers()) + list(info.act_quantizers.values()):
+        q.enabled = False
+    if info.input_quantizer is not None:
+        info.input_quantizer.enabled = False
+    with torch.no_grad():
+        for m in fp.modules():
+            w = m.__dict__.get("qcard_fp_weight")
+            if w is not None:
+                m.weight.copy_(w)
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    return fp
+
+
+def _act(name: Optional[str]):
+    if name == "relu":
+        return torch.relu
+    if name == "relu6":
+        return F.relu6
+    return lambda y: y
+
+
+class UnitView:
+    """A unit as seen in one model (the simulated model, or its FP copy)."""
+
+    def __init__(self, model: nn.Module, unit: Unit, names: Dict[int, str]):
+        self.model, self.unit = model, unit
+        if unit.kind == "layer" and not unit.nodes:
+            m = model.get_submodule(names[id(unit.modules[0])])
+            info = sim_info(model)
+            li = next(l for l in info.gemm_layers() if l.module is m)
+            self.module = m
+            self.act = _act(None) if li.bn == "kept" else _act(m.qcard_act)
+        else:
+            by_name = {n.name: n for n in model.graph.nodes}
+            self.nodes = [by_name[n.name] for n in unit.nodes]
+            self.input = by_name[unit.input.name]
+            self.module = None
+
+    def inputs(self, batches, device) -> torch.Tensor:
+        if self.module is not None:
+            return torch.cat(capture_inputs(self.model, self.module, batches, device))
+        return torch.cat(node_values(self.model, batches, self.input.name, device))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            m = self.module
+            wq = m.weight_quantizer
+            w = wq(m.weight) if (wq is not None and wq.enabled) else m.weight
+            return self.act(layer_forward(m, x, w))
+        return run_nodes(self.model, self.nodes, {self.input: x})
+
+
+def _sq_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (y - t).pow(2).flatten(1).sum(1).mean()
+
+
+@torch.no_grad()
+def _loss(view: UnitView, x: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> float:
+    total = 0.0
+    for i in range(0, x.shape[0], chunk):
+        y = view(x[i:i + chunk])
+        total += float((y - target[i:i + chunk]).pow(2).flatten(1).sum(1).sum())
+    return total / x.shape[0]
+
+
+def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, device: str = "cpu",
+                seed: int = 0, progress: bool = False, only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Reconstruct every unit of `model` (or the units named in `only`) in place; returns the card's
+    record (settings, units, losses per unit)."""
+    allowed = {"unit": ("layer", "block"), "input": ("quantized", "fp_activations"),
+               "targets": ("fp_model", "rounded_so_far")}
+    for key, ok in allowed.items():
+        if getattr(s, key) not in ok:
+            raise ValueError(f"reconstruction {key}: '{getattr(s, key)}' is not one of {', '.join(ok)}")
+    if not 0.0 < s.drop_prob <= 1.0:
+        raise ValueError(f"reconstruction drop_prob must be in (0, 1], got {s.drop_prob}")
+    t_start = time.perf_counter()
+    units = layer_units(model) if s.unit == "layer" else block_units(model, s.max_block_layers)
+    if only is not None:
+        unknown = sorted(set(only) - {u.name for u in units})
+        if unknown:
+            raise ValueError(f"no reconstruction unit named {unknown}; units: {', '.join(u.name for u in units)}")
+        units = [u for u in units if u.name in set(only)]
+    names = {id(m): n for n, m in model.named_modules()}
+    fp = fp_copy(model) if s.targets == "fp_model" else None
+    gen = torch.Generator().manual_seed(seed)
+    drop_gen = torch.Generator().manual_seed(seed + 1)
+    acts_on = None if s.input == "quantized" else False
+    record: Dict[str, Any] = {**asdict(s), "units": units_record(units), "per_unit": []}
+    it: Sequence[Unit] = units
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(units, desc=s.label, leave=False)
+    for unit in it:
+        t0 = time.perf_counter()
+        view = UnitView(model, unit, names)
+        if fp is not None:
+            fview = UnitView(fp, unit, names)
+            x_fp = fview.inputs(batches, device)
+            with torch.no_grad():
+                target = torch.cat([fview(x_fp[i:i + 256]) for i in range(0, x_fp.shape[0], 256)])
+        else:
+            with quant_state(model, weights=False, activations=False):
+                x_fp = view.inputs(batches, device)
+                with torch.no_grad():
+                    target = view(x_fp)
+        with quant_state(model, activations=acts_on):
+            x_q = view.inputs(batches, device)
+        row = _reconstruct_unit(model, view, unit, x_q, target, s, gen, drop_gen)
+        row.update(unit=unit.name, seconds=round(time.perf_counter() - t0, 3),
+                   input_gap=float((x_fp - x_q).abs().mean()))
+        record["per_unit"].append(row)
+    record["wall_s"] = round(time.perf_counter() - t_start, 3)
+    return record
+
+
+def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Settings, gen, drop_gen) -> Dict[str, Any]:
+    info = sim_info(model)
+    act_on = s.quant_activations and s.input == "quantized"
+    acts: List[FakeQuantize] = []
+    if act_on and unit.nodes:
+        qs = {id(q) for q in info.act_quantizers.values()}
+        for n in view.nodes:
+            if n.op == "call_module":
+                q = model.get_submodule(str(n.target))
+                if id(q) in qs and q.enabled and q.calibrated and not q.dynamic and q.estimator is None:
+                    acts.append(q)
+    with quant_state(model, activations=None if act_on else False):
+        before = _loss(view, x_q, target)
+        saved = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in saved:              # only what this unit learns takes gradients
+            p.requires_grad_(False)
+        ests = []
+        for m in unit.modules:
+            est = LearnedRounding(m.weight_quantizer, m.weight)
+            attach(m.weight_quantizer, est)
+            ests.append((m, est))
+        scale_params = []
+        for q in acts:
+            if q.spec.scale_format != "power_of_two":
+                make_lsq(q)
+                scale_params += [p for p in (q.scale, q.zero_point) if p.requires_grad]
+            if s.drop:
+                attach(q, QDrop(s.drop_prob, drop_gen, q.estimator))
+        for m, _ in ests:               # the simulated layers route the weight through its quantizer under grad
+            m.weight.requires_grad_(True)
+        opt = torch.optim.Adam([e.v for _, e in ests], lr=s.lr)
+        opt_s = torch.optim.Adam(scale_params, lr=s.scale_lr) if scale_params else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(1, s.iters)) if opt_s else None
+        n = x_q.shape[0]
+        bs = min(s.batch_size, n)
+        warm = int(s.warm_start * s.iters)
+        first, last, k = 0.0, 0.0, max(1, s.iters // 20)
+        t_loop = time.perf_counter()
+        try:
+            for i in range(s.iters):
+                idx = torch.randint(0, n, (bs,), generator=gen)
+                out = view(x_q[idx])
+                rec = _sq_err(out, target[idx])
+                loss = rec
+                if i >= warm and s.reg > 0:
+                    t = (i - warm) / max(1, s.iters - warm)
+                    beta = s.beta_end + (s.beta_start - s.beta_end) * max(0.0, 1.0 - t)
+                    reg = None
+                    for _, e in ests:
+                        r = e.regulariser(beta)
+                        reg = r if reg is None else reg + r
+                    loss = loss + s.reg * reg
+                opt.zero_grad(set_to_none=True)
+                if opt_s is not None:
+                    opt_s.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if opt_s is not None:
+                    opt_s.step()
+                    sched.step()
+                    for q in acts:
+                        clamp_learned(q)
+                if i < k:
+                    first += float(rec.detach()) / k
+                if i >= s.iters - k:
+                    last += float(rec.detach()) / k
+            t_loop = time.perf_counter() - t_loop
+        finally:
+            for p, r in saved:
+                p.requires_grad_(r)
+                p.grad = None
+            for q in acts:
+                if isinstance(q.estimator, QDrop):
+                    detach(q, q.estimator.inner)
+                freeze(q)
+        changed = []
+        with torch.no_grad():
+            for m, e in ests:
+                w_new = e.weight_for(e.hard())
+                detach(m.weight_quantizer)
+                if "qcard_fp_weight" not in m.__dict__:
+                    m.__dict__["qcard_fp_weight"] = m.weight.detach().clone()
+                m.weight.copy_(w_new)
+                m.weight_quantizer.rounding_label = "adaround"      # AdaRound's rounding, in every unit kind
+                changed.append(e.changed_vs_nearest())
+        after = _loss(view, x_q, target)
+    return {"loss_nearest": before, "loss_after": after, "loss_first_iters": first, "loss_last_iters": last,
+            "changed_vs_nearest": sum(changed) / max(1, len(changed)), "layers": list(unit.layers),
+            "iter_s": t_loop / max(1, s.iters)}
