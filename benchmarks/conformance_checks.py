@@ -178,8 +178,13 @@ def align(records: Sequence[Any], ops: Sequence[MacOp]) -> Tuple[List[Tuple[Any,
 
 def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
     """MACs of one forward pass of batch-1 `x` by torch's FlopCounterMode (FLOPs / 2), per aten op."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+    # torch's registry covers the CUDA fused-attention kernels only; the CPU one gets torch's own formula
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: cpu_sdpa_flops} if cpu_sdpa is not None else None)
     with torch.no_grad(), counter:
         model(x)
     per_op = {str(k): int(v) // 2 for k, v in counter.get_flop_counts().get("Global", {}).items()}
