@@ -240,8 +240,32 @@ def run_arch(name: str, arch: Arch, cache: Path, schemes: List[str], eval_size: 
     _log(f"{name}: qcard.run finished in {time.perf_counter() - t0:.0f} s")
     rows = []
     for outcome in summary.outcomes:
-        rows.append(check_point(name, arch, exp, outcome, weights))
+        rows.append(_cached_check(cache, name, arch, exp, outcome, weights))
     return rows
+
+
+def _checks_version() -> str:
+    """The checking code's own hash: a cached check is reused only by the code that computed it."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in ("conformance.py", "conformance_checks.py"):
+        h.update((here / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cached_check(cache: Path, name: str, arch: Arch, exp, outcome, weights: Path) -> Dict[str, Any]:
+    """check_point, kept per card (its id names the point: config, weights file, data) and checking code."""
+    card = _card_of(outcome)
+    path = cache / "checks" / f"{card['id'][:16]}-{_checks_version()}.json"
+    if path.is_file() and card["status"] == "ok":
+        return json.loads(path.read_text())
+    row = check_point(name, arch, exp, outcome, weights)
+    if card["status"] == "ok":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, default=str))
+        os.replace(tmp, path)
+    return row
 
 
 # --------------------------------------------------------------------------- checks of one card

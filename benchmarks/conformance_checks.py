@@ -79,7 +79,7 @@ _SDPA = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fla
 @dataclass
 class MacOp:
     """One multiply-accumulate op of the simulated model's forward pass (per-sample MACs)."""
-    kind: str                       # conv | matmul | attention.qk | attention.pv
+    kind: str                       # conv | matmul | attention (fused q.k^T, softmax, P.V)
     aten: str
     macs: float
     act_numel: int                  # activation operand elements, per sample
@@ -139,13 +139,12 @@ class _Capture(TorchDispatchMode):
         q, k, v = args[0], args[1], args[2]
         lq, s, e, ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         heads = q.numel() // (lq * e)
-        qk_n, qk_b, _, _ = self._operands([(q, None), (k, None)])
-        v_n, v_b, _, _ = self._operands([(v, None)])
-        p_numel = heads * lq * s // self.batch
-        return [MacOp("attention.qk", name, heads * lq * s * e / self.batch, qk_n, qk_b),
-                # the softmax output P never leaves the fused kernel: it is a float operand
-                MacOp("attention.pv", name, heads * lq * s * ev / self.batch, p_numel + v_n, FP32,
-                      note="P (softmax output) is internal to the fused attention kernel: FP32")]
+        qkv_n, qkv_b, _, _ = self._operands([(q, None), (k, None), (v, None)])
+        # one op, as qcard's tracer records it (q.k^T and P.V); the softmax output P never leaves the
+        # fused kernel: P.V multiplies a float operand whatever grid q, k and v are on
+        return [MacOp("attention", name, heads * lq * s * (e + ev) / self.batch, qkv_n, FP32,
+                      note=f"P (softmax output) stays FP32 inside the fused attention kernel; q, k, v on "
+                           f"{'FP32' if qkv_b >= FP32 else f'{qkv_b}-bit grids'}")]
 
 
 def capture_mac_ops(model: torch.nn.Module, x: torch.Tensor) -> List[MacOp]:
