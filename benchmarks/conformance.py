@@ -162,17 +162,59 @@ class _Batches:
 
 def ensure_weights(name: str, arch: Arch, data_root: Path, cache: Path, seed: int = 0,
                    steps: Optional[int] = None) -> Path:
-    """The cached trained weights of `name` (trained now when missing), with the recipe in a .json beside."""
-    from qcard.data import load_dataset
-    from qcard.training import TrainRecipe, train
-    from qcard.zoo.loader import load_model_with_info
-    from qcard.zoo.train import serialize_weights
+    """The cached trained weights of `name` (trained now when missing, the recipe in a .json beside), with
+    BatchNorm statistics re-estimated (_bn_recalibrated)."""
     fp = json.loads((data_root / "DONE.json").read_text())["train"]["fingerprint"]
     recipe = recipe_of(name, arch, fp, seed, steps)
     tag = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = cache / "weights" / f"{name}-{tag}.safetensors"
+    if not path.is_file():
+        _train_weights(name, arch, data_root, recipe, path, seed)
+    return _bn_recalibrated(name, arch, data_root, path, seed)
+
+
+BN_RECALIBRATION = 1024        # training images whose batch statistics replace the BN running statistics
+
+
+def _bn_recalibrated(name: str, arch: Arch, data_root: Path, trained: Path, seed: int) -> Path:
+    """The trained weights with every BatchNorm's running statistics re-estimated on BN_RECALIBRATION
+    training images (cumulative average, the rest of the model in eval mode). Needed after a brief
+    training: torchvision's mobilenet_v3 / efficientnet (momentum 0.01) and mnasnet (0.0003) keep
+    running statistics near their initial values for thousands of steps, and their eval outputs are
+    then constant. A model without BatchNorm keeps its trained file."""
+    from qcard.data import load_dataset
+    from qcard.zoo.loader import load_model_with_info
+    from qcard.zoo.train import serialize_weights
+    model, info = load_model_with_info(arch.ref, weights=str(trained), num_classes=10, **arch.kwargs)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return trained
+    path = trained.with_name(trained.stem + f"-bn{BN_RECALIBRATION}.safetensors")
     if path.is_file():
         return path
+    ds = load_dataset(f"imagefolder:{data_root}", "train", model_info=info, input_shape=(3, arch.size, arch.size))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 1))[:BN_RECALIBRATION]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                   # cumulative average over the batches below
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(order), 64):
+            model(torch.stack([ds[int(j)][0] for j in order[i:i + 64]]))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(serialize_weights(state))
+    os.replace(tmp, path)
+    _log(f"{name}: BatchNorm statistics re-estimated on {BN_RECALIBRATION} training images -> {path.name}")
+    return path
+
+
+def _train_weights(name: str, arch: Arch, data_root: Path, recipe: Dict[str, Any], path: Path, seed: int) -> None:
+    from qcard.data import load_dataset
+    from qcard.training import TrainRecipe, train
+    from qcard.zoo.loader import load_model_with_info
+    from qcard.zoo.train import serialize_weights
     path.parent.mkdir(parents=True, exist_ok=True)
     _log(f"{name}: training {recipe['steps']} steps (batch {arch.batch}) -> {path}")
     start = time.perf_counter()
@@ -205,7 +247,6 @@ def ensure_weights(name: str, arch: Arch, data_root: Path, cache: Path, seed: in
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path)
     _log(f"{name}: trained in {meta['train_seconds']} s, last train acc {meta['final_train_acc']}")
-    return path
 
 
 # --------------------------------------------------------------------------- configs and runs
