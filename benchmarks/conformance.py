@@ -569,7 +569,12 @@ def main(argv=None) -> int:
                     help="writes OUT.md and OUT.json")
     ap.add_argument("--force", action="store_true", help="rerun points that have cards")
     ap.add_argument("--allow-fail", action="store_true", help="exit 0 even when an invariant fails")
+    ap.add_argument("--render", metavar="JSON", help="only re-render OUT.md (and copy OUT.json) from a run's JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        write(data["rows"], data["meta"], Path(args.out))
+        return _verdict(data["rows"], args)
     archs = args.arch or list(ARCHS)
     schemes = args.scheme or list(SCHEMES)
     cache = cache_dir()
@@ -586,6 +591,10 @@ def main(argv=None) -> int:
             rows.append({"arch": name, "scheme": "all", "status": "failed", "checks": {"point ok": False},
                          "notes": [f"{type(exc).__name__}: {exc}"[:300]]})
         write(rows, meta, Path(args.out))
+    return _verdict(rows, args)
+
+
+def _verdict(rows: List[Dict[str, Any]], args) -> int:
     failed = [(r["arch"], r.get("scheme"), k) for r in rows for k, v in r["checks"].items() if not v]
     for r in rows:
         status = "PASS" if all(r["checks"].values()) else "FAIL"
