@@ -83,6 +83,8 @@ acceptance: install
 # the conformance matrix (issue 21): 15 torchvision/timm architectures trained briefly on mnist5k (weights
 # cached in ~/.cache/qcard/conformance), x 3 PTQ schemes with a deploy check; every card claim checked.
 # Writes benchmarks/conformance.md + .json; exits 1 when an invariant fails (CONFORMANCE_ARGS=--allow-fail).
+# Long on 2 cores (tens of minutes per architecture on a busy machine): weights, cards and checks are cached,
+# so an interrupted run resumes; CONFORMANCE_ARGS="--arch resnet18 --scheme W8A8" runs a part.
 CONFORMANCE_ARGS ?=
 conformance: install
 	$(BIN)/python benchmarks/conformance.py $(CONFORMANCE_ARGS)
