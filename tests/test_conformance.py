@@ -29,12 +29,14 @@ EVAL_SIZE, CALIBRATION = 256, 64
 
 # (architecture, invariant) -> the bug that makes it fail today (issue 21)
 KNOWN = {
-    ("deit_tiny", "no A8 on FP32"): "timm fused attention: P (softmax output) stays FP32 inside "
-                                    "scaled_dot_product_attention while the P.V record claims A8 (attention fix)",
-    ("deit_tiny", "headline=tensors"): "the P.V record's A8 claim is on an FP32 operand, so the headline's mean A "
-                                       "bits exceed what the operands hold (attention fix)",
-    ("deit_tiny", "export ok"): "export fails: TypeError, SDPA is_causal is a Tensor after FX (deploy/attention fix)",
-    ("mobilenet_v3_small", "export ok"): "export fails with RecursionError (deploy fix)",
+    ("deit_tiny", "no A8 on FP32"): "timm fused attention: the attention record claims A8 while P (softmax output) "
+                                    "stays FP32 inside scaled_dot_product_attention (attention engineer's fix)",
+    ("deit_tiny", "headline=tensors"): "same bug: the headline's mean A bits (8) count P.V at 8 bits; the operands "
+                                       "give 14.98 (attention engineer's fix)",
+    ("deit_tiny", "export ok"): "export fails: TypeError, scaled_dot_product_attention(): argument 'is_causal' must "
+                                "be bool, not Tensor, after FX (deploy/attention engineers' fix)",
+    ("mobilenet_v3_small", "export ok"): "export fails: RecursionError: maximum recursion depth exceeded "
+                                         "(deploy engineer's fix)",
 }
 INVARIANTS = ["headline=records", "headline=tensors", "no A8 on FP32", "MACs=flops", "export ok"]
 
