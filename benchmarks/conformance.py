@@ -481,11 +481,23 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"{meta['calibration']} calibration images). Weights: each architecture trained briefly on qcard:mnist5k "
         "(upsampled RGB PNGs through `imagefolder:`), cached outside the repository with their recipe.",
         "",
-        "Bits: card headline / recomputed from the per-layer records / from the simulated model's operands. "
-        "MACs: card vs `FlopCounterMode` (FLOPs / 2) at batch 1. int MACs: share of conv/gemm/matmul MACs on "
-        "integer kernels in onnxruntime's optimized graph (from its profile). Checks: R = headline equals the "
-        "per-layer records, T = equals the operands, P = no ≤8-bit claim on an FP32 operand, M = MACs equal the "
-        "flop counter (±0.1 %), E = export ok.",
+        "Columns: **W/A bits** = the card's headline mean / recomputed from the card's per-layer bits over the "
+        "traced shapes / recomputed with the bits the simulated model's operands really hold (a dispatch-level "
+        "capture of every convolution, matmul and fused-attention kernel; an operand counts at its claimed bits "
+        "only if its values lie on a grid of that many levels, per output channel for weights). **MACs** = card vs "
+        "`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) at batch 1 and the evaluated shape; torch registers "
+        "no formula for the CPU fused-attention kernel (`_scaled_dot_product_flash_attention_for_cpu`), so its own "
+        "`sdpa_flop_count` is registered for it. **int MACs** = share of conv/gemm/matmul MACs that ran on integer "
+        "kernels in onnxruntime's optimized graph, from the runtime's own profile (op types and shapes of the nodes "
+        "that ran). **argmax agree (classes)** = runtime vs simulation, with the number of distinct simulated "
+        "classes on 32 eval images (1 would make agreement vacuous). **max steps** = largest logit difference in "
+        "output quantization steps (absolute units when the logits are float, e.g. eager). **wall s** = the point's "
+        "wall time in `qcard.run` (simulation, evaluation, deploy check).",
+        "",
+        "Invariants (✗ = FAIL): R = headline equals the per-layer recomputation (±0.001 bit: the card rounds to 4 "
+        "decimals); T = equals the operands' recomputation; P = no ≤ 8-bit claim on an operand that is FP32 (e.g. "
+        "P of a fused attention kernel); M = MACs equal the flop counter within 0.1 % (the cost model counts the "
+        "same conv/linear/matmul/attention MACs; a missed layer would be far more); E = export and runtime ok.",
         "",
         "| arch | scheme | capture | layers q / FP32 | W bits | A bits | MACs card / flops | params card / used "
         "| FP32 top-1 | quant top-1 | export | int MACs | RT / sim top-1 | argmax agree (classes) | max steps "
@@ -514,6 +526,18 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"| {_f(r.get('rt_top1'), '{:.1f}')} / {_f(r.get('rt_sim_top1'), '{:.1f}')} "
             f"| {_f(r.get('agreement'), '{:.1%}')} ({r['distinct_argmax']}) | {_f(r.get('steps_max'))} "
             f"| {_f(r.get('wall_s'), '{:.0f}')} | {flags} |")
+    done = list(dict.fromkeys(r["arch"] for r in rows))
+    lines += ["", "## Weights", "",
+              "| arch | input | training (AdamW steps x batch; BatchNorm statistics then re-estimated where present) "
+              "| FP32 top-1 on the eval images |", "|---|---|---|---|"]
+    for name in done:
+        a = ARCHS.get(name)
+        fp = next((r.get("fp32") for r in rows if r["arch"] == name and r.get("fp32") is not None), None)
+        if a is not None:
+            lines.append(f"| {name} | {a.size} px | {a.steps} x {a.batch} (lr {a.lr:g}) | {_f(fp, '{:.1f}')} |")
+    missing = [n for n in ARCHS if n not in done]
+    if missing:
+        lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     lines += ["", "## Findings per row", ""]
     for r in rows:
         bad = [k for k, v in r["checks"].items() if not v]
