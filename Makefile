@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to releases that run on CPU-only machines and admit the local wheel cache
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-deps test-fast cards clean-tree bench schema clean acceptance
+.PHONY: install run test test-deps test-fast cards clean-tree bench schema clean acceptance conformance
 
 $(BIN)/qcard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,3 +79,12 @@ clean:
 # the issue-acceptance runs alone, printing their figures (also part of `make test`; ~4 min idle)
 acceptance: install
 	$(BIN)/python -m pytest -q -s tests/test_marvin_acceptance.py tests/test_sparq_ablation.py
+
+# the conformance matrix (issue 21): 15 torchvision/timm architectures trained briefly on mnist5k (weights
+# cached in ~/.cache/qcard/conformance), x 3 PTQ schemes with a deploy check; every card claim checked.
+# Writes benchmarks/conformance.md + .json; exits 1 when an invariant fails (CONFORMANCE_ARGS=--allow-fail).
+# Long on 2 cores (tens of minutes per architecture on a busy machine): weights, cards and checks are cached,
+# so an interrupted run resumes; CONFORMANCE_ARGS="--arch resnet18 --scheme W8A8" runs a part.
+CONFORMANCE_ARGS ?=
+conformance: install
+	$(BIN)/python benchmarks/conformance.py $(CONFORMANCE_ARGS)
