@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -275,7 +276,9 @@ def run_arch(name: str, arch: Arch, cache: Path, schemes: List[str], eval_size: 
     weights = ensure_weights(name, arch, data_root, cache, steps=steps)
     cfg = experiment_config(name, arch, weights, data_root, schemes, eval_size, calibration)
     exp = config_from_dict(cfg, source=f"conformance:{name}")
-    out = cache / "runs"
+    # cards are reused only by the code that made them: a point id names the config, not qcard's code, so a
+    # card made before a fix would otherwise be read back as if measured now
+    out = cache / "runs" / _code_version()
     t0 = time.perf_counter()
     summary = qcard.run(exp, out=str(out), force=force)
     _log(f"{name}: qcard.run finished in {time.perf_counter() - t0:.0f} s")
@@ -285,10 +288,22 @@ def run_arch(name: str, arch: Arch, cache: Path, schemes: List[str], eval_size: 
     return rows
 
 
-def _checks_version() -> str:
-    """The checking code's own hash: a cached check is reused only by the code that computed it."""
-    here = Path(__file__).resolve().parent
+@functools.lru_cache(maxsize=None)
+def _code_version() -> str:
+    """A hash of qcard's own source files: the cards and checks cached under it were made by this code."""
+    import qcard
+    root = Path(qcard.__file__).resolve().parent
     h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".yaml", ".json", ".j2"):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _checks_version() -> str:
+    """The checking code's own hash and qcard's: a cached check is reused only by the code that computed it."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256(_code_version().encode())
     for f in ("conformance.py", "conformance_checks.py"):
         h.update((here / f).read_bytes())
     return h.hexdigest()[:12]
