@@ -73,6 +73,38 @@ def test_cle_preserves_the_function_and_equalizes_ranges():
     assert info.cle["applied"] and len(info.cle["pairs"]) == 2
 
 
+class FunctionalChain(Chain):
+    """The same chain with a functional relu6 between the depthwise and pointwise convolutions (the node CLE
+    rewrites in the captured graph, as torchvision's MobileNet blocks write it in some versions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Sequential(self.dw[0], self.dw[1])
+
+    def forward(self, x):
+        return self.fc(self.pw(nn.functional.relu6(self.dw(self.c1(x)))).flatten(1))
+
+
+def test_cle_rewrites_a_functional_relu6_and_the_simulated_model_deep_copies():
+    import copy
+    torch.manual_seed(0)
+    model = randomize_bn(FunctionalChain(), 0).eval()
+    x = torch.rand(16, 3, 8, 8) * 2
+    sim = _build(model, x, w_bits=4, a_bits=None)
+    # the bookkeeping names graph nodes instead of holding them: a node drags its whole graph into a deep copy
+    # (RecursionError on mobilenet_v3_small's ~220 nodes)
+    assert not any(isinstance(v, torch.fx.Node) for p in sim_info(sim).cle_pairs for v in p.values())
+    copy.deepcopy(sim)
+    with quant_state(sim, weights=False), torch.no_grad():
+        y0 = sim(x)
+    stats = equalize(sim)
+    assert stats["relu6_replaced_by_relu"] == 1
+    targets = {n.target for n in sim.graph.nodes if n.op == "call_function"}
+    assert nn.functional.relu6 not in targets and nn.functional.relu in targets
+    with quant_state(sim, weights=False), torch.no_grad():
+        assert torch.allclose(sim(x), y0, atol=1e-4, rtol=1e-4)
+
+
 def test_high_bias_absorption():
     model = _chain()
     with torch.no_grad():            # a large positive pre-activation mean in c1: absorbable

@@ -240,8 +240,7 @@ class _Tracer:
     """Puts the markers into a copy of the simulated model and records what it wrote."""
 
     def __init__(self, sim: nn.Module, fp32: bool, int4: bool):
-        # the copy needs the modules only: qcard_sim's bookkeeping holds torch.fx nodes, whose deep copy
-        # recurses along the whole graph (RecursionError on mobilenet_v3_small's 219 nodes)
+        # the copy needs the modules only, not qcard_sim's bookkeeping (which refers to the original's modules)
         memo = {id(sim.__dict__["qcard_sim"]): None} if "qcard_sim" in sim.__dict__ else {}
         self.model = copy.deepcopy(sim, memo).cpu().eval()
         self.fp32, self.int4 = fp32, int4

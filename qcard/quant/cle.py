@@ -104,9 +104,9 @@ def _relu6_to_relu(model: nn.Module, pair: Dict[str, Any]) -> None:
         if isinstance(m, nn.ReLU6):
             parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
             setattr(parent, path.rsplit(".", 1)[-1], nn.ReLU())
-    node = pair.get("act_node")
-    if node is not None and getattr(node, "graph", None) is not None and node.op == "call_function" \
-            and node.target is F.relu6:
+    name, graph = pair.get("act_node"), getattr(model, "graph", None)
+    node = next((n for n in graph.nodes if n.name == name), None) if name and graph is not None else None
+    if node is not None and node.op == "call_function" and node.target is F.relu6:
         node.target = F.relu
         model.recompile()
     for li in sim_info(model).layers:

@@ -474,7 +474,9 @@ class _FxBuilder:
                 continue
             self.info.cle_pairs.append({
                 "name1": self.rname[g1], "name2": self.rname[g2], "m1": m1, "m2": m2,
-                "act": self.opname[act] if act is not None else None, "act_node": act,
+                "act": self.opname[act] if act is not None else None,
+                # the node's name, not the node: a node drags its whole graph into every deep copy of the info
+                "act_node": act.name if act is not None else None,
                 "act_path": str(act.target) if act is not None and act.op == "call_module" else None})
         for g in self.graph.nodes:
             if self.kind[g] != "gemm" or not g.args:
@@ -836,8 +838,9 @@ class _FxBuilder:
         self.make_weight_quantizers()
         self.insert_quantizers()
         self.absorb_activations()
+        absorbed = {node.name: fq for node, fq in self.absorbed.items()}
         for p in self.info.cle_pairs:
-            p["act_fq"] = self.absorbed.get(p.get("act_node"))
+            p["act_fq"] = absorbed.get(p.get("act_node"))
         self.describe()
         self.graph.lint()
         self.gm.delete_all_unused_submodules()     # folded batch norms, absorbed ReLUs
