@@ -107,6 +107,11 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def _anchor(place: str) -> str:
+    """The element id of a card's row: its folder on the site (cards/EXP/POINT), which is unique."""
+    return "card-" + place.split("/", 1)[1].replace("/", "--")
+
+
 def _card_page(card_html: str, nav: str) -> str:
     """The card's own page with the gallery's links at the top of its body."""
     if card_html.count("<body>") != 1:
@@ -222,15 +227,15 @@ def _build(loaded: Sequence[Any], root: Path, prepare: Callable[[Card], Card], t
         exp.reference = _reference_rows(view.reference)
         exp.reference_note = comparison.reference_note if exp.reference else ""
         for lc, place, _ in members:
-            exp.rows.append(make_row(lc.card, f"{place}/index.html", exp.page, view.tested.get(lc.card.id, Tested()),
-                                     names))
+            exp.rows.append(make_row(lc.card, f"{place}/index.html", _anchor(place), exp.page,
+                                     view.tested.get(lc.card.id, Tested()), names))
     common = dict(csp=CSP, version=__version__, experiments=experiments, n_cards=len(loaded))
     pages: List[Path] = []
 
     for lc, place, exp in card_places:
         depth = "../" * place.count("/") + "../"
         nav = env.get_template("card_nav.html.j2").render(root=depth, experiment=exp.name,
-                                                         experiment_page=exp.page, card_id=lc.card.id)
+                                                         experiment_page=exp.page, anchor=_anchor(place))
         page = root / place / "index.html"
         _write(page, _card_page(render_card(prepare(lc.card), "html"), nav))
         # the card file as it was read (byte for byte), or as the loaded card says when it came from no file

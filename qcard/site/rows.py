@@ -92,6 +92,7 @@ class Row:
     """One card on the index (and on its experiment's page)."""
     card: Card
     page: str                       # the card's page, relative to the site root
+    anchor: str                     # the row's element id, unique on the site (one card file may sit in two runs)
     experiment_page: str            # its experiment's page, relative to the site root
     tested: Tested
     ref_label: Optional[str] = None  # the reference row's short name, when tested
@@ -108,7 +109,7 @@ def card_name(card: Card) -> str:
     return f"{card.model.label or card.model.ref} · {card.method.label or card.method.name}"
 
 
-def make_row(card: Card, page: str, experiment_page: str, tested: Tested, names: Dict[str, str]) -> Row:
+def make_row(card: Card, page: str, anchor: str, experiment_page: str, tested: Tested, names: Dict[str, str]) -> Row:
     """The row's display cells (card's own formatting, compare's marks) and its sort/filter values.
     names: card id -> short display name, for the reference of a tested row."""
     r = card.results
@@ -151,4 +152,4 @@ def make_row(card: Card, page: str, experiment_page: str, tested: Tested, names:
                                                                    else (r.delta if ok else None)),
             "fp32": num(r.fp32), "bops": num(card.cost.bops if ok else None), "label": cells["label"],
             "id": card.id}
-    return Row(card=card, page=page, experiment_page=experiment_page, tested=tested, cells=cells, data=data)
+    return Row(card=card, page=page, anchor=anchor, experiment_page=experiment_page, tested=tested, cells=cells, data=data)
