@@ -228,7 +228,8 @@ def _build(loaded: Sequence[Any], root: Path, prepare: Callable[[Card], Card], t
         exp.reference_note = comparison.reference_note if exp.reference else ""
         for lc, place, _ in members:
             exp.rows.append(make_row(lc.card, f"{place}/index.html", _anchor(place), exp.page,
-                                     view.tested.get(lc.card.id, Tested()), names))
+                                     view.tested.get(str(lc.path) if lc.path else lc.card.id, Tested()), names))
+        exp.rows.sort(key=lambda r: r.tested.order)      # compare's order (the config's), letters A, B, ...
     common = dict(csp=CSP, version=__version__, experiments=experiments, n_cards=len(loaded))
     pages: List[Path] = []
 

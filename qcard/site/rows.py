@@ -24,12 +24,14 @@ class Tested:
     delta: Optional[float] = None              # Δ against the reference, at the family's adjusted level
     delta_interval: Optional[List[float]] = None
     is_reference: bool = False
+    letter: str = ""                           # the card's letter in its experiment's comparison (A, B, ...)
+    order: int = 0                             # its row in that comparison (the config's order)
 
 
 @dataclass
 class ComparisonView:
     """What the site shows of one experiment's comparison, beside the comparison's own attributes."""
-    tested: Dict[str, Tested]                   # card id -> its test against its reference row
+    tested: Dict[str, Tested]                   # card file (or id, for a card from no file) -> its row's test
     legend: List[str]                           # what the marks mean (family sizes, interval levels)
     x: str                                      # the Pareto plot's cost axis
     reference: List[Dict[str, Any]]             # published rows ("reported"), as compare gives them
@@ -42,16 +44,16 @@ def read_comparison(comparison: Any) -> ComparisonView:
     data = json.loads(comparison.export("json"))
     letter_to_id = {r["card"]: r["id"] for r in data.get("cards", [])}
     tested: Dict[str, Tested] = {}
-    for r in data.get("cards", []):
-        t = Tested(is_reference=bool(r.get("is_reference")))
+    for order, r in enumerate(data.get("cards", [])):
+        t = Tested(is_reference=bool(r.get("is_reference")), letter=str(r["card"]), order=order)
         if r.get("p_adjusted") is not None:
             lo, hi = r.get("delta_vs_ref_lo"), r.get("delta_vs_ref_hi")
             t = Tested(significant=r.get("significant"), p_adjusted=r.get("p_adjusted"),
                        family_size=r.get("family_size"), ref_id=letter_to_id.get(r.get("ref")),
                        delta=r.get("delta_vs_ref"),
                        delta_interval=[lo, hi] if lo is not None and hi is not None else None,
-                       is_reference=t.is_reference)
-        tested[r["id"]] = t
+                       is_reference=t.is_reference, letter=t.letter, order=order)
+        tested[r.get("path") or r["id"]] = t
     sig = data.get("significance") or {}
     return ComparisonView(tested=tested, legend=list(sig.get("legend") or []), x=str(data.get("x") or "bops"),
                           reference=list(data.get("reference") or []))
@@ -146,10 +148,11 @@ def make_row(card: Card, page: str, anchor: str, experiment_page: str, tested: T
         "status": card.status, "id": short_id(card.id),
     }
     num = lambda v: "" if v is None else repr(float(v))
+    cells["letter"] = tested.letter
     data = {"experiment": card.experiment, "model": cells["model"], "method": card.method.name,
             "bits": cells["bits"], "status": card.status,
             "top1": num(r.quantized if ok else None), "delta": num(tested.delta if tested.delta is not None
                                                                    else (r.delta if ok else None)),
-            "fp32": num(r.fp32), "bops": num(card.cost.bops if ok else None), "label": cells["label"],
+            "fp32": num(r.fp32), "bops": num(card.cost.bops if ok else None), "label": cells["label"], "letter": tested.letter,
             "id": card.id}
     return Row(card=card, page=page, anchor=anchor, experiment_page=experiment_page, tested=tested, cells=cells, data=data)
