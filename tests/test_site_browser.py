@@ -22,9 +22,13 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("site-browser")
-    return build_site(load_cards([make_runs(tmp)]), tmp / "site", title="qcard gallery").out
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("site-browser"))
+
+
+@pytest.fixture(scope="module")
+def site_dir(runs):
+    return build_site(load_cards([runs]), runs.parent / "site", title="qcard gallery").out
 
 
 class Watch:
@@ -83,9 +87,9 @@ def test_index_filter_sort_follow_and_back(browser, site_dir):
     page.select_option("select[data-filter=method]", "")
     # failed cards (no top-1) sort last in both directions
     assert _visible(page)[-1]["top1"] in ("", None)
-    page.select_option("select[data-filter=experiment]", "quickstart")      # the published cards only
+    page.select_option("select[data-filter=experiment]", "quickstart")
     assert len(_visible(page)) == 5
-    page.screenshot(path=str(ARTIFACTS / "site-index.png"))     # docs/gallery.png in the README
+    page.screenshot(path=str(ARTIFACTS / "site-index.png"))
 
     first = page.eval_on_selector("#cards tbody tr:not([hidden]) a.card-link", "a => a.getAttribute('href')")
     page.click("#cards tbody tr:not([hidden]) a.card-link")
@@ -104,6 +108,23 @@ def test_index_filter_sort_follow_and_back(browser, site_dir):
     page.goto((site_dir / "experiments" / "quickstart" / "index.html").resolve().as_uri())
     assert page.eval_on_selector("figure img", "img => img.complete && img.naturalWidth > 0")
     page.screenshot(path=str(ARTIFACTS / "site-experiment.png"), full_page=True)
+    watch.assert_clean()
+    page.close()
+
+
+def test_gallery_of_the_published_cards(browser, runs):
+    """The screenshot in the README (docs/gallery.png is this file, reduced to 64 colours): the published
+    quickstart cards alone, best top-1 first."""
+    out = build_site(load_cards([runs / "quickstart"]), runs.parent / "gallery", title="qcard quickstart cards").out
+    page = browser.new_page(viewport={"width": 1500, "height": 470})
+    watch = Watch(page)
+    page.goto((out / "index.html").resolve().as_uri())
+    page.click("button[data-sort=top1]")
+    tops = [float(r["top1"]) for r in _visible(page)]
+    assert len(tops) == 5 and tops == sorted(tops, reverse=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gallery.png"))
+    assert (ARTIFACTS / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     watch.assert_clean()
     page.close()
 
