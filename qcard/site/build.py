@@ -43,6 +43,9 @@ MARKER = "qcard-site.json"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; base-uri 'none'; "
        "form-action 'none'")
 
+# a card the comparison leaves out of its rows (a failed card, or one superseded by a later card of its
+# point): no test, and shown after the compared rows
+NOT_COMPARED = Tested(order=1 << 30)
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
 SAFE_SCHEMES = ("", "http", "https")
 
@@ -228,7 +231,8 @@ def _build(loaded: Sequence[Any], root: Path, prepare: Callable[[Card], Card], t
         exp.reference_note = comparison.reference_note if exp.reference else ""
         for lc, place, _ in members:
             exp.rows.append(make_row(lc.card, f"{place}/index.html", _anchor(place), exp.page,
-                                     view.tested.get(str(lc.path) if lc.path else lc.card.id, Tested()), names))
+                                     view.tested.get(str(lc.path) if lc.path else lc.card.id, NOT_COMPARED),
+                                     names))
         exp.rows.sort(key=lambda r: r.tested.order)      # compare's order (the config's), letters A, B, ...
     common = dict(csp=CSP, version=__version__, experiments=experiments, n_cards=len(loaded))
     pages: List[Path] = []
