@@ -226,5 +226,9 @@ def test_cli_writes_and_replaces_a_site_but_not_another_folder(tmp_path):
     r = CliRunner().invoke(main, ["site", str(runs), "-o", str(other)])
     assert r.exit_code == 2 and "is not a site qcard wrote" in r.output
     assert (other / "notes.txt").read_text() == "keep me"
+    inside = runs / "site"          # a site inside the runs it shows: its card copies are not read back
+    for _ in range(2):
+        r = CliRunner().invoke(main, ["site", str(runs), "-o", str(inside)])
+        assert r.exit_code == 0 and "1 card(s)" in r.output, r.output
     r = CliRunner().invoke(main, ["site", str(tmp_path / "nothing"), "-o", str(tmp_path / "s2")])
     assert r.exit_code == 2 and "no such card file or run folder" in r.output

@@ -29,10 +29,17 @@ def site(runs, out_dir, title):
     Example:
       qcard site runs/quickstart -o site/ && xdg-open site/index.html
     """
-    from ..cards.compare import load_cards
+    from pathlib import Path
+    from ..cards.compare import find_card_files, load_cards
+    from ..errors import QcardError
     from ..methods import with_sections
     from ..site import build_site
-    loaded = load_cards(runs)
+    # a site written inside RUNS holds copies of the cards: they are not cards of the runs
+    out = Path(out_dir).resolve()
+    files = [f for f in find_card_files(runs) if out not in f.resolve().parents]
+    if not files:
+        raise QcardError(f"no card.json under {', '.join(runs)} outside the site folder {out_dir}")
+    loaded = load_cards(files)
     summary = build_site(loaded, out_dir, prepare=with_sections, title=title,
                          log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {summary.out}/index.html: {summary.cards} card(s), {summary.experiments} experiment(s), "
