@@ -103,7 +103,12 @@ def test_index_filter_sort_follow_and_back(browser, site_dir):
     page.go_back()
     page.go_back()
     page.wait_for_load_state()
-    assert page.url == index and len(_visible(page)) >= 1 and page.is_visible("#cards")
+    assert page.url == index and page.is_visible("#cards")
+    # the rows shown are still those the filters say (the browser restores the chosen experiment)
+    chosen = page.eval_on_selector("select[data-filter=experiment]", "s => s.value")
+    shown = _visible(page)
+    assert len(shown) == (5 if chosen == "quickstart" else 7)
+    assert page.inner_text("#count") == f"{len(shown)} of 7 cards shown"
 
     page.goto((site_dir / "experiments" / "quickstart" / "index.html").resolve().as_uri())
     assert page.eval_on_selector("figure img", "img => img.complete && img.naturalWidth > 0")

@@ -67,6 +67,8 @@
       form.addEventListener("change", function () { applyFilters(table, form); });
       form.addEventListener("submit", function (event) { event.preventDefault(); });
       applyFilters(table, form);
+      // back to this page: the browser may restore the chosen values without a change event
+      window.addEventListener("pageshow", function () { applyFilters(table, form); });
     }
   });
 }());
