@@ -1,8 +1,8 @@
 """One index row per card: the card's own values (qcard.cards.schema.Card) beside the significance its
 experiment's comparison gives it. Plain values and display text only; escaping is the templates' job.
 
-The comparison is read in one place, `significance_by_id`, from `Comparison.export("json")`: when the json
-keys of qcard.cards.compare change, only that function changes.
+The comparison is read in one place, `read_comparison`, from `Comparison.export("json")`: when the json
+keys of qcard.cards.compare change, only that function changes (and `format_p`, compare's p-value words).
 """
 from __future__ import annotations
 
@@ -97,7 +97,6 @@ class Row:
     anchor: str                     # the row's element id, unique on the site (one card file may sit in two runs)
     experiment_page: str            # its experiment's page, relative to the site root
     tested: Tested
-    ref_label: Optional[str] = None  # the reference row's short name, when tested
     cells: Dict[str, str] = field(default_factory=dict)
     data: Dict[str, str] = field(default_factory=dict)    # data-* attributes: raw values for sorting/filtering
 
