@@ -203,7 +203,7 @@ def test_card_pages_link_their_json_and_comparison(site):
     assert (page.parent / "card.json").read_bytes() == (_published("resnet8__W8A8__") / "card.json").read_bytes()
     assert f'experiments/quickstart/index.html#card-quickstart--{page.parent.name}' in text
     exp = (site.out / "experiments" / "quickstart" / "index.html").read_text(encoding="utf-8")
-    assert "pareto." in exp and "Confounding differences" in exp
+    assert "pareto." in exp and "Confounding differences" in exp and "Published figures" not in exp
     assert (site.out / "experiments" / "quickstart" / "comparison.json").is_file()
 
 
@@ -232,3 +232,18 @@ def test_cli_writes_and_replaces_a_site_but_not_another_folder(tmp_path):
         assert r.exit_code == 0 and "1 card(s)" in r.output, r.output
     r = CliRunner().invoke(main, ["site", str(tmp_path / "nothing"), "-o", str(tmp_path / "s2")])
     assert r.exit_code == 2 and "no such card file or run folder" in r.output
+
+
+def test_published_reference_rows_where_they_apply(tmp_path):
+    """A torchvision resnet18 card on ImageNet gets the published rows for resnet18 (reported, apart from
+    the measured table); the quickstart's MNIST models have none, and their pages show no such table."""
+    fixture = ROOT / "tests" / "fixtures" / "cards" / "ptq_w4a8_resnet18.json"
+    out = build_site(load_cards([fixture]), tmp_path / "site").out
+    page = next(out.glob("experiments/*/index.html")).read_text(encoding="utf-8")
+    published = compare_cards(load_cards([fixture]), reference=True).reference_rows
+    assert published and "Published figures (reported, not measured here)" in page
+    for r in published:
+        assert f"<td>{r['source']}</td>" in page and f'<td class="r">{r["top1"]:.2f}</td>' in page
+        assert r["citation"] in page
+    html5lib = pytest.importorskip("html5lib")
+    html5lib.HTMLParser(strict=True).parse(page)

@@ -139,7 +139,8 @@ def _plot(comparison: Any, folder: Path) -> tuple:
 def _reference_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     return [{"source": str(r.get("source")), "dataset": str(r.get("dataset")), "model": str(r.get("model")),
              "method": str(r.get("method")), "bits": f"W{r.get('w_bits')}A{r.get('a_bits')}",
-             "fp32": _num(r.get("fp32")), "top1": _num(r.get("top1")), "delta": _num(r.get("delta"), "+")}
+             "fp32": _num(r.get("fp32")), "top1": _num(r.get("top1")), "delta": _num(r.get("delta"), "+"),
+             "citation": str(r.get("citation") or "")}
             for r in rows]
 
 
