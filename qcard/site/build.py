@@ -221,7 +221,7 @@ def _build(loaded: Sequence[Any], root: Path, prepare: Callable[[Card], Card], t
         _write(folder / "comparison.md", comparison.export("md"))
         _write(folder / "comparison.json", comparison.export("json"))
         exp.differences = list(comparison.differences)
-        exp.method_differences = list(comparison.method_differences)
+        exp.method_differences = view.method_differences
         exp.read_first = list(comparison.read_first())
         exp.legend = view.legend
         exp.x_label = view.x
@@ -229,7 +229,7 @@ def _build(loaded: Sequence[Any], root: Path, prepare: Callable[[Card], Card], t
                       for lc, _, _ in members if lc.card.status != "ok"]
         exp.plot, exp.plot_note = _plot(comparison, folder)
         exp.reference = _reference_rows(view.reference)
-        exp.reference_note = comparison.reference_note if exp.reference else ""
+        exp.reference_note = view.reference_note if exp.reference else ""
         for lc, place, _ in members:
             exp.rows.append(make_row(lc.card, f"{place}/index.html", _anchor(place), exp.page,
                                      view.tested.get(str(lc.path) if lc.path else lc.card.id, NOT_COMPARED),

@@ -35,6 +35,8 @@ class ComparisonView:
     legend: List[str]                           # what the marks mean (family sizes, interval levels)
     x: str                                      # the Pareto plot's cost axis
     reference: List[Dict[str, Any]]             # published rows ("reported"), as compare gives them
+    reference_note: str                         # why those rows (or none) are shown
+    method_differences: List[str]               # the methods' own choices that differ between the cards
 
 
 def read_comparison(comparison: Any) -> ComparisonView:
@@ -56,7 +58,9 @@ def read_comparison(comparison: Any) -> ComparisonView:
         tested[r.get("path") or r["id"]] = t
     sig = data.get("significance") or {}
     return ComparisonView(tested=tested, legend=list(sig.get("legend") or []), x=str(data.get("x") or "bops"),
-                          reference=list(data.get("reference") or []))
+                          reference=list(data.get("reference") or []),
+                          reference_note=str(getattr(comparison, "reference_note", "") or ""),
+                          method_differences=list(data.get("method_differences") or []))
 
 
 def format_p(p: float) -> str:
