@@ -8,8 +8,8 @@ import re
 from typing import Any, List, Optional, Sequence
 
 from ...errors import QcardError
-from ..render import environment
-from .display import check_columns, context
+from ..render import TexRaw, environment, tex_escape
+from .display import check_columns, context, param_text
 
 COMPACT = ("card", "model", "label", "wa", "quantized", "delta")
 # a LaTeX length: an optional factor and a width macro, or a number with a unit (nothing else reaches LaTeX raw)
@@ -23,6 +23,13 @@ def export(cmp: Any, columns: Optional[Sequence[str]] = None, width: str = "\\co
                          "(a full-width table*), 0.9\\textwidth or 8cm")
     cols = check_columns(columns if columns else COMPACT, cmp.params)
     ctx = context(cmp, cols)
+    if "label" in cols:      # swept parameters on a second line under the label: a narrower column
+        at = cols.index("label")
+        for view, r in zip(ctx["rows"], cmp.rows):
+            if r.swept:
+                params = ", ".join(f"{k}={param_text(r.params.get(k))}" for k in r.swept)
+                view["cells"][at] = TexRaw("\\begin{tabular}[t]{@{}l@{}}" + tex_escape(r.label) + "\\\\[-1pt]"
+                                           "{\\scriptsize " + tex_escape(params) + "}\\end{tabular}")
     ctx.update(width=width, env="table*" if "textwidth" in width else "table",
                card_list=f"{cmp.rows[0].card}–{cmp.rows[-1].card}" if len(cmp.rows) > 1 else
                (cmp.rows[0].card if cmp.rows else "none"),
