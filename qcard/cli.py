@@ -18,6 +18,7 @@ LAZY_COMMANDS = {
     "compare": "qcard.commands.compare:compare",
     "export": "qcard.commands.export:export",
     "verify": "qcard.commands.verify:verify",
+    "clean": "qcard.commands.clean:clean",
 }
 
 
