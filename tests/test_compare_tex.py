@@ -142,3 +142,15 @@ methods:
     assert "alpha=0.0" in tex and "alpha=0.1" in tex
     # rows of different labels are told apart by their labels: no column for what differs between them
     assert compare_cards([cmp.cards[0]]).params == []
+
+
+def test_one_list_of_exporters_feeds_the_cli():
+    from qcard.cards.compare import EXPORTERS
+    from qcard.commands.compare import compare as command
+    fmt = next(p for p in command.params if p.name == "fmt")
+    assert list(fmt.type.choices) == list(EXPORTERS)
+    for name in EXPORTERS:
+        r = CliRunner().invoke(main, ["compare", str(QUICKSTART / next(QUICKSTART.glob("*/card.json")).parent.name),
+                                      "--format", name])
+        assert r.exit_code == 0 and r.stdout.strip(), (name, r.output)
+    assert "<table class=\"compare\">" in CliRunner().invoke(main, ["compare", str(QUICKSTART), "--format", "html"]).stdout
