@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from . import echo_document, user_errors
+from ..cards.compare.display import COLUMNS
 from ..cards.compare.exporters import EXPORTERS
+from ..cards.compare.tex import COMPACT
 
 
 @click.command()
@@ -18,9 +20,7 @@ from ..cards.compare.exporters import EXPORTERS
 @click.option("--format", "fmt", type=click.Choice(list(EXPORTERS)), default="md", show_default=True,
               help="export format: " + "; ".join(f"{k}: {v[1]}" for k, v in EXPORTERS.items()))
 @click.option("--columns", metavar="COL,COL,...",
-              help="tex: the table's columns (default card,model,label,wa,quantized,delta); any of card, model, "
-                   "method, label, wa, granularity, bn, first_last, residual, calibration, fp32, quantized, delta, "
-                   "vs_ref, runtime, bops, size_bits, energy_pj, latency_cycles, speedup_vs_fp32, profile, or a "
+              help=f"tex: the table's columns (default {','.join(COMPACT)}); any of {', '.join(COLUMNS)}, or a "
                    "swept method parameter by name")
 @click.option("--width", default="\\columnwidth", show_default=True,
               help="tex: the width the table fits (\\textwidth: a full-width table*)")
@@ -50,7 +50,9 @@ def compare(paths, fmt, columns, width, show_all, output, plot_path, x_axis, pro
     """Compare cards: PATH is a card.json or a run folder (searched recursively).
 
     The settings that differ between the cards, other than the method's own choices, are named above
-    the table: a gap in accuracy may be due to them. Failed points are listed as failed. Cards with
+    the table: a gap in accuracy may be due to them. Failed points are listed in one short section (with
+    --all, as rows too); a card superseded by a later card of the same point is left out (--all shows it).
+    A method parameter swept among rows of the same label gets a column and is named in the label. Cards with
     per-sample outcomes on the same eval set are tested against their reference row (the FP32 card of
     the same model, or --baseline) over all their seeds; "≈" marks a difference that is not significant
     at a false discovery rate of 0.05 within its --family, and the Δ interval of a tested row is adjusted
