@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..render import fmt_bits_size, fmt_energy, fmt_si
 from .rows import X_AXES, Row
 from .runtime import runtime_text
-from .words import (BN_WORDS, RESIDUAL_WORDS, bits, compact, edge, granularity_text, interval_text, missing,
+from ...errors import QcardError
+from .words import (BN_WORDS, RESIDUAL_WORDS, bits, compact, edge, fmt_p, granularity_text, interval_text, missing,
                     truncate, words)
 
 PARAM = "param:"          # a column key of a swept method parameter: "param:alpha"
@@ -51,7 +52,6 @@ def header(key: str) -> Tuple[str, str]:
 def check_columns(keys: Sequence[str], params: Sequence[str]) -> List[str]:
     """`--columns` as given, each a known column or a swept parameter; an unknown one is an error naming
     the allowed ones."""
-    from ...errors import QcardError
     allowed = list(COLUMNS) + [PARAM + p for p in params]
     out = []
     for k in keys:
@@ -98,7 +98,6 @@ def delta_text(r: Row) -> str:
 
 def cell(r: Row, key: str) -> str:
     """A row's cell in words."""
-    from .words import fmt_p
     ok = r.status == "ok"
     if key.startswith(PARAM):
         name = key[len(PARAM):]

@@ -4,7 +4,7 @@ needs nothing heavy, but html and tex need Jinja)."""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Callable
 
 from ...errors import QcardError
 
