@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ...errors import QcardError
 from ..render import fmt_bits_size, fmt_energy, fmt_si
 from .rows import X_AXES, Row
 from .runtime import runtime_text
-from ...errors import QcardError
 from .words import (BN_WORDS, RESIDUAL_WORDS, bits, compact, edge, fmt_p, granularity_text, interval_text, missing,
                     truncate, words)
 
