@@ -24,12 +24,13 @@ run: install
 test: install test-deps
 	$(BIN)/python -m pytest -q --durations=15
 
-# pdflatex for the tests that compile the LaTeX outputs, from Debian's packages (~30 s, ~100 MB): installed
+# pdflatex for the tests that compile the LaTeX outputs (pdftotext reads the PDFs back), from Debian's
+# packages (~30 s, ~100 MB): installed
 # when it is missing and we may (root, or CI with passwordless sudo; QCARD_NO_APT=1 forbids it). Elsewhere
 # those tests skip and say why; in CI (CI=true) a skip is a failure (tests/conftest.py).
-LATEX_PACKAGES ?= texlive-latex-base texlive-latex-recommended
+LATEX_PACKAGES ?= texlive-latex-base texlive-latex-recommended poppler-utils
 test-deps:
-	@command -v pdflatex >/dev/null 2>&1 || { \
+	@{ command -v pdflatex && command -v pdftotext; } >/dev/null 2>&1 || { \
 	  if [ "$${QCARD_NO_APT:-}" = 1 ] || ! command -v apt-get >/dev/null 2>&1; then sudo=none; \
 	  elif [ "$$(id -u)" = 0 ]; then sudo=; \
 	  elif [ "$${CI:-}" = true ] && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \

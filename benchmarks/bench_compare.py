@@ -133,7 +133,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--images", type=int, default=1000, help="eval images per card (outcome bits)")
     ap.add_argument("--no-outcomes", action="store_true", help="cards without per-sample outcomes (schema 1)")
-    ap.add_argument("--format", default="md", choices=["md", "csv", "tex", "json"])
+    from qcard.cards.compare.exporters import EXPORTERS
+    ap.add_argument("--format", default="md", choices=list(EXPORTERS))
     args = ap.parse_args()
     images = 0 if args.no_outcomes else args.images
     tmp = Path(tempfile.mkdtemp(prefix="qcard-bench-compare-"))

@@ -19,6 +19,7 @@ LAZY_COMMANDS = {
     "export": "qcard.commands.export:export",
     "verify": "qcard.commands.verify:verify",
     "site": "qcard.commands.site:site",
+    "clean": "qcard.commands.clean:clean",
 }
 
 

@@ -127,25 +127,32 @@ def test_failed_cards_listed_not_dropped():
     failed = variant(ptq(), status="failed", error="RuntimeError: shapes do not match", cost={}, method_stats={},
                      results={"metric": "top1", "seeds": [0]})
     failed["method"]["label"] = "broken"
+    # by default a failed card is not a row: one short section after the table, its letter after the rows'
     cmp = compare_cards([a, failed, b])
-    assert list(cmp.table["status"]) == ["ok", "failed", "ok"]
-    assert cmp.failed == [{"card": "B", "path": None, "model": "torchvision:resnet18", "label": "broken",
+    assert list(cmp.table["status"]) == ["ok", "ok"] and [r.card for r in cmp.rows] == ["A", "B"]
+    assert cmp.failed == [{"card": "C", "path": None, "model": "torchvision:resnet18", "label": "broken",
                            "error": "RuntimeError: shapes do not match"}]
-    assert cmp.differences == ["per-channel (A) vs per-tensor (C) weights"]   # failed cards carry no settings
-    assert 1 not in cmp.pareto
+    assert cmp.differences == ["per-channel vs per-tensor weights"]   # failed cards carry no settings
     md = cmp.to_markdown()
+    assert "broken |" not in md and "FAILED |" not in md
+    assert "- C: torchvision:resnet18 · broken FAILED — RuntimeError: shapes do not match" in md
+    assert json.loads(cmp.to_json())["failed"][0]["card"] == "C"
+    # --all: failed cards are rows too, in the config's order
+    every = compare_cards([a, failed, b], show_all=True)
+    assert list(every.table["status"]) == ["ok", "failed", "ok"]
+    assert every.failed[0]["card"] == "B" and 1 not in every.pareto
+    assert every.differences == ["per-channel (A) vs per-tensor (C) weights"]
+    md = every.to_markdown()
     assert "| B | torchvision:resnet18 | ptq | broken |" in md and "FAILED" in md
-    assert "- B: torchvision:resnet18 · broken FAILED — RuntimeError: shapes do not match" in md
-    assert json.loads(cmp.to_json())["failed"][0]["card"] == "B"
 
 
-def test_pareto_front():
-    xs = [10, 20, 30, 40, None, 20, 15]
-    ys = [60, 70, 65, 80, 99, 70, 59]
-    # 10/60 cheapest; 20/70 twice (a tie: both stay); 30/65 beaten by 20/70; 40/80 best; None left out;
-    # 15/59 beaten by 10/60
-    assert pareto_front(xs, ys) == [0, 1, 5, 3]
-    assert pareto_front([], []) == [] and pareto_front([None], [1.0]) == []
+def test_failed_messages_are_short_in_the_text_and_whole_in_json():
+    long = "RuntimeError: " + "x" * 600 + "\nTraceback line 2"
+    failed = variant(ptq(), status="failed", error=long, cost={}, method_stats={}, results={"metric": "top1", "seeds": [0]})
+    cmp = compare_cards([ptq(), failed])
+    line = next(l for l in cmp.to_markdown().splitlines() if "FAILED —" in l)
+    assert len(line) < 260 and line.endswith("…") and "Traceback" not in line
+    assert json.loads(cmp.to_json())["failed"][0]["error"] == long
 
 
 def test_table_columns_and_pareto_flags():
@@ -155,12 +162,13 @@ def test_table_columns_and_pareto_flags():
     b["results"]["quantized"] = a["results"]["quantized"] + 1
     cmp = compare_cards([a, b])
     t = cmp.table
-    for col in ("card", "model", "method", "label", "w_bits", "a_bits", "granularity", "bn", "first_last", "residual",
+    for col in ("card", "model", "method", "label", "w_bits", "a_bits", "granularity", "bn", "first_w_bits", "residual",
                 "calibration", "fp32", "quantized", "std", "delta", "bops", "size_bits", "energy_pj",
                 "latency_cycles", "profile", "pareto", "status"):
         assert col in t.columns, col
     assert list(t["card"]) == ["A", "B"] and list(t["w_bits"]) == [4, 8]
-    assert list(t["first_last"]) == ["FP32 / FP32", "FP32 / FP32"] and list(t["calibration"]) == [1024, 1024]
+    assert list(t["first_w_bits"]) == [None, None] and list(t["calibration"]) == [1024, 1024]
+    assert list(t["granularity"]) == ["per_channel", "per_channel"] and list(t["id"]) == [a["id"], b["id"]]
     assert cmp.pareto == [0, 1] and list(t["pareto"]) == [True, True]
     assert compare_cards([a, b], x="size").pareto == [1]     # same size, B more accurate: A is dominated
     assert card_letter(0) == "A" and card_letter(25) == "Z" and card_letter(26) == "AA" and card_letter(701) == "ZZ"
@@ -175,15 +183,22 @@ def test_exports():
     csv = cmp.to_csv()
     df = pd.read_csv(io.StringIO(csv))
     assert len(df) == 2 and list(df["bn"]) == ["folded", "kept"] and df["calibration"].tolist() == [1024, 1024]
+    # raw values as the card stores them (no second vocabulary), with the card ids
+    assert list(df["granularity"]) == ["per_channel", "per_channel"] and list(df["residual"]) == ["gemm_inputs_only"] * 2
+    assert list(df["id"]) == [a["id"], b["id"]]
     data = json.loads(cmp.to_json())
     assert data["differences"] == ["BN folded vs kept"] and data["cards"][0]["quantized"] == 68.424
     assert data["difference_details"][0]["field"] == "quantization.batch_norm"
+    assert data["cards"][0]["granularity"] == "per_channel" and data["cards"][0]["id"] == a["id"]
+    assert "per-channel" not in json.dumps(data["cards"])
     tex = cmp.to_latex()
     assert r"\textless{}b\textgreater{}50\%\_\{x\}\&y\textless{}/b\textgreater{}" in tex and "50%_" not in tex
     assert r"\toprule" in tex and r"\bottomrule" in tex and "% confounding difference: BN folded vs kept" in tex
     md = cmp.export("md")
     assert r"\<b\>50%_{x}&y\</b\>" in md
-    with pytest.raises(QcardError, match="allowed: md, csv, tex, json"):
+    html = cmp.export("html")
+    assert "&lt;b&gt;50%_{x}&amp;y&lt;/b&gt;" in html and "<b>50%" not in html and "per-channel" in html
+    with pytest.raises(QcardError, match="allowed: md, csv, tex, json, html"):
         cmp.export("xlsx")
 
 
@@ -192,7 +207,7 @@ def test_latex_export_compiles(tmp_path):
     a = ptq()
     a["model"]["ref"] = "<b>50%_{x}&y $#^~\\</b>"
     cmp = compare_cards([a, the_same_run_with(a, **{"quantization.batch_norm": "kept"})], reference="all")
-    doc = ("\\documentclass{article}\n\\usepackage[margin=1cm,landscape]{geometry}\n\\usepackage{booktabs}\n"
+    doc = ("\\documentclass{article}\n\\usepackage[margin=1cm,landscape]{geometry}\n\\usepackage{booktabs,graphicx}\n"
            "\\begin{document}\n\\tiny\n" + cmp.to_latex() + "\n\\end{document}\n")
     (tmp_path / "doc.tex").write_text(doc, encoding="utf-8")
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,

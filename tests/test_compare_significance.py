@@ -20,6 +20,7 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 
 from qcard.cards.compare import compare_cards
+from qcard.cards.compare.display import cell
 from qcard.cards.evidence import results_from_outcomes
 from qcard.cards.schema import unquantized_block
 from qcard.cli import main
@@ -370,7 +371,7 @@ def test_intervals_are_shown_where_the_cards_have_them():
     cmp = compare_cards([fp32_card(), b])
     lo, hi = newcombe10(bits.astype(float), ref.astype(float), 0.95)     # one test, none significant: 95 %
     delta = f"-0.30 [{limit_text(lo)}, {limit_text(hi)}]"
-    tex = cmp.to_latex()
+    tex = cmp.to_latex(columns=["fp32", "quantized", "delta"])
     assert f"98.70 [97.9, 99.3] & $\\approx$ 98.40 [97.6, 99.0] & {delta}" in tex
     md = cmp.to_markdown()      # Markdown escapes the brackets (they render as typed)
     assert f"| 98.70 \\[97.9, 99.3\\] | ≈ 98.40 \\[97.6, 99.0\\] | {delta.replace('[', chr(92) + '[').replace(']', chr(92) + ']')} |" in md
@@ -396,8 +397,9 @@ def test_runtime_column_and_simulated_vs_runtime_confounder():
     md = cmp.to_markdown()
     header = next(l for l in md.splitlines() if l.startswith("| card |"))
     assert "| runtime |" in header
-    cells = [r["runtime_cell"] for r in cmp.rows]
-    assert cells == ["98.20 (ORT)", "98.70 (ORT)", "not deployable", "failed", None]
+    cells = [cell(r, "runtime") for r in cmp.rows]
+    assert cells == ["98.20 (ORT)", "98.70 (ORT)", "not deployable", "failed", "—"]
+    assert [r["runtime_status"] for r in cmp.rows] == ["ok", "ok", "not_deployable", "failed", None]   # raw
     assert "| 98.20 (ORT) |" in md and "| not deployable |" in md
     assert "simulated vs runtime accuracy: A 98.40 vs 98.20 (onnxruntime)" in cmp.differences   # B agrees
     assert "ORT: onnxruntime" in md
@@ -456,7 +458,7 @@ def test_latex_with_marks_intervals_and_runtime_compiles(tmp_path):
     c = card({0: flipped(ref, 55, 5)}, name="w4a4", fingerprint="sha256:other")
     tex = compare_cards([fp32_card(), b, c, card({0: flipped(ref, 40, 0)}, name="w3a8")]).to_latex()
     assert r"$\approx$" in tex and "within noise" in tex and "not reproducible from a commit" in tex
-    doc = ("\\documentclass{article}\n\\usepackage[margin=1cm,landscape]{geometry}\n\\usepackage{booktabs}\n"
+    doc = ("\\documentclass{article}\n\\usepackage[margin=1cm,landscape]{geometry}\n\\usepackage{booktabs,graphicx}\n"
            "\\begin{document}\n\\tiny\n" + tex + "\n\\end{document}\n")
     (tmp_path / "doc.tex").write_text(doc, encoding="utf-8")
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,

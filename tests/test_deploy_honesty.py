@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qcard.cards.compare import _runtime_cell, _runtime_gaps
+from qcard.cards.compare import runtime_cell as _runtime_cell, runtime_gaps as _runtime_gaps
 from qcard.cards.render import render_card
 from qcard.cards.schema import card_from_dict
 from qcard.data import load_dataset

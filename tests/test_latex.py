@@ -46,7 +46,7 @@ def hostile(card, i=0):
 
 
 def compile_doc(tmp_path, body: str, preamble: str = "") -> Path:
-    doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n" + preamble + "\\begin{document}\n\\scriptsize\n"
+    doc = ("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n" + preamble + "\\begin{document}\n\\scriptsize\n"
            + body + "\n\\end{document}\n")
     (tmp_path / "doc.tex").write_text(doc, encoding="utf-8")
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,

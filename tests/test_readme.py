@@ -116,7 +116,7 @@ def test_readme_uncertainty_numbers_come_from_the_published_cards():
     lines = cmp.to_markdown().replace("\\[", "[").replace("\\]", "]").replace("\\<", "<").splitlines()
     header = next(l for l in lines if l.startswith("| card |")).strip("|").split(" | ")
     row = next(r for r in cmp.rows if r["model"] == "qcard:resnet8" and r["label"] == "W4A8-minmax"
-               and r["granularity"] == "per-channel")
+               and r["granularity"] == "per_channel")
     cells = dict(zip([h.strip() for h in header],
                      [c.strip() for c in next(l for l in lines if l.startswith(f"| {row['card']} |")).strip("|").split(" | ")]))
     shown = f"{cells['quantized']} | {cells['Δ']} | {cells['vs ref (BH p)']}"

@@ -190,6 +190,15 @@ def tex_escape(v: Any) -> str:
     return tex_unicode(_TEX_RE.sub(lambda m: _TEX_MAP[m.group(0)], text))
 
 
+_BREAK_AFTER = re.compile(r"(\\_|/|(?<!\\)\.|:)")     # not the dot of an accent command (\\.{z})
+
+
+def tex_breakable(v: Any) -> TexRaw:
+    """tex_escape, with a line break allowed after _ / . : so a long name or path wraps in a narrow column
+    instead of running into the margin."""
+    return TexRaw(_BREAK_AFTER.sub(lambda m: m.group(0) + "\\allowbreak{}", tex_escape(v)))
+
+
 # ---------------------------------------------------------------------------
 # the view: what every format shows, as plain text rows
 # ---------------------------------------------------------------------------
@@ -625,6 +634,7 @@ def environment(fmt: str) -> jinja2.Environment:
                                  variable_end_string=">>", comment_start_string="<#", comment_end_string="#>",
                                  finalize=tex_escape, autoescape=False, **common)
         env.filters["raw"] = TexRaw
+        env.filters["brk"] = tex_breakable
     else:
         env = jinja2.Environment(autoescape=(fmt == "html"), **common)
     env.filters.update(FILTERS)
