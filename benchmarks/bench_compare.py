@@ -29,21 +29,23 @@ FIXTURE = ROOT / "tests" / "fixtures" / "cards" / "ptq_w4a8_resnet18.json"
 TARGET_S = 2.0
 
 
-def _outcomes(bits, fingerprint: str) -> dict:
-    from qcard.stats.outcomes import pack_outcomes
-    return {"n": len(bits), "fingerprint": fingerprint, "seeds": {"0": pack_outcomes(bits)}}
-
-
 def _fp32_card(base: dict, fp32_bits) -> dict:
     from qcard.cards.schema import unquantized_block
     c = copy.deepcopy(base)
     c.update(schema_version="2", id="f" * 64, quantization=unquantized_block())
     c["method"].update(name="fp32", family="none", label="fp32", params={}, pipeline=[])
     c["dataset"]["calibration"] = None
-    top1 = 100.0 * fp32_bits.mean()
-    c["results"].update(quantized=top1, fp32=top1, delta=0.0, std=None, n_runs=1, seeds=[0], per_seed=[],
-                        outcomes=_outcomes(fp32_bits, c["dataset"]["fingerprint"]))
+    c["results"].update(_evidence(fp32_bits, fp32_bits, c, is_baseline=True))
     return c
+
+
+def _evidence(fp32_bits, bits, card: dict, is_baseline: bool = False) -> dict:
+    """The card's outcome-derived figures, as the runner writes them (the card passes the evidence check)."""
+    from qcard.cards.evidence import results_from_outcomes
+    res = results_from_outcomes(fp32_bits, {0: bits}, fingerprint=card["dataset"]["fingerprint"],
+                                is_baseline=is_baseline)
+    res.pop("metric", None)
+    return res
 
 
 def make_cards(root: Path, n: int, seed: int = 0, images: int = 1000) -> None:
@@ -82,10 +84,8 @@ def make_cards(root: Path, n: int, seed: int = 0, images: int = 1000) -> None:
             bits = fp32_bits.copy()
             bits[rng.sample(list(right), lost)] = False
             bits[rng.sample(list(wrong), gained)] = True
-            top1 = 100.0 * bits.mean()
             c["schema_version"] = "2"
-            c["results"].update(quantized=top1, fp32=100.0 * fp32_bits.mean(), delta=100.0 * (bits.mean() - fp32_bits.mean()),
-                                outcomes=_outcomes(bits, c["dataset"]["fingerprint"]))
+            c["results"].update(_evidence(fp32_bits, bits, c))
         scale = wb * ab / 32
         for k in ("bops", "bops_uniq", "energy_pj", "size_bits"):
             c["cost"][k] = round(c["cost"][k] * scale * rng.uniform(0.97, 1.03), 1)

@@ -12,6 +12,7 @@ dotted paths such as "latency.sram_kb.ifmap=512" work too).
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
@@ -200,8 +201,15 @@ def speedup_definition(cost: Dict[str, Any]) -> Optional[str]:
             else SPEEDUP_WORDS["latency"]
     if said:
         return said
-    try:        # a card written before the definition was recorded: its shipped profile's, by name
-        prof = load_profile(str(cost.get("profile")))
+    # a card written before the definition was recorded: its shipped profile's, by name
+    return _profile_speedup_words(str(cost.get("profile")))
+
+
+@functools.lru_cache(maxsize=64)
+def _profile_speedup_words(name: str) -> str:
+    """Read once per profile name: compare asks for every card of a thousand-card table."""
+    try:
+        prof = load_profile(name)
     except QcardError:
         return "not recorded on this card"
     return SPEEDUP_WORDS[prof.speedup.definition] if prof.speedup else "not recorded on this card"

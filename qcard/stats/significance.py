@@ -1,8 +1,9 @@
 """Paired significance on per-sample outcomes: the exact McNemar test, Benjamini–Hochberg, and the
 Benjamini–Yekutieli level for intervals that go with BH's selection.
 
-scipy does the arithmetic (its binomial test and false_discovery_control); this module fixes the
-conventions qcard uses around them. No torch.
+Written out here (exact binomial tails, the BH step-up) rather than imported from scipy: importing
+scipy.stats alone costs more than a whole `qcard compare` of a thousand cards should take. The tests check
+both against scipy and statsmodels. No torch, no scipy at runtime.
 
     b, c = discordant_counts(bits_a, bits_b)    # images only A got right, images only B got right
     p = mcnemar_exact(b, c)                     # two-sided exact p-value
@@ -30,7 +31,7 @@ def discordant_counts(a: Sequence[bool], b: Sequence[bool]) -> Tuple[int, int]:
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts: scipy's exact binomial test of b
+    """Two-sided exact McNemar p-value from the discordant counts: the exact binomial test of b
     successes in b + c trials at p = 1/2 (the null distribution is symmetric, so this is twice the
     smaller tail, capped at 1); no discordant image (0, 0) gives 1."""
     if b < 0 or c < 0 or int(b) != b or int(c) != c:
@@ -38,13 +39,33 @@ def mcnemar_exact(b: int, c: int) -> float:
     b, c = int(b), int(c)
     if b + c == 0:
         return 1.0
-    from scipy.stats import binomtest
-    return float(binomtest(b, b + c, 0.5).pvalue)
+    return min(1.0, 2.0 * _binomial_half_tail(min(b, c), b + c))
+
+
+# Up to this many trials the tail is summed exactly in integers; above it, in log space (relative error
+# ~1e-12, far below the two significant digits a p-value is printed with).
+_EXACT_TRIALS = 3000
+
+
+def _binomial_half_tail(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2)."""
+    if n <= _EXACT_TRIALS:
+        from fractions import Fraction
+        term, total = 1, 1                       # C(n, 0); then C(n, i) from C(n, i - 1)
+        for i in range(1, k + 1):
+            term = term * (n - i + 1) // i
+            total += term
+        return float(Fraction(total, 1 << n))
+    import math
+    log_half = n * math.log(0.5)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half for i in range(k + 1)]
+    top = max(logs)
+    return math.exp(top) * math.fsum(math.exp(x - top) for x in logs)
 
 
 def benjamini_hochberg(pvalues: Sequence[float], q: float = FDR_Q) -> Tuple[List[float], List[bool]]:
     """Benjamini–Hochberg step-up over m tests: (adjusted p-values, rejected at false discovery rate q), both
-    in input order. The adjusted p-values are scipy's false_discovery_control(method="bh"):
+    in input order. The adjusted p-values (as scipy's false_discovery_control(method="bh")):
     p_(i) * m / i made monotone from the largest down, capped at 1. A test is rejected when its adjusted
     p-value is <= q, which is the step-up rule p_(i) <= i * q / m for the largest such i."""
     for p in pvalues:
@@ -52,9 +73,17 @@ def benjamini_hochberg(pvalues: Sequence[float], q: float = FDR_Q) -> Tuple[List
             raise ValueError(f"p-values must lie in [0, 1], not {p}")
     if not pvalues:
         return [], []
-    from scipy.stats import false_discovery_control
-    adjusted = [float(a) for a in false_discovery_control(list(pvalues), method="bh")]
-    return adjusted, [a <= q for a in adjusted]
+    import numpy as np
+    p = np.asarray(pvalues, dtype=float)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    monotone = np.minimum.accumulate(scaled[::-1])[::-1]      # from the largest p down
+    adjusted_sorted = np.minimum(monotone, 1.0)
+    adjusted = np.empty(m)
+    adjusted[order] = adjusted_sorted
+    out = [float(a) for a in adjusted]
+    return out, [a <= q for a in out]
 
 
 def fcr_level(n_rejected: int, m: int, q: float = FDR_Q) -> float:
