@@ -248,8 +248,11 @@ def test_pareto_plot_png_and_pdf_with_embedded_fonts(tmp_path):
     a = ptq()
     b = the_same_run_with(a, **{"quantization.weights.bits": 8})
     cmp = compare_cards([a, b], x="energy")
-    png, pdf = cmp.plot(tmp_path / "front.pdf")
-    assert png == tmp_path / "front.png" and pdf == tmp_path / "front.pdf"
+    png, pdf, svg = cmp.plot(tmp_path / "front.pdf")
+    assert png == tmp_path / "front.png" and pdf == tmp_path / "front.pdf" and svg == tmp_path / "front.svg"
+    text = svg.read_text(encoding="utf-8")
+    assert text.lstrip().startswith("<?xml") and "<svg" in text and "<script" not in text
+    assert cmp.plot(tmp_path / "again")[2].read_bytes() == svg.read_bytes()     # same plot, same bytes
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF") and b"/FontFile2" in data      # TrueType fonts embedded (fonttype 42)

@@ -472,16 +472,19 @@ def _overlap(a: Tuple[float, float, float, float], b: Tuple[float, float, float,
 
 def pareto_plot(points: Sequence[Dict[str, Any]], front: Iterable[int], x_label: str, path: Path,
                 title: str = "") -> List[Path]:
-    """Accuracy against one cost axis; the Pareto front joined by a line. Writes PATH.png and PATH.pdf
-    (TrueType fonts embedded: pdf.fonttype 42) and returns both paths. Arguments as pareto_figure."""
+    """Accuracy against one cost axis; the Pareto front joined by a line. Writes PATH.png, PATH.pdf
+    (TrueType fonts embedded: pdf.fonttype 42) and PATH.svg (for web pages: `qcard site`), and returns the
+    three paths in that order. Arguments as pareto_figure."""
     import matplotlib
     path = Path(path)
-    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf") else path
-    outputs = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
-    with matplotlib.rc_context(STYLE):
+    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf", ".svg") else path
+    outputs = [stem.with_name(stem.name + ext) for ext in (".png", ".pdf", ".svg")]
+    # svg.hashsalt: the SVG's element ids from a fixed salt, so the same plot writes the same bytes
+    with matplotlib.rc_context({**STYLE, "svg.hashsalt": "qcard"}):
         fig, _ = pareto_figure(points, front, x_label, title)
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
         # the PNG at the figure's own dpi: labels were placed in its pixels (the PDF scales as a whole)
         fig.savefig(outputs[0], dpi=DPI * 1.5, metadata={"Software": None})
         fig.savefig(outputs[1], metadata={"Creator": "qcard", "Producer": None, "CreationDate": None})
+        fig.savefig(outputs[2], metadata={"Creator": "qcard", "Date": None})
     return outputs

@@ -29,7 +29,7 @@ from ..cards.compare.tex import COMPACT
                    "rows (by default failed cards are listed in one short section)")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="write the export to FILE (default: stdout)")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="draw accuracy against --x with the Pareto front: FILE.png and FILE.pdf")
+              help="draw accuracy against --x with the Pareto front: FILE.png, FILE.pdf and FILE.svg")
 @click.option("--x", "x_axis", type=click.Choice(["bops", "size", "energy", "latency"]), default="bops",
               show_default=True, help="cost axis of the Pareto front")
 @click.option("--profile", "profile", metavar="NAME",
@@ -63,7 +63,7 @@ def compare(paths, fmt, columns, width, show_all, output, plot_path, x_axis, pro
       qcard compare runs/quickstart
       qcard compare runs/a/*/card.json runs/b --format tex -o table.tex
       qcard compare runs/sweep --format tex --columns card,label,wa,quantized,delta,bops --width '\\textwidth'
-      qcard compare runs/sweep --plot pareto --x energy      # pareto.png + pareto.pdf
+      qcard compare runs/sweep --plot pareto --x energy      # pareto.png + .pdf + .svg
       qcard compare runs/imagenet --reference                # beside published figures
       qcard compare runs/sweep --baseline 3f2a9c1d             # test every row against that card
     """
