@@ -75,6 +75,23 @@ def test_the_driver_reports_each_node_that_left_once():
     assert lines == [rc.lost_node_line("n2" * 10, "10.0.0.1", 1)]
 
 
+def test_an_interruption_inside_the_node_check_is_not_swallowed():
+    from qcard.errors import RunInterrupted
+    sweep = rc._Sweep.__new__(rc._Sweep)
+
+    def nodes():
+        try:
+            raise RunInterrupted(15)
+        except RunInterrupted as exc:        # as Ray's Cython wraps what a signal handler raised in it
+            raise SystemError("error return without exception set") from exc
+    sweep.ray, sweep.checked, sweep.alive = SimpleNamespace(nodes=nodes), 0.0, {}
+    with pytest.raises(RunInterrupted):
+        sweep._check_nodes(now=True)
+    sweep.ray = SimpleNamespace(nodes=lambda: (_ for _ in ()).throw(ConnectionError("GCS busy")))
+    sweep._check_nodes(now=True)             # a GCS that does not answer: looked at again later
+    assert sweep.alive == {}
+
+
 def test_auth_failures_are_told_apart_from_other_connection_failures(monkeypatch):
     fake_ray = SimpleNamespace(exceptions=SimpleNamespace(AuthenticationError=type("AuthenticationError",
                                                                                      (Exception,), {})))

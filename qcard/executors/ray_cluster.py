@@ -254,6 +254,13 @@ def point_task(job, token: str, threads: int, probe: str, point, baseline) -> Di
 
 # ------------------------------------------------------------------ the driver
 
+def raise_interruption(exc: BaseException) -> None:
+    """SIGTERM's handler (or Ctrl-C) raised inside a call into Ray, which wrapped it in a SystemError: the
+    interruption itself goes on, never swallowed as an error of that call."""
+    if isinstance(exc.__cause__, (RunInterrupted, KeyboardInterrupt)):
+        raise exc.__cause__ from None
+
+
 class RayExecutor(Executor):
     name = "ray"
 
@@ -364,9 +371,7 @@ class _Sweep:
         try:
             return self.ray.wait(list(self.pending), num_returns=1, timeout=WAIT_S)[0]
         except SystemError as exc:
-            # SIGTERM's handler raised inside Ray's wait, which wraps it: the interruption itself goes on
-            if isinstance(exc.__cause__, (RunInterrupted, KeyboardInterrupt)):
-                raise exc.__cause__ from None
+            raise_interruption(exc)
             raise
 
     def _alive(self) -> Dict[str, str]:
@@ -378,7 +383,8 @@ class _Sweep:
             return
         try:
             alive = self._alive()
-        except Exception:            # the cluster's GCS is briefly unreachable: look again later
+        except Exception as exc:     # the cluster's GCS is briefly unreachable: look again later
+            raise_interruption(exc)
             return
         self.checked = time.monotonic()
         for node, ip in self.alive.items():
