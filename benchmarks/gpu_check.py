@@ -1,7 +1,7 @@
 """CPU against CUDA, method by method, card by card (issue 24 item 3).
 
     python benchmarks/gpu_check.py [--devices cpu,cuda] [--methods fp32,ptq_w8a8,...] [--model qcard:resnet8]
-                                   [--eval-size 1000] [--out DIR] [--no-throughput] [--threads N]
+                                   [--eval-size 1000] [--out DIR] [--no-throughput] [--no-warmup] [--threads N]
 
 Each method (METHODS: fp32, the standard W8A8 PTQ pipeline with bias correction, AdaRound, BRECQ and GPTQ
 with a few iterations, QAT, MARViN, SPARQ) runs as a one-point config on a bundled model and the MNIST
@@ -13,8 +13,9 @@ cached between devices), and every later device's card is compared with the firs
   - SPARQ's statistics of its activation codes are identical,
 
 and the wall time of each point (model load, FP32 baseline, method, evaluation; after an untimed FP32
-warm-up point per device) is printed with its ratio to the first device's. Last, on CUDA: torchvision resnet50 (random weights) at 3x224x224, FP32 eval images/s
-and the W8A8 simulated model's (standard pipeline) images/s ÷ FP32.
+warm-up point per device) is printed with its ratio to the first device's. Last, on CUDA: torchvision
+resnet50 (random weights) at 3x224x224, FP32 eval images/s and the W8A8 simulated model's (standard
+pipeline) images/s ÷ FP32.
 
 Exit 0 when every comparison holds, 1 when one does not (or a point failed), 2 when CUDA is asked for and
 this machine has none. `--devices cpu,cpu` compares the CPU with itself (what the tests run).
@@ -158,15 +159,16 @@ def images_per_s(model, x: torch.Tensor, batches: int) -> float:
     return batches * x.shape[0] / (time.perf_counter() - t0)
 
 
-def throughput(device: str, batch: int = 64, batches: int = 20, size: int = 224,
+def throughput(device: str, arch: str = "resnet50", batch: int = 64, batches: int = 20, size: int = 224,
                calibration: int = 32) -> Dict[str, float]:
-    """resnet50 at 3 x size²: FP32 eval images/s, and the W8A8 standard pipeline's simulated model's."""
+    """A torchvision model (random weights) at 3 x size²: FP32 eval images/s, and the W8A8 standard
+    pipeline's simulated model's."""
     import torchvision
     from qcard.methods.base import RunContext
     from qcard.methods.ptq import PTQParams
     from qcard.methods.ptq.pipeline import build, run_steps
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval().to(device)
+    model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
     fp32 = images_per_s(model, x, batches)
@@ -182,9 +184,9 @@ def throughput(device: str, batch: int = 64, batches: int = 20, size: int = 224,
 # ------------------------------------------------------------------ the check
 
 def check(devices: List[str], methods: List[str], model: str, eval_size: int, out: Path,
-          say=print) -> int:
+          say=print, warmup: bool = True) -> int:
     """The number of methods whose point failed or whose cards differ beyond what the check allows."""
-    for device in dict.fromkeys(devices):      # untimed: imports, the zoo's weights, the CUDA context
+    for device in dict.fromkeys(devices) if warmup else ():   # untimed: imports, zoo weights, CUDA context
         run_point("fp32", device, model, eval_size, out)
     failures = 0
     for name in methods:
@@ -218,6 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--out", default=None, help="folder for the runs (default: a temporary one, removed)")
     ap.add_argument("--no-throughput", action="store_true", help="skip the resnet50 throughput figure")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed FP32 point per device")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     with tempfile.TemporaryDirectory(prefix="qcard-gpu-check-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)
-        failures = check(devices, methods, args.model, args.eval_size, out)
+        failures = check(devices, methods, args.model, args.eval_size, out, warmup=not args.no_warmup)
     if "cuda" in devices and not args.no_throughput:
         t = throughput("cuda")
         print(f"resnet50 3x224x224 on {gpu}: FP32 eval {t['fp32_images_per_s']:.0f} images/s, W8A8 "

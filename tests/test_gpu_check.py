@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py (issue 24 item 3) without a GPU: it refuses cleanly when CUDA is asked for and
 absent; its card comparison catches each kind of difference; its CPU path (a CPU-vs-CPU check of a method,
-the resnet50 W8A8 throughput code) runs."""
+the W8A8 throughput code) runs."""
 import copy
 import importlib.util
 import json
@@ -95,14 +95,16 @@ def test_identical_cards_hold_and_each_kind_of_difference_is_named():
 @pytest.mark.slow
 def test_a_cpu_against_cpu_check_of_sparq_holds(capsys, tmp_path):
     assert gc.main(["--devices", "cpu,cpu", "--methods", "sparq", "--eval-size", "200", "--no-throughput",
-                    "--out", str(tmp_path)]) == 0
+                    "--no-warmup", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "sparq: cpu vs cpu: top1 " in out and ": OK: identical blocks" in out, out
     assert "gpu_check: 1 of 1 method(s) hold" in out, out
 
 
 @pytest.mark.slow
-def test_the_resnet50_throughput_code_runs_on_the_cpu():
-    t = gc.throughput("cpu", batch=2, batches=1, size=32, calibration=2)
+def test_the_throughput_code_runs_on_the_cpu():
+    # resnet50's standard pipeline takes minutes on 2 CPU cores (its MSE weight ranges): the same code on a
+    # torchvision model with 1/20 of its weights
+    t = gc.throughput("cpu", arch="squeezenet1_1", batch=2, batches=1, size=64, calibration=2)
     assert t["fp32_images_per_s"] > 0 and t["w8a8_images_per_s"] > 0
     assert t["w8a8_over_fp32"] == pytest.approx(t["w8a8_images_per_s"] / t["fp32_images_per_s"])

@@ -9,6 +9,7 @@ their children): `ray stop --force` would end every Ray on the machine, other us
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,9 @@ from qcard.executors import ray_cluster as rc
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
-RAY = str(Path(sys.executable).parent / "ray")
+# the `ray` command of the Python that runs the tests (its venv's), else the one on PATH
+RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else \
+    (shutil.which("ray") or "ray")
 
 
 # ------------------------------------------------------------------ the driver's lines (fast)
@@ -189,7 +192,6 @@ def token_cluster():
         for _ in range(3):            # the raylets restart nothing once their parents are gone; be sure
             kill(processes_of(temp))
             time.sleep(0.5)
-        import shutil
         shutil.rmtree(temp, ignore_errors=True)
 
 

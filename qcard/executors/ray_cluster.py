@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -35,7 +35,7 @@ WAIT_S = 0.5
 CANCEL_WAIT_S = 10.0
 ERROR_CHARS = 160                # a retry line quotes at most this much of the error
 NODE_CHECK_S = 2.0               # how often the driver looks for nodes that left the cluster
-# what Ray (2.5x+) prints or raises when a cluster with token authentication rejects the driver
+# what Ray (2.60) prints or raises when a cluster with token authentication rejects the driver
 AUTH_MARKERS = ("InvalidAuthToken", "Unauthenticated", "authentication token")
 
 
@@ -295,16 +295,15 @@ class RayExecutor(Executor):
         temp_dir = tempfile.mkdtemp(prefix="qcard-") if self.address is None and not ray.is_initialized() else None
         try:
             started = connect(ray, self.address, temp_dir)
-            if started:
-                with cluster_messages_to_file(ray, log):
+            # Ray's message thread ends with ray.shutdown, inside the block: none of its lines reach the console
+            with cluster_messages_to_file(ray, log) if started else nullcontext():
+                try:
                     _Sweep(ray, self, job, probe, report, log).run(tasks)
-                    ray.shutdown()         # its message thread ends here, not after the file is let go
-            else:
-                _Sweep(ray, self, job, probe, report, log).run(tasks)
+                finally:
+                    if started:
+                        ray.shutdown()
         finally:
             (Path(job.root) / probe).unlink(missing_ok=True)
-            if started and ray.is_initialized():
-                ray.shutdown()
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
 
