@@ -110,7 +110,8 @@ def connect(ray, address: Optional[str], temp_dir: Optional[str] = None) -> bool
     on_term = signal.getsignal(signal.SIGTERM) if main else None
     extra = {"_temp_dir": temp_dir} if address is None and temp_dir else {}
     try:
-        with stderr_captured() as captured:
+        # only when joining a cluster: a local Ray's processes, started inside ray.init, would inherit the file
+        with stderr_captured() if address is not None else nullcontext([""]) as captured:
             try:
                 ray.init(address=address, include_dashboard=False if address is None else None,
                          logging_level="ERROR", configure_logging=True, log_to_driver=False, **extra)
