@@ -98,7 +98,9 @@ def test_a_dead_worker_is_retried_and_a_raising_point_is_a_failed_card(ray_clust
     died = status["always"]
     assert died.status == "failed" and died.error.startswith("worker process failed: "), died.error
     assert json.loads((died.folder / "card.json").read_text())["status"] == "failed"
-    assert sum("retrying (1/1)" in l for l in lines) == 3, lines      # once, always, raises: one retry each
+    retried = [l for l in lines if l.startswith("qcard: retrying point ")]
+    assert len(retried) == 3, lines                                    # once, always, raises: one retry each
+    assert all("attempt 1 of 2 failed" in l and l.endswith("starting attempt 2 of 2") for l in retried), retried
 
 
 def start_driver(cfg, address, env):
