@@ -297,3 +297,11 @@ def test_dry_run_and_progress_show_each_swept_value_and_point_yaml_keeps_the_con
     assert any("ptq w_bits=8 (" in l for l in log) and any("ptq w_bits=4 (" in l for l in log), log
     for k, o in enumerate(summary.outcomes):
         assert yaml.safe_load((o.folder / "point.yaml").read_text())["index"] == k
+
+
+def test_a_model_built_for_another_image_size_is_named_with_both_sizes_at_validate(write_config):
+    # qcard:lenet5 takes 1x28x28; qcard:digits gives 1x8x8: the error names both sizes and the ways out
+    code, out = cli("validate", write_config(SMALL.format(model="qcard:lenet5", dataset="{ref: qcard:digits}"),
+                                             "v.yaml"))
+    assert code == 2 and "qcard:lenet5 was built for 1x28x28 images and qcard:digits gives 1x8x8" in out, out
+    assert "models[0]" in out, out

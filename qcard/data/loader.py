@@ -80,7 +80,10 @@ def check_fits_model(dataset: Any, model_info: Any, model_ref: str, model: Any =
         raise DatasetError(f"{model_ref} takes {shape[0]}-channel images but {dataset.ref} gives "
                            f"{dataset.input_shape[0]}-channel ones ({'x'.join(map(str, dataset.input_shape))}); use "
                            f"a model with in_chans: {dataset.input_shape[0]} (and weights that fit) or another dataset")
-    n_model = model_outputs(model, dataset, model_ref) if model is not None and len(dataset) else None
+    try:
+        n_model = model_outputs(model, dataset, model_ref) if model is not None and len(dataset) else None
+    except DatasetError as exc:
+        raise DatasetError(f"{exc}{_size_hint(shape, dataset, model_ref)}") from exc
     n_model = n_model if n_model is not None else _model_attr(model_info, "num_classes")
     if n_model is None or int(n_model) == int(dataset.num_classes):
         return
@@ -90,3 +93,14 @@ def check_fits_model(dataset: Any, model_info: Any, model_ref: str, model: Any =
                 "dataset's `class_map: imagenet`")
     raise DatasetError(f"{model_ref} has {n_model} outputs but {dataset.ref} has {dataset.num_classes} class(es): "
                        f"every label would be scored against the wrong output; {fix}")
+
+
+def _size_hint(shape: Any, dataset: Any, model_ref: str) -> str:
+    """What to do when the model was built for another image size (e.g. qcard:lenet5, 1x28x28, on the
+    8x8 images of qcard:digits): name both sizes and the ways out."""
+    if shape is None or tuple(int(s) for s in shape) == tuple(dataset.input_shape):
+        return ""
+    want, got = "x".join(map(str, shape)), "x".join(map(str, dataset.input_shape))
+    return (f". {model_ref} was built for {want} images and {dataset.ref} gives {got}: use a dataset of "
+            f"{want} images (an image folder is resized to the model's input), or a model built for {got} "
+            f"images (your own: ref: python:module:callable)")
