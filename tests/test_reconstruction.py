@@ -297,3 +297,28 @@ def test_spilled_capture_gives_the_same_rounding_as_in_memory(unit, monkeypatch)
     monkeypatch.setenv("QCARD_CAPTURE_MB", "lots")
     with pytest.raises(ValueError, match="QCARD_CAPTURE_MB"):
         reconstruct(sim, batches, Settings(unit=unit, iters=1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_float32_products_rounds_as_with_float64_products(act_order):
+    """The speed change (X·Xᵀ per batch in float32, summed in float64, diagonal in float64) leaves the
+    rounding as the float64 Hessian gives it, act-order included (its ties are broken at float32 precision)."""
+    xtr, _, _, _ = mnist()
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    torch.manual_seed(0)
+    sim = build_simulated(net.eval(), SimScheme(w_bits=2, a_bits=None, w_granularity="per_channel",
+                                                w_symmetric=False, weight_range="mse"), xtr[:1], log=lambda m: None)
+    set_weight_ranges(sim)
+    batches = list(xtr[:192].split(64))
+    li = sim_info(sim).gemm_layers()[0]
+    w = li.module.weight.detach().clone()
+    _, s, z, _ = weight_rows(w, li.weight_quantizer)
+    cols = [c for x in batches for c in [F.unfold(x, 3, padding=1).permute(1, 0, 2).reshape(9, -1).double()]]
+    h = sum(c @ c.t() for c in cols) * 2 / sum(c.shape[1] for c in cols)
+    ref = gptq_rows(w.reshape(16, -1), h, s, z, li.weight_quantizer.qmin, li.weight_quantizer.qmax,
+                    act_order=act_order)
+    gptq(sim, batches, act_order=act_order)
+    got = li.module.weight.detach().reshape(16, -1)
+    assert not torch.equal(got, w.reshape(16, -1))
+    assert torch.equal(got, ref)
