@@ -11,7 +11,7 @@ $(BIN)/qcard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[test,deploy,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[test,deploy,ray,brevitas]'
 	@touch $@
 
 install: $(BIN)/qcard

@@ -9,8 +9,10 @@
 Random weights and random images (timing does not depend on them); one thread unless --threads.
 Usage: python benchmarks/bench_reconstruction.py [--model torchvision:resnet18] [--size 224] [--batch 32]
        [--iters 10] [--gptq-model torchvision:resnet50] [--gptq-images 32] [--device cpu] [--threads 1]
+       [--out benchmarks/bench_reconstruction.json]   (bench_reconstruction.md: the figures, with the command)
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -68,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--gptq-images", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "bench_reconstruction.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -105,6 +108,14 @@ def main(argv=None):
     g = gptq(gsim, gb, device=a.device)
     print(f"GPTQ on {a.gptq_model} ({a.gptq_images} images): {g['wall_s']:.1f} s; one calibration pass "
           f"{calib_s:.1f} s; ratio {g['wall_s'] / calib_s:.1f} (target ≤ {TARGET_GPTQ})")
+    Path(a.out).write_text(json.dumps({
+        "model": a.model, "size": a.size, "batch": a.batch, "iters": a.iters, "threads": a.threads,
+        "device": a.device, "units": [{"unit": u.name, "iter_s": row["iter_s"], "ratio": r}
+                                      for u, row, r in zip(units, rec["per_unit"], ratios)],
+        "block_ratio_median": statistics.median(ratios), "block_ratio_max": max(ratios),
+        "qdrop_iter_s": q_row["iter_s"], "brecq_iter_s_same_unit": rec["per_unit"][1]["iter_s"],
+        "iters_1000_s": total, "gptq_model": a.gptq_model, "gptq_images": a.gptq_images, "gptq_s": g["wall_s"],
+        "calibration_pass_s": calib_s, "gptq_ratio": g["wall_s"] / calib_s}, indent=1) + "\n")
     over = statistics.median(ratios) > TARGET_BLOCK or g["wall_s"] / calib_s > TARGET_GPTQ
     return 2 if over else 0
 

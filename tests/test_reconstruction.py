@@ -255,3 +255,70 @@ def test_new_ptq_settings_are_validated_and_stay_out_of_the_id_while_unset():
     for extra, msg in bad:
         with pytest.raises(ValidationError, match=msg):
             PTQParams(w_bits=4, a_bits=4, **extra)
+
+
+# ------------------------------------------------------------------ bounded capture (issue #24 item 4)
+
+def test_captured_store_reads_back_exact_values_in_memory_and_spilled():
+    from qcard.quant.layerwise import Captured
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 3, 4, 4, generator=gen) for n in (5, 7, 2)]
+    whole = torch.cat(parts)
+    idx = torch.tensor([13, 0, 6, 6, 11, 4])
+    for budget, spilled in ((1 << 30, False), (400, True)):
+        st = Captured(budget)
+        for p in parts:
+            st.append(p)
+        assert st.spilled is spilled and len(st) == 14
+        assert torch.equal(st.take(idx), whole[idx])
+        assert torch.equal(torch.cat(list(st.chunks(4))), whole)
+        assert torch.equal(st.slice(12, 99), whole[12:])
+        st.close()
+    with pytest.raises(ValueError, match="does not match"):
+        st = Captured(0)
+        st.append(parts[0])
+        st.append(parts[0][:, :2])
+
+
+@pytest.mark.parametrize("unit", ["block", "layer"])
+def test_spilled_capture_gives_the_same_rounding_as_in_memory(unit, monkeypatch):
+    """Streaming the unit inputs and targets through a spill file is a memory change only: the same
+    seed gives bit-identical weights, losses and input gaps."""
+    results = []
+    for mb in ("4096", "0"):
+        monkeypatch.setenv("QCARD_CAPTURE_MB", mb)
+        sim, batches = _sim("resnet8", 2, 4, n=96)
+        rec = reconstruct(sim, batches, Settings(unit=unit, iters=12, batch_size=16, warm_start=0.25), seed=3)
+        results.append(([w.detach().clone() for w in _weights(sim)],
+                         [(r["loss_nearest"], r["loss_after"], r["input_gap"]) for r in rec["per_unit"]]))
+    (w_mem, rows_mem), (w_disk, rows_disk) = results
+    assert all(torch.equal(a, b) for a, b in zip(w_mem, w_disk))
+    assert rows_mem == rows_disk
+    monkeypatch.setenv("QCARD_CAPTURE_MB", "lots")
+    with pytest.raises(ValueError, match="QCARD_CAPTURE_MB"):
+        reconstruct(sim, batches, Settings(unit=unit, iters=1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_float32_products_rounds_as_with_float64_products(act_order):
+    """The speed change (X·Xᵀ per batch in float32, summed in float64, diagonal in float64) leaves the
+    rounding as the float64 Hessian gives it, act-order included (its ties are broken at float32 precision)."""
+    xtr, _, _, _ = mnist()
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    torch.manual_seed(0)
+    sim = build_simulated(net.eval(), SimScheme(w_bits=2, a_bits=None, w_granularity="per_channel",
+                                                w_symmetric=False, weight_range="mse"), xtr[:1], log=lambda m: None)
+    set_weight_ranges(sim)
+    batches = list(xtr[:192].split(64))
+    li = sim_info(sim).gemm_layers()[0]
+    w = li.module.weight.detach().clone()
+    _, s, z, _ = weight_rows(w, li.weight_quantizer)
+    cols = [c for x in batches for c in [F.unfold(x, 3, padding=1).permute(1, 0, 2).reshape(9, -1).double()]]
+    h = sum(c @ c.t() for c in cols) * 2 / sum(c.shape[1] for c in cols)
+    ref = gptq_rows(w.reshape(16, -1), h, s, z, li.weight_quantizer.qmin, li.weight_quantizer.qmax,
+                    act_order=act_order)
+    gptq(sim, batches, act_order=act_order)
+    got = li.module.weight.detach().reshape(16, -1)
+    assert not torch.equal(got, w.reshape(16, -1))
+    assert torch.equal(got, ref)

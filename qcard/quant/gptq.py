@@ -3,7 +3,9 @@
 For each conv/linear in topological order, from its calibration inputs X in the network quantized so far
 (im2col rows for convolutions, one Hessian per group for grouped ones):
     H = 2·X·Xᵀ / N; dead inputs (H_ii = 0) get H_ii = 1 and their weights 0; H += δ·mean(diag H)·I;
-optional act-order (columns by decreasing diag H); U = upper Cholesky factor of H⁻¹. Columns are
+optional act-order (columns by decreasing diag H, ties at float32 precision in column order); U = upper
+Cholesky factor of H⁻¹. X·Xᵀ is computed per batch in the inputs' precision (float32) and summed in
+float64, its diagonal in float64. Columns are
 quantized in blocks of B on the layer's fixed grid (the weight quantizer's scales, set by the same
 weight-range step as PTQ): q_j = quant(w_j), e_j = (w_j − q_j) / U_jj, later columns of the block
 w_k −= e_j·U_jk, then the block's errors go to all later columns at once. The quantized weight is written
@@ -30,11 +32,13 @@ def layer_columns(m: nn.Module, x: torch.Tensor) -> Optional[List[torch.Tensor]]
     """The layer's inputs as columns matching its weight rows (in × N), one matrix per group; None for
     layers GPTQ does not handle here (transposed or non-2d convolutions)."""
     if isinstance(m, nn.Linear):
-        return [x.reshape(-1, x.shape[-1]).t().float()]
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return [x.reshape(-1, x.shape[-1]).t()]
     if isinstance(m, nn.Conv2d) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             return None
-        cols = F.unfold(x.float(), m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         g = m.groups
         per = cols.shape[1] // g
         cols = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
@@ -57,7 +61,9 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor
     w[:, dead] = 0.0
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
+        # ties at float32 precision keep column order: im2col columns often tie exactly in exact
+        # arithmetic, and the last bits of a float64 sum must not decide which goes first
+        perm = torch.argsort(torch.diag(h).float(), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -124,16 +130,24 @@ def _round_layer(li, xs: List[torch.Tensor], damp: float, block: int, act_order:
     if wq.spec.granularity == "per_channel" and wq.channel_axis != 0:
         return {"name": li.name, "skipped": "weight grid not along output channels: nearest rounding kept"}
     hs: Optional[List[torch.Tensor]] = None
+    diags: Optional[List[torch.Tensor]] = None
     n = 0
     for x in xs:                                   # X·Xᵀ accumulated batch by batch (im2col rows are large)
         cols = layer_columns(m, x)
         if cols is None:
             return {"name": li.name, "skipped": f"{type(m).__name__}: nearest rounding kept"}
-        prod = [c.double() @ c.double().t() for c in cols]
+        # one batch's product in the inputs' precision (float32, as Brevitas; the bulk of GPTQ's time in
+        # float64), summed over batches in float64; the diagonal in float64 (cheap), since act-order sorts
+        # by it and im2col columns often tie exactly (shifted windows over zero borders)
+        prod = [(c @ c.t()).double() for c in cols]
+        sq = [c.double().pow(2).sum(1) for c in cols]
         hs = prod if hs is None else [a + b for a, b in zip(hs, prod)]
+        diags = sq if diags is None else [a + b for a, b in zip(diags, sq)]
         n += cols[0].shape[1]
     if not hs:
         return {"name": li.name, "skipped": "no calibration input"}
+    for h, dg in zip(hs, diags):
+        h.diagonal().copy_(dg)
     w = m.weight.detach()
     _, s, z, _ = weight_rows(w, wq)
     full = w.reshape(w.shape[0], -1)                   # out × in/g·k·k, matching unfold's order
@@ -148,12 +162,11 @@ def _round_layer(li, xs: List[torch.Tensor], damp: float, block: int, act_order:
         qg = gptq_rows(wg, 2.0 * xx / n, s_rows[sl], z_rows[sl], wq.qmin, wq.qmax, damp, block, act_order)
         q_full[sl] = qg.to(full.dtype)
         nearest = _quant(wg, s_rows[sl], z_rows[sl], wq.qmin, wq.qmax)
-        for d, acc in ((wg - nearest, "before"), (wg - qg, "after")):
-            e = float(((d.double() @ xx) * d.double()).sum())     # ‖d·X‖² = Σ d X Xᵀ dᵀ
-            if acc == "before":
-                before += e
-            else:
-                after += e
+        # ‖d·X‖² = Σ d X Xᵀ dᵀ for nearest and GPTQ rounding in one float32 product (a reported figure)
+        d = torch.cat([wg - nearest, wg - qg]).float()
+        e = ((d @ xx.float()) * d).sum(1, dtype=torch.float64)
+        before += float(e[:per].sum())
+        after += float(e[per:].sum())
     if "qcard_fp_weight" not in m.__dict__:
         m.__dict__["qcard_fp_weight"] = w.clone()
     m.weight.copy_(q_full.reshape(w.shape))

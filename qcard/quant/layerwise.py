@@ -1,7 +1,11 @@
 """Helpers for layer-by-layer algorithms: capture a layer's inputs, run a layer with a given weight."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+import os
+import tempfile
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
 
 import torch
 import torch.fx as fx
@@ -10,7 +14,113 @@ from torch import nn
 
 from .quantizer import group_rows
 
-__all__ = ["capture_inputs", "run_by_node", "node_values", "run_nodes", "layer_forward", "weight_rows", "fp_weight"]
+__all__ = ["capture_inputs", "run_by_node", "node_values", "run_nodes", "layer_forward", "weight_rows", "fp_weight",
+           "Captured", "capture_budget"]
+
+# Bytes one captured store keeps in memory before it spills to a temporary file (QCARD_CAPTURE_MB):
+# a resource setting, not a result one (values read back are the exact float32 values written).
+_CAPTURE_MB_DEFAULT = 1024
+
+
+def capture_budget() -> int:
+    raw = os.environ.get("QCARD_CAPTURE_MB")
+    if raw is None:
+        return _CAPTURE_MB_DEFAULT << 20
+    try:
+        mb = int(raw)
+    except ValueError:
+        raise ValueError(f"QCARD_CAPTURE_MB must be an integer number of MiB, got '{raw}'") from None
+    if mb < 0:
+        raise ValueError(f"QCARD_CAPTURE_MB must be >= 0, got {mb}")
+    return mb << 20
+
+
+class Captured:
+    """Per-sample tensors captured batch by batch (a unit's inputs or FP targets), read back by sample
+    index. Kept in memory up to `budget` bytes; past it every sample goes to an unnamed temporary file
+    (QCARD_TMPDIR, else the system's) and is read back row by row with pread, so the process holds one
+    minibatch of them at a time, whatever the calibration set's size. Values are bit-exact either way."""
+
+    def __init__(self, budget: Optional[int] = None):
+        self.budget = capture_budget() if budget is None else budget
+        self._parts: List[torch.Tensor] = []
+        self._mem: Optional[torch.Tensor] = None
+        self._file = None
+        self._n = 0
+        self._bytes = 0
+        self.shape: Optional[tuple] = None
+        self.dtype: Optional[torch.dtype] = None
+        self.device: Optional[torch.device] = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.shape is None:
+            self.shape, self.dtype, self.device = tuple(x.shape[1:]), x.dtype, x.device
+        elif tuple(x.shape[1:]) != self.shape or x.dtype != self.dtype:
+            raise ValueError(f"captured batch {tuple(x.shape)} {x.dtype} does not match {self.shape} {self.dtype}")
+        self._n += x.shape[0]
+        self._bytes += x.numel() * x.element_size()
+        if self._file is None and self._bytes > self.budget:
+            self._file = tempfile.TemporaryFile(dir=os.environ.get("QCARD_TMPDIR") or None)
+            for p in self._parts:
+                self._write(p)
+            self._parts = []
+        if self._file is not None:
+            self._write(x)
+        else:
+            self._parts.append(x)
+            self._mem = None
+
+    def _write(self, x: torch.Tensor) -> None:
+        self._file.write(x.cpu().contiguous().numpy().tobytes())
+
+    def _memory(self) -> torch.Tensor:
+        if self._mem is None:
+            self._mem = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
+            self._parts = [self._mem]
+        return self._mem
+
+    def _rows(self, index: Sequence[int]) -> torch.Tensor:
+        self._file.flush()
+        row = int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+        buf = bytearray(row * len(index))
+        fd = self._file.fileno()
+        for k, i in enumerate(index):
+            got = os.pread(fd, row, int(i) * row)
+            if len(got) != row:
+                raise IOError(f"captured sample {int(i)}: read {len(got)} of {row} bytes from the spill file")
+            buf[k * row:(k + 1) * row] = got
+        out = torch.frombuffer(buf, dtype=self.dtype).reshape((len(index),) + self.shape)
+        return out.to(self.device)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The samples at `idx` (a 1-d index tensor), in that order."""
+        if self._file is None:
+            return self._memory()[idx.to(self._memory().device)]
+        return self._rows(idx.tolist())
+
+    def slice(self, a: int, b: int) -> torch.Tensor:
+        b = min(b, self._n)
+        if self._file is None:
+            return self._memory()[a:b]
+        return self._rows(range(a, b))
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        for a in range(0, self._n, size):
+            yield self.slice(a, a + size)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._parts, self._mem = [], None
 
 
 class _Stop(Exception):

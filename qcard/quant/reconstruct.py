@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import Unit, block_units, layer_units, units_record
 from .calibrate import quant_state, sim_info
-from .layerwise import capture_inputs, layer_forward, node_values, run_nodes
+from .layerwise import Captured, capture_inputs, layer_forward, node_values, run_nodes
 from .lsq import clamp_learned, freeze, make_lsq
 from .quantizer import FakeQuantize
 from .rounding import LearnedRounding, QDrop, attach, detach
@@ -108,9 +108,20 @@ class UnitView:
             self.module = None
 
     def inputs(self, batches, device) -> torch.Tensor:
+        return torch.cat(self.per_batch(batches, device))
+
+    def per_batch(self, batches, device) -> List[torch.Tensor]:
         if self.module is not None:
-            return torch.cat(capture_inputs(self.model, self.module, batches, device))
-        return torch.cat(node_values(self.model, batches, self.input.name, device))
+            return capture_inputs(self.model, self.module, batches, device)
+        return node_values(self.model, batches, self.input.name, device)
+
+    def capture(self, batches, device) -> Captured:
+        """The unit's input for every calibration image, captured one batch at a time into a bounded store."""
+        store = Captured()
+        for b in batches:
+            for x in self.per_batch([b], device):
+                store.append(x)
+        return store
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.module is not None:
@@ -125,13 +136,41 @@ def _sq_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (y - t).pow(2).flatten(1).sum(1).mean()
 
 
+_CHUNK = 256          # samples per no-grad forward when computing targets and losses
+
+
 @torch.no_grad()
-def _loss(view: UnitView, x: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> float:
+def _loss(view: UnitView, x: Captured, target: Captured, chunk: int = _CHUNK) -> float:
     total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        y = view(x[i:i + chunk])
-        total += float((y - target[i:i + chunk]).pow(2).flatten(1).sum(1).sum())
-    return total / x.shape[0]
+    for i in range(0, len(x), chunk):
+        y = view(x.slice(i, i + chunk))
+        total += float((y - target.slice(i, i + chunk)).pow(2).flatten(1).sum(1).sum())
+    return total / len(x)
+
+
+@torch.no_grad()
+def _fp_targets(fview: UnitView, batches, device, x_q: Captured) -> Tuple[Captured, float]:
+    """The FP unit's outputs (targets), streamed: the FP input is captured one calibration batch at a
+    time and run through the FP unit in chunks of _CHUNK samples of the whole set (the same chunks as
+    when the whole input was held), so memory holds one chunk, not the set. Also mean |x_fp − x_q|."""
+    target = Captured()
+    pending: List[torch.Tensor] = []
+    held, pos, gap, count = 0, 0, 0.0, 0
+    for b in batches:
+        for x in fview.per_batch([b], device):
+            xq = x_q.slice(pos, pos + x.shape[0])
+            gap += float((x - xq).abs().double().sum())
+            count += x.numel()
+            pos += x.shape[0]
+            pending.append(x)
+            held += x.shape[0]
+            while held >= _CHUNK:
+                whole = torch.cat(pending) if len(pending) > 1 else pending[0]
+                target.append(fview(whole[:_CHUNK]))
+                pending, held = [whole[_CHUNK:]], held - _CHUNK
+    if held:
+        target.append(fview(torch.cat(pending) if len(pending) > 1 else pending[0]))
+    return target, gap / max(1, count)
 
 
 def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, device: str = "cpu",
@@ -166,20 +205,25 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
         t0 = time.perf_counter()
         view = UnitView(model, unit, names)
         if fp is not None:
-            fview = UnitView(fp, unit, names)
-            x_fp = fview.inputs(batches, device)
-            with torch.no_grad():
-                target = torch.cat([fview(x_fp[i:i + 256]) for i in range(0, x_fp.shape[0], 256)])
-        else:
+            with quant_state(model, activations=acts_on):
+                x_q = view.capture(batches, device)
+            target, gap = _fp_targets(UnitView(fp, unit, names), batches, device, x_q)
+        else:                                           # the old AdaRound's way, kept as it was
             with quant_state(model, weights=False, activations=False):
                 x_fp = view.inputs(batches, device)
                 with torch.no_grad():
-                    target = view(x_fp)
-        with quant_state(model, activations=acts_on):
-            x_q = view.inputs(batches, device)
-        row = _reconstruct_unit(model, view, unit, x_q, target, s, gen, drop_gen)
-        row.update(unit=unit.name, seconds=round(time.perf_counter() - t0, 3),
-                   input_gap=float((x_fp - x_q).abs().mean()))
+                    target = Captured()
+                    target.append(view(x_fp))
+            with quant_state(model, activations=acts_on):
+                x_q = view.capture(batches, device)
+            gap = float((x_fp - x_q.slice(0, len(x_q))).abs().double().mean())
+            del x_fp
+        try:
+            row = _reconstruct_unit(model, view, unit, x_q, target, s, gen, drop_gen)
+        finally:
+            x_q.close()
+            target.close()
+        row.update(unit=unit.name, seconds=round(time.perf_counter() - t0, 3), input_gap=gap)
         record["per_unit"].append(row)
     record["wall_s"] = round(time.perf_counter() - t_start, 3)
     return record
@@ -218,7 +262,7 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
         opt = torch.optim.Adam([e.v for _, e in ests], lr=s.lr)
         opt_s = torch.optim.Adam(scale_params, lr=s.scale_lr) if scale_params else None
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(1, s.iters)) if opt_s else None
-        n = x_q.shape[0]
+        n = len(x_q)
         bs = min(s.batch_size, n)
         warm = int(s.warm_start * s.iters)
         first, last, k = 0.0, 0.0, max(1, s.iters // 20)
@@ -226,8 +270,8 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
         try:
             for i in range(s.iters):
                 idx = torch.randint(0, n, (bs,), generator=gen)
-                out = view(x_q[idx])
-                rec = _sq_err(out, target[idx])
+                out = view(x_q.take(idx))
+                rec = _sq_err(out, target.take(idx))
                 loss = rec
                 if i >= warm and s.reg > 0:
                     t = (i - warm) / max(1, s.iters - warm)
