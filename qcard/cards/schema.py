@@ -230,6 +230,8 @@ class Provenance(Closed):
     finished_at: Optional[str] = None
     wall_seconds: Optional[float] = None
     timings: Dict[str, float] = Field(default_factory=dict)
+    # seeds whose method went on from a checkpoint inside the point (qcard.checkpoint): [{seed, step}]
+    resumed: Optional[List[Dict[str, int]]] = None
 
 
 class TableSection(Closed):
