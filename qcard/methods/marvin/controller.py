@@ -172,9 +172,12 @@ class MarvinController:
             for f in self._LAYER_FIELDS:
                 setattr(st, f, fields[f])
             st.trajectory, st.steps_at_wl = list(st.trajectory), dict(st.steps_at_wl)
+            if st.grad_sum is not None:          # checkpoints are read onto the CPU
+                st.grad_sum = st.grad_sum.to(st.module.weight.device)
         for n, m in self._fixed_point_modules():
             fp, c = state_of(m), saved["copies"][n]
-            fp.wl, fp.fl, fp.q = c["wl"], c["fl"], dict(c["q"])
+            fp.wl, fp.fl = c["wl"], c["fl"]
+            fp.q = {k: q.to(m._parameters[k].device) for k, q in c["q"].items()}
         self.switches, self.sum_q, self.sum_f = list(saved["switches"]), saved["sum_q"], saved["sum_f"]
         self.strategy_steps = dict(saved["strategy_steps"])
         self.schedule.strategy, self.schedule.history = saved["schedule"]["strategy"], list(saved["schedule"]["history"])
