@@ -13,6 +13,10 @@ can too):
         if ck and ck.due(step, last=step == total):
             ck.save(step, {"model": model.state_dict(), "rng": rng_state(), ...})
 
+A method with several loops (a reconstruction before a fine-tune) gives each its own file:
+`ck.stage("adaround")` is a Checkpointer of its own (checkpoint-<tag>-adaround.pt, its own fingerprint),
+so one loop never reads another's state; `ck.resumed()` lists every stage that resumed.
+
 What is saved must be what torch.load(weights_only=True) reads back: tensors, numbers, strings, bools,
 None, and lists/tuples/dicts of them (rng_state() and generator_state() give the RNGs in that form).
 A file holds a SHA-256 of its payload and a fingerprint of the run (the runner hashes the point id, the
@@ -56,6 +60,22 @@ class Checkpointer:
         self.resumed_from: Optional[Dict[str, Any]] = None     # {"step": n} once load() returned a state
         self.saves = 0
         self._last_save = time.monotonic()
+        self._tag, self._stages = tag, []
+
+    def stage(self, name: str) -> "Checkpointer":
+        """The Checkpointer of one named loop of the run (its own file and fingerprint, same schedule)."""
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"a checkpoint stage name is letters, digits, '_' and '-'; got {name!r}")
+        sub = Checkpointer(self.path.parent, f"{self._tag}-{name}", hashlib.sha256(
+            f"{self.fingerprint}/{name}".encode()).hexdigest(), every_steps=self.every_steps,
+            every_minutes=self.every_minutes, log=self.log)
+        self._stages.append((name, sub))
+        return sub
+
+    def resumed(self):
+        """[{step} and, for a stage, {stage, step}] of every loop of this run that went on from a checkpoint."""
+        out = [dict(self.resumed_from)] if self.resumed_from is not None else []
+        return out + [{"stage": name, **r} for name, sub in self._stages for r in sub.resumed()]
 
     # -- reading -------------------------------------------------------------------------------
     def load(self) -> Optional[Dict[str, Any]]:

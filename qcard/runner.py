@@ -417,7 +417,7 @@ class _PointRun:
         self.timings: Dict[str, float] = {}
         self.seed_outcomes: Dict[int, str] = {}     # seed -> packed top-1 outcomes (qcard.stats.outcomes)
         self.is_baseline = False                     # the point's model is the FP32 baseline itself
-        self.resumed: List[Dict[str, int]] = []      # [{seed, step}]: seeds that went on from a checkpoint
+        self.resumed: List[Dict[str, Any]] = []      # [{seed, step}]: seeds that went on from a checkpoint
 
     def timed(self, key: str, fn, *args):
         t = time.time()
@@ -486,8 +486,8 @@ class _PointRun:
                          evaluate=lambda m, d=None: self.evaluate(m, d, desc="evaluate (method)"),
                          checkpoint=self.checkpointer(seed))
         result = self.timed("method", method.apply, model, self.data, point.params, ctx)
-        if ctx.checkpoint is not None and ctx.checkpoint.resumed_from is not None:
-            self.resumed.append({"seed": seed, **ctx.checkpoint.resumed_from})
+        if ctx.checkpoint is not None:
+            self.resumed += [{"seed": seed, **r} for r in ctx.checkpoint.resumed()]
         for w in result.warnings:
             self.log(f"    warning: {w}")
         if result.model is model and type(method).family == "none" and not result.pipeline:

@@ -195,3 +195,19 @@ methods: [{{name: fp32_train, params: {{train: {{epochs: 1, batch_size: 16}}}}}}
     assert kept.ok and [p.name for p in kept.outcomes[0].folder.glob("checkpoint-*.pt")] == ["checkpoint-seed0.pt"]
     off = qcard.run(config("disabled", "true", "false"), progress=False)
     assert off.ok and not list(off.outcomes[0].folder.glob("checkpoint-*.pt"))
+
+
+def test_a_stage_has_its_own_file_and_fingerprint_and_is_reported(tmp_path):
+    ck = Checkpointer(tmp_path, "seed0", "fp")
+    recon = ck.stage("adaround")
+    recon.save(7, {"layer": 2, "alpha": torch.ones(3)})
+    assert recon.path.name == "checkpoint-seed0-adaround.pt" and not ck.path.exists()
+    logs = []
+    rerun = Checkpointer(tmp_path, "seed0", "fp", log=logs.append)
+    assert rerun.load() is None and not logs                    # the run's own loop has no checkpoint
+    assert rerun.stage("adaround").load()["layer"] == 2
+    assert rerun.resumed() == [{"stage": "adaround", "step": 7}]
+    other = Checkpointer(tmp_path, "seed0", "fp", log=logs.append).stage("brecq")
+    assert other.load() is None
+    with pytest.raises(ValueError, match="stage name"):
+        ck.stage("../x")

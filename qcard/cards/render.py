@@ -527,7 +527,8 @@ def _environment(p: Dict[str, Any]) -> str:
     if p.get("wall_seconds") is not None:
         env.append(f"{p['wall_seconds']:.1f} s")
     for r in p.get("resumed") or []:
-        env.append(f"seed {r.get('seed')} resumed from the checkpoint of step {r.get('step')}")
+        stage = f" of {r['stage']}" if r.get("stage") else ""
+        env.append(f"seed {r.get('seed')} resumed from the checkpoint{stage} of step {r.get('step')}")
     if p.get("finished_at"):
         env.append(f"finished {p['finished_at']}")
     return "; ".join(env)
