@@ -174,6 +174,18 @@ class ResourcesSpec(Strict):
     gpus_per_point: float = Field(0.0, ge=0, description="> 0: the point runs with device cuda where it is placed")
 
 
+class CheckpointSpec(Strict):
+    """Checkpoints inside a point (the training methods: qat, marvin, fp32_train): a rerun of a point that
+    was killed resumes from its last checkpoint and ends with the card an uninterrupted run writes. Not
+    part of the point ids (it changes no result)."""
+    enabled: bool = Field(True, description="false: keep no checkpoints (a killed point restarts from step 0)")
+    every_steps: Optional[int] = Field(None, ge=1, description="save after every N optimizer steps")
+    every_minutes: Optional[float] = Field(10.0, gt=0, description="save when N minutes have passed since the "
+                                           "last save (the last step is always saved)")
+    keep: bool = Field(False, description="keep the checkpoints once the point's card is written (default: "
+                                          "removed then; a failed point keeps them for its rerun)")
+
+
 class MethodSpec(Strict):
     name: str = Field(description="a registered method (qcard methods) or a user's 'pkg.module:Class'")
     label: Optional[str] = None
@@ -213,6 +225,7 @@ class ExperimentConfig(Strict):
     cost: CostSpec = Field(default_factory=CostSpec)
     deploy: Optional[DeploySpec] = Field(None, description="deploy check for every point (a method may override it)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
 
     @field_validator("experiment")
     @classmethod
@@ -270,6 +283,7 @@ class Point:
     deploy: Optional[DeploySpec] = None
     description: str = ""
     base_dir: Optional[str] = None    # the absolute folder the config's relative paths resolved against
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)   # not in the id: it changes no result
 
     def canonical(self) -> Dict[str, Any]:
         """Everything that determines the results, defaults expanded, in a stable form."""
@@ -285,6 +299,8 @@ class Point:
         if self.deploy is not None:
             method["deploy"] = self.deploy.model_dump(mode="json")
         base = {"base_dir": self.base_dir} if self.base_dir and (self.model._written or self.dataset._written) else {}
+        ckpt = self.checkpoint.model_dump(mode="json", exclude_defaults=True)
+        base.update({"checkpoint": ckpt} if ckpt else {})
         return {
             "experiment": self.experiment, "description": self.description, "seeds": list(self.seeds),
             "device": self.device, "deterministic": self.deterministic, **base,
@@ -469,7 +485,7 @@ def expand(exp: Experiment) -> List[Point]:
                                   device=cfg.device, deterministic=cfg.deterministic,
                                   given=tuple(keys), swept=swept, raw_params=raw,
                                   deploy=mspec.deploy if mspec.deploy is not None else cfg.deploy,
-                                  description=cfg.description, base_dir=exp.base_dir)
+                                  description=cfg.description, base_dir=exp.base_dir, checkpoint=cfg.checkpoint)
                     point.id = canonical_hash(point.canonical())
                     if point.id in seen:
                         # the same point listed twice (e.g. a sweep value repeated) runs once

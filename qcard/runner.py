@@ -336,6 +336,9 @@ def _execute(point: Point, exp: Experiment, store: RunStore, resources: "Resourc
         card = failed_card(point, exp, error, started)
         status = "failed"
     _write_card(store, point, card, log)
+    if status == "ok" and not point.checkpoint.keep:     # a failed point keeps them: its rerun resumes
+        from .checkpoint import remove_checkpoints
+        remove_checkpoints(store.point_dir(point.folder))
     return PointOutcome(point, status, store.point_dir(point.folder), card.model_dump(mode="json"), error)
 
 
@@ -414,6 +417,7 @@ class _PointRun:
         self.timings: Dict[str, float] = {}
         self.seed_outcomes: Dict[int, str] = {}     # seed -> packed top-1 outcomes (qcard.stats.outcomes)
         self.is_baseline = False                     # the point's model is the FP32 baseline itself
+        self.resumed: List[Dict[str, Any]] = []      # [{seed, step}]: seeds that went on from a checkpoint
 
     def timed(self, key: str, fn, *args):
         t = time.time()
@@ -479,8 +483,11 @@ class _PointRun:
         set_seed(seed, point.deterministic)
         model = copy.deepcopy(self.base_model).to(self.device)
         ctx = RunContext(seed=seed, device=self.device, progress=self.progress, log=lambda m: self.log(f"    {m}"),
-                         evaluate=lambda m, d=None: self.evaluate(m, d, desc="evaluate (method)"))
+                         evaluate=lambda m, d=None: self.evaluate(m, d, desc="evaluate (method)"),
+                         checkpoint=self.checkpointer(seed))
         result = self.timed("method", method.apply, model, self.data, point.params, ctx)
+        if ctx.checkpoint is not None:
+            self.resumed += [{"seed": seed, **r} for r in ctx.checkpoint.resumed()]
         for w in result.warnings:
             self.log(f"    warning: {w}")
         if result.model is model and type(method).family == "none" and not result.pipeline:
@@ -492,6 +499,21 @@ class _PointRun:
                                  None, f"{point.method_label} {point.model.short} seed {seed}")
             self.seed_outcomes[seed] = pack_outcomes(metrics["correct"])
         return result, {"seed": seed, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+    def checkpointer(self, seed: int):
+        """The seed's Checkpointer in the point folder (qcard.checkpoint), or None when the config turns
+        them off. A checkpoint is loaded only by a run of the same point, seed, weights, device and code."""
+        spec = self.point.checkpoint
+        if not spec.enabled:
+            return None
+        import torch
+        from .checkpoint import Checkpointer
+        from .version import __version__
+        fingerprint = canonical_hash({"point": self.point.id, "seed": seed, "weights": self.info.weights_sha256,
+                                      "device": self.device, "qcard": __version__, "torch": torch.__version__})
+        return Checkpointer(self.res.store.point_dir(self.point.folder), f"seed{seed}", fingerprint,
+                            every_steps=spec.every_steps, every_minutes=spec.every_minutes,
+                            log=lambda m: self.log(f"    {m}"))
 
     def card(self):
         from . import provenance
@@ -532,6 +554,8 @@ class _PointRun:
                     wall_seconds=round(time.time() - t_start, 3),
                     timings={k: round(self.timings[k], 3) for k in
                              ("load", "fp32_baseline", "method", "evaluate", "cost")})
+        if self.resumed:
+            prov["resumed"] = self.resumed
         card = {
             "schema_version": CARD_SCHEMA_VERSION, "id": point.id, "experiment": self.exp.name,
             "description": point.description or None, "status": "ok", "error": None,

@@ -15,13 +15,23 @@ Hooks let a method plug into the loop without copying it. A hook is any object w
     after_step(state)                after optimizer.step() (and a per-step schedule)
     on_epoch_end(state, row)         row = this epoch's curve entry
     on_train_end(state)
+    checkpoint_state()               what the hook must carry across a resume (tensors, numbers, strings,
+                                     None, lists and dicts of them: torch.load(weights_only=True) reads it)
+    restore_checkpoint_state(saved)  put it back (called after on_train_start, when a run resumes)
 
 `state` is a TrainState: step (optimizer steps done, counting the current one), epoch (1-based),
 batch / batches_per_epoch (mini-batch within the epoch), samples (in the current step), loss (mean
 loss of the current step), model, optimizer. Hooks run in the order given.
+
+Checkpoints: with ctx.checkpoint (a qcard.checkpoint.Checkpointer) the loop saves everything it and its
+hooks hold after the optimizer steps the checkpointer says are due (and after the last one): model,
+optimizer, scheduler, the curves so far, the random states (global, the shuffle stream at the epoch's
+start, augmentation) and the place in the epoch. A rerun loads it and goes on from the next mini-batch,
+mid-epoch included, so it ends bit-identical to a run that was never interrupted.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -191,11 +201,31 @@ class LoaderBatches:
         self.loader = data.loader(data.train, shuffle=True, seed=seed, batch_size=recipe.batch_size)
         self.recipe, self.device = recipe, device
         self.aug_gen = torch.Generator().manual_seed(int(seed) * 7919 + 1)   # independent of the shuffle stream
+        self._epoch_start = None          # the shuffle stream's state before the current epoch drew from it
+        self._skip = 0                    # mini-batches the next epoch leaves out (a resumed run)
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def checkpoint_state(self):
+        return {"epoch_start": self._epoch_start, "augment": self.aug_gen.get_state()}
+
+    def resumable(self) -> bool:
+        from .checkpoint import ResumableShuffle
+        return isinstance(self.loader.sampler, ResumableShuffle) and self.loader.generator is not None
+
+    def restore_checkpoint_state(self, saved, batches_done: int) -> None:
+        """The next epoch(n) is the saved epoch again, from its mini-batch batches_done + 1."""
+        if saved["epoch_start"] is not None:          # None: saved before any epoch began
+            self.loader.generator.set_state(saved["epoch_start"])
+        self.aug_gen.set_state(saved["augment"])
+        self._skip = int(batches_done)
+
     def epoch(self, n: int):
+        self._epoch_start = self.loader.generator.get_state() if self.loader.generator is not None else None
+        if self._skip:
+            self.loader.sampler.start_at(self._skip * self.recipe.batch_size)   # skipped, not loaded
+            self._skip = 0
         for x, y in self.loader:
             x, y = x.to(self.device), y.to(self.device)
             if self.recipe.augment == "shift":
@@ -258,6 +288,77 @@ class _Loop:
         self.curve_every = max(1, math.ceil(total_steps / STEP_CURVE_POINTS))
         self.window = _Window()           # the current step-curve window
         self.done = False
+        self.checkpoint = None            # a Checkpointer, when the run keeps checkpoints (train() sets it)
+        self.started = time.perf_counter()
+        self.seconds_before = 0.0         # training time of the run this one resumed
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def snapshot(self, sums: _Window) -> Dict[str, Any]:
+        """Everything the rest of the run depends on, after an optimizer step (references: save it at once)."""
+        from .checkpoint import rng_state
+        st, log = self.state, self.log
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "loop": {"step": st.step, "epoch": st.epoch, "batch": st.batch, "samples": st.samples, "loss": st.loss,
+                     "lr": st.lr, "done": self.done, "window": [self.window.loss, self.window.correct, self.window.seen],
+                     "sums": [sums.loss, sums.correct, sums.seen]},
+            "log": {"curve": log.curve, "step_curve": log.step_curve, "samples_seen": log.samples_seen,
+                    "stopped_by_max_steps": log.stopped_by_max_steps,
+                    "seconds": self.seconds_before + time.perf_counter() - self.started},
+            "batches": self.batches.checkpoint_state(),
+            "rng": rng_state(),
+            "hooks": [h.checkpoint_state() if callable(getattr(h, "checkpoint_state", None)) else None
+                      for h in self.hooks],
+        }
+
+    def restore(self, snap: Dict[str, Any]) -> _Window:
+        """Put a snapshot back; returns the running sums of its epoch so far."""
+        from .checkpoint import set_rng_state
+        if len(snap["hooks"]) != len(self.hooks):
+            raise ValueError(f"it holds the state of {len(snap['hooks'])} hook(s), this run has {len(self.hooks)}")
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(snap["scheduler"])
+        lp, st = snap["loop"], self.state
+        st.step, st.epoch, st.batch, st.samples, st.loss, st.lr = (lp["step"], lp["epoch"], lp["batch"], lp["samples"],
+                                                                   lp["loss"], lp["lr"])
+        self.done = lp["done"]
+        self.window = _Window(*lp["window"])
+        lg = snap["log"]
+        self.log.curve, self.log.step_curve = list(lg["curve"]), list(lg["step_curve"])
+        self.log.samples_seen, self.log.stopped_by_max_steps = lg["samples_seen"], lg["stopped_by_max_steps"]
+        self.seconds_before = float(lg["seconds"])
+        self.batches.restore_checkpoint_state(snap["batches"], st.batch)
+        for h, saved in zip(self.hooks, snap["hooks"]):
+            fn = getattr(h, "restore_checkpoint_state", None)
+            if saved is not None and fn is None:
+                raise ValueError(f"it holds state of a hook ({type(h).__name__}) that cannot take it back")
+            if fn is not None:
+                fn(saved)
+        set_rng_state(snap["rng"])
+        return _Window(*lp["sums"])
+
+    def resume(self) -> Optional[_Window]:
+        """Load the checkpoint, if there is a usable one; its epoch's running sums, or None (from step 0).
+        A state that cannot be applied is rolled back whole: the run then starts from step 0."""
+        snap = self.checkpoint.load()
+        if snap is None:
+            return None
+        before = copy.deepcopy(self.snapshot(_Window()))
+        try:
+            return self.restore(snap)
+        except Exception as exc:
+            self.restore(before)
+            self.checkpoint.restore_failed(exc)
+            return None
+
+    def maybe_save(self, sums: _Window) -> None:
+        ck, step = self.checkpoint, self.state.step
+        if ck is not None and ck.due(step, last=self.done or step >= self.total_steps):
+            ck.save(step, self.snapshot(sums))
 
     def batch_loss(self, x, y):
         import torch.nn.functional as F
@@ -292,16 +393,20 @@ class _Loop:
             self.done = True
             self.log.stopped_by_max_steps = state.step < self.steps_per_epoch * recipe.epochs
 
-    def run_epoch(self, epoch: int, bar) -> _Window:
-        """One pass over the training split (or up to max_steps); returns the epoch's running sums."""
+    def run_epoch(self, epoch: int, bar, resumed: Optional[_Window] = None) -> _Window:
+        """One pass over the training split (or up to max_steps); returns the epoch's running sums.
+        resumed: the sums of a resumed epoch, which goes on after its state.batch-th mini-batch."""
         state, recipe = self.state, self.recipe
         state.epoch = epoch
         self.model.train()
-        sums = _Window()
+        sums = resumed if resumed is not None else _Window()
+        first = state.batch + 1 if resumed is not None else 1
+        if self.done:                     # resumed after the last step: nothing left to run
+            return sums
         pending = 0                       # mini-batches accumulated in the current step
         step_loss = step_samples = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(self.batches.epoch(epoch), 1):
+        for i, (x, y) in enumerate(self.batches.epoch(epoch), first):
             state.batch = i
             logits, loss = self.batch_loss(x, y)
             # the last step of an epoch may hold fewer mini-batches: scale by its real count
@@ -318,6 +423,7 @@ class _Loop:
                 continue
             self.optimizer_step(i, epoch, step_loss, step_samples, pending, bar)
             pending, step_loss, step_samples = 0, 0.0, 0.0
+            self.maybe_save(sums)
             if self.done:
                 break
         return sums
@@ -343,6 +449,18 @@ class _Loop:
         self.log.samples_seen += int(sums.seen)
 
 
+def _checkpointer(ctx, batches):
+    """ctx's Checkpointer, when the batch source can be resumed (else None, and the log says why)."""
+    ck = getattr(ctx, "checkpoint", None)
+    if ck is None:
+        return None
+    ok = all(callable(getattr(batches, k, None)) for k in ("checkpoint_state", "restore_checkpoint_state"))
+    if not ok or not getattr(batches, "resumable", lambda: True)():
+        ctx.log(f"no checkpoints: the source of mini-batches ({type(batches).__name__}) cannot resume mid-epoch")
+        return None
+    return ck
+
+
 def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any]] = None,
           params: Optional[Iterable[Any]] = None, batches=None, lr_factor=None) -> TrainLog:
     """Train `model` in place on data.train following `recipe`; deterministic given ctx.seed.
@@ -366,13 +484,18 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
     model.to(ctx.device)
     loop = _Loop(model, data, recipe, ctx, hooks, params, log, batches, lr_factor)
     state = loop.state
-    start = time.perf_counter()
     model.train()
     _call(hooks, "on_train_start", state)
-    bar = tqdm(total=loop.total_steps, desc="train", unit="step", leave=False, disable=not ctx.progress)
+    loop.checkpoint = _checkpointer(ctx, loop.batches)
+    resumed = loop.resume() if loop.checkpoint is not None else None
+    if resumed is not None:
+        ctx.log(f"resumed from the checkpoint of step {state.step} (epoch {state.epoch}, mini-batch {state.batch})")
+    bar = tqdm(total=loop.total_steps, initial=state.step, desc="train", unit="step", leave=False,
+               disable=not ctx.progress)
     try:
-        for epoch in range(1, recipe.epochs + 1):
-            sums = loop.run_epoch(epoch, bar)
+        for epoch in range(state.epoch if resumed is not None else 1, recipe.epochs + 1):
+            sums = loop.run_epoch(epoch, bar, resumed)
+            resumed = None
             loop.end_epoch(epoch, sums, bar)
             if loop.done:
                 break
@@ -380,7 +503,7 @@ def train(model, data, recipe: TrainRecipe, ctx, *, hooks: Optional[Iterable[Any
         bar.close()
     log.steps = state.step
     log.epochs_run = (state.epoch - 1) + (state.batch / loop.batches_per_epoch)
-    log.seconds = time.perf_counter() - start
+    log.seconds = loop.seconds_before + time.perf_counter() - loop.started
     model.eval()
     _call(hooks, "on_train_end", state)
     return log

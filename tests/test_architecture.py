@@ -17,7 +17,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("tracing", ("qcard.ops",)),
     # zoo.train retrains the bundled models through the shared training loop: it sits with the loop
     # deploy exports a simulated model (quant's quantizers) and runs it on a real runtime
-    ("engine", ("qcard.quant", "qcard.cost", "qcard.training", "qcard.zoo.train", "qcard.deploy")),
+    ("engine", ("qcard.quant", "qcard.cost", "qcard.training", "qcard.checkpoint", "qcard.zoo.train", "qcard.deploy")),
     ("cards", ("qcard.cards", "qcard.site")),   # site: a gallery of rendered cards and comparisons
     ("methods", ("qcard.methods",)),
     ("orchestration", ("qcard.config", "qcard.store", "qcard.runner", "qcard.executors", "qcard.verify")),

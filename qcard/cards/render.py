@@ -535,6 +535,9 @@ def _environment(p: Dict[str, Any]) -> str:
     env.append(f"seed {fmt_value(p.get('seed'))}" + (", deterministic" if p.get("deterministic") else ""))
     if p.get("wall_seconds") is not None:
         env.append(f"{p['wall_seconds']:.1f} s")
+    for r in p.get("resumed") or []:
+        stage = f" of {r['stage']}" if r.get("stage") else ""
+        env.append(f"seed {r.get('seed')} resumed from the checkpoint{stage} of step {r.get('step')}")
     if p.get("finished_at"):
         env.append(f"finished {p['finished_at']}")
     return "; ".join(env)

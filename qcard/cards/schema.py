@@ -230,6 +230,9 @@ class Provenance(Closed):
     finished_at: Optional[str] = None
     wall_seconds: Optional[float] = None
     timings: Dict[str, float] = Field(default_factory=dict)
+    # seeds whose method went on from a checkpoint inside the point (qcard.checkpoint): [{seed, step}],
+    # with "stage" for a method's named loop (e.g. a reconstruction)
+    resumed: Optional[List[Dict[str, Union[int, str]]]] = None
 
 
 class TableSection(Closed):

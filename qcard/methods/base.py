@@ -49,8 +49,11 @@ class PointData:
 
     def loader(self, dataset, *, shuffle: bool = False, seed: int = 0, batch_size: Optional[int] = None):
         import torch
+        from ..checkpoint import ResumableShuffle
         gen = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+        # shuffled: RandomSampler's order, from a sampler that a resumed training run can start mid-epoch
+        sampler = ResumableShuffle(len(dataset), gen) if shuffle else None
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self.batch_size, sampler=sampler,
                                            generator=gen, num_workers=self.num_workers)
 
 
@@ -61,6 +64,7 @@ class RunContext:
     progress: bool = True
     log: Callable[[str], None] = print           # console messages ("layer X left in FP32 because ...")
     evaluate: Optional[Callable[..., Dict[str, float]]] = None   # evaluate(model, dataset) -> {"top1":..}
+    checkpoint: Optional[Any] = None             # a qcard.checkpoint.Checkpointer: resume a long loop (None: keep none)
 
 
 @dataclass

@@ -142,6 +142,47 @@ class MarvinController:
     def after_step(self, state) -> None:
         self._requantize()
 
+    # -- checkpoints (qcard.training: a resumed run goes on from here) --------------------------
+    _LAYER_FIELDS = ("wl", "fl", "lookback", "resolution", "k", "grad_sum", "sparsity", "trajectory",
+                     "steps_at_wl", "decisions")
+
+    def _fixed_point_modules(self):
+        return [(n, m) for n, m in self.model.named_modules() if state_of(m) is not None]
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """Per-layer formats and switching counters, the parameter copies the next forward pass uses,
+        the loop's sums and the stochastic-rounding generator."""
+        from ...checkpoint import generator_state
+        return {
+            "layers": {name: {f: getattr(st, f) for f in self._LAYER_FIELDS} for name, st in self.owners.items()},
+            "copies": {n: {"wl": state_of(m).wl, "fl": state_of(m).fl, "q": dict(state_of(m).q)}
+                       for n, m in self._fixed_point_modules()},
+            "switches": self.switches, "sum_q": self.sum_q, "sum_f": self.sum_f,
+            "strategy_steps": dict(self.strategy_steps),
+            "schedule": {"strategy": self.schedule.strategy, "history": list(self.schedule.history)},
+            "generator": generator_state(self.source.generator),
+        }
+
+    def restore_checkpoint_state(self, saved: Dict[str, Any]) -> None:
+        from ...checkpoint import set_generator_state
+        if set(saved["layers"]) != set(self.owners):
+            raise ValueError("its MARViN layers are not this model's")
+        for name, fields in saved["layers"].items():
+            st = self.owners[name]
+            for f in self._LAYER_FIELDS:
+                setattr(st, f, fields[f])
+            st.trajectory, st.steps_at_wl = list(st.trajectory), dict(st.steps_at_wl)
+            if st.grad_sum is not None:          # checkpoints are read onto the CPU
+                st.grad_sum = st.grad_sum.to(st.module.weight.device)
+        for n, m in self._fixed_point_modules():
+            fp, c = state_of(m), saved["copies"][n]
+            fp.wl, fp.fl = c["wl"], c["fl"]
+            fp.q = {k: q.to(m._parameters[k].device) for k, q in c["q"].items()}
+        self.switches, self.sum_q, self.sum_f = list(saved["switches"]), saved["sum_q"], saved["sum_f"]
+        self.strategy_steps = dict(saved["strategy_steps"])
+        self.schedule.strategy, self.schedule.history = saved["schedule"]["strategy"], list(saved["schedule"]["history"])
+        set_generator_state(self.source.generator, saved["generator"])
+
     def on_train_end(self, state) -> None:
         """Freeze: the delivered model's parameters are the last fixed-point copies."""
         self.source.generator = None
