@@ -20,7 +20,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("engine", ("qcard.quant", "qcard.cost", "qcard.training", "qcard.zoo.train", "qcard.deploy")),
     ("cards", ("qcard.cards",)),
     ("methods", ("qcard.methods",)),
-    ("orchestration", ("qcard.config", "qcard.store", "qcard.runner", "qcard.executors", "qcard.verify")),
+    ("orchestration", ("qcard.config", "qcard.store", "qcard.runner", "qcard.executors", "qcard.verify",
+                       "qcard.planning")),
     ("cli", ("qcard.cli", "qcard.commands", "qcard")),    # "qcard": the package's own __init__ only
 ]
 
