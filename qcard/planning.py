@@ -237,7 +237,13 @@ def _model_facts(point: Point, points: List[Point], estimate: bool, device: str)
         train = evaluation = None
     shape = tuple(evaluation.input_shape) if evaluation is not None else tuple(
         ds.input_shape or spec.input_shape or info.input_shape)
-    _probe_model(model, shape, device, facts, _max_block_layers([p for p in points if p.model == spec]))
+    try:
+        _probe_model(model, shape, device, facts, _max_block_layers([p for p in points if p.model == spec]))
+    except Exception as exc:  # a model that cannot run on these images: not estimated, said so
+        facts.fwd = None
+        facts.notes.append(f"not timed: the model failed on {'x'.join(map(str, shape))} inputs "
+                           f"({type(exc).__name__}: {exc})")
+        return facts
     for split, data in (("train", train), ("eval", evaluation)):
         if data is not None:
             facts.load[split] = _probe_data(data, resolve_num_workers(ds.num_workers, data))
