@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qcard.data import calibration_subset, load_dataset
-from qcard.data.loaders import MAX_AUTO_WORKERS, PointLoaders, resolve_num_workers, usable_cores
+from qcard.data.loaders import MAX_AUTO_WORKERS, PointLoaders, cpu_share, resolve_num_workers
 from qcard.errors import DatasetError
 from qcard.evaluate import evaluate
 
@@ -32,11 +32,18 @@ def test_auto_workers_follow_the_data(folder):
     assert resolve_num_workers("auto", mnist) == 0                     # in memory: workers only copy
     assert resolve_num_workers("auto", load_dataset("synthetic", "test", size=4, input_shape=(1, 4, 4),
                                                     num_classes=2)) == 0
-    want = min(usable_cores() - 1, MAX_AUTO_WORKERS)
+    want = min(cpu_share() - 1, MAX_AUTO_WORKERS)
     assert resolve_num_workers("auto", folder) == want                 # JPEGs decoded per item
     # a subset (eval_size, calibration) asks the data it selects from
     assert resolve_num_workers("auto", calibration_subset(folder, 5, allow_non_train=True)) == want
     assert resolve_num_workers(3, mnist) == 3 and resolve_num_workers(0, folder) == 0
+    # the point's CPU share (its torch threads, as --workers N and Ray set them) bounds the workers
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert resolve_num_workers("auto", folder) == 0
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(DatasetError, match="non-negative integer or 'auto'"):
         resolve_num_workers("many", folder)
 

@@ -6,7 +6,8 @@
     loaders.close()                                              # at the end of the point
 
 `num_workers: auto` resolves per dataset: datasets that read and decode files per item (an image folder of
-JPEGs, CIFAR's arrays) get min(usable cores - 1, 8) workers; datasets already held in memory as one tensor
+JPEGs, CIFAR's arrays) get min(cpu_share() - 1, 8) workers, the point's CPU share being its torch threads (all
+cores in a plain run, cores / N under `--workers N`, `cpus_per_point` on Ray); datasets already held in memory as one tensor
 (qcard:mnist5k, qcard:digits, synthetic noise) get 0, because a worker would only copy what the main process
 already has. Results never depend on the worker count: eval order is the dataset's order, shuffled loaders
 take their order and worker seeds from their own seeded generator, and a pass draws from the global RNG
@@ -34,6 +35,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_share() -> int:
+    """The cores this point may use: torch's threads, which `--workers N` and Ray set to the point's share
+    (capped by the cores this process may run on)."""
+    return max(1, min(usable_cores(), torch.get_num_threads()))
+
+
 def decodes_per_item(dataset: Any) -> bool:
     """Whether reading an item does real work (file reads, decoding, resizing) that workers can overlap.
     A subset asks the dataset it selects from; a dataset says so with `decodes_per_item = True`."""
@@ -45,7 +52,7 @@ def decodes_per_item(dataset: Any) -> bool:
 def resolve_num_workers(setting: Union[int, str, None], dataset: Any) -> int:
     """The worker count a loader of `dataset` runs with for the config's `num_workers` (an int or "auto")."""
     if setting is None or setting == AUTO:
-        return min(usable_cores() - 1, MAX_AUTO_WORKERS) if decodes_per_item(dataset) else 0
+        return min(cpu_share() - 1, MAX_AUTO_WORKERS) if decodes_per_item(dataset) else 0
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
         raise DatasetError(f"dataset.num_workers must be a non-negative integer or 'auto', got {setting!r}")
     return int(setting)
@@ -101,7 +108,7 @@ class PointLoaders:
     def describe(self, dataset: Any = None) -> Dict[str, Any]:
         """What the card's provenance records: the setting, the resolved count, pinning, persistence."""
         out: Dict[str, Any] = {"setting": self.setting, "pin_memory": self.pin_memory,
-                               "persistent_workers": True, "cores": usable_cores()}
+                               "persistent_workers": True, "cores": cpu_share()}
         if dataset is not None:
             out["num_workers"] = self.workers_for(dataset)
         return out
