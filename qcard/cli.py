@@ -59,7 +59,11 @@ def main():
 @click.option("--out", type=click.Path(file_okay=False), help="output root, relative to the current folder (default: the config's 'out', relative to the config's "
                    "folder; else runs/ in the current folder)")
 @click.option("--force", is_flag=True, help="rerun points that are already finished")
-@click.option("--dry-run", is_flag=True, help="validate and print the points without running them")
+@click.option("--dry-run", is_flag=True, help="validate and print the points and the work each implies (eval images, "
+                                           "calibration passes, training steps, reconstruction iterations × units) "
+                                           "without running them")
+@click.option("--estimate", is_flag=True, help="a dry run with a short timing probe on this machine (a few batches "
+                                            "of each model): prints each point's estimated wall time and the total")
 @click.option("--only", multiple=True, metavar="ID", help="run only points whose id starts with ID (repeatable)")
 @click.option("--progress/--no-progress", default=None, help="progress bars (default: when stderr is a terminal)")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -74,7 +78,7 @@ def main():
               help="with --executor ray: retry a point whose task failed (worker died or raised) N times, then "
                    "write its failed card  [default: 1]")
 @user_errors
-def run(config, out, force, dry_run, only, progress, workers, executor, address, max_retries):
+def run(config, out, force, dry_run, estimate, only, progress, workers, executor, address, max_retries):
     """Run every point of CONFIG and write one card per point.
 
     \b
@@ -85,14 +89,22 @@ def run(config, out, force, dry_run, only, progress, workers, executor, address,
     """
     from .config import load_config
     exp = load_config(config)
-    if dry_run:
+    if dry_run or estimate:
         _echo_warnings(exp)
         points = exp.points()
         if only:
             points = [p for p in points if any(p.id.startswith(o) for o in only)]
         click.echo(f"experiment '{exp.name}': {len(points)} point(s) -> {exp.out_dir(out)}")
-        for p in points:
+        from .planning import plan_points, total_lines, work_lines
+        if estimate:
+            click.echo("timing a few batches of each model on this machine ...", err=True)
+        plans = plan_points(exp, points, estimate=estimate)
+        for p, plan in zip(points, plans):
             click.echo("  " + p.describe())
+            for line in work_lines(plan):
+                click.echo("      " + line)
+        for line in total_lines(plans, plans[0].facts.device if plans else "cpu"):
+            click.echo(line)
         return
     from .runner import run as run_experiment
     summary = run_experiment(exp, out=out, force=force, only=list(only) or None, progress=progress,

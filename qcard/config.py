@@ -119,7 +119,9 @@ class DatasetSpec(Strict):
     class_map: Optional[Literal["imagenet"]] = Field(
         None, description="imagefolder only: folder names are ImageNet wnids, scored as ImageNet-1k classes")
     batch_size: int = Field(256, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        "auto", description="data-loader worker processes; auto: min(cores - 1, 8) for data decoded per item "
+                            "(image folders, CIFAR), 0 for data held in memory (qcard:mnist5k, digits, synthetic)")
     root: Optional[str] = None
     download: bool = False
     input_shape: Optional[Tuple[int, int, int]] = Field(None, description="synthetic only: C,H,W")

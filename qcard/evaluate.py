@@ -31,24 +31,41 @@ def top_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()  # not inference_mode: methods may cache tensors whose version counter they read later
 def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str = "cpu",
-             progress: bool = False, desc: str = "evaluate", num_workers: int = 0) -> Dict[str, Any]:
-    """{"top1", "top5" (points, 0-100), "n" (images), "correct" (bool array, top-1 right, eval order)}."""
+             progress: bool = False, desc: str = "evaluate", num_workers: Any = 0, loaders=None) -> Dict[str, Any]:
+    """{"top1", "top5" (points, 0-100), "n" (images), "correct" (bool array, top-1 right, eval order)}.
+
+    `loaders` (qcard.data.loaders.PointLoaders): the point's loaders, whose workers are kept between the
+    passes of a point; without it a loader with `num_workers` (an int or "auto") is made for this pass."""
+    from .data.loaders import PointLoaders
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    own = loaders is None
+    if own:
+        loaders = PointLoaders(num_workers, device)
+    loader = loaders.get(dataset, batch_size)
+    non_blocking = loaders.pin_memory
     correct1 = correct5 = total = 0
     outcomes = []
-    for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch")):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        if not torch.isfinite(logits).all():
-            raise NonFiniteOutputError(f"{desc}: the model produced NaN or infinite outputs on batch {i} "
-                                       f"(images {i * batch_size}..{i * batch_size + len(x) - 1})")
-        top = top_classes(logits, 5)
-        hits = top.eq(y.view(-1, 1))
-        outcomes.append(hits[:, 0].cpu().numpy())
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        total += len(y)
+    # counted in images, so the bar shows images/s and an ETA over the whole eval set
+    bar = tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False, unit="img", unit_scale=True,
+               smoothing=0.1)
+    try:
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+            logits = model(x)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteOutputError(f"{desc}: the model produced NaN or infinite outputs on batch {i} "
+                                           f"(images {i * batch_size}..{i * batch_size + len(x) - 1})")
+            top = top_classes(logits, 5)
+            hits = top.eq(y.view(-1, 1))
+            outcomes.append(hits[:, 0].cpu().numpy())
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            total += len(y)
+            bar.update(len(y))
+    finally:
+        bar.close()
+        if own:
+            loaders.close()
     if total == 0:
         raise QcardError(f"{desc}: the evaluation set is empty")
     return {"top1": round(100.0 * correct1 / total, 4), "top5": round(100.0 * correct5 / total, 4), "n": total,

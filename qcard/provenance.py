@@ -4,8 +4,10 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import shlex
+import os
 import subprocess
 import sys
+import threading
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -96,3 +98,90 @@ def collect(*, seed: Optional[int], deterministic: bool, config_sha256: Optional
         "config_sha256": config_sha256,
         "command": command_line(),
     }
+
+
+# --------------------------------------------------------------------------- memory of one point
+
+MEMORY_SAMPLE_S = 0.05
+MEMORY_HOW = ("resident set size of the process running the point (qcard's own process, not its data-loader "
+              "workers), sampled every 50 ms from /proc/self/statm while the point ran; it includes what the "
+              "process held before the point started (rss_start_mb)")
+
+
+def rss_bytes() -> Optional[int]:
+    """The resident set size of this process now, or None where the platform does not say."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+        return int(psutil.Process().memory_info().rss)
+    except Exception:       # psutil missing or refused: no figure rather than a wrong one
+        return None
+
+
+class PeakMemory:
+    """Peak memory while a block runs: the process's resident memory (a sampling thread, since ru_maxrss is
+    the maximum since the process started, not since this point did) and, on CUDA, the peak of
+    torch.cuda.max_memory_allocated (reset when the block starts).
+
+        with PeakMemory() as mem:
+            run the point
+        prov["memory"] = mem.record()
+    """
+
+    def __init__(self, interval_s: float = MEMORY_SAMPLE_S):
+        self.interval_s = interval_s
+        self.start = self.peak = None
+        self.gpu_peak: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _sample(self) -> None:
+        rss = rss_bytes()
+        if rss is not None:
+            self.peak = rss if self.peak is None else max(self.peak, rss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    @staticmethod
+    def _cuda_in_use() -> bool:
+        # CUDA first used inside the block: its peak since initialization is the block's peak
+        torch = sys.modules.get("torch")
+        return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = rss_bytes()
+        self.peak = self.start
+        if self._cuda_in_use():
+            sys.modules["torch"].cuda.reset_peak_memory_stats()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="qcard-peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        if self._cuda_in_use():
+            self.gpu_peak = int(sys.modules["torch"].cuda.max_memory_allocated())
+
+    def record(self) -> Optional[Dict[str, Any]]:
+        """The card's provenance.memory, in MB (10^6 bytes), or None where nothing could be measured: the
+        peaks so far (inside the block) or of the whole block (after it)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._sample()
+            if self._cuda_in_use():
+                self.gpu_peak = int(sys.modules["torch"].cuda.max_memory_allocated())
+        if self.peak is None and self.gpu_peak is None:
+            return None
+        mb = (lambda b: None if b is None else round(b / 1e6, 1))
+        return {"peak_rss_mb": mb(self.peak), "rss_start_mb": mb(self.start), "peak_gpu_mb": mb(self.gpu_peak),
+                "how": MEMORY_HOW + ("; GPU: torch.cuda.max_memory_allocated, reset when the point started"
+                                     if self.gpu_peak is not None else "")}

@@ -176,8 +176,12 @@ class PointJob:
         None when it cannot be had (the point itself then fails with the reason)."""
         try:
             pr = _PointRun(point, self.exp, resources, resources.device, False, resources.log)
-            pr.load()
-            pr.baseline()
+            try:
+                pr.load()
+                pr.baseline()
+            finally:
+                if getattr(pr, "loaders", None) is not None:
+                    pr.loaders.close()
             return next((k, v) for k, v in resources.baselines.items() if v is pr.fp32)
         except Exception:
             return None
@@ -400,12 +404,13 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _point_data(point: Point, train, evaluation):
+def _point_data(point: Point, train, evaluation, loaders=None):
     from .methods.base import PointData
     cal = point.dataset.calibration
     return PointData(train=train, eval=evaluation, num_classes=train.num_classes, input_shape=tuple(train.input_shape),
                      batch_size=point.dataset.batch_size, num_workers=point.dataset.num_workers,
-                     calibration_size=cal.size, calibration_seed=cal.seed, fingerprint=evaluation.fingerprint)
+                     calibration_size=cal.size, calibration_seed=cal.seed, fingerprint=evaluation.fingerprint,
+                     loaders=loaders)
 
 
 class _PointRun:
@@ -418,6 +423,7 @@ class _PointRun:
         self.seed_outcomes: Dict[int, str] = {}     # seed -> packed top-1 outcomes (qcard.stats.outcomes)
         self.is_baseline = False                     # the point's model is the FP32 baseline itself
         self.resumed: List[Dict[str, Any]] = []      # [{seed, step}]: seeds that went on from a checkpoint
+        self.memory = None                           # provenance.PeakMemory sampling this point (run_point)
 
     def timed(self, key: str, fn, *args):
         t = time.time()
@@ -430,14 +436,16 @@ class _PointRun:
         point = self.point
         self.base_model, self.info = self.res.model(point)
         train, self.evaluation = self.res.datasets(point, self.info)
-        self.data = _point_data(point, train, self.evaluation)
+        from .data.loaders import PointLoaders
+        self.loaders = PointLoaders(point.dataset.num_workers, self.device)
+        self.data = _point_data(point, train, self.evaluation, self.loaders)
 
     def evaluate(self, model, dataset=None, desc: str = "evaluate"):
         from .evaluate import evaluate
         ds = self.point.dataset
         return evaluate(model.to(self.device), dataset if dataset is not None else self.evaluation,
                         batch_size=ds.batch_size, device=self.device, progress=self.progress, desc=desc,
-                        num_workers=ds.num_workers)
+                        loaders=self.loaders)
 
     def baseline(self) -> None:
         """The FP32 accuracy and per-image outcomes, measured on this run's data and preprocessing, cached
@@ -550,6 +558,8 @@ class _PointRun:
             self.log(f"    warning: {w}")
         prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
                                   config_sha256=self.exp.config_sha256)
+        memory = self.memory.record() if self.memory is not None else None     # peak so far: the point's
+        prov.update(memory=memory, data_loading=self.loaders.describe(self.evaluation))
         prov.update(started_at=started_at, finished_at=provenance.now_iso(),
                     wall_seconds=round(time.time() - t_start, 3),
                     timings={k: round(self.timings[k], 3) for k in
@@ -600,7 +610,14 @@ class _PointRun:
 
 def run_point(point: Point, exp: Experiment, res: Resources, *, device: str, progress: bool,
               log: Callable[[str], None]):
-    return _PointRun(point, exp, res, device, progress, log).card()
+    from .provenance import PeakMemory
+    run = _PointRun(point, exp, res, device, progress, log)
+    with PeakMemory() as run.memory:
+        try:
+            return run.card()
+        finally:
+            if getattr(run, "loaders", None) is not None:
+                run.loaders.close()
 
 
 def _results_block(fp32: Dict[str, Any], per_seed: List[Dict[str, Any]], seeds,

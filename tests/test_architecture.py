@@ -20,7 +20,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("engine", ("qcard.quant", "qcard.cost", "qcard.training", "qcard.checkpoint", "qcard.zoo.train", "qcard.deploy")),
     ("cards", ("qcard.cards", "qcard.site")),   # site: a gallery of rendered cards and comparisons
     ("methods", ("qcard.methods",)),
-    ("orchestration", ("qcard.config", "qcard.store", "qcard.runner", "qcard.executors", "qcard.verify")),
+    ("orchestration", ("qcard.config", "qcard.store", "qcard.runner", "qcard.executors", "qcard.verify",
+                       "qcard.planning")),
     ("cli", ("qcard.cli", "qcard.commands", "qcard")),    # "qcard": the package's own __init__ only
 ]
 

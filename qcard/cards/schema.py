@@ -210,6 +210,23 @@ class Cost(Open):
     layers: List[CostLayer] = Field(default_factory=list)
 
 
+class PointMemory(Closed):
+    """Peak memory of one point (qcard.provenance.PeakMemory), in MB (10^6 bytes)."""
+    peak_rss_mb: Optional[float] = None
+    rss_start_mb: Optional[float] = None
+    peak_gpu_mb: Optional[float] = None       # CUDA only
+    how: str = ""
+
+
+class DataLoading(Closed):
+    """How the point's images were loaded (qcard.data.loaders); results do not depend on it."""
+    setting: Union[int, str]                  # the config's dataset.num_workers: an int or "auto"
+    num_workers: Optional[int] = None         # as resolved for the evaluation data
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    cores: Optional[int] = None
+
+
 class Provenance(Closed):
     qcard_version: str
     git_commit: Optional[str] = None
@@ -233,6 +250,8 @@ class Provenance(Closed):
     # seeds whose method went on from a checkpoint inside the point (qcard.checkpoint): [{seed, step}],
     # with "stage" for a method's named loop (e.g. a reconstruction)
     resumed: Optional[List[Dict[str, Union[int, str]]]] = None
+    memory: Optional[PointMemory] = None      # cards written before peak memory was recorded have none
+    data_loading: Optional[DataLoading] = None
 
 
 class TableSection(Closed):

@@ -69,6 +69,7 @@ class QDataset(Dataset):
     fingerprint: str
     preprocessing: Dict[str, Any]
     split_info: Dict[str, Any]
+    decodes_per_item: bool = False      # True: reading an item decodes a file (num_workers: auto gives workers)
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -94,6 +94,7 @@ def _build_transform(pre: Dict[str, Any]):
 
 
 class ImageFolderQDataset(QDataset):
+    decodes_per_item = True       # each item is a file read, JPEG decode and resize: loader workers help
     def __init__(self, ref: str, split: str, folder: Path, split_info: Dict[str, Any], pre: Dict[str, Any],
                  class_map: Optional[str] = None):
         from torchvision.datasets import ImageFolder
@@ -175,6 +176,7 @@ CIFAR = {
 
 class CifarQDataset(QDataset):
     """CIFAR held as uint8 (N,32,32,3) and normalized per item with tensor ops (no PIL round trip)."""
+    decodes_per_item = True       # per-item conversion and normalization: loader workers overlap it
 
     def __init__(self, name: str, split: str, data: np.ndarray, targets, files: list, root: str):
         spec = CIFAR[name]

@@ -36,10 +36,11 @@ class PointData:
     num_classes: int
     input_shape: tuple
     batch_size: int = 256
-    num_workers: int = 0
+    num_workers: Any = 0            # an int or "auto" (qcard.data.loaders)
     calibration_size: int = 256
     calibration_seed: int = 0
     fingerprint: str = ""
+    loaders: Any = None             # the point's qcard.data.loaders.PointLoaders: workers kept across passes
 
     def calibration_set(self, size: Optional[int] = None, seed: Optional[int] = None):
         """A fixed random subset of the training split (never the evaluation split)."""
@@ -50,11 +51,12 @@ class PointData:
     def loader(self, dataset, *, shuffle: bool = False, seed: int = 0, batch_size: Optional[int] = None):
         import torch
         from ..checkpoint import ResumableShuffle
+        from ..data.loaders import PointLoaders
         gen = torch.Generator().manual_seed(seed)
         # shuffled: RandomSampler's order, from a sampler that a resumed training run can start mid-epoch
         sampler = ResumableShuffle(len(dataset), gen) if shuffle else None
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self.batch_size, sampler=sampler,
-                                           generator=gen, num_workers=self.num_workers)
+        loaders = self.loaders if self.loaders is not None else PointLoaders(self.num_workers)
+        return loaders.get(dataset, batch_size or self.batch_size, generator=gen, sampler=sampler)
 
 
 @dataclass

@@ -41,13 +41,18 @@ def set_weight_ranges(model: nn.Module, method: Optional[str] = None, percentile
 def run_batches(model: nn.Module, batches: Iterable[torch.Tensor], device: str = "cpu", progress: bool = False,
                 desc: str = "calibrate") -> int:
     n = 0
-    it = batches
-    if progress:
+    bar = None
+    if progress:      # counted in images: the bar shows images/s and, for a list of batches, an ETA
         from tqdm.auto import tqdm
-        it = tqdm(batches, desc=desc, leave=False)
-    for x in it:
+        total = sum(int(x.shape[0]) for x in batches) if isinstance(batches, (list, tuple)) else None
+        bar = tqdm(total=total, desc=desc, leave=False, unit="img", unit_scale=True)
+    for x in batches:
         model(x.to(device))
         n += int(x.shape[0])
+        if bar is not None:
+            bar.update(int(x.shape[0]))
+    if bar is not None:
+        bar.close()
     return n
 
 

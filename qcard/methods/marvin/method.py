@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from ...training import TrainRecipe, train
 from ..base import Method, MethodParams, QuantResult
-from . import card
+from . import card, work
 from .blocks import build_result
 from .controller import MarvinController
 
@@ -16,6 +16,7 @@ from .controller import MarvinController
 class Marvin(Method):
     name = "marvin"
     family = "adaptive_precision_training"
+    planned_work = staticmethod(work.planned_work)     # `qcard run --dry-run` (qcard.methods.work)
 
     class Params(MethodParams):
         train: TrainRecipe = Field(default_factory=TrainRecipe, description="the training recipe")

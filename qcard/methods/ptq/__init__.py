@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from ..base import Method, PointData, QuantResult, RunContext
+from . import work
 from .params import PIPELINES, PTQParams
 
 __all__ = ["PTQ", "PTQParams", "PIPELINES"]
@@ -19,6 +20,7 @@ class PTQ(Method):
     name = "ptq"
     family = "ptq"
     Params = PTQParams
+    planned_work = staticmethod(work.planned_work)     # `qcard run --dry-run` (qcard.methods.work)
 
     def apply(self, model, data: PointData, params: PTQParams, ctx: RunContext) -> QuantResult:
         from .pipeline import run_ptq          # torch is imported on use, not on `qcard validate`

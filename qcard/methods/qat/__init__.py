@@ -30,6 +30,7 @@ the model before ranges are set.
 from __future__ import annotations
 
 from ..base import Method, PointData, QuantResult, RunContext
+from . import work
 from .params import QAT_RECIPE, QATParams
 
 __all__ = ["QAT", "QATParams", "QAT_RECIPE", "fold_kept_bn"]
@@ -46,6 +47,7 @@ class QAT(Method):
     name = "qat"
     family = "qat"
     Params = QATParams
+    planned_work = staticmethod(work.planned_work)     # `qcard run --dry-run` (qcard.methods.work)
 
     def apply(self, model, data: PointData, params: QATParams, ctx: RunContext) -> QuantResult:
         from .run import run_qat               # torch is imported on use, not on `qcard validate`

@@ -28,7 +28,7 @@ from torch import nn
 from ...errors import QcardError
 from ...records import LayerRecord
 from ..base import Method, QuantResult
-from . import blocks, card
+from . import blocks, card, work
 from .bn_fold import fold_batch_norms
 from .cost import cost_comparison
 from .kernels import SparqKernel
@@ -220,6 +220,7 @@ class SPARQ(Method):
     name = "sparq"
     family = "sparsity_aware_ptq"
     Params = SparqParams
+    planned_work = staticmethod(work.planned_work)     # `qcard run --dry-run` (qcard.methods.work)
 
     def apply(self, model: nn.Module, data, params: SparqParams, ctx) -> QuantResult:
         model.eval()
