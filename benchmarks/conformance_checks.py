@@ -226,12 +226,14 @@ def _shapes(entries) -> List[List[int]]:
     return [list(next(iter(e.values()))) for e in entries or []]
 
 
-def _node_macs(op: str, ins: List[List[int]], outs: List[List[int]]) -> int:
+def _node_macs(op: str, ins: List[List[int]], outs: List[List[int]], weight: Optional[List[int]] = None) -> int:
+    """MACs of one kernel call. `weight`: the conv weight's dims from the graph (the profile leaves out an
+    initializer the kernel pre-packed, e.g. QLinearConv's int8 weight, and its input list then shifts)."""
     if not outs:
         return 0
     out_numel = math.prod(outs[0])
     if op in _WEIGHT_INPUT:
-        w = ins[_WEIGHT_INPUT[op]]
+        w = weight if weight is not None else ins[_WEIGHT_INPUT[op]]
         return int(out_numel * math.prod(w[1:]))
     if op in ("Attention", "MultiHeadAttention", "QAttention"):
         return 0                       # not produced by qcard's exporter; counted as unknown
@@ -252,6 +254,11 @@ def runtime_mac_share(optimized_onnx: str, x, threads: int = 1) -> Dict[str, Any
     so.profile_file_prefix = prefix
     sess = ort.InferenceSession(str(optimized_onnx), so, providers=["CPUExecutionProvider"])
     sess.run(None, {sess.get_inputs()[0].name: x})
+    import onnx
+    graph = onnx.load(str(optimized_onnx)).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    weight_of = {n.name: dims.get(n.input[_WEIGHT_INPUT[n.op_type]]) for n in graph.node
+                 if n.op_type in _WEIGHT_INPUT and len(n.input) > _WEIGHT_INPUT[n.op_type]}
     prof = sess.end_profiling()
     events = json.loads(Path(prof).read_text())
     Path(prof).unlink(missing_ok=True)
@@ -268,7 +275,8 @@ def runtime_mac_share(optimized_onnx: str, x, threads: int = 1) -> Dict[str, Any
         if node in seen or (op not in INTEGER_KERNELS and op not in FLOAT_KERNELS):
             continue
         seen.add(node)
-        macs = _node_macs(op, _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")))
+        macs = _node_macs(op, _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")),
+                          weight_of.get(node))
         if op in INTEGER_KERNELS:
             integer += macs
             int_ops[op] = int_ops.get(op, 0) + 1
