@@ -97,6 +97,35 @@ def test_eager_integer_share_is_what_the_runtime_ran(tmp_path):
     assert sum(rt["integer_ops"].values()) + sum(rt["float_ops"].values()) == 10   # 9 convs + the classifier
 
 
+class FusedAttention(nn.Module):
+    """timm-style attention in forward code (F.scaled_dot_product_attention): rows of the image as tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(28, 48)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x.flatten(1, 2)).unsqueeze(1).chunk(3, dim=-1)
+        return self.head(nn.functional.scaled_dot_product_attention(q, k, v).mean(dim=(1, 2)))
+
+
+def test_eager_fused_attention_exports_at_the_opset_it_needs():
+    """ONNX has scaled_dot_product_attention's ops from opset 14: with no opset asked the export takes the
+    lowest that has every op and the card says why; an asked opset that is too low names the op."""
+    torch.manual_seed(0)
+    data = torch.utils.data.Subset(load_dataset("qcard:mnist5k", "test"), range(32))
+    with one_thread():
+        sim = run_ptq(FusedAttention().eval(), w_bits=8, a_bits=8, pipeline="minmax", graph_mode="eager").model
+        d = deploy_check(sim, data, batch_sizes=[1], latency_runs=1, latency_budget_s=0.1)
+        low = deploy_check(sim, data, batch_sizes=[1], latency_runs=1, latency_budget_s=0.1, opset=13)
+    assert d["status"] == "ok" and d["opset"] == 14, d.get("reason")
+    assert any(n.startswith("exported at opset 14 (default 13): the graph has aten::scaled_dot_product_attention")
+               for n in d["notes"]), d["notes"]
+    assert d["argmax_agreement"] == 1.0
+    assert low["status"] == "failed" and "deploy.opset 13" in low["reason"] and "from opset 14" in low["reason"]
+
+
 class TwoLayer(nn.Module):
     def __init__(self, w_scale: float, bias_class: int, bias: float):
         super().__init__()
