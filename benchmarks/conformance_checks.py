@@ -25,8 +25,9 @@ GRID_LEVELS_MAX = 256          # more distinct values than an 8-bit grid holds: 
 # --------------------------------------------------------------------------- operand grids
 
 
-_MAX_DIVISOR = 64        # a grid step may be the smallest gap between values divided by up to this
-_ON_GRID = 0.02          # a gap is a whole number of steps when within this many steps of one
+_ON_GRID = 5e-3          # a value is on the grid when within this many steps of a grid point (float32
+                         # rounding of q * step is ~1e-5 steps; a float channel of 2 free values matches
+                         # one of the 255 candidate grids by chance with p ~ 255 * 1e-4)
 _NOISE = 1e-5            # float32 rounding, relative to the largest magnitude (an 8-bit step is >= 1/255)
 
 
@@ -48,16 +49,18 @@ def grid_bits(t: torch.Tensor, channel_axis: Optional[int] = None) -> int:
     d = torch.where(d > tol, d, torch.zeros_like(d))
     if int(((d > 0).sum(dim=1) + 1).max()) > GRID_LEVELS_MAX:
         return FP32
-    # the step: the smallest gap divided by the smallest k that makes every gap a whole number of steps
-    # (float32 rounding makes Euclid's algorithm on the gaps unreliable; this test is not)
+    # a grid of at most 256 levels that holds the smallest and the largest value has step span / n for a
+    # whole n <= 255: the smallest n that puts every value on the grid gives the levels. (Guessing the step
+    # from the gaps fails on channels with few values: a 1x1 conv's 4 weights per channel can sit 70-90
+    # steps apart with no common divisor among the gaps.)
     span = rows[:, -1] - rows[:, 0]
-    gap = torch.where(d > 0, d, torch.full_like(d, float("inf"))).min(dim=1).values
+    off = rows - rows[:, :1]
     step = torch.full_like(span, float("nan"))
-    for k in range(1, _MAX_DIVISOR + 1):
-        cand = gap / k
-        ratio = d / cand.unsqueeze(1)
+    for n in range(1, GRID_LEVELS_MAX):
+        cand = (span / n).clamp_min(1e-300).unsqueeze(1)
+        ratio = off / cand
         ok = ((ratio - ratio.round()).abs() <= _ON_GRID).all(dim=1) & torch.isnan(step)
-        step = torch.where(ok, cand, step)
+        step = torch.where(ok, cand.squeeze(1), step)
     flat = span == 0
     if bool((torch.isnan(step) & ~flat).any()):
         return FP32

@@ -90,6 +90,11 @@ def test_grid_bits_tells_grids_from_floats():
         s = w.abs().amax(dim=(1, 2, 3), keepdim=True) / qmax
         assert grid_bits((w / s).round() * s, 0) == bits
     assert grid_bits(w, 0) == 32
+    # a 1x1 conv with 4 input channels: 4 values per channel whose gaps (87, 85, 82 steps) share no divisor
+    q = torch.tensor([[-127.0, -40.0, 45.0, 127.0], [-3.0, 0.0, 1.0, 127.0]])
+    s = torch.tensor([[0.0123], [0.00071]])
+    assert grid_bits((q * s).float().reshape(2, 4, 1, 1), 0) == 8
+    assert grid_bits(torch.randn(64, 4, 1, 1, generator=gen), 0) == 32
     a = torch.rand(8, 16, 6, 6, generator=gen) * 3
     step = 3 / 255
     assert grid_bits((a / step).round() * step - 7 * step) == 8
