@@ -45,12 +45,14 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conformance_checks import (FP32, align, capture_mac_ops, flop_counter_macs, params_in_use,  # noqa: E402
-                                runtime_mac_share)
+                                runtime_divergence, runtime_mac_share)
 
 # MACs: the cost model counts conv/linear/matmul MACs as torch's flop counter does (FLOPs = 2 MACs);
 # 0.1 % leaves room for nothing but rounding: a missed attention matmul or depthwise conv is far more.
 MAC_RTOL = 1e-3
 BITS_ATOL = 1e-3          # the card rounds mean bits to 4 decimals
+AGREEMENT_TARGET = 0.99   # runtime-vs-simulation identical argmax on a trained CNN at W8A8 (README)
+DIVERGENCE_IMAGES = 64    # images on which a gap below the target is located (runtime_divergence)
 THREADS = 2
 
 
@@ -439,7 +441,8 @@ def check_point(name: str, arch: Arch, exp, outcome, weights: Path) -> Dict[str,
     row["card_integer_share"] = card_share
     if dep.get("status") == "ok":
         try:
-            row["runtime_macs"] = _runtime_share(sim, evaluation, dep.get("opset"))
+            diverge = (dep.get("argmax_agreement") or 0) < AGREEMENT_TARGET
+            row["runtime_macs"], row["divergence"] = _runtime_share(sim, evaluation, dep.get("opset"), diverge)
         except Exception as exc:  # noqa: BLE001 - reported in the row, not hidden
             row["notes"].append(f"runtime MAC share not measured: {type(exc).__name__}: {exc}"[:300])
     share = (row.get("runtime_macs") or {}).get("share")
@@ -466,7 +469,9 @@ def check_point(name: str, arch: Arch, exp, outcome, weights: Path) -> Dict[str,
     return row
 
 
-def _runtime_share(sim, evaluation, opset) -> Dict[str, Any]:
+def _runtime_share(sim, evaluation, opset, diverge: bool):
+    """The runtime's integer MAC share, and, when the agreement is below target, where runtime and simulation
+    part (runtime_divergence on DIVERGENCE_IMAGES eval images)."""
     import tempfile
     from qcard.deploy import export_onnx
     from qcard.deploy.runtime import make_session
@@ -475,7 +480,13 @@ def _runtime_share(sim, evaluation, opset) -> Dict[str, Any]:
         qdq, opt = Path(tmp) / "m.onnx", Path(tmp) / "m.opt.onnx"
         export_onnx(sim, example, qdq, opset=opset)
         make_session(qdq, 1, opt)
-        return runtime_mac_share(str(opt), example[:1].numpy())
+        share = runtime_mac_share(str(opt), example[:1].numpy())
+        if not diverge:
+            return share, None
+        x = torch.stack([evaluation[i][0] for i in range(min(DIVERGENCE_IMAGES, len(evaluation)))]).float()
+        with torch.no_grad():
+            logits = sim(x).numpy()
+        return share, runtime_divergence(str(qdq), x.numpy(), logits)
 
 
 # --------------------------------------------------------------------------- table
@@ -489,8 +500,21 @@ def _ci(v, ci):
 
 
 def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    done = list(dict.fromkeys(r["arch"] for r in rows))
+    missing = [n for n in ARCHS if n not in done]
+    failing = [f"{r['arch']} {r.get('scheme')} ({', '.join(k for k, v in r['checks'].items() if not v)})"
+               for r in rows if not all(r["checks"].values())]
+    gaps = [f"{r['arch']} {r.get('scheme')} {r['agreement']:.1%}" for r in rows
+            if r.get("agreement") is not None and r["agreement"] < AGREEMENT_TARGET]
     lines = [
         "# Conformance matrix",
+        "",
+        f"> **{len(done)} of {len(ARCHS)} architectures, {len(rows)} rows; "
+        f"{len(rows) - len(failing)} pass every invariant.** "
+        + (f"Not measured in this run: {', '.join(missing)}. " if missing else "")
+        + (f"Failing: {'; '.join(failing)}. " if failing else "")
+        + (f"Runtime-vs-simulation agreement below {AGREEMENT_TARGET:.0%}: {'; '.join(gaps)} (where each gap "
+           "starts: Findings per row)." if gaps else ""),
         "",
         f"Measured {meta['date']} with `{meta['command']}` (qcard git {meta['git']}, torch {meta['torch']}, "
         f"onnxruntime {meta.get('onnxruntime')}, {meta['cpu']}, {THREADS} threads; {meta['eval_size']} test images, "
@@ -542,7 +566,6 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"| {_f(r.get('rt_top1'), '{:.1f}')} / {_f(r.get('rt_sim_top1'), '{:.1f}')} "
             f"| {_f(r.get('agreement'), '{:.1%}')} ({r['distinct_argmax']}) | {_f(r.get('steps_max'))} "
             f"| {_f(r.get('wall_s'), '{:.0f}')} | {flags} |")
-    done = list(dict.fromkeys(r["arch"] for r in rows))
     lines += ["", "## Weights", "",
               "| arch | input | training (AdamW steps x batch; BatchNorm statistics then re-estimated where present) "
               "| FP32 top-1 on the eval images |", "|---|---|---|---|"]
@@ -551,9 +574,6 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         fp = next((r.get("fp32") for r in rows if r["arch"] == name and r.get("fp32") is not None), None)
         if a is not None:
             lines.append(f"| {name} | {a.size} px | {a.steps} x {a.batch} (lr {a.lr:g}) | {_f(fp, '{:.1f}')} |")
-    missing = [n for n in ARCHS if n not in done]
-    if missing:
-        lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     lines += ["", "## Findings per row", ""]
     for r in rows:
         bad = [k for k, v in r["checks"].items() if not v]
@@ -562,6 +582,18 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             detail.append(f"{len(r['false_claims'])} claim(s) on float operands, e.g. {'; '.join(r['false_claims'][:2])}")
         if r.get("export") not in (None, "ok"):
             detail.append(f"export: {r.get('export_reason')}")
+        dv = r.get("divergence")
+        if dv:
+            worst = max(dv["probes"], key=lambda p: p["mean_steps"], default=None)
+            first = next((p for p in dv["probes"] if p["max_steps"] > 0), None)
+            detail.append(
+                f"agreement gap located on {dv['images']} images: the QDQ graph run unoptimized (float, the "
+                f"simulation's arithmetic) agrees with the simulation on {dv['reference_agreement']:.1%}, optimized "
+                f"(integer kernels) on {dv['optimized_agreement']:.1%}; optimized vs unoptimized activations differ "
+                + (f"from tensor {first['index']}/{first['of']} ({first['tensor']}: max {first['max_steps']:g} steps, "
+                   f"mean {first['mean_steps']:.4f})" if first else "nowhere probed")
+                + (f", growing to mean {worst['mean_steps']:.2f} steps (max {worst['max_steps']:g}) at "
+                   f"{worst['index']}/{worst['of']} ({worst['tensor']})" if worst and worst is not first else ""))
         rm = r.get("runtime_macs") or {}
         if rm.get("float_ops"):
             detail.append(f"float kernels on the runtime: {rm['float_ops']}")

@@ -289,3 +289,50 @@ def runtime_mac_share(optimized_onnx: str, x, threads: int = 1) -> Dict[str, Any
     total = integer + flt
     return {"share": integer / total if total else None, "integer": integer, "float": flt,
             "integer_ops": int_ops, "float_ops": float_ops}
+
+
+# --------------------------------------------------------------------------- where runtime and simulation part
+
+def runtime_divergence(qdq_onnx: str, x, sim_logits, probes: int = 8) -> Dict[str, Any]:
+    """Where an exported model's runtime outputs leave the simulation's. The QDQ graph run with every
+    onnxruntime optimization off computes in float what the simulation computes (the reference); run
+    optimized, its QDQ pairs become integer kernels. Returns both argmax agreements with the simulation
+    on x and, at `probes` activation tensors spread over the graph (in topological order), the largest and
+    mean |optimized - reference| in that tensor's quantization steps."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    model = onnx.load(str(qdq_onnx))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    acts = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
+
+    def run(level, extra=None):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        if extra:
+            m.graph.output.append(helper.make_tensor_value_info(extra, onnx.TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: x})
+
+    off, on = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sim_arg = np.asarray(sim_logits).argmax(1)
+    ref, opt = run(off)[0], run(on)[0]
+    out = {"images": int(len(x)), "reference_agreement": float((ref.argmax(1) == sim_arg).mean()),
+           "optimized_agreement": float((opt.argmax(1) == sim_arg).mean()),
+           "optimized_vs_reference": float((opt.argmax(1) == ref.argmax(1)).mean()), "probes": []}
+    picks = sorted({int(i) for i in np.linspace(0, len(acts) - 1, min(probes, len(acts)))}) if acts else []
+    for i in picks:
+        n = acts[i]
+        scale = inits.get(n.input[1])
+        step = float(numpy_helper.to_array(scale).reshape(-1)[0]) if scale is not None else 1.0
+        a, b = run(off, n.output[0])[1], run(on, n.output[0])[1]
+        d = np.abs(a - b) / step
+        out["probes"].append({"tensor": n.output[0].replace("/DequantizeLinear_output_0", ""), "index": i,
+                              "of": len(acts), "max_steps": float(d.max()), "mean_steps": float(d.mean())})
+    return out
