@@ -501,6 +501,10 @@ def _ci(v, ci):
 def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     done = list(dict.fromkeys(r["arch"] for r in rows))
     missing = [n for n in ARCHS if n not in done]
+    stale = {}
+    for r in rows:
+        if r.get("stale"):
+            stale.setdefault(f"{r['stale']['date']}, qcard git {r['stale']['git']}", []).append(r["arch"])
     failing = [f"{r['arch']} {r.get('scheme')} ({', '.join(k for k, v in r['checks'].items() if not v)})"
                for r in rows if not all(r["checks"].values())]
     gaps = [f"{r['arch']} {r.get('scheme')} {r['agreement']:.1%}" for r in rows
@@ -511,6 +515,8 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"> **{len(done)} of {len(ARCHS)} architectures, {len(rows)} rows; "
         f"{len(rows) - len(failing)} pass every invariant.** "
         + (f"Not measured in this run: {', '.join(missing)}. " if missing else "")
+        + "".join(f"**Stale** (marked † below; measured {when} with the code and checks of then, not rerun): "
+                  f"{', '.join(dict.fromkeys(a))}. " for when, a in stale.items())
         + (f"Failing: {'; '.join(failing)}. " if failing else "")
         + (f"Runtime-vs-simulation agreement below {AGREEMENT_TARGET:.0%}: {'; '.join(gaps)} (where each gap "
            "starts: Findings per row)." if gaps else ""),
@@ -555,7 +561,7 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
                           ("M", "MACs=flops"), ("E", "export ok")))
         share = r.get("integer_share")
         lines.append(
-            f"| {r['arch']} | {r['scheme']} | {cap} | {r['layers_quantized']} / {r['layers_fp32']} "
+            f"| {r['arch']}{' †' if r.get('stale') else ''} | {r['scheme']} | {cap} | {r['layers_quantized']} / {r['layers_fp32']} "
             f"| {_f(r['headline_w'])} / {_f(r['records_w'])} / {_f(r['tensors_w'])} "
             f"| {_f(r['headline_a'])} / {_f(r['records_a'])} / {_f(r['tensors_a'])} "
             f"| {r['card_macs'] / 1e6:.2f}M / {r['flop_macs'] / 1e6:.2f}M "
@@ -604,7 +610,7 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             detail.append("left FP32: " + "; ".join(f"{n}× {k}" for k, n in reasons.items()))
         detail += r.get("notes", [])
         if bad or detail:
-            lines.append(f"- **{r['arch']} {r.get('scheme')}**{' FAIL ' + ', '.join(bad) if bad else ''}: "
+            lines.append(f"- **{r['arch']}{' †' if r.get('stale') else ''} {r.get('scheme')}**{' FAIL ' + ', '.join(bad) if bad else ''}: "
                          + " · ".join(detail))
     return "\n".join(lines) + "\n"
 
@@ -638,6 +644,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each architecture's)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "conformance"),
                     help="writes OUT.md and OUT.json")
+    ap.add_argument("--stale", metavar="JSON", action="append",
+                    help="with --render: also show an earlier run's rows for architectures the runs lack, each "
+                         "marked stale with the code that measured it")
     ap.add_argument("--force", action="store_true", help="rerun points that have cards")
     ap.add_argument("--allow-fail", action="store_true", help="exit 0 even when an invariant fails")
     ap.add_argument("--render", metavar="JSON", action="append",
@@ -647,6 +656,11 @@ def main(argv=None) -> int:
     if args.render:
         runs = [json.loads(Path(f).read_text()) for f in args.render]
         rows = [r for d in runs for r in d["rows"]]
+        fresh = {r["arch"] for r in rows}
+        for f in args.stale or []:
+            old = json.loads(Path(f).read_text())
+            rows += [{**r, "stale": {k: old["meta"].get(k) for k in ("date", "git", "command")}}
+                     for r in old["rows"] if r["arch"] not in fresh and not r.get("stale")]
         meta = dict(runs[0]["meta"])
         if len(runs) > 1:
             differ = [k for k in ("git", "torch", "onnxruntime", "eval_size", "calibration")
