@@ -99,3 +99,30 @@ def test_grid_bits_tells_grids_from_floats():
     step = 3 / 255
     assert grid_bits((a / step).round() * step - 7 * step) == 8
     assert grid_bits(a) == 32
+
+
+def test_runtime_divergence_locates_where_runtime_and_simulation_part(tmp_path):
+    """The gap locator on the bundled MLP at W8A8: the QDQ graph run unoptimized is the simulation's float
+    arithmetic (it agrees on every image), the probes run in graph order and end at the logits, and each
+    difference is in that tensor's quantization steps (whole steps: both sides hold grid values)."""
+    import numpy as np
+    import torch
+    from conformance_checks import runtime_divergence
+    from qcard.data import load_dataset
+    from qcard.deploy import export_onnx
+    from test_quant_support import bundled, one_thread, run_ptq
+    x, _ = load_dataset("qcard:mnist5k", "test").tensors()
+    x = x[:64]
+    with one_thread():
+        sim = run_ptq(bundled("mlp").eval(), w_bits=8, a_bits=8).model
+        export_onnx(sim, x[:2], tmp_path / "m.onnx")
+        with torch.no_grad():
+            logits = sim(x).numpy()
+        d = runtime_divergence(str(tmp_path / "m.onnx"), x.numpy(), logits, probes=4)
+    assert d["images"] == 64 and d["reference_agreement"] == 1.0
+    assert 0.9 <= d["optimized_agreement"] <= 1.0
+    idx = [p["index"] for p in d["probes"]]
+    assert idx == sorted(idx) and len(idx) >= 2 and d["probes"][-1]["tensor"].endswith("logits")
+    for p in d["probes"]:
+        assert p["max_steps"] >= p["mean_steps"] >= 0
+        assert abs(p["max_steps"] - round(p["max_steps"])) < 1e-3
