@@ -663,11 +663,13 @@ def main(argv=None) -> int:
                      for r in old["rows"] if r["arch"] not in fresh and not r.get("stale")]
         meta = dict(runs[0]["meta"])
         if len(runs) > 1:
-            differ = [k for k in ("git", "torch", "onnxruntime", "eval_size", "calibration")
+            differ = [k for k in ("torch", "onnxruntime", "eval_size", "calibration")
                       if len({str(d["meta"].get(k)) for d in runs}) > 1]
             if differ:
                 raise SystemExit(f"--render: the runs differ in {', '.join(differ)}; not one table")
+            # commits that differ only outside qcard/ share the cards (runs/ is keyed by qcard's source hash)
             meta["command"] = "` and `".join(d["meta"]["command"] for d in runs)
+            meta["git"] = " / ".join(dict.fromkeys(d["meta"]["git"] for d in runs))
             meta["date"] = " / ".join(d["meta"]["date"] for d in runs)
         write(rows, meta, Path(args.out))
         return _verdict(rows, args)
