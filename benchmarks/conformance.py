@@ -45,12 +45,14 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conformance_checks import (FP32, align, capture_mac_ops, flop_counter_macs, params_in_use,  # noqa: E402
-                                runtime_mac_share)
+                                runtime_divergence, runtime_mac_share)
 
 # MACs: the cost model counts conv/linear/matmul MACs as torch's flop counter does (FLOPs = 2 MACs);
 # 0.1 % leaves room for nothing but rounding: a missed attention matmul or depthwise conv is far more.
 MAC_RTOL = 1e-3
 BITS_ATOL = 1e-3          # the card rounds mean bits to 4 decimals
+AGREEMENT_TARGET = 0.99   # runtime-vs-simulation identical argmax on a trained CNN at W8A8 (README)
+DIVERGENCE_IMAGES = 64    # images on which a gap below the target is located (runtime_divergence)
 THREADS = 2
 
 
@@ -438,7 +440,8 @@ def check_point(name: str, arch: Arch, exp, outcome, weights: Path) -> Dict[str,
     row["card_integer_share"] = card_share
     if dep.get("status") == "ok":
         try:
-            row["runtime_macs"] = _runtime_share(sim, evaluation, dep.get("opset"))
+            diverge = (dep.get("argmax_agreement") or 0) < AGREEMENT_TARGET
+            row["runtime_macs"], row["divergence"] = _runtime_share(sim, evaluation, dep.get("opset"), diverge)
         except Exception as exc:  # noqa: BLE001 - reported in the row, not hidden
             row["notes"].append(f"runtime MAC share not measured: {type(exc).__name__}: {exc}"[:300])
     share = (row.get("runtime_macs") or {}).get("share")
@@ -465,7 +468,9 @@ def check_point(name: str, arch: Arch, exp, outcome, weights: Path) -> Dict[str,
     return row
 
 
-def _runtime_share(sim, evaluation, opset) -> Dict[str, Any]:
+def _runtime_share(sim, evaluation, opset, diverge: bool):
+    """The runtime's integer MAC share, and, when the agreement is below target, where runtime and simulation
+    part (runtime_divergence on DIVERGENCE_IMAGES eval images)."""
     import tempfile
     from qcard.deploy import export_onnx
     from qcard.deploy.runtime import make_session
@@ -474,7 +479,13 @@ def _runtime_share(sim, evaluation, opset) -> Dict[str, Any]:
         qdq, opt = Path(tmp) / "m.onnx", Path(tmp) / "m.opt.onnx"
         export_onnx(sim, example, qdq, opset=opset)
         make_session(qdq, 1, opt)
-        return runtime_mac_share(str(opt), example[:1].numpy())
+        share = runtime_mac_share(str(opt), example[:1].numpy())
+        if not diverge:
+            return share, None
+        x = torch.stack([evaluation[i][0] for i in range(min(DIVERGENCE_IMAGES, len(evaluation)))]).float()
+        with torch.no_grad():
+            logits = sim(x).numpy()
+        return share, runtime_divergence(str(qdq), x.numpy(), logits)
 
 
 # --------------------------------------------------------------------------- table
@@ -488,8 +499,27 @@ def _ci(v, ci):
 
 
 def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    done = list(dict.fromkeys(r["arch"] for r in rows))
+    missing = [n for n in ARCHS if n not in done]
+    stale = {}
+    for r in rows:
+        if r.get("stale"):
+            stale.setdefault(f"{r['stale']['date']}, qcard git {r['stale']['git']}", []).append(r["arch"])
+    failing = [f"{r['arch']} {r.get('scheme')} ({', '.join(k for k, v in r['checks'].items() if not v)})"
+               for r in rows if not all(r["checks"].values())]
+    gaps = [f"{r['arch']} {r.get('scheme')} {r['agreement']:.1%}" for r in rows
+            if r.get("agreement") is not None and r["agreement"] < AGREEMENT_TARGET]
     lines = [
         "# Conformance matrix",
+        "",
+        f"> **{len(done)} of {len(ARCHS)} architectures, {len(rows)} rows; "
+        f"{len(rows) - len(failing)} pass every invariant.** "
+        + (f"Not measured in this run: {', '.join(missing)}. " if missing else "")
+        + "".join(f"**Stale** (marked † below; measured {when} with the code and checks of then, not rerun): "
+                  f"{', '.join(dict.fromkeys(a))}. " for when, a in stale.items())
+        + (f"Failing: {'; '.join(failing)}. " if failing else "")
+        + (f"Runtime-vs-simulation agreement below {AGREEMENT_TARGET:.0%}: {'; '.join(gaps)} (where each gap "
+           "starts: Findings per row)." if gaps else ""),
         "",
         f"Measured {meta['date']} with `{meta['command']}` (qcard git {meta['git']}, torch {meta['torch']}, "
         f"onnxruntime {meta.get('onnxruntime')}, {meta['cpu']}, {THREADS} threads; {meta['eval_size']} test images, "
@@ -531,7 +561,7 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
                           ("M", "MACs=flops"), ("E", "export ok")))
         share = r.get("integer_share")
         lines.append(
-            f"| {r['arch']} | {r['scheme']} | {cap} | {r['layers_quantized']} / {r['layers_fp32']} "
+            f"| {r['arch']}{' †' if r.get('stale') else ''} | {r['scheme']} | {cap} | {r['layers_quantized']} / {r['layers_fp32']} "
             f"| {_f(r['headline_w'])} / {_f(r['records_w'])} / {_f(r['tensors_w'])} "
             f"| {_f(r['headline_a'])} / {_f(r['records_a'])} / {_f(r['tensors_a'])} "
             f"| {r['card_macs'] / 1e6:.2f}M / {r['flop_macs'] / 1e6:.2f}M "
@@ -541,7 +571,6 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"| {_f(r.get('rt_top1'), '{:.1f}')} / {_f(r.get('rt_sim_top1'), '{:.1f}')} "
             f"| {_f(r.get('agreement'), '{:.1%}')} ({r['distinct_argmax']}) | {_f(r.get('steps_max'))} "
             f"| {_f(r.get('wall_s'), '{:.0f}')} | {flags} |")
-    done = list(dict.fromkeys(r["arch"] for r in rows))
     lines += ["", "## Weights", "",
               "| arch | input | training (AdamW steps x batch; BatchNorm statistics then re-estimated where present) "
               "| FP32 top-1 on the eval images |", "|---|---|---|---|"]
@@ -550,9 +579,6 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         fp = next((r.get("fp32") for r in rows if r["arch"] == name and r.get("fp32") is not None), None)
         if a is not None:
             lines.append(f"| {name} | {a.size} px | {a.steps} x {a.batch} (lr {a.lr:g}) | {_f(fp, '{:.1f}')} |")
-    missing = [n for n in ARCHS if n not in done]
-    if missing:
-        lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     lines += ["", "## Findings per row", ""]
     for r in rows:
         bad = [k for k, v in r["checks"].items() if not v]
@@ -561,6 +587,18 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             detail.append(f"{len(r['false_claims'])} claim(s) on float operands, e.g. {'; '.join(r['false_claims'][:2])}")
         if r.get("export") not in (None, "ok"):
             detail.append(f"export: {r.get('export_reason')}")
+        dv = r.get("divergence")
+        if dv:
+            worst = max(dv["probes"], key=lambda p: p["mean_steps"], default=None)
+            first = next((p for p in dv["probes"] if p["max_steps"] > 0), None)
+            detail.append(
+                f"agreement gap located on {dv['images']} images: the QDQ graph run unoptimized (float, the "
+                f"simulation's arithmetic) agrees with the simulation on {dv['reference_agreement']:.1%}, optimized "
+                f"(integer kernels) on {dv['optimized_agreement']:.1%}; optimized vs unoptimized activations differ "
+                + (f"from tensor {first['index']}/{first['of']} ({first['tensor']}: max {first['max_steps']:g} steps, "
+                   f"mean {first['mean_steps']:.4f})" if first else "nowhere probed")
+                + (f", growing to mean {worst['mean_steps']:.2f} steps (max {worst['max_steps']:g}) at "
+                   f"{worst['index']}/{worst['of']} ({worst['tensor']})" if worst and worst is not first else ""))
         rm = r.get("runtime_macs") or {}
         if rm.get("float_ops"):
             detail.append(f"float kernels on the runtime: {rm['float_ops']}")
@@ -572,7 +610,7 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             detail.append("left FP32: " + "; ".join(f"{n}× {k}" for k, n in reasons.items()))
         detail += r.get("notes", [])
         if bad or detail:
-            lines.append(f"- **{r['arch']} {r.get('scheme')}**{' FAIL ' + ', '.join(bad) if bad else ''}: "
+            lines.append(f"- **{r['arch']}{' †' if r.get('stale') else ''} {r.get('scheme')}**{' FAIL ' + ', '.join(bad) if bad else ''}: "
                          + " · ".join(detail))
     return "\n".join(lines) + "\n"
 
@@ -606,14 +644,35 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each architecture's)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "conformance"),
                     help="writes OUT.md and OUT.json")
+    ap.add_argument("--stale", metavar="JSON", action="append",
+                    help="with --render: also show an earlier run's rows for architectures the runs lack, each "
+                         "marked stale with the code that measured it")
     ap.add_argument("--force", action="store_true", help="rerun points that have cards")
     ap.add_argument("--allow-fail", action="store_true", help="exit 0 even when an invariant fails")
-    ap.add_argument("--render", metavar="JSON", help="only re-render OUT.md (and copy OUT.json) from a run's JSON")
+    ap.add_argument("--render", metavar="JSON", action="append",
+                    help="only re-render OUT.md (and write OUT.json) from runs' JSON (repeat: their rows in order, "
+                         "e.g. two runs made side by side)")
     args = ap.parse_args(argv)
     if args.render:
-        data = json.loads(Path(args.render).read_text())
-        write(data["rows"], data["meta"], Path(args.out))
-        return _verdict(data["rows"], args)
+        runs = [json.loads(Path(f).read_text()) for f in args.render]
+        rows = [r for d in runs for r in d["rows"]]
+        fresh = {r["arch"] for r in rows}
+        for f in args.stale or []:
+            old = json.loads(Path(f).read_text())
+            rows += [{**r, "stale": {k: old["meta"].get(k) for k in ("date", "git", "command")}}
+                     for r in old["rows"] if r["arch"] not in fresh and not r.get("stale")]
+        meta = dict(runs[0]["meta"])
+        if len(runs) > 1:
+            differ = [k for k in ("torch", "onnxruntime", "eval_size", "calibration")
+                      if len({str(d["meta"].get(k)) for d in runs}) > 1]
+            if differ:
+                raise SystemExit(f"--render: the runs differ in {', '.join(differ)}; not one table")
+            # commits that differ only outside qcard/ share the cards (runs/ is keyed by qcard's source hash)
+            meta["command"] = "` and `".join(d["meta"]["command"] for d in runs)
+            meta["git"] = " / ".join(dict.fromkeys(d["meta"]["git"] for d in runs))
+            meta["date"] = " / ".join(d["meta"]["date"] for d in runs)
+        write(rows, meta, Path(args.out))
+        return _verdict(rows, args)
     archs = args.arch or list(ARCHS)
     schemes = args.scheme or list(SCHEMES)
     cache = cache_dir()

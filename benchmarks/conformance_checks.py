@@ -25,8 +25,9 @@ GRID_LEVELS_MAX = 256          # more distinct values than an 8-bit grid holds: 
 # --------------------------------------------------------------------------- operand grids
 
 
-_MAX_DIVISOR = 64        # a grid step may be the smallest gap between values divided by up to this
-_ON_GRID = 0.02          # a gap is a whole number of steps when within this many steps of one
+_ON_GRID = 5e-3          # a value is on the grid when within this many steps of a grid point (float32
+                         # rounding of q * step is ~1e-5 steps; a float channel of 2 free values matches
+                         # one of the 255 candidate grids by chance with p ~ 255 * 1e-4)
 _NOISE = 1e-5            # float32 rounding, relative to the largest magnitude (an 8-bit step is >= 1/255)
 
 
@@ -48,16 +49,18 @@ def grid_bits(t: torch.Tensor, channel_axis: Optional[int] = None) -> int:
     d = torch.where(d > tol, d, torch.zeros_like(d))
     if int(((d > 0).sum(dim=1) + 1).max()) > GRID_LEVELS_MAX:
         return FP32
-    # the step: the smallest gap divided by the smallest k that makes every gap a whole number of steps
-    # (float32 rounding makes Euclid's algorithm on the gaps unreliable; this test is not)
+    # a grid of at most 256 levels that holds the smallest and the largest value has step span / n for a
+    # whole n <= 255: the smallest n that puts every value on the grid gives the levels. (Guessing the step
+    # from the gaps fails on channels with few values: a 1x1 conv's 4 weights per channel can sit 70-90
+    # steps apart with no common divisor among the gaps.)
     span = rows[:, -1] - rows[:, 0]
-    gap = torch.where(d > 0, d, torch.full_like(d, float("inf"))).min(dim=1).values
+    off = rows - rows[:, :1]
     step = torch.full_like(span, float("nan"))
-    for k in range(1, _MAX_DIVISOR + 1):
-        cand = gap / k
-        ratio = d / cand.unsqueeze(1)
+    for n in range(1, GRID_LEVELS_MAX):
+        cand = (span / n).clamp_min(1e-300).unsqueeze(1)
+        ratio = off / cand
         ok = ((ratio - ratio.round()).abs() <= _ON_GRID).all(dim=1) & torch.isnan(step)
-        step = torch.where(ok, cand, step)
+        step = torch.where(ok, cand.squeeze(1), step)
     flat = span == 0
     if bool((torch.isnan(step) & ~flat).any()):
         return FP32
@@ -226,12 +229,14 @@ def _shapes(entries) -> List[List[int]]:
     return [list(next(iter(e.values()))) for e in entries or []]
 
 
-def _node_macs(op: str, ins: List[List[int]], outs: List[List[int]]) -> int:
+def _node_macs(op: str, ins: List[List[int]], outs: List[List[int]], weight: Optional[List[int]] = None) -> int:
+    """MACs of one kernel call. `weight`: the conv weight's dims from the graph (the profile leaves out an
+    initializer the kernel pre-packed, e.g. QLinearConv's int8 weight, and its input list then shifts)."""
     if not outs:
         return 0
     out_numel = math.prod(outs[0])
     if op in _WEIGHT_INPUT:
-        w = ins[_WEIGHT_INPUT[op]]
+        w = weight if weight is not None else ins[_WEIGHT_INPUT[op]]
         return int(out_numel * math.prod(w[1:]))
     if op in ("Attention", "MultiHeadAttention", "QAttention"):
         return 0                       # not produced by qcard's exporter; counted as unknown
@@ -252,6 +257,11 @@ def runtime_mac_share(optimized_onnx: str, x, threads: int = 1) -> Dict[str, Any
     so.profile_file_prefix = prefix
     sess = ort.InferenceSession(str(optimized_onnx), so, providers=["CPUExecutionProvider"])
     sess.run(None, {sess.get_inputs()[0].name: x})
+    import onnx
+    graph = onnx.load(str(optimized_onnx)).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    weight_of = {n.name: dims.get(n.input[_WEIGHT_INPUT[n.op_type]]) for n in graph.node
+                 if n.op_type in _WEIGHT_INPUT and len(n.input) > _WEIGHT_INPUT[n.op_type]}
     prof = sess.end_profiling()
     events = json.loads(Path(prof).read_text())
     Path(prof).unlink(missing_ok=True)
@@ -268,7 +278,8 @@ def runtime_mac_share(optimized_onnx: str, x, threads: int = 1) -> Dict[str, Any
         if node in seen or (op not in INTEGER_KERNELS and op not in FLOAT_KERNELS):
             continue
         seen.add(node)
-        macs = _node_macs(op, _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")))
+        macs = _node_macs(op, _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape")),
+                          weight_of.get(node))
         if op in INTEGER_KERNELS:
             integer += macs
             int_ops[op] = int_ops.get(op, 0) + 1
@@ -278,3 +289,50 @@ def runtime_mac_share(optimized_onnx: str, x, threads: int = 1) -> Dict[str, Any
     total = integer + flt
     return {"share": integer / total if total else None, "integer": integer, "float": flt,
             "integer_ops": int_ops, "float_ops": float_ops}
+
+
+# --------------------------------------------------------------------------- where runtime and simulation part
+
+def runtime_divergence(qdq_onnx: str, x, sim_logits, probes: int = 8) -> Dict[str, Any]:
+    """Where an exported model's runtime outputs leave the simulation's. The QDQ graph run with every
+    onnxruntime optimization off computes in float what the simulation computes (the reference); run
+    optimized, its QDQ pairs become integer kernels. Returns both argmax agreements with the simulation
+    on x and, at `probes` activation tensors spread over the graph (in topological order), the largest and
+    mean |optimized - reference| in that tensor's quantization steps."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    model = onnx.load(str(qdq_onnx))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    acts = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
+
+    def run(level, extra=None):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        if extra:
+            m.graph.output.append(helper.make_tensor_value_info(extra, onnx.TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: x})
+
+    off, on = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sim_arg = np.asarray(sim_logits).argmax(1)
+    ref, opt = run(off)[0], run(on)[0]
+    out = {"images": int(len(x)), "reference_agreement": float((ref.argmax(1) == sim_arg).mean()),
+           "optimized_agreement": float((opt.argmax(1) == sim_arg).mean()),
+           "optimized_vs_reference": float((opt.argmax(1) == ref.argmax(1)).mean()), "probes": []}
+    picks = sorted({int(i) for i in np.linspace(0, len(acts) - 1, min(probes, len(acts)))}) if acts else []
+    for i in picks:
+        n = acts[i]
+        scale = inits.get(n.input[1])
+        step = float(numpy_helper.to_array(scale).reshape(-1)[0]) if scale is not None else 1.0
+        a, b = run(off, n.output[0])[1], run(on, n.output[0])[1]
+        d = np.abs(a - b) / step
+        out["probes"].append({"tensor": n.output[0].replace("/DequantizeLinear_output_0", ""), "index": i,
+                              "of": len(acts), "max_steps": float(d.max()), "mean_steps": float(d.mean())})
+    return out

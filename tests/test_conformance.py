@@ -90,7 +90,39 @@ def test_grid_bits_tells_grids_from_floats():
         s = w.abs().amax(dim=(1, 2, 3), keepdim=True) / qmax
         assert grid_bits((w / s).round() * s, 0) == bits
     assert grid_bits(w, 0) == 32
+    # a 1x1 conv with 4 input channels: 4 values per channel whose gaps (87, 85, 82 steps) share no divisor
+    q = torch.tensor([[-127.0, -40.0, 45.0, 127.0], [-3.0, 0.0, 1.0, 127.0]])
+    s = torch.tensor([[0.0123], [0.00071]])
+    assert grid_bits((q * s).float().reshape(2, 4, 1, 1), 0) == 8
+    assert grid_bits(torch.randn(64, 4, 1, 1, generator=gen), 0) == 32
     a = torch.rand(8, 16, 6, 6, generator=gen) * 3
     step = 3 / 255
     assert grid_bits((a / step).round() * step - 7 * step) == 8
     assert grid_bits(a) == 32
+
+
+def test_runtime_divergence_locates_where_runtime_and_simulation_part(tmp_path):
+    """The gap locator on the bundled MLP at W8A8: the QDQ graph run unoptimized is the simulation's float
+    arithmetic (it agrees on every image), the probes run in graph order and end at the logits, and each
+    difference is in that tensor's quantization steps (whole steps: both sides hold grid values)."""
+    import numpy as np
+    import torch
+    from conformance_checks import runtime_divergence
+    from qcard.data import load_dataset
+    from qcard.deploy import export_onnx
+    from test_quant_support import bundled, one_thread, run_ptq
+    x, _ = load_dataset("qcard:mnist5k", "test").tensors()
+    x = x[:64]
+    with one_thread():
+        sim = run_ptq(bundled("mlp").eval(), w_bits=8, a_bits=8).model
+        export_onnx(sim, x[:2], tmp_path / "m.onnx")
+        with torch.no_grad():
+            logits = sim(x).numpy()
+        d = runtime_divergence(str(tmp_path / "m.onnx"), x.numpy(), logits, probes=4)
+    assert d["images"] == 64 and d["reference_agreement"] == 1.0
+    assert 0.9 <= d["optimized_agreement"] <= 1.0
+    idx = [p["index"] for p in d["probes"]]
+    assert idx == sorted(idx) and len(idx) >= 2 and d["probes"][-1]["tensor"].endswith("logits")
+    for p in d["probes"]:
+        assert p["max_steps"] >= p["mean_steps"] >= 0
+        assert abs(p["max_steps"] - round(p["max_steps"])) < 1e-3

@@ -1,6 +1,8 @@
 """Deploy honesty (issue 21): what ran on integer kernels (by share of the MACs), agreement that says
 nothing on outputs that do not vary, latency with its spread, and export beyond the bundled models."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +72,58 @@ def test_eager_placement_reports_its_mixed_kernels(cards):
     assert "QDQ graph ms" in md and "int8 ms" not in md       # the latency row is not labelled int8
     for fmt in ("html", "tex"):
         assert "not an int8 latency" in render_card(cards["eager"], fmt)
+
+
+def test_eager_integer_share_is_what_the_runtime_ran(tmp_path):
+    """The card's split of conv/gemm MACs into integer and float kernels (matched to the exported graph by
+    name) equals the one read from onnxruntime's own profile of the optimized graph (the conformance
+    matrix's independent count, which takes pre-packed int8 weights' dims from the graph)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from conformance_checks import runtime_mac_share
+    from qcard.deploy.runtime import make_session
+    from test_quant_support import bundled
+    data = torch.utils.data.Subset(load_dataset("qcard:mnist5k", "test"), range(64))
+    with one_thread():
+        sim = run_ptq(bundled("resnet8").eval(), w_bits=8, a_bits=8, pipeline="minmax", graph_mode="eager").model
+        d = deploy_check(sim, data, batch_sizes=[1], latency_runs=1, latency_budget_s=0.1,
+                         keep=str(tmp_path / "qdq.onnx"))
+        make_session(tmp_path / "qdq.onnx", 1, tmp_path / "opt.onnx")
+        x = torch.stack([data[i][0] for i in range(1)]).float().numpy()
+        rt = runtime_mac_share(str(tmp_path / "opt.onnx"), x)
+    macs = d["integer_macs"]
+    assert d["status"] == "ok" and rt["integer"] > 0 and rt["float"] > 0, rt
+    assert (macs["integer"], macs["float"]) == (rt["integer"], rt["float"]), (macs, rt)
+    assert macs["float_op_counts"] == rt["float_ops"]
+    assert sum(rt["integer_ops"].values()) + sum(rt["float_ops"].values()) == 10   # 9 convs + the classifier
+
+
+class FusedAttention(nn.Module):
+    """timm-style attention in forward code (F.scaled_dot_product_attention): rows of the image as tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(28, 48)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x.flatten(1, 2)).unsqueeze(1).chunk(3, dim=-1)
+        return self.head(nn.functional.scaled_dot_product_attention(q, k, v).mean(dim=(1, 2)))
+
+
+def test_eager_fused_attention_exports_at_the_opset_it_needs():
+    """ONNX has scaled_dot_product_attention's ops from opset 14: with no opset asked the export takes the
+    lowest that has every op and the card says why; an asked opset that is too low names the op."""
+    torch.manual_seed(0)
+    data = torch.utils.data.Subset(load_dataset("qcard:mnist5k", "test"), range(32))
+    with one_thread():
+        sim = run_ptq(FusedAttention().eval(), w_bits=8, a_bits=8, pipeline="minmax", graph_mode="eager").model
+        d = deploy_check(sim, data, batch_sizes=[1], latency_runs=1, latency_budget_s=0.1)
+        low = deploy_check(sim, data, batch_sizes=[1], latency_runs=1, latency_budget_s=0.1, opset=13)
+    assert d["status"] == "ok" and d["opset"] == 14, d.get("reason")
+    assert any(n.startswith("exported at opset 14 (default 13): the graph has aten::scaled_dot_product_attention")
+               for n in d["notes"]), d["notes"]
+    assert d["argmax_agreement"] == 1.0
+    assert low["status"] == "failed" and "deploy.opset 13" in low["reason"] and "from opset 14" in low["reason"]
 
 
 class TwoLayer(nn.Module):

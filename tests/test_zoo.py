@@ -144,6 +144,25 @@ def test_weights_from_local_files(tmp_path):
     assert random_info.weights is None and random_info.weights_sha256 == state_dict_sha256(state)
 
 
+def test_safetensors_weights_load_into_modules_that_check_state_versions(tmp_path):
+    """safetensors keeps no per-module state-dict versions; torchvision's MNASNet refuses a state without one
+    ("version should be set to 1 or 2") and BatchNorm would read it as a pre-1.0 state. The loader reads a
+    file whose keys and shapes fit as the model's current format."""
+    torch.manual_seed(0)
+    src = load_model("torchvision:mnasnet0_5", num_classes=10)
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.num_batches_tracked.fill_(7)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    model, info = load_model_with_info("torchvision:mnasnet0_5", weights=str(tmp_path / "m.safetensors"),
+                                       num_classes=10)
+    for (k, a), (_, b) in zip(src.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert info.weights_sha256 == state_dict_sha256(src.state_dict())
+
+
 def test_weight_file_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="nope.safetensors"):
         load_model("qcard:lenet5", weights=str(tmp_path / "nope.safetensors"))

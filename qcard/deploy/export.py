@@ -309,6 +309,7 @@ def export_onnx(sim_model: nn.Module, example: torch.Tensor, path, *, opset: Opt
         problem = deploy_problem(sim_model, method)
         if problem:
             raise NotDeployable(problem)
+    asked = opset
     opset = opset or (INT4_OPSET if int4 else DEFAULT_OPSET)
     if int4 and opset < INT4_OPSET:
         raise QcardError(f"int4 weights need opset {INT4_OPSET} or later (int4 is an ONNX type from opset "
@@ -320,19 +321,47 @@ def export_onnx(sim_model: nn.Module, example: torch.Tensor, path, *, opset: Opt
     if tr.mismatch:
         raise NotDeployable("; ".join(tr.mismatch[:3]))
     tr.checking = False
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")    # the tracer's notes on Python constants: the grids are constants
-        torch.onnx.export(tr.model, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          do_constant_folding=True)
+    buf, raised = _export_lowest_opset(tr.model, example, opset, asked)
     model = onnx.load_from_string(buf.getvalue())
-    info = ExportInfo(path=str(path), opset=opset, fp32=fp32)
+    info = ExportInfo(path=str(path), opset=raised[-1][1] if raised else opset, fp32=fp32)
+    info.notes += [f"exported at opset {v} (default {DEFAULT_OPSET}): the graph has {op}, which ONNX has from "
+                   f"opset {v}" for op, v in raised]
     _finish(model, info, tr)
     onnx.checker.check_model(model, full_check=True)
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     onnx.save(model, str(path))
     return info
+
+
+MAX_OPSET = 21        # the newest opset qcard's exports are checked on
+
+
+def _export_lowest_opset(model: nn.Module, example: torch.Tensor, opset: int, asked: Optional[int]):
+    """torch.onnx.export at `opset`, or, when the opset was not asked for and an op of the graph needs a later
+    one (e.g. scaled_dot_product_attention: 14), at the lowest opset that has every op. Returns the buffer and
+    [(op, opset it needed)]; an asked opset that is too low raises a QcardError that names the op."""
+    import re
+    raised = []
+    while True:
+        buf = io.BytesIO()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")    # the tracer's notes on Python constants: the grids are constants
+                torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
+                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  do_constant_folding=True)
+            return buf, raised
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            found = re.search(r"operator '([^']+)'.*added in version (\d+)", str(exc))
+            if not found or int(found.group(2)) <= opset or int(found.group(2)) > MAX_OPSET:
+                raise
+            op, needed = found.group(1), int(found.group(2))
+            if asked is not None:
+                raise QcardError(f"deploy.opset {asked}: the graph has {op}, which ONNX has from opset {needed}; "
+                                 f"set deploy.opset to {needed} or later, or leave it out (qcard then exports at "
+                                 f"the lowest opset the graph needs)") from exc
+            raised.append((op, needed))
+            opset = needed
 
 
 def _finish(model, info: ExportInfo, tr: _Tracer) -> None:

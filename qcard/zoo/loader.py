@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -108,7 +109,19 @@ def apply_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], where: st
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}")
         raise ModelLoadError(f"weights {where} do not fit {ref}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(_with_versions(state, own), strict=False)
+
+
+def _with_versions(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` with the model's own per-module state-dict versions when it carries none. A safetensors file
+    (or a plain dict) drops torch's `_metadata`, and some modules' loaders then refuse or misread it
+    (torchvision's MNASNet raises "version should be set to 1 or 2"; BatchNorm takes it for a pre-1.0
+    state). Its keys and shapes matched the model above, so it is read as the current format."""
+    if getattr(state, "_metadata", None) is not None or getattr(own, "_metadata", None) is None:
+        return state
+    out = OrderedDict(state)
+    out._metadata = own._metadata  # type: ignore[attr-defined]
+    return out
 
 
 # --------------------------------------------------------------------------- helpers
