@@ -54,12 +54,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def gpu_name() -> Optional[str]:
-    if "torch" not in sys.modules:
+def gpu_name(device: Optional[str] = None) -> Optional[str]:
+    """The name of the GPU `device` names ("cuda", "cuda:1"); None for a CPU device. Without a device: the
+    first GPU, where one is available."""
+    if "torch" not in sys.modules or (device is not None and not str(device).startswith("cuda")):
         return None
     import torch
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        index = str(device).partition(":")[2] if device else ""
+        return torch.cuda.get_device_name(int(index) if index.isdigit() else 0)
     return None
 
 
@@ -79,7 +82,10 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def collect(*, seed: Optional[int], deterministic: bool, config_sha256: Optional[str]) -> Dict[str, Any]:
+def collect(*, seed: Optional[int], deterministic: bool, config_sha256: Optional[str],
+            device: Optional[str] = None) -> Dict[str, Any]:
+    """The card's provenance block. `gpu` names the GPU the point ran on (None when it ran on the CPU, even on
+    a machine that has one)."""
     commit, dirty = git_state()
     return {
         "qcard_version": __version__,
@@ -91,7 +97,7 @@ def collect(*, seed: Optional[int], deterministic: bool, config_sha256: Optional
         "timm": _version("timm"),
         "platform": platform.platform(),
         "cpu": cpu_name(),
-        "gpu": gpu_name(),
+        "gpu": gpu_name(device),
         "torch_threads": torch_threads(),
         "seed": seed,
         "deterministic": deterministic,

@@ -557,7 +557,7 @@ class _PointRun:
         for w in cost_warnings:
             self.log(f"    warning: {w}")
         prov = provenance.collect(seed=point.seeds[0], deterministic=point.deterministic,
-                                  config_sha256=self.exp.config_sha256)
+                                  config_sha256=self.exp.config_sha256, device=self.device)
         memory = self.memory.record() if self.memory is not None else None     # peak so far: the point's
         prov.update(memory=memory, data_loading=self.loaders.describe(self.evaluation))
         prov.update(started_at=started_at, finished_at=provenance.now_iso(),

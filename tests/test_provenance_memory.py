@@ -53,3 +53,13 @@ def test_card_records_and_shows_memory_and_loading(tmp_path, write_config):
     del card["provenance"]["memory"], card["provenance"]["data_loading"]
     old = render_card(card, "md")
     assert "Peak memory" not in old and "Data loading" not in old
+
+
+def test_a_cpu_point_names_no_gpu_even_where_one_is_available(monkeypatch):
+    import torch
+    from qcard import provenance
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"Fake GPU {i}")
+    assert provenance.gpu_name("cpu") is None
+    assert provenance.collect(seed=0, deterministic=True, config_sha256=None, device="cpu")["gpu"] is None
+    assert provenance.gpu_name("cuda") == "Fake GPU 0" and provenance.gpu_name("cuda:1") == "Fake GPU 1"
