@@ -57,10 +57,10 @@ def _card_path(out: Path) -> Path:
 
 
 def _comparable(card: dict) -> dict:
-    """The card less wall times, timestamps, the resume note itself and the command lines (which name
-    each run's own temporary config path), flattened to {"a.b[0].c": value}."""
+    """The card less wall times, timestamps, memory peaks (measured, not computed), the resume note itself
+    and the command lines (which name each run's own temporary config path), flattened to {"a.b[0].c": value}."""
     card = json.loads(json.dumps(card))
-    for k in ("started_at", "finished_at", "wall_seconds", "timings", "resumed", "command"):
+    for k in ("started_at", "finished_at", "wall_seconds", "timings", "resumed", "command", "memory"):
         card["provenance"].pop(k, None)
     card["method_stats"]["training"].pop("seconds")
     card.pop("reproduce")
