@@ -160,17 +160,30 @@ def capture_mac_ops(model: torch.nn.Module, x: torch.Tensor) -> List[MacOp]:
 
 def align(records: Sequence[Any], ops: Sequence[MacOp]) -> Tuple[List[Tuple[Any, MacOp]], List[Any], List[MacOp]]:
     """Pair the traced layer records that have MACs with the captured ops, in execution order and with
-    equal MACs: (pairs, records left unpaired, ops left unpaired)."""
+    equal MACs: (pairs, records left unpaired, ops left unpaired). A fused attention kernel is one op for
+    two records where the model was traced with them apart (eager placement keeps timm's
+    F.scaled_dot_product_attention whole, while the card lists q.k^T and P.V): both records pair with it."""
     pairs, lost_r, lost_o = [], [], []
-    j = 0
-    for r in records:
-        k = next((k for k in range(j, min(j + 4, len(ops))) if abs(ops[k].macs - r.macs) <= 0.5), None)
+    j = i = 0
+    while i < len(records):
+        r = records[i]
+        window = range(j, min(j + 4, len(ops)))
+        k = next((k for k in window if abs(ops[k].macs - r.macs) <= 0.5), None)
+        if k is None and i + 1 < len(records):
+            both = r.macs + records[i + 1].macs
+            k = next((k for k in window if ops[k].kind == "attention" and abs(ops[k].macs - both) <= 0.5), None)
+            if k is not None:
+                lost_o.extend(ops[j:k])
+                pairs += [(r, ops[k]), (records[i + 1], ops[k])]
+                j, i = k + 1, i + 2
+                continue
         if k is None:
             lost_r.append(r)
+            i += 1
             continue
         lost_o.extend(ops[j:k])
         pairs.append((r, ops[k]))
-        j = k + 1
+        j, i = k + 1, i + 1
     lost_o.extend(ops[j:])
     return pairs, lost_r, lost_o
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import conformance  # noqa: E402
-from conformance_checks import grid_bits  # noqa: E402
+from conformance_checks import MacOp, align, grid_bits  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,21 @@ def test_grid_bits_tells_grids_from_floats():
     step = 3 / 255
     assert grid_bits((a / step).round() * step - 7 * step) == 8
     assert grid_bits(a) == 32
+
+
+def test_align_pairs_a_fused_attention_kernel_with_its_two_records():
+    """Eager placement keeps F.scaled_dot_product_attention as one kernel while the card lists q.k^T and
+    P.V: both records pair with it; a record matching nothing stays unpaired (the check does not guess)."""
+    from types import SimpleNamespace as R
+    recs = [R(name="qkv", macs=100.0), R(name="qk", macs=30.0), R(name="pv", macs=30.0), R(name="proj", macs=50.0),
+            R(name="ghost", macs=7.0)]
+    ops = [MacOp("matmul", "mm", 100, 1, 8), MacOp("attention", "sdpa", 60, 1, 32), MacOp("matmul", "mm", 50, 1, 8)]
+    pairs, lost_r, lost_o = align(recs, ops)
+    assert [(r.name, o.aten) for r, o in pairs] == [("qkv", "mm"), ("qk", "sdpa"), ("pv", "sdpa"), ("proj", "mm")]
+    assert [r.name for r in lost_r] == ["ghost"] and lost_o == []
+    # a fused kernel is not split across records whose MACs do not add up to it
+    pairs, lost_r, lost_o = align(recs[1:3], [MacOp("attention", "sdpa", 61, 1, 32)])
+    assert pairs == [] and [r.name for r in lost_r] == ["qk", "pv"] and len(lost_o) == 1
 
 
 def test_runtime_divergence_locates_where_runtime_and_simulation_part(tmp_path):
