@@ -177,7 +177,8 @@ class Stop(Exception):
 
 
 def _qdrop(ck=None, stop_after=None):
-    """QDrop on resnet8 as the engine runs it; (weights and activation grids, per-unit rows less times),
+    """QDrop on resnet8 as the engine runs it; (weights, activation grids and FP weights, per-unit rows
+    less times and rounding labels),
     or None when stopped right after the stop_after-th save (as a kill would)."""
     from qcard.quant.reconstruct import Settings, reconstruct
     from test_reconstruction import _grids, _sim
@@ -196,8 +197,12 @@ def _qdrop(ck=None, stop_after=None):
                           seed=11, checkpoint=ck)
     except Stop:
         return None
+    from qcard.quant.calibrate import sim_info
     rows = [{k: v for k, v in u.items() if k not in ("seconds", "iter_s")} for u in rec["per_unit"]]
-    return _grids(sim), rows
+    layers = sim_info(sim).gemm_layers()
+    # what is not in state_dict: the FP weights (bias correction reads them) and the rounding labels
+    fp = [li.module.__dict__["qcard_fp_weight"] for li in layers]
+    return _grids(sim) + fp, rows + [li.weight_quantizer.rounding_label for li in layers]
 
 
 @pytest.fixture(scope="module")
