@@ -176,10 +176,19 @@ class Stop(Exception):
     pass
 
 
-def _qdrop(ck=None, stop_after=None):
-    """QDrop on resnet8 as the engine runs it; (weights, activation grids and FP weights, per-unit rows
-    less times and rounding labels),
-    or None when stopped right after the stop_after-th save (as a kill would)."""
+SETTINGS = {
+    "qdrop": dict(unit="block", drop=True, scale_lr=1e-3),
+    # qcard's AdaRound before the engine: its "FP" inputs come from the model rounded so far, which a
+    # resumed run must have put back exactly
+    "adaround_rounded_so_far": dict(unit="layer", input="fp_activations", quant_activations=False,
+                                    targets="rounded_so_far", label="adaround"),
+}
+
+
+def _engine(kind="qdrop", ck=None, stop_after=None):
+    """The engine on resnet8 (W3A4); (weights, activation grids and FP weights, per-unit rows less times
+    and rounding labels), or None when stopped right after the stop_after-th save (as a kill would)."""
+    from qcard.quant.calibrate import sim_info
     from qcard.quant.reconstruct import Settings, reconstruct
     from test_reconstruction import _grids, _sim
     torch.set_num_threads(1)
@@ -193,11 +202,9 @@ def _qdrop(ck=None, stop_after=None):
                 raise Stop
         ck.save = save_then_stop
     try:
-        rec = reconstruct(sim, batches, Settings(unit="block", iters=6, batch_size=16, scale_lr=1e-3, drop=True),
-                          seed=11, checkpoint=ck)
+        rec = reconstruct(sim, batches, Settings(iters=6, batch_size=16, **SETTINGS[kind]), seed=11, checkpoint=ck)
     except Stop:
         return None
-    from qcard.quant.calibrate import sim_info
     rows = [{k: v for k, v in u.items() if k not in ("seconds", "iter_s")} for u in rec["per_unit"]]
     layers = sim_info(sim).gemm_layers()
     # what is not in state_dict: the FP weights (bias correction reads them) and the rounding labels
@@ -206,27 +213,36 @@ def _qdrop(ck=None, stop_after=None):
 
 
 @pytest.fixture(scope="module")
-def qdrop_reference():
-    return _qdrop()
+def engine_reference():
+    """kind -> the result of an uninterrupted run (made once per kind)."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = _engine(kind)
+        return cache[kind]
+    return get
 
 
 def _same(a, b) -> bool:
     return len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
 
 
-@pytest.mark.parametrize("stop_after,step", [(3, 9), (6, 18)])      # mid block 2; blocks 1-3 done
-def test_in_process_resume_is_bit_identical(qdrop_reference, tmp_path, stop_after, step):
-    assert _qdrop(Checkpointer(tmp_path, "s0", "fp", every_steps=3), stop_after) is None
+@pytest.mark.parametrize("kind,stop_after,step", [("qdrop", 3, 9),                  # mid block 2
+                                                  ("qdrop", 6, 18),                 # blocks 1-3 done
+                                                  ("adaround_rounded_so_far", 5, 15)])    # mid layer 3
+def test_in_process_resume_is_bit_identical(engine_reference, tmp_path, kind, stop_after, step):
+    assert _engine(kind, Checkpointer(tmp_path, "s0", "fp", every_steps=3), stop_after) is None
     ck = Checkpointer(tmp_path, "s0", "fp", every_steps=3)
-    got = _qdrop(ck)
+    got = _engine(kind, ck)
     assert ck.resumed() == [{"step": step}]
-    assert _same(got, qdrop_reference)
+    assert _same(got, engine_reference(kind))
 
 
-def test_a_saved_loop_that_does_not_fit_is_undone_and_the_run_starts_over(qdrop_reference, tmp_path):
+def test_a_saved_loop_that_does_not_fit_is_undone_and_the_run_starts_over(engine_reference, tmp_path):
     """A checkpoint of this run's fingerprint whose loop state does not fit the unit (a rounding tensor of
     another shape): the model of the units done, already put back, is rolled back; a warning; from step 0."""
-    assert _qdrop(Checkpointer(tmp_path, "s0", "fp", every_steps=3), 3) is None     # mid block 2 (step 9)
+    assert _engine("qdrop", Checkpointer(tmp_path, "s0", "fp", every_steps=3), 3) is None    # mid block 2 (step 9)
     ck = Checkpointer(tmp_path, "s0", "fp", every_steps=3)
     state = ck.load()
     assert state["loop"] is not None and state["model"] is not None
@@ -234,7 +250,7 @@ def test_a_saved_loop_that_does_not_fit_is_undone_and_the_run_starts_over(qdrop_
     ck.save(9, state)
     logs = []
     ck = Checkpointer(tmp_path, "s0", "fp", every_steps=3, log=logs.append)
-    got = _qdrop(ck)
+    got = _engine("qdrop", ck)
     assert ck.resumed() == []
     assert any("does not fit this run" in m and "starts from step 0" in m for m in logs), logs
-    assert _same(got, qdrop_reference)
+    assert _same(got, engine_reference("qdrop"))
