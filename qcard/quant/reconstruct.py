@@ -210,7 +210,7 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
         except _RestoreFailed as exc:        # the saved loop state did not fit: everything starts over
             ck.start_over(exc.__cause__)
             first = 0
-    record["wall_s"] = round(time.perf_counter() - t_start + (ck.seconds_before if ck else 0.0), 3)
+    record["wall_s"] = round(time.perf_counter() - t_start + (ck.seconds_before if ck is not None else 0.0), 3)
     return record
 
 
@@ -368,8 +368,8 @@ class _RestoreFailed(Exception):
 
 def _restore_loop(loop: Dict[str, Any], ests, acts, opt, opt_s, sched) -> Tuple[int, float, float, float]:
     """Put a unit's saved loop back (after its estimators and optimizers were set up as at its start);
-    returns (next iteration, running loss sums first/last, loop seconds so far). Checks every shape first,
-    so a state that does not fit changes nothing the rollback would miss."""
+    returns (next iteration, running loss sums first/last, loop seconds so far). A state that does not
+    fit raises (shapes are checked before anything is copied); the caller then rolls the whole run back."""
     vs, grids = loop["v"], loop["grids"]
     if len(vs) != len(ests) or len(grids) != len(acts) or any(len(g) != 2 for g in grids):
         raise ValueError(f"it holds {len(vs)} rounding tensors and {len(grids)} activation grids, "
