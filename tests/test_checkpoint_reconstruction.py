@@ -12,8 +12,6 @@ QCARD_TEST_KILL_AFTER_CHECKPOINT hook), a few seconds each on an idle machine: m
 tests at the end are cheap."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
