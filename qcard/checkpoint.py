@@ -1,8 +1,8 @@
 """Checkpoints inside a point: a long training or iterative method killed (SIGKILL, Ctrl-C, a lost Ray
 task) resumes where it stopped, and ends with the same results as a run that was never interrupted.
 
-The generic API, for any loop that runs in steps (qcard.training.train uses it; a reconstruction loop
-can too):
+The generic API, for any loop that runs in steps (qcard.training.train uses it, and so does the
+reconstruction engine, quant.reconstruct, in a stage of each step: adaround, brecq, qdrop):
 
     ck = ctx.checkpoint                   # a Checkpointer, or None when the run keeps no checkpoints
     state = ck.load() if ck else None     # the last saved state, or None (none / unreadable / another config)

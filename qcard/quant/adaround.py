@@ -24,12 +24,13 @@ __all__ = ["adaround"]
 def adaround(model: nn.Module, batches: Sequence, iters: int = 10000, reg: float = 0.01,
              beta_start: float = 20.0, beta_end: float = 2.0, warm_start: float = 0.2, batch_size: int = 32,
              lr: float = 1e-3, device: str = "cpu", seed: int = 0, progress: bool = False,
-             targets: str = "fp_model") -> Dict[str, Any]:
-    """`targets: rounded_so_far` is qcard's AdaRound before the engine (see quant.reconstruct)."""
+             targets: str = "fp_model", checkpoint=None) -> Dict[str, Any]:
+    """`targets: rounded_so_far` is qcard's AdaRound before the engine (see quant.reconstruct);
+    checkpoint: the engine's Checkpointer (a rerun goes on from its last save)."""
     s = Settings(unit="layer", iters=iters, reg=reg, beta_start=beta_start, beta_end=beta_end,
                  warm_start=warm_start, batch_size=batch_size, lr=lr, input="fp_activations",
                  quant_activations=False, targets=targets, label="adaround")
-    rec = reconstruct(model, batches, s, device=device, seed=seed, progress=progress)
+    rec = reconstruct(model, batches, s, device=device, seed=seed, progress=progress, checkpoint=checkpoint)
     layers = [{"name": u["unit"], "output_mse_nearest": u["loss_nearest"], "output_mse_adaround": u["loss_after"],
                "changed_vs_nearest": u["changed_vs_nearest"], "input_gap": u["input_gap"]}
               for u in rec["per_unit"]]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import generator_state, set_generator_state
 from .blocks import Unit, block_units, layer_units, units_record
 from .calibrate import quant_state, sim_info
 from .layerwise import Captured, capture_inputs, layer_forward, node_values, run_nodes
@@ -174,9 +175,11 @@ def _fp_targets(fview: UnitView, batches, device, x_q: Captured) -> Tuple[Captur
 
 
 def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, device: str = "cpu",
-                seed: int = 0, progress: bool = False, only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                seed: int = 0, progress: bool = False, only: Optional[Sequence[str]] = None,
+                checkpoint=None) -> Dict[str, Any]:
     """Reconstruct every unit of `model` (or the units named in `only`) in place; returns the card's
-    record (settings, units, losses per unit)."""
+    record (settings, units, losses per unit). checkpoint: a qcard.checkpoint.Checkpointer of this loop
+    (saves after every unit and, on its schedule, inside one; a rerun goes on from the last save)."""
     allowed = {"unit": ("layer", "block"), "input": ("quantized", "fp_activations"),
                "targets": ("fp_model", "rounded_so_far")}
     for key, ok in allowed.items():
@@ -192,17 +195,36 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
             raise ValueError(f"no reconstruction unit named {unknown}; units: {', '.join(u.name for u in units)}")
         units = [u for u in units if u.name in set(only)]
     names = {id(m): n for n, m in model.named_modules()}
+    # taken before a resume puts the model of the units done back: the same FP copy as an uninterrupted run's
     fp = fp_copy(model) if s.targets == "fp_model" else None
     gen = torch.Generator().manual_seed(seed)
     drop_gen = torch.Generator().manual_seed(seed + 1)
-    acts_on = None if s.input == "quantized" else False
     record: Dict[str, Any] = {**asdict(s), "units": units_record(units), "per_unit": []}
+    ck = _Checkpoints(checkpoint, model, s, len(units), gen, drop_gen, seed, record) if checkpoint is not None else None
+    first = ck.resume() if ck is not None else 0
+    while True:
+        try:
+            _run_units(model, units[first:], first, batches, s, device, progress, names, fp, gen, drop_gen,
+                       record, ck)
+            break
+        except _RestoreFailed as exc:        # the saved loop state did not fit: everything starts over
+            ck.start_over(exc.__cause__)
+            first = 0
+    record["wall_s"] = round(time.perf_counter() - t_start + (ck.seconds_before if ck is not None else 0.0), 3)
+    return record
+
+
+def _run_units(model, units: Sequence[Unit], offset: int, batches, s: Settings, device, progress, names, fp,
+               gen, drop_gen, record, ck: Optional["_Checkpoints"]) -> None:
+    acts_on = None if s.input == "quantized" else False
     it: Sequence[Unit] = units
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(units, desc=s.label, leave=False)
-    for unit in it:
+    for k, unit in enumerate(it, offset):
         t0 = time.perf_counter()
+        if ck is not None:
+            ck.begin(k)
         view = UnitView(model, unit, names)
         if fp is not None:
             with quant_state(model, activations=acts_on):
@@ -219,17 +241,19 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], s: Settings, 
             gap = float((x_fp - x_q.slice(0, len(x_q))).abs().double().mean())
             del x_fp
         try:
-            row = _reconstruct_unit(model, view, unit, x_q, target, s, gen, drop_gen)
+            row = _reconstruct_unit(model, view, unit, x_q, target, s, gen, drop_gen, ck)
         finally:
             x_q.close()
             target.close()
-        row.update(unit=unit.name, seconds=round(time.perf_counter() - t0, 3), input_gap=gap)
+        seconds = ck.unit_seconds() if ck is not None else time.perf_counter() - t0
+        row.update(unit=unit.name, seconds=round(seconds, 3), input_gap=gap)
         record["per_unit"].append(row)
-    record["wall_s"] = round(time.perf_counter() - t_start, 3)
-    return record
+        if ck is not None:
+            ck.unit_done()
 
 
-def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Settings, gen, drop_gen) -> Dict[str, Any]:
+def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Settings, gen, drop_gen,
+                      ck: Optional["_Checkpoints"] = None) -> Dict[str, Any]:
     info = sim_info(model)
     act_on = s.quant_activations and s.input == "quantized"
     acts: List[FakeQuantize] = []
@@ -266,9 +290,18 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
         bs = min(s.batch_size, n)
         warm = int(s.warm_start * s.iters)
         first, last, k = 0.0, 0.0, max(1, s.iters // 20)
+        start, t_before = 0, 0.0
+        loop = ck.take_loop() if ck is not None else None
         t_loop = time.perf_counter()
         try:
-            for i in range(s.iters):
+            if loop is not None:        # a resumed run: this unit goes on after the saved iteration
+                try:
+                    start, first, last, t_before = _restore_loop(loop, ests, acts, opt, opt_s, sched)
+                except Exception as exc:
+                    for m, _ in ests:
+                        detach(m.weight_quantizer)
+                    raise _RestoreFailed() from exc
+            for i in range(start, s.iters):
                 idx = torch.randint(0, n, (bs,), generator=gen)
                 out = view(x_q.take(idx))
                 rec = _sq_err(out, target.take(idx))
@@ -295,7 +328,14 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
                     first += float(rec.detach()) / k
                 if i >= s.iters - k:
                     last += float(rec.detach()) / k
-            t_loop = time.perf_counter() - t_loop
+                if ck is not None and i + 1 < s.iters and ck.due(i + 1):   # the unit's end saves anyway
+                    ck.save_loop(i + 1, {
+                        "iteration": i + 1, "v": [e.v.detach() for _, e in ests],
+                        "grids": [[q.scale.detach(), q.zero_point.detach()] for q in acts],
+                        "opt": opt.state_dict(), "opt_s": opt_s.state_dict() if opt_s is not None else None,
+                        "sched": sched.state_dict() if sched is not None else None,
+                        "first": first, "last": last, "loop_s": t_before + time.perf_counter() - t_loop})
+            t_loop = time.perf_counter() - t_loop + t_before
         finally:
             for p, r in saved:
                 p.requires_grad_(r)
@@ -318,3 +358,153 @@ def _reconstruct_unit(model, view: UnitView, unit: Unit, x_q, target, s: Setting
     return {"loss_nearest": before, "loss_after": after, "loss_first_iters": first, "loss_last_iters": last,
             "changed_vs_nearest": sum(changed) / max(1, len(changed)), "layers": list(unit.layers),
             "iter_s": t_loop / max(1, s.iters)}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class _RestoreFailed(Exception):
+    """A checkpoint's loop state did not fit the unit it was saved for (the cause is chained)."""
+
+
+def _restore_loop(loop: Dict[str, Any], ests, acts, opt, opt_s, sched) -> Tuple[int, float, float, float]:
+    """Put a unit's saved loop back (after its estimators and optimizers were set up as at its start);
+    returns (next iteration, running loss sums first/last, loop seconds so far). A state that does not
+    fit raises (shapes are checked before anything is copied); the caller then rolls the whole run back."""
+    vs, grids = loop["v"], loop["grids"]
+    if len(vs) != len(ests) or len(grids) != len(acts) or any(len(g) != 2 for g in grids):
+        raise ValueError(f"it holds {len(vs)} rounding tensors and {len(grids)} activation grids, "
+                         f"the unit has {len(ests)} and {len(acts)}")
+    pairs = [(e.v, v) for (_, e), v in zip(ests, vs)]
+    pairs += [(t, g) for q, gr in zip(acts, grids) for t, g in zip((q.scale, q.zero_point), gr)]
+    for t, v in pairs:
+        if not isinstance(v, torch.Tensor) or v.shape != t.shape or v.dtype != t.dtype:
+            raise ValueError(f"a saved tensor does not match the unit's {tuple(t.shape)} {t.dtype}")
+    if (opt_s is None) != (loop["opt_s"] is None):
+        raise ValueError("it was saved with another set of learned activation steps")
+    with torch.no_grad():
+        for t, v in pairs:
+            t.copy_(v)
+    opt.load_state_dict(loop["opt"])
+    if opt_s is not None:
+        opt_s.load_state_dict(loop["opt_s"])
+        sched.load_state_dict(loop["sched"])
+    return int(loop["iteration"]), float(loop["first"]), float(loop["last"]), float(loop["loop_s"])
+
+
+def _model_state(model: nn.Module) -> Dict[str, Any]:
+    """What reconstruction changes in a model, on the CPU, in the form torch.load(weights_only=True) reads:
+    parameters and buffers (rounded weights, frozen activation grids), and two attributes state_dict
+    leaves out: each layer's FP weight (`qcard_fp_weight`) and each quantizer's rounding label."""
+    mods = list(model.named_modules())
+    return {"tensors": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            "fp_weights": {n: m.__dict__["qcard_fp_weight"].detach().to("cpu", copy=True) for n, m in mods
+                           if "qcard_fp_weight" in m.__dict__},
+            "rounding_labels": {n: m.rounding_label for n, m in mods if isinstance(m, FakeQuantize)}}
+
+
+def _set_model_state(model: nn.Module, st: Dict[str, Any]) -> None:
+    mods = dict(model.named_modules())
+    unknown = sorted((set(st["fp_weights"]) | set(st["rounding_labels"])) - set(mods))
+    if unknown:
+        raise ValueError(f"it names modules this model does not have: {unknown[:3]}")
+    model.load_state_dict(st["tensors"])
+    for n, m in mods.items():
+        w = st["fp_weights"].get(n)
+        if w is not None:
+            m.__dict__["qcard_fp_weight"] = w.to(m.weight.device)
+        else:
+            m.__dict__.pop("qcard_fp_weight", None)
+        if isinstance(m, FakeQuantize):
+            if n in st["rounding_labels"]:
+                m.rounding_label = st["rounding_labels"][n]
+            m._vbase += 1               # the grids' tensors changed in place: no cached weight survives
+            m.drop_caches()
+
+
+class _Checkpoints:
+    """The engine's checkpoints (a qcard.checkpoint.Checkpointer `ck` of its own stage): after every
+    finished unit, and inside a unit after the iterations the Checkpointer's schedule says are due (its
+    step counts iterations over the units: iteration i of the k-th unit is step k·iters + i), so a
+    killed run loses at most that many iterations.
+
+    A save holds the model as it was when the current unit started (the units done: their rounded
+    weights, FP weights, rounding labels and frozen activation grids), the per-unit rows so far, both
+    generators (the mini-batch draws and QDrop's), and, inside a unit, its loop: the rounding logits V,
+    the learned activation grids, both Adam states, the cosine schedule, the iteration and the running
+    loss sums. A resumed run puts the model back and captures the unit's inputs and targets from it
+    again, as an uninterrupted run does when the unit starts (tests/test_checkpoint_reconstruction.py
+    checks that the cards are the same)."""
+
+    def __init__(self, ck, model: nn.Module, s: Settings, n_units: int, gen, drop_gen, seed: int,
+                 record: Dict[str, Any]):
+        self.ck, self.model, self.s, self.n_units = ck, model, s, n_units
+        self.gen, self.drop_gen, self.seed, self.record = gen, drop_gen, seed, record
+        self.unit = 0
+        self.base: Optional[Dict[str, Any]] = None     # the model when this unit started (None: as found)
+        self.seconds_before = 0.0                      # wall time of the runs this one went on from
+        self.started = time.perf_counter()
+        self._loop: Optional[Dict[str, Any]] = None    # the resumed unit's saved loop (taken once)
+        self._initial: Optional[Dict[str, Any]] = None  # the model as found, while a resume may be undone
+        self._unit_before, self._t_unit = 0.0, time.perf_counter()
+
+    # -- resuming ------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the last save, if any, and put it back; returns the index of the unit to go on with."""
+        state = self.ck.load()
+        if state is None:
+            return 0
+        self._initial = _model_state(self.model)
+        try:
+            nxt, rows, loop = int(state["next_unit"]), list(state["per_unit"]), state["loop"]
+            if not 0 <= nxt <= self.n_units or len(rows) != nxt or (loop is not None and nxt == self.n_units):
+                raise ValueError(f"it is at unit {nxt} with {len(rows)} rows done; this run has {self.n_units} units")
+            if state["model"] is not None:
+                _set_model_state(self.model, state["model"])
+            set_generator_state(self.gen, state["gen"])
+            set_generator_state(self.drop_gen, state["drop_gen"])
+        except Exception as exc:
+            self.start_over(exc)
+            return 0
+        self.base, self._loop, self.seconds_before = state["model"], loop, float(state["seconds"])
+        self.record["per_unit"][:] = rows
+        where = (f"unit {nxt + 1} of {self.n_units}, iteration {loop['iteration']} of {self.s.iters}"
+                 if loop is not None else f"{nxt} of {self.n_units} units done")
+        self.ck.log(f"{self.s.label}: resumed from the checkpoint of step {self.ck.resumed_from['step']} ({where})")
+        return nxt
+
+    def start_over(self, exc: BaseException) -> None:
+        """A saved state that could not be applied: the model, generators and rows as found; from unit 0."""
+        if self._initial is not None:
+            _set_model_state(self.model, self._initial)
+        self.gen.manual_seed(self.seed)
+        self.drop_gen.manual_seed(self.seed + 1)
+        self.record["per_unit"].clear()
+        self.base, self._loop, self._initial, self.seconds_before = None, None, None, 0.0
+        self.ck.restore_failed(exc)
+
+    def take_loop(self) -> Optional[Dict[str, Any]]:
+        loop, self._loop = self._loop, None
+        self._unit_before = float(loop["unit_s"]) if loop is not None else 0.0
+        return loop
+
+    # -- saving --------------------------------------------------------------------------------
+    def begin(self, k: int) -> None:
+        self.unit, self._t_unit = k, time.perf_counter()
+
+    def unit_seconds(self) -> float:
+        return self._unit_before + time.perf_counter() - self._t_unit
+
+    def due(self, i: int) -> bool:
+        return self.ck.due(self.unit * self.s.iters + i)
+
+    def save_loop(self, i: int, loop: Dict[str, Any]) -> None:
+        self._save(self.unit * self.s.iters + i, self.unit, dict(loop, unit_s=self.unit_seconds()))
+
+    def unit_done(self) -> None:
+        self.base, self._initial = _model_state(self.model), None
+        self._save((self.unit + 1) * self.s.iters, self.unit + 1, None)
+
+    def _save(self, step: int, next_unit: int, loop: Optional[Dict[str, Any]]) -> None:
+        self.ck.save(step, {"next_unit": next_unit, "model": self.base, "per_unit": self.record["per_unit"],
+                            "gen": generator_state(self.gen), "drop_gen": generator_state(self.drop_gen),
+                            "seconds": self.seconds_before + time.perf_counter() - self.started, "loop": loop})

@@ -54,6 +54,10 @@ def run_steps(sim: nn.Module, p: PTQParams, steps: List[str], xs: List[torch.Ten
     ran = []
     dev = ctx.device
     for step in steps:
+        # a reconstruction step keeps its own checkpoints (checkpoint-seed<S>-<step>.pt), a rerun goes on from
+        # them; GPTQ (one pass over the layers, minutes) restarts
+        resumable = ctx.checkpoint is not None and step in ("adaround", "brecq", "qdrop")
+        ck = ctx.checkpoint.stage(step) if resumable else None
         if step == "cle":
             stats["cle"] = equalize(sim)
         elif step == "bias_absorption":
@@ -64,10 +68,10 @@ def run_steps(sim: nn.Module, p: PTQParams, steps: List[str], xs: List[torch.Ten
             stats["adaround"] = adaround(
                 sim, xs, iters=p.adaround_iters, reg=p.adaround_reg, beta_start=p.adaround_beta_start,
                 beta_end=p.adaround_beta_end, warm_start=p.adaround_warm_start, batch_size=p.adaround_batch_size,
-                lr=p.adaround_lr, device=dev, seed=ctx.seed, progress=ctx.progress)
+                lr=p.adaround_lr, device=dev, seed=ctx.seed, progress=ctx.progress, checkpoint=ck)
         elif step in ("brecq", "qdrop"):
             stats[step] = reconstruct(sim, xs, reconstruction_settings(p, step), device=dev, seed=ctx.seed,
-                                      progress=ctx.progress)
+                                      progress=ctx.progress, checkpoint=ck)
         elif step == "gptq":
             g = p.gptq or GPTQParams()
             stats["gptq"] = gptq(sim, xs, damp=g.damp, block=g.block, act_order=g.act_order, device=dev)
