@@ -177,7 +177,8 @@ class ResourcesSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    """Checkpoints inside a point (the training methods: qat, marvin, fp32_train): a rerun of a point that
+    """Checkpoints inside a point (the training methods qat, marvin, fp32_train and the reconstruction steps
+    adaround, brecq, qdrop): a rerun of a point that
     was killed resumes from its last checkpoint and ends with the card an uninterrupted run writes. Not
     part of the point ids (it changes no result)."""
     enabled: bool = Field(True, description="false: keep no checkpoints (a killed point restarts from step 0)")
