@@ -322,14 +322,35 @@ def _cached_check(cache: Path, name: str, arch: Arch, exp, outcome, weights: Pat
     card = _card_of(outcome)
     path = cache / "checks" / f"{card['id'][:16]}-{_checks_version()}.json"
     if path.is_file() and card["status"] == "ok":
-        return json.loads(path.read_text())
+        return {**json.loads(path.read_text()), "recipe": _recipe_of_weights(weights)}
     row = check_point(name, arch, exp, outcome, weights)
+    row["recipe"] = _recipe_of_weights(weights)
     if card["status"] == "ok":
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, default=str))
         os.replace(tmp, path)
     return row
+
+
+def _recipe_of_weights(weights: Path) -> Optional[Dict[str, Any]]:
+    """The training recipe saved beside the trained weights (their BatchNorm-recalibrated copy names them)."""
+    stem = weights.stem[:-len(f"-bn{BN_RECALIBRATION}")] if weights.stem.endswith(f"-bn{BN_RECALIBRATION}") else weights.stem
+    meta = weights.with_name(stem + ".json")
+    if not meta.is_file():
+        return None
+    rec = json.loads(meta.read_text())
+    return {k: rec.get(k) for k in ("steps", "batch_size", "lr", "input_shape", "train_seconds", "final_train_acc")}
+
+
+def _todays_recipe(name: str, arch: Arch) -> Optional[Dict[str, Any]]:
+    """The recipe of the weights today's ARCHS entry trains (None when the cache does not hold them)."""
+    done = cache_dir() / "mnist5k-png" / "DONE.json"
+    if not done.is_file():
+        return None
+    fp = json.loads(done.read_text())["train"]["fingerprint"]
+    tag = hashlib.sha256(json.dumps(recipe_of(name, arch, fp, 0, None), sort_keys=True).encode()).hexdigest()[:12]
+    return _recipe_of_weights(cache_dir() / "weights" / f"{name}-{tag}.safetensors")
 
 
 # --------------------------------------------------------------------------- checks of one card
@@ -578,13 +599,21 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"| {_f(r.get('agreement'), '{:.1%}')} ({r['distinct_argmax']}) | {_f(r.get('steps_max'))} "
             f"| {_f(r.get('wall_s'), '{:.0f}')} | {flags} |")
     lines += ["", "## Weights", "",
-              "| arch | input | training (AdamW steps x batch; BatchNorm statistics then re-estimated where present) "
+              "| arch | input | training (AdamW steps x batch, lr; seconds on the shared machine; BatchNorm statistics then re-estimated where present) "
               "| FP32 top-1 on the eval images |", "|---|---|---|---|"]
     for name in done:
         a = ARCHS.get(name)
         fp = next((r.get("fp32") for r in rows if r["arch"] == name and r.get("fp32") is not None), None)
-        if a is not None:
-            lines.append(f"| {name} | {a.size} px | {a.steps} x {a.batch} (lr {a.lr:g}) | {_f(fp, '{:.1f}')} |")
+        rec = next((r["recipe"] for r in rows if r["arch"] == name and r.get("recipe")), None)
+        if rec is None and a is not None and any(r["arch"] == name and not r.get("stale") for r in rows):
+            rec = _todays_recipe(name, a)    # a row of this code's runs made before rows carried their recipe
+        if rec is not None:          # the recipe the measured weights were trained with
+            train = f"{rec['steps']} x {rec['batch_size']} (lr {rec['lr']:g}; {rec.get('train_seconds', '?')} s)"
+        elif a is not None:
+            train = f"not recorded (today's recipe: {a.steps} x {a.batch}, lr {a.lr:g})"
+        if rec is not None or a is not None:
+            size = rec["input_shape"][-1] if rec is not None else a.size
+            lines.append(f"| {name} | {size} px | {train} | {_f(fp, '{:.1f}')} |")
     lines += ["", "## Findings per row", ""]
     for r in rows:
         bad = [k for k, v in r["checks"].items() if not v]
@@ -674,9 +703,10 @@ def main(argv=None) -> int:
             if differ:
                 raise SystemExit(f"--render: the runs differ in {', '.join(differ)}; not one table")
             # commits that differ only outside qcard/ share the cards (runs/ is keyed by qcard's source hash)
-            meta["command"] = "` and `".join(d["meta"]["command"] for d in runs)
+            meta["command"] = _commands(d["meta"]["command"] for d in runs)
             meta["git"] = " / ".join(dict.fromkeys(d["meta"]["git"] for d in runs))
-            meta["date"] = " / ".join(d["meta"]["date"] for d in runs)
+            dates = sorted(d["meta"]["date"] for d in runs)
+            meta["date"] = dates[0] if len(set(dates)) == 1 else f"{dates[0]} to {dates[-1]}"
         write(rows, meta, Path(args.out))
         return _verdict(rows, args)
     archs = args.arch or list(ARCHS)
@@ -696,6 +726,27 @@ def main(argv=None) -> int:
                          "notes": [f"{type(exc).__name__}: {exc}"[:300]]})
         write(rows, meta, Path(args.out))
     return _verdict(rows, args)
+
+
+def _commands(commands) -> str:
+    """The runs' commands for the table's header: one template when they differ only in --arch and --out
+    (the matrix run one architecture per process), else each in full."""
+    commands = list(dict.fromkeys(commands))
+    templates = set()
+    for c in commands:
+        words, keep = c.split(), []
+        i = 0
+        while i < len(words):
+            if words[i] in ("--arch", "--out"):
+                i += 2                     # the option and its value
+                continue
+            keep.append(words[i])
+            i += 1
+        templates.add(" ".join(keep))
+    if len(commands) > 2 and len(templates) == 1:
+        return (f"{templates.pop()} --arch ARCH --out RUN/ARCH/conformance` for each architecture below, then "
+                f"`python benchmarks/conformance.py --render RUN/ARCH/conformance.json ...")
+    return "` and `".join(commands)
 
 
 def _verdict(rows: List[Dict[str, Any]], args) -> int:
