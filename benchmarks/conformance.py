@@ -81,19 +81,19 @@ ARCHS: Dict[str, Arch] = {
     "regnet_x_400mf": Arch("torchvision:regnet_x_400mf", 32, steps=240),
     "mnasnet0_5": Arch("torchvision:mnasnet0_5", 32, steps=300),
     "shufflenet_v2_x0_5": Arch("torchvision:shufflenet_v2_x0_5", 32, steps=300),
-    "densenet121": Arch("torchvision:densenet121", 32, steps=180),
+    "densenet121": Arch("torchvision:densenet121", 32, steps=120),
     # the auxiliary classifiers only run in training and would return tuples there
-    "googlenet": Arch("torchvision:googlenet", 32, {"aux_logits": False, "init_weights": True}, steps=180),
+    "googlenet": Arch("torchvision:googlenet", 32, {"aux_logits": False, "init_weights": True}, steps=120),
     "inception_v3": Arch("torchvision:inception_v3", 75, {"aux_logits": False, "init_weights": True},
-                         steps=240, batch=32),
-    "convnext_tiny": Arch("torchvision:convnext_tiny", 32, steps=240, batch=32, lr=1e-3),
-    "vit_b_16": Arch("torchvision:vit_b_16", 32, {"image_size": 32}, attention=True, steps=160, batch=32,
+                         steps=120, batch=32),
+    "convnext_tiny": Arch("torchvision:convnext_tiny", 32, steps=160, batch=32, lr=1e-3),
+    "vit_b_16": Arch("torchvision:vit_b_16", 32, {"image_size": 32}, attention=True, steps=120, batch=32,
                      lr=3e-4),
     # timm's fused attention (F.scaled_dot_product_attention); 64 px: 16 patches + the class token
     "deit_tiny": Arch("timm:deit_tiny_patch16_224", 64, {"img_size": 64}, attention=True, steps=80, lr=1e-3),
     # windowed attention: 8x8 tokens in 4x4 windows after the stem
     "swin_tiny": Arch("timm:swin_tiny_patch4_window7_224", 32, {"img_size": 32, "window_size": 4}, attention=True,
-                      steps=240, batch=32, lr=1e-3),
+                      steps=160, batch=32, lr=1e-3),
 }
 
 _DEPLOY = {"runtime": "onnxruntime", "threads": 1, "batch_sizes": [1], "latency_runs": 5}
