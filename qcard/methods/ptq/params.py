@@ -125,6 +125,9 @@ class PTQParams(SimScheme, MethodParams):
     adaround_warm_start: float = Field(0.2, ge=0, lt=1)
     adaround_batch_size: int = Field(32, ge=1)
     adaround_lr: float = Field(1e-3, gt=0)
+    adaround_targets: Literal["fp_model", "rounded_so_far"] = Field(
+        "fp_model", description="fp_model: targets from an untouched FP copy (documented AdaRound); rounded_so_far: "
+                                "qcard's AdaRound before the engine (for older cards)")
     # nested, optional: unset, they stay out of the point id (published ids unchanged)
     reconstruction: Optional[ReconstructionParams] = Field(None, description="brecq / qdrop settings; null: "
                                                                              "MQBench's defaults")
@@ -146,6 +149,8 @@ class PTQParams(SimScheme, MethodParams):
             for key in ("reconstruction", "gptq"):
                 if data.get(key, 0) is None:
                     data.pop(key)
+            if data.get("adaround_targets") == "fp_model":    # added later: counts only when set otherwise
+                data.pop("adaround_targets")
         return data
 
     @model_validator(mode="before")
