@@ -11,7 +11,7 @@
 Random weights and random images (timing does not depend on them); one thread unless --threads; the load
 average is printed before and after (ratios are measured side by side, absolute times move with load).
 Usage: python benchmarks/bench_reconstruction.py [--model torchvision:resnet18] [--size 224] [--batch 32]
-       [--iters 10] [--device cpu] [--threads 1]
+       [--iters 10] [--only UNIT[,UNIT...]] [--device cpu] [--threads 1]
        [--out benchmarks/bench_reconstruction.json]   (bench_reconstruction.md: the figures, with the command)
 """
 import argparse
@@ -85,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--only", default=None, help="comma-separated unit names (default: every unit)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "bench_reconstruction.json"))
@@ -95,14 +96,22 @@ def main(argv=None):
     batches = [torch.rand(a.batch, chans, a.size, a.size)]
     sim = _sim(a.model, a.size, batches, a.device)
     units = block_units(sim)
+    if a.only:
+        wanted = a.only.split(",")
+        units = [u for u in units if u.name in wanted]
+        if len(units) != len(wanted):
+            ap.error(f"--only: no unit named {sorted(set(wanted) - {u.name for u in units})}; units: "
+                     f"{', '.join(u.name for u in block_units(sim))}")
     fp = fp_copy(sim)
     load_before = _load()
     print(f"{a.model} at {a.size}², batch {a.batch}, {len(units)} units, {a.iters} iterations each, "
           f"{a.threads} thread(s), {a.device}; {load_before}")
-    rec = reconstruct(sim, batches, Settings(iters=a.iters, batch_size=a.batch), device=a.device)
+    rec = reconstruct(sim, batches, Settings(iters=a.iters, batch_size=a.batch), device=a.device,
+                      only=[u.name for u in units])
+    qi = 1 if len(units) > 1 else 0                 # QDrop on the second unit (the first with --only one unit)
     sim_q = _sim(a.model, a.size, batches, a.device)
     rec_q = reconstruct(sim_q, batches, Settings(iters=a.iters, batch_size=a.batch, drop=True), device=a.device,
-                        only=[units[1].name])
+                        only=[units[qi].name])
     ratios, fp_times = [], []
     for u, row in zip(units, rec["per_unit"]):
         x = UnitView(fp, u, {id(m): n for n, m in fp.named_modules()}).inputs(batches, a.device)[:a.batch]
@@ -112,11 +121,11 @@ def main(argv=None):
         print(f"  {u.name:40s} brecq {1000 * row['iter_s']:8.1f} ms/iter   FP32 fwd+bwd {1000 * fp_s:8.1f} ms   "
               f"ratio {row['iter_s'] / fp_s:5.2f}")
     q_row = rec_q["per_unit"][0]
-    print(f"  qdrop on {units[1].name}: {1000 * q_row['iter_s']:.1f} ms/iter "
-          f"(brecq {1000 * rec['per_unit'][1]['iter_s']:.1f})")
+    print(f"  qdrop on {units[qi].name}: {1000 * q_row['iter_s']:.1f} ms/iter "
+          f"(brecq {1000 * rec['per_unit'][qi]['iter_s']:.1f})")
     total = sum(r["iter_s"] for r in rec["per_unit"]) * 1000
     print(f"block ratio: median {statistics.median(ratios):.2f}, max {max(ratios):.2f} (target ≤ {TARGET_BLOCK})")
-    print(f"1,000 iterations on every unit of {a.model}: {total:.0f} s (from the per-iteration times)")
+    print(f"1,000 iterations on {'the selected units' if a.only else 'every unit'} of {a.model}: {total:.0f} s (from the per-iteration times)")
     sizes = [sum(m.weight.numel() for m in u.modules) for u in units]
     k = max(range(len(units)), key=lambda i: sizes[i] / fp_times[i])      # most weights per unit of FP work
     adam, adam_fused = _adam_step_s(sizes[k], False, a.device), _adam_step_s(sizes[k], True, a.device)
@@ -130,7 +139,8 @@ def main(argv=None):
         "units": [{"unit": u.name, "iter_s": row["iter_s"], "fp_s": f, "ratio": r}
                   for u, row, f, r in zip(units, rec["per_unit"], fp_times, ratios)],
         "block_ratio_median": statistics.median(ratios), "block_ratio_max": max(ratios),
-        "qdrop_iter_s": q_row["iter_s"], "brecq_iter_s_same_unit": rec["per_unit"][1]["iter_s"],
+        "qdrop_iter_s": q_row["iter_s"], "qdrop_unit": units[qi].name,
+        "brecq_iter_s_same_unit": rec["per_unit"][qi]["iter_s"],
         "iters_1000_s": total, "adam_unit": units[k].name, "adam_step_s": adam, "adam_fused_step_s": adam_fused},
         indent=1) + "\n")
     return 2 if statistics.median(ratios) > TARGET_BLOCK else 0
