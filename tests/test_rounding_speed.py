@@ -95,6 +95,8 @@ def test_h_is_computed_once_per_iteration(monkeypatch):
         loss.backward()
         opt.step()
         assert len(calls) == i + 1, "the soft weight and the regulariser must share one h(V) per iteration"
+    est.v.data.mul_(-1)                        # after a backward, even a change that keeps V's version is seen
+    torch.testing.assert_close(fq(w), est.weight_for(est.h()).detach())
 
 
 def test_an_fc_iteration_costs_less_than_the_composed_formula():

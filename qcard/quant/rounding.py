@@ -120,6 +120,7 @@ class _SoftWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dh,) = ctx.saved_tensors
+        ctx.est._h_ver = None            # V changes next (also through .data, which keeps its version)
         return torch.mul(grad, ctx.est._slope_v).mul_(dh), None
 
 
@@ -140,11 +141,13 @@ class _Regulariser(torch.autograd.Function):
         g = p.copysign_(u) if beta > 1.0 else p.mul_(u.sign())
         ctx.save_for_backward(g.mul_(dh))
         ctx.scale = -2.0 * beta * (ZETA - GAMMA)
+        ctx.est = est
         return value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (g,) = ctx.saved_tensors
+        ctx.est._h_ver = None
         return g * (grad * ctx.scale), None, None
 
 
