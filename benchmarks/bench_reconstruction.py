@@ -46,12 +46,14 @@ def _sim(ref, size, batches, device):
     return sim
 
 
-def _fp_step_s(fp, unit, x, repeats):
+def _fp_step_s(fp, unit, x, repeats=3, min_s=0.5, max_repeats=100):
+    """Median of one FP32 forward+backward of the unit: at least `repeats` times, and for short steps (a
+    classifier's ~1 ms) until min_s seconds were spent, so the median is not three noisy samples."""
     view = UnitView(fp, unit, {id(m): n for n, m in fp.named_modules()})
     for p in fp.parameters():
         p.requires_grad_(True)
     times = []
-    for _ in range(repeats + 1):
+    while len(times) < repeats + 1 or (sum(times[1:]) < min_s and len(times) < max_repeats + 1):
         t = time.perf_counter()
         y = view(x)
         y.pow(2).sum().backward()
@@ -115,7 +117,7 @@ def main(argv=None):
     ratios, fp_times = [], []
     for u, row in zip(units, rec["per_unit"]):
         x = UnitView(fp, u, {id(m): n for n, m in fp.named_modules()}).inputs(batches, a.device)[:a.batch]
-        fp_s = _fp_step_s(fp, u, x, 3)
+        fp_s = _fp_step_s(fp, u, x)
         ratios.append(row["iter_s"] / fp_s)
         fp_times.append(fp_s)
         print(f"  {u.name:40s} brecq {1000 * row['iter_s']:8.1f} ms/iter   FP32 fwd+bwd {1000 * fp_s:8.1f} ms   "
