@@ -346,3 +346,8 @@ def test_adaround_targets_is_a_ptq_param_that_stays_out_of_the_id_at_its_default
         gaps[targets] = [l["input_gap"] for l in r.stats["adaround"]["layers"]]
     # the old objective's "FP" input is the quantized one after the first layer; the documented one's is not
     assert all(g == 0.0 for g in gaps["rounded_so_far"][1:]) and all(g > 0.0 for g in gaps["fp_model"][1:])
+    # listed as unused only where the dump holds it (published cards keep their list)
+    minmax = {"pipeline": "minmax", "w_bits": 4, "a_bits": 8}
+    assert "adaround_targets" not in PTQParams(**minmax).unused_params()
+    assert "adaround_lr" in PTQParams(**minmax).unused_params()
+    assert "adaround_targets" in PTQParams(adaround_targets="rounded_so_far", **minmax).unused_params()

@@ -220,7 +220,8 @@ class PTQParams(SimScheme, MethodParams):
             out["bias_correction"] = f"no bias_correction step in {self.pipeline}"
         if "adaround" not in steps:
             out.update({k: f"no adaround step in {self.pipeline}" for k in type(self).model_fields
-                        if k.startswith("adaround_")})
+                        if k.startswith("adaround_") and not (k == "adaround_targets" and self.adaround_targets
+                                                              == "fp_model")})   # not in the dump at its default
         if "percentile" not in (self.weight_range, self.activation_range):
             out["percentile"] = "no percentile range setting"
         if self.activation_range != "bn":
