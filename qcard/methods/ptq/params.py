@@ -149,7 +149,7 @@ class PTQParams(SimScheme, MethodParams):
             for key in ("reconstruction", "gptq"):
                 if data.get(key, 0) is None:
                     data.pop(key)
-            if data.get("adaround_targets") == "fp_model":    # added later: counts only when set otherwise
+            if data.get("adaround_targets") == "fp_model":    # added later: in the id only when not the default
                 data.pop("adaround_targets")
         return data
 
@@ -219,9 +219,10 @@ class PTQParams(SimScheme, MethodParams):
         if "bias_correction" not in steps:
             out["bias_correction"] = f"no bias_correction step in {self.pipeline}"
         if "adaround" not in steps:
-            out.update({k: f"no adaround step in {self.pipeline}" for k in type(self).model_fields
-                        if k.startswith("adaround_") and not (k == "adaround_targets" and self.adaround_targets
-                                                              == "fp_model")})   # not in the dump at its default
+            keys = [k for k in type(self).model_fields if k.startswith("adaround_")]
+            if self.adaround_targets == "fp_model":      # not in the dump at its default (_drop_unset_blocks)
+                keys.remove("adaround_targets")
+            out.update({k: f"no adaround step in {self.pipeline}" for k in keys})
         if "percentile" not in (self.weight_range, self.activation_range):
             out["percentile"] = "no percentile range setting"
         if self.activation_range != "bn":
