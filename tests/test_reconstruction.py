@@ -322,3 +322,32 @@ def test_gptq_with_float32_products_rounds_as_with_float64_products(act_order):
     got = li.module.weight.detach().reshape(16, -1)
     assert not torch.equal(got, w.reshape(16, -1))
     assert torch.equal(got, ref)
+
+
+# ------------------------------------------------------------------ AdaRound's objective as a ptq param
+
+def test_adaround_targets_is_a_ptq_param_that_stays_out_of_the_id_at_its_default():
+    from pydantic import ValidationError
+    from qcard.methods.base import card_sections_of
+    from qcard.methods.ptq import PTQ
+    from qcard.methods.ptq.params import PTQParams
+    from test_quant_support import run_ptq
+    steps = {"pipeline": "custom", "steps": ["weight_ranges", "adaround", "activation_ranges"], "adaround_iters": 4}
+    assert "adaround_targets" not in PTQParams(w_bits=3, a_bits=8, **steps).model_dump(mode="json")
+    old = PTQParams(w_bits=3, a_bits=8, adaround_targets="rounded_so_far", **steps)
+    assert old.model_dump(mode="json")["adaround_targets"] == "rounded_so_far"
+    with pytest.raises(ValidationError, match="fp_model"):
+        PTQParams(w_bits=3, a_bits=8, adaround_targets="fp", **steps)
+    gaps = {}
+    for targets in ("fp_model", "rounded_so_far"):
+        r = run_ptq(bundled("resnet8"), calibration_size=64, w_bits=3, a_bits=8, adaround_targets=targets, **steps)
+        assert r.stats["adaround"]["targets"] == targets
+        assert f"targets {targets}" in card_sections_of(PTQ(), r.stats)[0]["note"]
+        gaps[targets] = [l["input_gap"] for l in r.stats["adaround"]["layers"]]
+    # the old objective's "FP" input is the quantized one after the first layer; the documented one's is not
+    assert all(g == 0.0 for g in gaps["rounded_so_far"][1:]) and all(g > 0.0 for g in gaps["fp_model"][1:])
+    # listed as unused only where the dump holds it (published cards keep their list)
+    minmax = {"pipeline": "minmax", "w_bits": 4, "a_bits": 8}
+    assert "adaround_targets" not in PTQParams(**minmax).unused_params()
+    assert "adaround_lr" in PTQParams(**minmax).unused_params()
+    assert "adaround_targets" in PTQParams(adaround_targets="rounded_so_far", **minmax).unused_params()

@@ -125,6 +125,9 @@ class PTQParams(SimScheme, MethodParams):
     adaround_warm_start: float = Field(0.2, ge=0, lt=1)
     adaround_batch_size: int = Field(32, ge=1)
     adaround_lr: float = Field(1e-3, gt=0)
+    adaround_targets: Literal["fp_model", "rounded_so_far"] = Field(
+        "fp_model", description="fp_model: targets from an untouched FP copy (documented AdaRound); rounded_so_far: "
+                                "qcard's AdaRound before the engine (for older cards)")
     # nested, optional: unset, they stay out of the point id (published ids unchanged)
     reconstruction: Optional[ReconstructionParams] = Field(None, description="brecq / qdrop settings; null: "
                                                                              "MQBench's defaults")
@@ -146,6 +149,8 @@ class PTQParams(SimScheme, MethodParams):
             for key in ("reconstruction", "gptq"):
                 if data.get(key, 0) is None:
                     data.pop(key)
+            if data.get("adaround_targets") == "fp_model":    # added later: in the id only when not the default
+                data.pop("adaround_targets")
         return data
 
     @model_validator(mode="before")
@@ -214,8 +219,10 @@ class PTQParams(SimScheme, MethodParams):
         if "bias_correction" not in steps:
             out["bias_correction"] = f"no bias_correction step in {self.pipeline}"
         if "adaround" not in steps:
-            out.update({k: f"no adaround step in {self.pipeline}" for k in type(self).model_fields
-                        if k.startswith("adaround_")})
+            keys = [k for k in type(self).model_fields if k.startswith("adaround_")]
+            if self.adaround_targets == "fp_model":      # not in the dump at its default (_drop_unset_blocks)
+                keys.remove("adaround_targets")
+            out.update({k: f"no adaround step in {self.pipeline}" for k in keys})
         if "percentile" not in (self.weight_range, self.activation_range):
             out["percentile"] = "no percentile range setting"
         if self.activation_range != "bn":

@@ -68,7 +68,8 @@ def run_steps(sim: nn.Module, p: PTQParams, steps: List[str], xs: List[torch.Ten
             stats["adaround"] = adaround(
                 sim, xs, iters=p.adaround_iters, reg=p.adaround_reg, beta_start=p.adaround_beta_start,
                 beta_end=p.adaround_beta_end, warm_start=p.adaround_warm_start, batch_size=p.adaround_batch_size,
-                lr=p.adaround_lr, device=dev, seed=ctx.seed, progress=ctx.progress, checkpoint=ck)
+                lr=p.adaround_lr, device=dev, seed=ctx.seed, progress=ctx.progress,
+                targets=p.adaround_targets, checkpoint=ck)
         elif step in ("brecq", "qdrop"):
             stats[step] = reconstruct(sim, xs, reconstruction_settings(p, step), device=dev, seed=ctx.seed,
                                       progress=ctx.progress, checkpoint=ck)
