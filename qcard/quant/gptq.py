@@ -15,7 +15,7 @@ before (nearest rounding) and after, per layer.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -102,7 +102,7 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, 
     layers = {id(li.module): li for li in info.gemm_layers() if li.weight_quantizer is not None}
     done = set()
 
-    def visit(m: nn.Module, xs: List[torch.Tensor]) -> None:
+    def visit(m: nn.Module, xs: Iterable[torch.Tensor]) -> None:
         li = layers.get(id(m))
         if li is None or id(m) in done:
             return
@@ -111,7 +111,7 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, 
 
     with quant_state(model, activations=None if acts_ready else False):
         if isinstance(model, fx.GraphModule):
-            run_by_node(model, batches, device, visit)
+            run_by_node(model, batches, device, visit, only=[li.module for li in layers.values()])
         else:
             for li in info.gemm_layers():
                 if id(li.module) in layers:
@@ -123,7 +123,7 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, 
 
 
 @torch.no_grad()
-def _round_layer(li, xs: List[torch.Tensor], damp: float, block: int, act_order: bool) -> Dict[str, Any]:
+def _round_layer(li, xs: Iterable[torch.Tensor], damp: float, block: int, act_order: bool) -> Dict[str, Any]:
     m, wq = li.module, li.weight_quantizer
     if wq.spec.granularity == "per_group":
         return {"name": li.name, "skipped": "per-group weight grids: nearest rounding kept"}
