@@ -143,7 +143,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--unbounded-images", type=int, default=256,
-                    help="images for the run without a capture bound (the old behaviour; 1,024 would not fit)")
+                    help="images for the run without a capture bound (the old behaviour; 1,024 would not fit); 0: none")
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--units", default="layer1.0.conv3,layer1.1.conv1")
     ap.add_argument("--act-images", type=int, default=64)
@@ -156,7 +156,8 @@ def main(argv=None):
         return 0
     runs = []
     load0 = os.getloadavg()
-    for images, mb in ((a.unbounded_images, "1000000"), (a.images, None)):
+    configs = ((a.unbounded_images, "1000000"), (a.images, None)) if a.unbounded_images else ((a.images, None),)
+    for images, mb in configs:
         env = dict(os.environ)
         env.pop("QCARD_CAPTURE_MB", None)
         if mb is not None:
