@@ -131,7 +131,8 @@ def one_pass(a) -> dict:
     spilled = (passes[0] if passes else None) or {}     # None: a run_by_node without a bound
     return {"images": a.images, "capture_mb": os.environ.get("QCARD_CAPTURE_MB", "1024 (default)"),
             "steps": list(p.steps), "images_mb": sum(x.numel() * 4 for x in xs) / 2 ** 20,
-            "values_spilled": spilled.get("values_spilled"), "gb_spilled": round(spilled.get("bytes_spilled", 0) / 2 ** 30, 2),
+            "values_spilled": spilled.get("values_spilled"),
+            "gb_spilled": round(spilled.get("bytes_spilled", 0) / 2 ** 30, 2),
             "peak_rss_mb_before_model": base, "peak_rss_mb_after_step": peaks, "seconds": seconds,
             "peak_rss_mb": _peak_mb()}
 
@@ -162,7 +163,8 @@ def main(argv=None):
         env.pop("QCARD_CAPTURE_MB", None)
         if mb is not None:
             env["QCARD_CAPTURE_MB"] = mb
-        cmd = [sys.executable, __file__, "--one", "--step", a.step, "--model", a.model, "--size", str(a.size), "--images", str(images),
+        cmd = [sys.executable, __file__, "--one", "--step", a.step, "--model", a.model, "--size", str(a.size),
+               "--images", str(images),
                "--iters", str(a.iters), "--units", a.units, "--act-images", str(a.act_images),
                "--threads", str(a.threads)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
