@@ -7,7 +7,8 @@ scale / zero-point modules, and runs its own GPTQ (damping 1 % of the mean diago
 layers in forward order with the earlier layers already quantized). Both return integer weights.
 
 Measured: identical integer weights (0 of 4,488 differ) in all 8 settings (symmetric/asymmetric,
-act-order off/on, float64/float32). In float32 Brevitas keeps the weight being updated in float32 while
+act-order off/on, float64/float32), with qcard's factorisations of H and H⁻¹ in float32 (its default)
+or float64 and Brevitas's in float64 or float32 (all 32 combinations measured, two tested here). In float32 Brevitas keeps the weight being updated in float32 while
 qcard updates it in float64, so a weight whose update lands next to a rounding boundary could go either
 way on another machine: that case is allowed ≤ 1 % differing, each by one step. A control shows the
 comparison is sensitive: qcard at damping 0.1 against Brevitas at 0.01 differs in ~6 % of the weights.
@@ -86,7 +87,8 @@ def _ints(w, s, z, qmin, qmax):
     return torch.clamp(torch.round(w.double() / s) + z, qmin, qmax).to(torch.int64)
 
 
-def _compare(symmetric: bool, act_order: bool, dtype: torch.dtype, bits: int = 3, damp: float = 0.01):
+def _compare(symmetric: bool, act_order: bool, dtype: torch.dtype, bits: int = 3, damp: float = 0.01,
+             brevitas_dtype: torch.dtype = torch.float64, factor_dtype: torch.dtype = None):
     torch.manual_seed(0)
     net = _Net().eval()
     batches = [torch.randn(16, 3, 12, 12) for _ in range(3)]
@@ -115,12 +117,21 @@ def _compare(symmetric: bool, act_order: bool, dtype: torch.dtype, bits: int = 3
         sim = sim.double()
     with torch.no_grad():
         with gptq_mode(bnet, use_quant_activations=False, act_order=act_order, num_blocks=1,
-                       dtype=torch.float64) as g:
+                       dtype=brevitas_dtype) as g:
             for _ in range(g.num_layers):
                 for x in data:
                     g.model(x)
                 g.update()
-    rec = gptq(sim, data, damp=damp, block=128, act_order=act_order)
+    if factor_dtype is None:
+        rec = gptq(sim, data, damp=damp, block=128, act_order=act_order)
+    else:                                       # qcard's factorisations in another precision than its default
+        import qcard.quant.gptq as gptq_mod
+        orig = gptq_mod.gptq_rows
+        gptq_mod.gptq_rows = lambda *a, **k: orig(*a, **k, factor_dtype=factor_dtype)
+        try:
+            rec = gptq(sim, data, damp=damp, block=128, act_order=act_order)
+        finally:
+            gptq_mod.gptq_rows = orig
     assert not any("skipped" in r for r in rec["layers"]), rec["layers"]
 
     total = differ = 0
@@ -149,6 +160,17 @@ def test_gptq_integer_weights_match_brevitas_in_float32(act_order):
     with one_thread():
         differ, total = _compare(False, act_order, torch.float32)
     assert total > 1500 and differ <= math.ceil(0.01 * total), f"{differ} of {total} differ"
+
+
+@pytest.mark.parametrize("factor_dtype,brevitas_dtype", [(torch.float64, torch.float64), (None, torch.float32)])
+def test_factorisation_precision_does_not_change_the_integer_weights(factor_dtype, brevitas_dtype):
+    """qcard factorises H and H⁻¹ in float32 by default; float64 (the previous choice) and Brevitas's
+    own default precision (float32 throughout) give the same integer weights on this net."""
+    with one_thread():
+        for act_order in (False, True):
+            differ, total = _compare(False, act_order, torch.float64, brevitas_dtype=brevitas_dtype,
+                                     factor_dtype=factor_dtype)
+            assert differ == 0, f"act_order={act_order}: {differ} of {total} integer weights differ"
 
 
 def test_a_different_damping_is_seen_by_the_comparison():

@@ -11,7 +11,7 @@ that weight quantization causes, by b ← b − ε.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence
 
 import torch
 import torch.fx as fx
@@ -53,7 +53,7 @@ def empirical_bias_correction(model: nn.Module, batches: Sequence[torch.Tensor],
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="bias correction", leave=False)
 
-    def correct(m: nn.Module, xs: List[torch.Tensor]) -> None:
+    def correct(m: nn.Module, xs: Iterable[torch.Tensor]) -> None:
         li = todo.pop(id(m), None)
         if li is None:
             return
@@ -64,7 +64,7 @@ def empirical_bias_correction(model: nn.Module, batches: Sequence[torch.Tensor],
 
     with quant_state(model, activations=False):
         if isinstance(model, fx.GraphModule):
-            run_by_node(model, batches, device, correct)
+            run_by_node(model, batches, device, correct, only=[li.module for li in todo.values()])
         for li in list(todo.values()):     # eager models (and any layer the graph did not call)
             if id(li.module) in todo:
                 correct(li.module, capture_inputs(model, li.module, batches, device))
@@ -76,7 +76,7 @@ def empirical_bias_correction(model: nn.Module, batches: Sequence[torch.Tensor],
     return {"corrected_layers": corrected}
 
 
-def _correct_layer(m: nn.Module, xs: List[torch.Tensor]) -> bool:
+def _correct_layer(m: nn.Module, xs: Iterable[torch.Tensor]) -> bool:
     """b <- b - mean over xs of (W_q - W) x, per output channel; False when there is no input."""
     w_fp = fp_weight(m)
     dw = m.quantized_weight().detach() - w_fp

@@ -4,7 +4,9 @@ For each conv/linear in topological order, from its calibration inputs X in the 
 (im2col rows for convolutions, one Hessian per group for grouped ones):
     H = 2·X·Xᵀ / N; dead inputs (H_ii = 0) get H_ii = 1 and their weights 0; H += δ·mean(diag H)·I;
 optional act-order (columns by decreasing diag H, ties at float32 precision in column order); U = upper
-Cholesky factor of H⁻¹. X·Xᵀ is computed per batch in the inputs' precision (float32) and summed in
+Cholesky factor of H⁻¹, the factorisations of H and H⁻¹ in float32 (Brevitas's and the GPTQ paper's
+choice: half the time of float64, same integer weights as Brevitas; benchmarks/bench_gptq.md), the
+rest in float64. X·Xᵀ is computed per batch in the inputs' precision (float32) and summed in
 float64, its diagonal in float64. Columns are
 quantized in blocks of B on the layer's fixed grid (the weight quantizer's scales, set by the same
 weight-range step as PTQ): q_j = quant(w_j), e_j = (w_j − q_j) / U_jj, later columns of the block
@@ -15,7 +17,7 @@ before (nearest rounding) and after, per layer.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -51,8 +53,10 @@ def _quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: i
 
 
 def gptq_rows(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
-              damp: float = 0.01, block: int = 128, act_order: bool = False) -> torch.Tensor:
-    """GPTQ on weight rows w (rows × in) with Hessian h (in × in) and per-row grid (s, z: rows × 1)."""
+              damp: float = 0.01, block: int = 128, act_order: bool = False,
+              factor_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GPTQ on weight rows w (rows × in) with Hessian h (in × in) and per-row grid (s, z: rows × 1);
+    the Cholesky factorisations of H and H⁻¹ in factor_dtype, everything else in float64."""
     w = w.clone().double()
     h = h.clone().double()
     s, z = s.double(), z.double()
@@ -66,7 +70,8 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor
         perm = torch.argsort(torch.diag(h).float(), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hf = h.to(factor_dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hf)), upper=True).double()
     q = torch.zeros_like(w)
     n = w.shape[1]
     for a in range(0, n, block):
@@ -102,7 +107,7 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, 
     layers = {id(li.module): li for li in info.gemm_layers() if li.weight_quantizer is not None}
     done = set()
 
-    def visit(m: nn.Module, xs: List[torch.Tensor]) -> None:
+    def visit(m: nn.Module, xs: Iterable[torch.Tensor]) -> None:
         li = layers.get(id(m))
         if li is None or id(m) in done:
             return
@@ -111,7 +116,7 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, 
 
     with quant_state(model, activations=None if acts_ready else False):
         if isinstance(model, fx.GraphModule):
-            run_by_node(model, batches, device, visit)
+            run_by_node(model, batches, device, visit, only=[li.module for li in layers.values()])
         else:
             for li in info.gemm_layers():
                 if id(li.module) in layers:
@@ -123,7 +128,7 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], damp: float = 0.01, 
 
 
 @torch.no_grad()
-def _round_layer(li, xs: List[torch.Tensor], damp: float, block: int, act_order: bool) -> Dict[str, Any]:
+def _round_layer(li, xs: Iterable[torch.Tensor], damp: float, block: int, act_order: bool) -> Dict[str, Any]:
     m, wq = li.module, li.weight_quantizer
     if wq.spec.granularity == "per_group":
         return {"name": li.name, "skipped": "per-group weight grids: nearest rounding kept"}

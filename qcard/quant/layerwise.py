@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -33,6 +33,11 @@ def capture_budget() -> int:
     if mb < 0:
         raise ValueError(f"QCARD_CAPTURE_MB must be >= 0, got {mb}")
     return mb << 20
+
+
+def _spill_file():
+    """An unnamed temporary file for values past the budget (QCARD_TMPDIR, else the system's temp folder)."""
+    return tempfile.TemporaryFile(dir=os.environ.get("QCARD_TMPDIR") or None)
 
 
 class Captured:
@@ -68,7 +73,7 @@ class Captured:
         self._n += x.shape[0]
         self._bytes += x.numel() * x.element_size()
         if self._file is None and self._bytes > self.budget:
-            self._file = tempfile.TemporaryFile(dir=os.environ.get("QCARD_TMPDIR") or None)
+            self._file = _spill_file()
             for p in self._parts:
                 self._write(p)
             self._parts = []
@@ -152,40 +157,198 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: Sequence[torch.T
 
 @torch.no_grad()
 def run_by_node(gm: fx.GraphModule, batches: Sequence[torch.Tensor], device: str,
-                before: Callable[[nn.Module, List[torch.Tensor]], None]) -> None:
-    """Run every batch through gm's graph node by node, all batches in step, and call
-    before(module, its input for every batch) the first time each called module is about to run.
+                before: Callable[[nn.Module, Iterable[torch.Tensor]], None],
+                only: Optional[Iterable[nn.Module]] = None, budget: Optional[int] = None) -> Dict[str, int]:
+    """Run every batch through gm's graph node by node and call before(module, its input for every
+    batch) the first time each called module (each of `only`, when given) is about to run, after
+    every batch has reached it.
 
     What `before` changes (a corrected bias) is seen by every later node, so a layer-by-layer
     algorithm costs one pass instead of one pass per layer; each batch runs the same ops on the same
-    shapes as gm(x) does, so the values are the same as there. Memory: the live tensors of all
-    batches at once (a value is dropped after its last reader)."""
+    shapes as gm(x) does, so the values are the same as there.
+
+    Memory: the graph runs one batch at a time from one hooked module to the next; in between, the
+    live node values of all batches are kept in memory up to `budget` bytes (QCARD_CAPTURE_MB, as a
+    captured store) and the rest spill to temporary files, bit-exactly, and are read back when a node
+    reads them. `before` gets an iterable that reads one batch's input at a time (a spilled one from
+    its file): consume it batch by batch (GPTQ sums X·Xᵀ, bias correction the output shift) and it
+    never holds them all. Returns counts: segments run, values spilled, bytes written."""
     nodes = list(gm.graph.nodes)
     last_use: Dict[fx.Node, int] = {}
     for i, node in enumerate(nodes):
         for a in node.all_input_nodes:
             last_use[a] = i
-    envs: List[Dict[fx.Node, Any]] = [{} for _ in batches]
     first_input = next((n for n in nodes if n.op == "placeholder"), None)
+    end = next((i for i, n in enumerate(nodes) if n.op == "output"), len(nodes))
+    wanted = None if only is None else {id(m) for m in only}
+    hooks: Dict[int, nn.Module] = {}
     seen = set()
-    for i, node in enumerate(nodes):
-        if node.op == "output":
-            break
-        if node.op == "placeholder":          # the batch; any further input keeps its default
-            for env, x in zip(envs, batches):
-                env[node] = x.to(device) if node is first_input else (node.args[0] if node.args else None)
-            continue
-        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if mod is not None and id(mod) not in seen:
-            seen.add(id(mod))
-            firsts = [fx.node.map_arg(node.args[0], lambda n, e=env: e[n]) for env in envs] if node.args else []
-            before(mod, firsts)
-        for env in envs:
-            env[node] = _run_node(gm, node, env, mod)
-        for a in node.all_input_nodes:
-            if last_use.get(a) == i:
-                for env in envs:
-                    env.pop(a, None)
+    for i, node in enumerate(nodes[:end]):
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if id(mod) not in seen:
+                seen.add(id(mod))
+                if wanted is None or id(mod) in wanted:
+                    hooks[i] = mod
+    envs = _Envs(len(batches), capture_budget() if budget is None else budget)
+    bounds = sorted(set(hooks) | {0, end})
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a in hooks:
+            node = nodes[a]
+            before(hooks[a], _NodeInputs(envs, node.args[0]) if node.args else [])
+        envs.keep_outside(gm, batches)
+        for k, x in enumerate(batches):
+            env = envs.get(k)
+            for i in range(a, b):
+                node = nodes[i]
+                if node.op == "placeholder":          # the batch; any further input keeps its default
+                    env[node] = x.to(device) if node is first_input else (node.args[0] if node.args else None)
+                else:
+                    mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+                    env[node] = _run_node(gm, node, env, mod)
+                for arg in node.all_input_nodes:
+                    if last_use.get(arg) == i:
+                        env.pop(arg, None)
+            envs.put(k, env)
+    envs.close()
+    return {"segments": len(bounds) - 1, "values_spilled": envs.values_spilled, "bytes_spilled": envs.bytes_spilled}
+
+
+class _OnDisk:
+    """One node value (a contiguous tensor) in its own unnamed temporary file; the file goes when the
+    last env entry referring to it does."""
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+        self.file = _spill_file()
+        self.file.write(memoryview(t.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
+        self.file.flush()
+        self.nbytes = t.numel() * t.element_size()
+        self.loaded: Optional[torch.Tensor] = None     # the tensor read back in this segment, and its version
+        self.version = -1
+
+    def read(self) -> torch.Tensor:
+        t = torch.empty(self.shape, dtype=self.dtype)
+        self.file.seek(0)
+        got = self.file.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if got != self.nbytes:
+            raise IOError(f"spilled node value: read {got} of {self.nbytes} bytes from its temporary file")
+        return t.to(self.device)
+
+
+class _Env(dict):
+    """One batch's live node values; a spilled value is read back on its first lookup (and remembered,
+    so that an unchanged one goes back to its file without a rewrite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.read_back: Dict[int, _OnDisk] = {}       # id(tensor read back) -> its record
+
+    def __getitem__(self, node):
+        v = dict.__getitem__(self, node)
+        if isinstance(v, _OnDisk):
+            if v.loaded is None:
+                v.loaded = v.read()
+                v.version = v.loaded._version
+                self.read_back[id(v.loaded)] = v
+            v = v.loaded
+            dict.__setitem__(self, node, v)
+        return v
+
+
+def _tensors(v: Any) -> Iterator[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, (list, tuple)):
+        for e in v:
+            yield from _tensors(e)
+    elif isinstance(v, dict):
+        for e in v.values():
+            yield from _tensors(e)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _Envs:
+    """The envs of all batches between segments: whole envs in memory while their bytes fit the budget
+    (in batch order), the others with every spillable tensor on disk. Never spilled: tensors sharing
+    storage with the model or the input batches (held anyway, and an in-place change to the model must
+    stay visible), tensors sharing storage with another live value (the alias must survive), and empty
+    or non-contiguous ones. A value read back and not modified in place (same version) goes back to
+    its file without a rewrite."""
+
+    def __init__(self, n: int, budget: int):
+        self.budget = budget
+        self.envs: List[_Env] = [_Env() for _ in range(n)]
+        self.sizes = [0] * n                 # bytes each in-memory env holds (0 when spilled)
+        self.used = 0
+        self.outside: set = set()
+        self.values_spilled = 0
+        self.bytes_spilled = 0
+
+    def keep_outside(self, gm: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+        ts = list(gm.parameters()) + list(gm.buffers()) + list(batches)
+        self.outside = {_storage(t) for t in ts if t.numel()}
+
+    def get(self, k: int) -> _Env:
+        self.used -= self.sizes[k]
+        self.sizes[k] = 0
+        return self.envs[k]
+
+    def peek(self, k: int, node: fx.Node) -> Any:
+        v = dict.__getitem__(self.envs[k], node)
+        return v.read() if isinstance(v, _OnDisk) else v
+
+    def put(self, k: int, env: _Env) -> None:
+        storages: Dict[int, set] = {}          # storage -> the distinct live tensors on it
+        for v in dict.values(env):
+            if not isinstance(v, _OnDisk):
+                for t in _tensors(v):
+                    storages.setdefault(_storage(t), {})[id(t)] = t
+        size = sum(next(iter(ts.values())).untyped_storage().nbytes()
+                   for p, ts in storages.items() if p not in self.outside)
+        read_back, env.read_back = env.read_back, {}
+        for rec in read_back.values():
+            rec.loaded = None
+        if self.used + size <= self.budget:
+            self.sizes[k] = size
+            self.used += size
+            return
+        written: Dict[int, _OnDisk] = {}
+        for node, v in list(dict.items(env)):
+            if (not isinstance(v, torch.Tensor) or _storage(v) in self.outside or len(storages[_storage(v)]) > 1
+                    or v.numel() == 0 or not v.is_contiguous()):
+                continue
+            rec = written.get(id(v))
+            if rec is None:
+                old = read_back.get(id(v))
+                if old is not None and old.version == v._version:
+                    rec = old                  # read back and unchanged: its file still holds it
+                else:
+                    rec = _OnDisk(v)
+                    self.values_spilled += 1
+                    self.bytes_spilled += rec.nbytes
+                written[id(v)] = rec
+            dict.__setitem__(env, node, rec)
+
+    def close(self) -> None:
+        self.envs = []
+
+
+class _NodeInputs:
+    """A node's first argument for every batch, read one batch at a time (a spilled one from its file)."""
+
+    def __init__(self, envs: _Envs, arg: Any):
+        self.envs, self.arg = envs, arg
+
+    def __len__(self) -> int:
+        return len(self.envs.envs)
+
+    def __iter__(self) -> Iterator[Any]:
+        for k in range(len(self.envs.envs)):
+            yield fx.node.map_arg(self.arg, lambda n, k=k: self.envs.peek(k, n))
 
 
 @torch.no_grad()
