@@ -1,19 +1,38 @@
 """Published reference rows (literature.yaml, shipped with the package): shown beside measured cards,
-always marked "reported" with their source, never mixed with measured rows. Each row carries its
-dataset (the file's `dataset:` unless the row names its own); rows are matched to cards of that dataset
-only (card_dataset), so ImageNet figures are not put beside a 3-class run."""
+always marked with their source, never mixed with measured rows. Each row carries its dataset (the file's
+`dataset:` unless the row names its own); rows are matched to cards of that dataset only (card_dataset),
+so ImageNet figures are not put beside a 3-class run.
+
+Two kinds of row, told apart by the method name alone (one fact, one place):
+  - kind "reported": a simulated (fake-quantized) accuracy, the usual paper figure; reference_rows().
+  - kind "runtime": a method named `runtime-...` (e.g. runtime-int8-tensorrt), the top-1 of a real
+    integer engine, not a simulation; runtime_reference_rows() only, so that it is shown beside
+    deploy results and never inside the simulated table, the Pareto plot or the reported export.
+`fp32` and `w_granularity` may be absent (a runtime page states no FP32; some sources do not state the
+granularity): delta is then None, and the granularity None means "not stated" (never guessed)."""
 from __future__ import annotations
 
+import numbers
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, get_args
 
 from ..errors import QcardError
+from ..quant.qspec import Granularity
 
 LITERATURE = Path(__file__).parent / "literature.yaml"
-ROW_KEYS = ("source", "model", "fp32", "method", "w_bits", "a_bits", "w_granularity", "top1")
+ROW_KEYS = ("source", "model", "method", "w_bits", "a_bits", "top1")      # every row has these
+OPTIONAL_KEYS = ("fp32", "w_granularity", "dataset")                        # absent: not stated by the source
 IMAGENET = "ImageNet-1k"
+RUNTIME_PREFIX = "runtime-"       # a method named so is a real-engine figure (kind "runtime")
+REPORTED, RUNTIME = "reported", "runtime"
+NOT_STATED = "not stated"         # a row's granularity in words when its source does not give it
+
+
+def row_kind(method: str) -> str:
+    """'runtime' for a real-engine figure (method runtime-...), else 'reported' (a simulated figure)."""
+    return RUNTIME if str(method).startswith(RUNTIME_PREFIX) else REPORTED
 
 
 def card_dataset(dataset: Dict[str, Any], num_classes: Optional[int] = None) -> str:
@@ -40,6 +59,35 @@ def model_key(ref: str) -> str:
     return name.lower().replace("-", "_")
 
 
+def _check_row(path: str, i: int, row: Any, sources: Dict[str, str], dataset: Any) -> None:
+    where = f"{path}: rows[{i}]"
+    if not isinstance(row, dict):
+        raise QcardError(f"{where} is not a mapping of {', '.join(ROW_KEYS)}")
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        raise QcardError(f"{where} lacks {', '.join(missing)}")
+    unknown = sorted(set(row) - set(ROW_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise QcardError(f"{where} has unknown keys {', '.join(unknown)}; allowed: "
+                         f"{', '.join(ROW_KEYS + OPTIONAL_KEYS)}")
+    if row["source"] not in sources:
+        raise QcardError(f"{where} names source '{row['source']}', which is not under 'sources'")
+    if not (row.get("dataset") or dataset):
+        raise QcardError(f"{where} names no dataset, and the file has no top-level 'dataset'")
+    for key in ("top1", "fp32"):
+        v = row.get(key)
+        if key in row and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 100):
+            raise QcardError(f"{where}: {key} must be a percentage between 0 and 100, not {v!r}")
+    for key in ("w_bits", "a_bits"):
+        v = row[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise QcardError(f"{where}: {key} must be a positive whole number of bits, not {v!r}")
+    allowed = get_args(Granularity)
+    if "w_granularity" in row and row["w_granularity"] not in allowed:
+        raise QcardError(f"{where}: w_granularity '{row['w_granularity']}' is not one of {', '.join(allowed)} "
+                         "(leave the key out where the source does not state it)")
+
+
 @lru_cache(maxsize=None)
 def _load(path: str) -> Tuple[Dict[str, str], Tuple[Dict[str, Any], ...]]:
     import yaml
@@ -47,39 +95,50 @@ def _load(path: str) -> Tuple[Dict[str, str], Tuple[Dict[str, Any], ...]]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise QcardError(f"cannot read the reference rows {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise QcardError(f"{path}: expected a mapping with 'sources' and 'rows'")
     sources = data.get("sources") or {}
     dataset = data.get("dataset")
     rows = []
     for i, row in enumerate(data.get("rows") or []):
-        missing = [k for k in ROW_KEYS if k not in row]
-        if missing:
-            raise QcardError(f"{path}: rows[{i}] lacks {', '.join(missing)}")
-        if row["source"] not in sources:
-            raise QcardError(f"{path}: rows[{i}] names source '{row['source']}', which is not under 'sources'")
-        if not (row.get("dataset") or dataset):
-            raise QcardError(f"{path}: rows[{i}] names no dataset, and the file has no top-level 'dataset'")
-        rows.append({"dataset": dataset, **row})
+        _check_row(path, i, row, sources, dataset)
+        rows.append({"kind": row_kind(row["method"]), "dataset": dataset, "fp32": None, "w_granularity": None,
+                     **row})
     return dict(sources), tuple(rows)
 
 
-def reference_rows(models: Optional[Iterable[str]] = None, path: Optional[Path] = None,
-                   datasets: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
-    """Published rows, each with kind="reported", its dataset, source key and citation, and delta =
-    top1 - fp32 (against that source's own FP32). models: keep only rows whose model matches one of
-    these references (matched by model_key); datasets: only rows on one of these (card_dataset);
-    None keeps all."""
+def _select(kind: str, models: Optional[Iterable[str]], path: Optional[Path],
+            datasets: Optional[Iterable[str]]) -> List[Dict[str, Any]]:
     sources, rows = _load(str(path or LITERATURE))
     keep = None if models is None else {model_key(m) for m in models}
     on = None if datasets is None else set(datasets)
     out = []
     for r in rows:
+        if r["kind"] != kind:
+            continue
         if keep is not None and model_key(r["model"]) not in keep:
             continue
         if on is not None and r["dataset"] not in on:
             continue
-        out.append({"kind": "reported", **r, "delta": round(r["top1"] - r["fp32"], 2),
-                    "citation": sources[r["source"]]})
+        delta = None if r["fp32"] is None else round(r["top1"] - r["fp32"], 2)
+        out.append({**r, "delta": delta, "citation": sources[r["source"]]})
     return out
+
+
+def reference_rows(models: Optional[Iterable[str]] = None, path: Optional[Path] = None,
+                   datasets: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
+    """Published simulated rows, each with kind="reported", its dataset, source key and citation, and
+    delta = top1 - fp32 (against that source's own FP32; None where the source gives no FP32). models:
+    keep only rows whose model matches one of these references (matched by model_key); datasets: only
+    rows on one of these (card_dataset); None keeps all. Runtime figures are never among them."""
+    return _select(REPORTED, models, path, datasets)
+
+
+def runtime_reference_rows(models: Optional[Iterable[str]] = None, path: Optional[Path] = None,
+                           datasets: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
+    """Published top-1 of real integer engines (kind="runtime", method runtime-...): to be shown beside
+    deploy results only, apart from the simulated rows. Same filters and fields as reference_rows."""
+    return _select(RUNTIME, models, path, datasets)
 
 
 def reference_sources(path: Optional[Path] = None) -> Dict[str, str]:
