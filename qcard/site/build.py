@@ -95,6 +95,7 @@ class Experiment:
     x_label: str = "bops"                      # the cost axis (compare --x)
     reference: List[Dict[str, str]] = field(default_factory=list)
     reference_note: str = ""
+    reference_runtime: List[Dict[str, str]] = field(default_factory=list)   # real-engine figures, apart
 
 
 @dataclass
@@ -230,6 +231,7 @@ def _build(loaded: Sequence[Any], root: Path, prepare: Callable[[Card], Card], t
         exp.plot, exp.plot_note = _plot(comparison, folder)
         exp.reference = _reference_rows(view.reference)
         exp.reference_note = view.reference_note if exp.reference else ""
+        exp.reference_runtime = _reference_rows(view.reference_runtime)
         for lc, place, _ in members:
             exp.rows.append(make_row(lc.card, f"{place}/index.html", _anchor(place), exp.page,
                                      view.tested.get(str(lc.path) if lc.path else lc.card.id, NOT_COMPARED),

@@ -36,6 +36,7 @@ class ComparisonView:
     x: str                                      # the Pareto plot's cost axis
     reference: List[Dict[str, Any]]             # published rows ("reported"), as compare gives them
     reference_note: str                         # why those rows (or none) are shown
+    reference_runtime: List[Dict[str, Any]]     # published real-engine rows, beside deploy results only
     method_differences: List[str]               # the methods' own choices that differ between the cards
 
 
@@ -59,6 +60,7 @@ def read_comparison(comparison: Any) -> ComparisonView:
     sig = data.get("significance") or {}
     return ComparisonView(tested=tested, legend=list(sig.get("legend") or []), x=str(data.get("x") or "bops"),
                           reference=list(data.get("reference") or []),
+                          reference_runtime=list(data.get("reference_runtime") or []),
                           reference_note=str(getattr(comparison, "reference_note", "") or ""),
                           method_differences=list(data.get("method_differences") or []))
 

@@ -32,6 +32,10 @@ class Comparison:
     params: List[str] = field(default_factory=list)                 # swept method parameters (columns)
     reference_rows: Optional[List[Dict[str, Any]]] = None    # published rows ("reported"), None when not asked
     reference_note: str = ""
+    # published real-engine figures (kind "runtime"): only beside cards with a deploy result, never in the
+    # simulated rows above; None when not asked
+    runtime_reference_rows: Optional[List[Dict[str, Any]]] = None
+    runtime_reference_note: str = ""
     cards: List[LoadedCard] = field(default_factory=list)    # the cards shown, in row order
     profile: Optional[str] = None                # cost profile the cost columns come from (None: each card's main)
     profile_note: str = ""                       # why that profile, when not the main one
@@ -62,6 +66,14 @@ class Comparison:
             import pandas as pd
             self._reference = pd.DataFrame(self.reference_rows, columns=REFERENCE_COLUMNS)
         return self._reference
+
+    @property
+    def runtime_reference(self):
+        """pandas DataFrame of the published real-engine rows (kind "runtime"), or None when not asked for."""
+        if self.runtime_reference_rows is None:
+            return None
+        import pandas as pd
+        return pd.DataFrame(self.runtime_reference_rows, columns=REFERENCE_COLUMNS)
 
     # exports ---------------------------------------------------------------
     def export(self, fmt: str, **options: Any) -> str:
@@ -193,24 +205,32 @@ def compare_cards(cards: Sequence[Any], x: str = "bops", reference: Union[bool, 
               "status": everything[k].card.status,
               "by": str(everything[b].path) if everything[b].path else everything[b].card.id} for k, b in old]
     ref, note = _reference(reference, loaded)
+    runtime_ref, runtime_note = _runtime_reference(reference, loaded)
     return Comparison(rows=rows, differences=diffs, pareto=front, x=x, method_differences=mdiffs,
                       difference_details=details, failed=failed, superseded=later, params=params,
                       reference_rows=ref, reference_note=note,
+                      runtime_reference_rows=runtime_ref, runtime_reference_note=runtime_note,
                       cards=originals, profile=profile, profile_note=profile_note, significance=sig,
                       notes=not_reproducible(ok_cards, ok_letters))
+
+
+def _datasets(loaded: List[LoadedCard]) -> List[str]:
+    """The cards' datasets in reference-row terms (card_dataset)."""
+    from ..reference import card_dataset
+    return sorted({card_dataset(lc.card.dataset.model_dump(mode="json"),
+                                (lc.card.results.chance.num_classes if lc.card.results.chance else None))
+                   for lc in loaded})
 
 
 def _reference(reference: Union[bool, str], loaded: List[LoadedCard]):
     """(published rows, a note) for `reference` (False, "matching"/True or "all")."""
     if not reference:
         return None, ""
-    from ..reference import card_dataset, model_key, reference_rows
+    from ..reference import model_key, reference_rows
     note = ""
     models = None if reference == "all" else sorted({lc.card.model.ref for lc in loaded})
     # published rows only on the cards' own dataset (all of them with --reference-all, dataset shown)
-    ours = sorted({card_dataset(lc.card.dataset.model_dump(mode="json"),
-                                (lc.card.results.chance.num_classes if lc.card.results.chance else None))
-                   for lc in loaded})
+    ours = _datasets(loaded)
     ref = reference_rows(models, datasets=None if reference == "all" else ours)
     elsewhere = sorted({r["dataset"] for r in ref} - set(ours))
     if models is not None and not ref:
@@ -223,3 +243,26 @@ def _reference(reference: Union[bool, str], loaded: List[LoadedCard]):
         note = (f"published rows on {', '.join(elsewhere)}, not on these cards' {', '.join(ours)}: "
                 "shown for reference only, not comparable")
     return ref, note
+
+
+def _runtime_reference(reference: Union[bool, str], loaded: List[LoadedCard]):
+    """(published real-engine rows, a note): only where a card shown has a deploy result (the runtime
+    column), for those cards' models and dataset (every one with "all"); a note where such rows exist for
+    the cards but none of them ran the deploy check."""
+    if not reference:
+        return None, ""
+    from ..reference import model_key, runtime_reference_rows
+    deployed = [lc for lc in loaded if lc.card.status == "ok" and lc.card.deployment is not None
+                and lc.card.deployment.status == "ok"]
+    if deployed:
+        if reference == "all":
+            return runtime_reference_rows(), ""
+        return runtime_reference_rows(sorted({lc.card.model.ref for lc in deployed}),
+                                      datasets=_datasets(deployed)), ""
+    models = None if reference == "all" else sorted({lc.card.model.ref for lc in loaded})
+    unseen = runtime_reference_rows(models, datasets=None if reference == "all" else _datasets(loaded))
+    if not unseen:
+        return [], ""
+    return [], ("published real-engine figures (" + ", ".join(sorted({r["method"] for r in unseen})) + ") for "
+                + ", ".join(sorted({model_key(r["model"]) for r in unseen}))
+                + " are shown only beside deploy results: no card here has one (a `deploy:` block runs the check)")

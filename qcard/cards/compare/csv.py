@@ -1,6 +1,7 @@
 """`qcard compare --format csv`: one line per card with the values as the cards store them (per_channel,
 folded, numbers) and the card ids; the swept method parameters as `param.NAME` columns. With reference
-rows, a second table follows a '# reported' line."""
+rows, a second table follows a '# reported' line, and published real-engine rows (shown only beside deploy
+results) a third after '# reported runtime'."""
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,8 @@ from .rows import REFERENCE_COLUMNS
 from .words import missing
 
 REFERENCE_NOTE = "# reported: published figures from qcard/cards/literature.yaml, not measured here\n"
+RUNTIME_REFERENCE_NOTE = ("# reported runtime: published top-1 of real INT8 engines from qcard/cards/literature.yaml, "
+                          "not a simulation, not measured here; beside the runtime column only\n")
 # a text cell a spreadsheet would run as a formula (labels, paths and errors come from users' files)
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -21,6 +24,9 @@ def export(cmp: Any) -> str:
     if cmp.reference_rows:
         text += "\n" + REFERENCE_NOTE
         text += table(cmp.reference_rows, REFERENCE_COLUMNS)
+    if cmp.runtime_reference_rows:      # its own table: never among the simulated reported rows
+        text += "\n" + RUNTIME_REFERENCE_NOTE
+        text += table(cmp.runtime_reference_rows, REFERENCE_COLUMNS)
     return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...errors import QcardError
+from ..reference import NOT_STATED
 from ..render import fmt_bits_size, fmt_energy, fmt_si
 from .rows import X_AXES, Row
 from .runtime import runtime_text
@@ -145,6 +146,23 @@ def cell(r: Row, key: str) -> str:
     return str(v)
 
 
+REFERENCE_HEADERS = ("source", "dataset", "model", "method", "W/A bits", "W granularity", "FP32 (source)", "top1",
+                     "Δ")   # the published rows' table (simulated, and apart the real-engine ones)
+
+
+def reference_cells(rows: Optional[Sequence[Dict[str, Any]]]) -> Tuple[List[List[str]], Dict[str, str]]:
+    """Published rows in words (REFERENCE_HEADERS' order), and their sources' citations. What a source
+    does not state (FP32, granularity) is said so, not guessed."""
+    cells, sources = [], {}
+    for r in rows or []:
+        cells.append([r["source"], r["dataset"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
+                      words(r["w_granularity"]) if r.get("w_granularity") else NOT_STATED,
+                      "—" if r.get("fp32") is None else f"{r['fp32']:.2f}", f"{r['top1']:.2f}",
+                      "—" if r.get("delta") is None else f"{r['delta']:+.2f}"])
+        sources[r["source"]] = r["citation"]
+    return cells, sources
+
+
 def context(cmp: Any, columns: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Everything the md/tex/html templates show, in words (columns: keys of COLUMNS or param:NAME)."""
     _, xlabel, _ = X_AXES[cmp.x]
@@ -153,11 +171,8 @@ def context(cmp: Any, columns: Optional[Sequence[str]] = None) -> Dict[str, Any]
     rows = [{"cells": [cell(r, c) for c in cols], "pareto": i in front, "failed": r.status != "ok", "id": r.id,
              "card": r.card}
             for i, r in enumerate(cmp.rows)]
-    ref_rows, sources = [], {}
-    for r in cmp.reference_rows or []:
-        ref_rows.append([r["source"], r["dataset"], r["model"], r["method"], f"W{r['w_bits']}A{r['a_bits']}",
-                         words(r["w_granularity"]), f"{r['fp32']:.2f}", f"{r['top1']:.2f}", f"{r['delta']:+.2f}"])
-        sources[r["source"]] = r["citation"]
+    ref_rows, sources = reference_cells(cmp.reference_rows)
+    runtime_rows, runtime_sources = reference_cells(cmp.runtime_reference_rows)
     failed = [dict(f, error=truncate(f["error"], MAX_ERROR_CHARS)) for f in cmp.failed]
     return {"n": len(cmp.rows), "n_ok": sum(r.status == "ok" for r in cmp.rows),
             "differences": cmp.differences, "method_differences": cmp.method_differences,
@@ -165,6 +180,8 @@ def context(cmp: Any, columns: Optional[Sequence[str]] = None) -> Dict[str, Any]
             "pareto_cards": [cmp.rows[i].card for i in cmp.pareto], "x_label": xlabel, "x": cmp.x,
             "failed": failed, "superseded": cmp.superseded, "reference_rows": ref_rows, "reference_sources": sources,
             "reference_requested": cmp.reference_rows is not None, "reference_note": cmp.reference_note,
+            "runtime_reference_rows": runtime_rows, "runtime_reference_sources": runtime_sources,
+            "runtime_reference_note": cmp.runtime_reference_note, "reference_headers": list(REFERENCE_HEADERS),
             "profile_note": cmp.profile_note, "within_noise": cmp.significance.within_noise,
             "notes": cmp.significance.notes + cmp.notes, "legend": cmp.legend(),
             "read_first": cmp.read_first()}

@@ -27,9 +27,14 @@ def export(cmp: Any) -> str:
             "pareto": [cmp.rows[i].card for i in cmp.pareto],
             "cards": rows, "failed": cmp.failed, "superseded": cmp.superseded,
             "significance": _significance(cmp), "notes": cmp.notes, "read_first": cmp.read_first(),
-            "reference": ([{k: clean(v) for k, v in r.items()} for r in cmp.reference_rows]
-                          if cmp.reference_rows is not None else None)}
+            "reference": _published(cmp.reference_rows),
+            # real-engine figures, apart from the simulated "reference" rows (beside deploy results only)
+            "reference_runtime": _published(cmp.runtime_reference_rows)}
     return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def _published(rows: Any) -> Any:
+    return [{k: clean(v) for k, v in r.items()} for r in rows] if rows is not None else None
 
 
 def _significance(cmp: Any) -> Dict[str, Any]:
