@@ -219,7 +219,7 @@ def test_reference_rows_separate_and_filtered():
     a = ptq()
     cmp = compare_cards([a], reference=True)
     ref = cmp.reference
-    assert set(ref["model"]) == {"resnet18"} and set(ref["kind"]) == {"reported"} and len(ref) == 10
+    assert set(ref["model"]) == {"resnet18"} and set(ref["kind"]) == {"reported"} and len(ref) == 20
     assert len(cmp.table) == 1                       # measured rows untouched
     md = cmp.to_markdown()
     cards_at, reported_at = md.index("## Cards"), md.index("## Reported (published figures, not measured here)")
@@ -230,7 +230,7 @@ def test_reference_rows_separate_and_filtered():
     csv = cmp.to_csv()
     measured, reported = csv.split("\n# reported")
     assert "nagel2021" not in measured and reported.count("nagel2021") == 6
-    assert len(compare_cards([a], reference="all").reference) == len(reference_rows()) == 31
+    assert len(compare_cards([a], reference="all").reference) == len(reference_rows()) == 65
     other = variant(a, **{"model.ref": "qcard:lenet5"})
     none = compare_cards([other], reference=True)
     assert len(none.reference) == 0 and "--reference-all" in none.to_markdown()
