@@ -4,6 +4,8 @@ granularity stays unstated, and real-engine figures (runtime-...) are kept apart
 never in the reported table, CSV/JSON section or Pareto plot, only beside deploy results."""
 import copy
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,8 @@ def test_runtime_rows_labelled_beside_deploy_results():
     assert all(r["kind"] == "reported" for r in data["reference"])
     html = cmp.to_html()
     assert html.index("Reported runtime (real INT8 engine, not a simulation)") > html.index("Reported (published")
+    html5lib = pytest.importorskip("html5lib")
+    html5lib.HTMLParser(strict=True).parseFragment(html)
     tex = cmp.to_latex()
     assert "real INT8 engines (published, not measured here, not a simulation)" in tex
     # every runtime row with --reference-all, still apart
@@ -190,6 +194,22 @@ def test_site_shows_runtime_rows_apart(tmp_path):
     run_at = page.index("Reported runtime (real INT8 engine, not a simulation)")
     for r in runtime_reference_rows(["resnet18"], datasets=[IMAGENET]):
         assert f"<td>{r['method']}</td>" in page[run_at:] and f"<td>{r['method']}</td>" not in page[sim_at:run_at]
+        assert r["citation"] in page[run_at:]
+    html5lib = pytest.importorskip("html5lib")
+    html5lib.HTMLParser(strict=True).parse(page)
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_latex_with_runtime_rows_compiles(tmp_path):
+    cmp = compare_cards([deployed(imagenet_card(), top1=60.0, sim=60.1)], reference=True)
+    tex = cmp.to_latex()
+    assert "runtime-int8-tensorrt" in tex and "not stated & --- &" in tex
+    doc = ("\\documentclass{article}\n\\usepackage[margin=1cm,landscape]{geometry}\n"
+           "\\usepackage{booktabs,graphicx}\n\\begin{document}\n\\tiny\n" + tex + "\n\\end{document}\n")
+    (tmp_path / "doc.tex").write_text(doc, encoding="utf-8")
+    r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
 
 
 def write(tmp_path, rows, sources=None):
