@@ -42,7 +42,8 @@ from ..cards.compare.tex import COMPACT
               help="the tests that Benjamini-Hochberg corrects together: each model's rows (default), each "
                    "experiment's, or the whole table; the legend and the vs-ref column give each family's size")
 @click.option("--reference", is_flag=True,
-              help="add published rows (marked 'reported', with their source) for the models among the cards")
+              help="add published rows (marked 'reported', with their source) for the models among the cards; "
+                   "published real-engine (runtime) figures go in their own table, beside deploy results only")
 @click.option("--reference-all", is_flag=True, help="add every published row, whatever the models")
 @user_errors
 def compare(paths, fmt, columns, width, show_all, output, plot_path, x_axis, profile, baseline, family, reference,
