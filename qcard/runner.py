@@ -486,6 +486,7 @@ class _PointRun:
     def one_seed(self, method, seed: int):
         """(the method's result, {seed, top1, top5}) for one seed; its per-image outcomes go to seed_outcomes."""
         from .methods.base import RunContext
+        from .quant.int_bias import round_biases, saturation_warnings
         from .stats.outcomes import pack_outcomes
         point = self.point
         set_seed(seed, point.deterministic)
@@ -494,6 +495,7 @@ class _PointRun:
                          evaluate=lambda m, d=None: self.evaluate(m, d, desc="evaluate (method)"),
                          checkpoint=self.checkpointer(seed))
         result = self.timed("method", method.apply, model, self.data, point.params, ctx)
+        result.warnings += saturation_warnings(round_biases(result.model))    # the bias integer runtimes add
         if ctx.checkpoint is not None:
             self.resumed += [{"seed": seed, **r} for r in ctx.checkpoint.resumed()]
         for w in result.warnings:

@@ -65,6 +65,8 @@ def rebuild_simulated(exp, point, log):
     ctx = RunContext(seed=seed, device=device, progress=False, log=lambda m: log(f"  {m}"))
     method = resolve_method(point.method)()
     result = method.apply(copy.deepcopy(base), data, point.params, ctx)
+    from ..quant.int_bias import round_biases
+    round_biases(result.model)              # as the runner does: the bias integer runtimes add
     return result.model, evaluation, type(method).name or point.method
 
 

@@ -426,11 +426,13 @@ def _fit_biases(graph) -> List[str]:
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     uses = Counter(i for n in graph.node for i in n.input)
-    fixed, lost, biased = 0, [], 0
+    fixed, lost, biased, off_grid = 0, [], 0, []
     for n in graph.node:
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
             continue
         xq, wq = producer.get(n.input[0]), producer.get(n.input[1])
+        while xq is not None and xq.op_type == "Reshape":     # the runtime moves the DQ across it (Flatten's)
+            xq = producer.get(xq.input[0])
         if not (xq is not None and wq is not None and xq.op_type == wq.op_type == "DequantizeLinear"
                 and xq.input[1] in inits and wq.input[0] in inits and wq.input[1] in inits):
             continue
@@ -444,6 +446,8 @@ def _fit_biases(graph) -> List[str]:
         per_channel = s_w.size > 1
         zero = ((q.reshape(q.shape[0], -1) == z.reshape(-1, 1)).all(1) if per_channel
                 else np.array([bool((q == z[0]).all())]))
+        if _off_grid(b, s_in, s_w, zero if per_channel else None):
+            off_grid.append(n.name)
         over = (b / (s_in * s_w) > INT32_MAX) if per_channel else np.array([bool((b / (s_in * s_w[0]) > INT32_MAX).any())])
         if not over.any():
             continue
@@ -459,9 +463,15 @@ def _fit_biases(graph) -> List[str]:
         if (over & ~zero).any():
             lost.append(f"{n.name} ({int((over & ~zero).sum())} channel(s))")
     notes = []
-    if biased:
-        notes.append("biases: onnxruntime quantizes each float bias to int32 at s_in·s_w (an error of at most half "
-                     "an accumulator step, which the simulation, keeping the bias in float, does not model)")
+    if biased and not off_grid:
+        notes.append("biases: onnxruntime adds each conv/gemm bias to the int32 accumulator at s_in·s_w; the "
+                     f"simulated biases are on that grid ({biased} layer(s)), so it adds them exactly")
+    elif off_grid:
+        notes.append(f"biases: onnxruntime rounds each conv/gemm bias to int32 at s_in·s_w; {len(off_grid)} of "
+                     f"{biased} layer(s) have a simulated bias off that grid ({', '.join(off_grid[:4])}"
+                     f"{' ...' if len(off_grid) > 4 else ''}), so the runtime adds another bias than the simulation "
+                     "(up to half an accumulator step: output codes a step apart, growing through the layers); "
+                     "qcard's runner puts the biases on the grid (qcard.quant.int_bias.round_biases)")
     if fixed:
         notes.append(f"{fixed} channel(s) whose weights are all zero got a weight scale at which their bias fits "
                      "int32 at s_in·s_w (their weights dequantize to 0 at any scale; with the tiny scale the "
@@ -470,6 +480,18 @@ def _fit_biases(graph) -> List[str]:
         notes.append("bias out of int32 range at s_in·s_w (the runtime saturates it; the simulation does not): "
                      + ", ".join(lost[:6]) + (" ..." if len(lost) > 6 else ""))
     return notes
+
+
+def _off_grid(b_abs, s_in: float, s_w, zero) -> bool:
+    """Whether a bias (|b| per channel) is not a multiple of its accumulator step s_in·s_w (float32, as the
+    runtime multiplies them) on a channel with nonzero weights; a relative tolerance covers float32's
+    representation of large multiples."""
+    step = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float64)
+    k = b_abs / step
+    off = np.abs(k - np.round(k)) > np.maximum(1e-3, 1e-6 * k)
+    if zero is not None:
+        off = off & ~zero
+    return bool(off.any())
 
 
 def _flatten_as_reshape(graph, node):
