@@ -301,8 +301,11 @@ def old_card():
 
 def test_old_method_cards_are_valid_with_a_warning_naming_the_method(tmp_path):
     data = old_card()
-    # the interval this card carried when it was published before the fix (git 8290382)
-    assert data["results"]["delta_ci95"] == [-2.0904, -0.2454]
+    # the old method's interval (uncorrected φ) is narrower than method 10's and nested in it; the card
+    # published before the fix (git 8290382) carried [-2.0904, -0.2454] for the outcomes of then
+    old_lo, old_hi = data["results"]["delta_ci95"]
+    new_lo, new_hi = published()["results"]["delta_ci95"]
+    assert new_lo < old_lo < old_hi < new_hi
     path = write(tmp_path, "old", data)
     r = CliRunner().invoke(main, ["card", "validate", str(path)])
     assert r.exit_code == 0, r.output
