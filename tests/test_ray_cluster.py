@@ -233,16 +233,19 @@ def test_a_sweep_on_two_nodes_survives_a_lost_node_and_says_so(token_cluster, wr
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in proc.stdout), daemon=True)
     reader.start()
-    both_at = killed = None
+    killed = None
+    second = token_cluster.second_node
+    finished = re.compile(rf"node {second[:8]} \([^)]*\): (\d+) ok, (\d+) failed")
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and killed is None:
-        if both_at is None and any("progress: " in l and len(set(NODE.findall(l))) == 2 for l in list(lines)):
-            both_at = time.time_ns()          # each node has finished a point
-        elif both_at is not None and [p for p in (tmp_path / "started").iterdir()
-                                      if p.name.startswith(token_cluster.second_node + ".")
-                                      and int(p.name.split(".")[1]) > both_at]:
-            os.kill(token_cluster.second_raylet, signal.SIGKILL)     # while the second node runs a point
-            killed = token_cluster.second_node
+        # kill the second node while it runs a point, once it has finished one: it has started more points
+        # than the driver has seen it finish (its next point may start before the driver prints the last)
+        done = [finished.search(l) for l in list(lines) if "progress: " in l]
+        done = [int(m.group(1)) + int(m.group(2)) for m in done if m]
+        started = [p for p in (tmp_path / "started").iterdir() if p.name.startswith(second + ".")]
+        if done and done[-1] >= 1 and len(started) > done[-1]:
+            os.kill(token_cluster.second_raylet, signal.SIGKILL)
+            killed = second
         time.sleep(0.05)
     assert proc.wait(timeout=300) == 0, "\n".join(lines)
     reader.join(10)
