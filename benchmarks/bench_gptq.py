@@ -25,14 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TARGET = 10.0
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import _peak_mb  # noqa: E402  (one reader of the peak RSS)
 
 
 def _factor_s(h, dtype) -> float:
