@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -150,10 +152,23 @@ class _Capture(TorchDispatchMode):
                            f"{'FP32' if qkv_b >= FP32 else f'{qkv_b}-bit grids'}")]
 
 
+@contextlib.contextmanager
+def mha_fast_path_off():
+    """nn.MultiheadAttention's inference fast path (aten._native_multi_head_attention, taken in eval mode) is
+    one fused kernel that torch's flop counter does not count and whose projections no capture can see;
+    with it off the same module runs its in-projection, attention and out-projection as separate ops."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def capture_mac_ops(model: torch.nn.Module, x: torch.Tensor) -> List[MacOp]:
     """Every MAC op of one forward pass of `model` on batch `x`, with its operands' grid bits."""
     mode = _Capture(x, int(x.shape[0]))
-    with torch.no_grad(), mode:
+    with torch.no_grad(), mha_fast_path_off(), mode:
         model(x)
     return mode.ops
 
@@ -200,7 +215,7 @@ def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]
     # torch's registry covers the CUDA fused-attention kernels only; the CPU one gets torch's own formula
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: cpu_sdpa_flops} if cpu_sdpa is not None else None)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), mha_fast_path_off(), counter:
         model(x)
     per_op = {str(k): int(v) // 2 for k, v in counter.get_flop_counts().get("Global", {}).items()}
     return {"macs": counter.get_total_flops() // 2, "per_op": per_op}
