@@ -265,9 +265,13 @@ def test_ctrl_c_with_workers_exits_cleanly(tmp_path, write_config, subprocess_en
     cfg = write_config(f"experiment: intr\nout: {tmp_path / 'runs'}\nmodels: [qcard:lenet5]\n"
                        "dataset: {ref: qcard:mnist5k, eval_size: 64, batch_size: 64, calibration: {size: 16}}\n"
                        "cost: {profiles: [bitops]}\nmethods:\n" + TWELVE, "intr.yaml")
+    # a terminal's Ctrl-C: SIGINT at its default disposition in the child (a test run started in the
+    # background by a non-interactive shell inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: the sweep would finish and exit 0)
     proc = subprocess.Popen([sys.executable, "-m", "qcard.cli", "run", str(cfg), "--no-progress", "--workers", "2"],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and len(list((tmp_path / "runs" / "intr").glob("*/card.json"))) < 2 \
             and proc.poll() is None:
