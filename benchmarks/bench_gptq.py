@@ -16,7 +16,6 @@ Usage: python benchmarks/bench_gptq.py [--images 32,128] [--model torchvision:re
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 TARGET = 10.0
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import _peak_mb  # noqa: E402  (one reader of the peak RSS)
+from bench_memory import _peak_mb, run_one  # noqa: E402  (one reader of the peak RSS, one runner)
 
 
 def _factor_s(h, dtype) -> float:
@@ -101,12 +100,7 @@ def main(argv=None):
     for images in [int(v) for v in a.images.split(",")]:
         cmd = [sys.executable, __file__, "--one", "--model", a.model, "--size", str(a.size), "--images", str(images),
                "--batch", str(a.batch), "--threads", str(a.threads)] + (["--factor-both"] if a.factor_both else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if out.returncode != 0 or line is None:
-            sys.stderr.write(out.stderr[-3000:])
-            raise SystemExit(f"GPTQ at {images} images failed")
-        r = json.loads(line[7:])
+        r = run_one(cmd, None, f"GPTQ at {images} images")
         runs.append(r)
         print(f"{images:4d} images: GPTQ {r['gptq_s']:.1f} s (pass + X·Xᵀ {r['pass_and_xxt_s']:.1f}, per-layer "
               f"rounding {r['gptq_rows_s']:.1f}); one calibration pass {r['calibration_pass_s']:.1f} s; ratio "

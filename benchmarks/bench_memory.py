@@ -51,6 +51,16 @@ def _peak_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def run_one(cmd, env, what: str) -> dict:
+    """Run one measurement in its own process (a fresh peak RSS) and return its `RESULT {json}` line."""
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if out.returncode != 0 or line is None:
+        sys.stderr.write(out.stderr[-3000:])
+        raise SystemExit(f"{what} failed")
+    return json.loads(line[7:])
+
+
 def one(a) -> dict:
     """One configuration, in this process: returns its measurements."""
     import torch
@@ -167,12 +177,7 @@ def main(argv=None):
                "--images", str(images),
                "--iters", str(a.iters), "--units", a.units, "--act-images", str(a.act_images),
                "--threads", str(a.threads)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if out.returncode != 0 or line is None:
-            sys.stderr.write(out.stderr[-3000:])
-            raise SystemExit(f"configuration {images} images, QCARD_CAPTURE_MB={mb} failed")
-        r = json.loads(line[7:])
+        r = run_one(cmd, env, f"configuration {images} images, QCARD_CAPTURE_MB={mb}")
         runs.append(r)
         if a.step == "adaround":
             print(f"{r['images']:5d} images  capture bound {r['capture_mb']:>16s}  largest store "
